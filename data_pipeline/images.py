@@ -1,0 +1,107 @@
+"""Image I/O shared by preparation, loaders and evaluation: reading with validation,
+BT.601 luma, Pillow JPEG round trips and atomic writes."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg"}
+MODES = ("gray", "rgb")
+
+# MATLAB rgb2ycbcr for uint8: T scaled by 1/255, offset 16, rounded half up. This exact
+# arithmetic reproduces ../shared/data/live1_gray from live1_color bit for bit.
+_LUMA = np.array([65.481, 128.553, 24.966]) * (1 / 255)
+
+
+class BadImage(ValueError):
+    """An input file that cannot be used; the message is the reason."""
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def rgb_to_luma(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 studio-range luma (16..235) of an HxWx3 uint8 image, as uint8."""
+    rgb = rgb.astype(np.float64)
+    y = _LUMA[0] * rgb[..., 0] + _LUMA[1] * rgb[..., 1] + _LUMA[2] * rgb[..., 2] + 16
+    return np.floor(y + 0.5).astype(np.uint8)
+
+
+def read_image(path: Path | str, mode: str | None, min_size: int = 1) -> np.ndarray:
+    """Decode a file into uint8 HxW (gray) or HxWx3 (rgb); mode None keeps the file's own.
+    Raises BadImage with the reason."""
+    path = Path(path)
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if path.stat().st_size == 0:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im.load()  # full decode: catches truncated data that verify() lets through
+            src_mode = im.mode
+            if src_mode == "P":
+                im = im.convert("RGB")
+            if im.mode not in ("L", "RGB"):
+                raise BadImage(f"unsupported pixel mode {src_mode} (need 8-bit gray or RGB)")
+            arr = np.asarray(im)
+    except BadImage:
+        raise
+    except Exception as exc:  # Pillow raises many types for broken files
+        raise BadImage(f"not a readable image ({type(exc).__name__}: {exc})") from None
+    mode = mode or ("gray" if arr.ndim == 2 else "rgb")
+    if arr.ndim == 3 and mode == "gray":
+        arr = rgb_to_luma(arr)
+    elif arr.ndim == 2 and mode == "rgb":
+        raise BadImage("grayscale image, but the dataset mode is rgb")
+    h, w = arr.shape[:2]
+    if min(h, w) < min_size:
+        raise BadImage(f"too small ({w}x{h}, need at least {min_size} px per side)")
+    return np.ascontiguousarray(arr)
+
+
+def jpeg_bytes(img: np.ndarray, quality: int) -> bytes:
+    """Pillow/libjpeg encoding (IJG tables, 4:2:0 chroma for color) at `quality`."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=int(quality))
+    return buf.getvalue()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im)
+
+
+def jpeg_roundtrip(img: np.ndarray, quality: int) -> np.ndarray:
+    """The protocol's JPEG input: encode the uint8 original at `quality`, decode it back."""
+    return decode_jpeg(jpeg_bytes(img, quality))
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Write via a temp file in the same folder and rename, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path | str, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

@@ -1,0 +1,182 @@
+"""Originals -> a prepared dataset: lossless originals, Pillow JPEGs per quality, a manifest.
+
+    python -m data_pipeline.prepare train400 --data-root ../shared/data --out prepared/train400-gray
+
+Layout of the output folder:
+    original/<name>.png    q<Q>/<name>.jpg    meta/<name>.json (per-file record, for resume)
+    manifest.json          report.json (skipped files with reasons)
+Idempotent and resumable: each file is written atomically, a file whose source checksum and
+settings match its record is skipped, and bad inputs are skipped and reported.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .images import BadImage, MODES, atomic_write_bytes, atomic_write_json, jpeg_bytes, png_bytes, read_image
+from .sources import DataError, dataset_dir, is_archive, source_images
+
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+MANIFEST_VERSION = 1
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def split_of(name: str, val_fraction: float) -> str:
+    """Deterministic train/val split by a hash of the image name."""
+    h = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big") / 2**64
+    return "val" if h < val_fraction else "train"
+
+
+def _record_is_current(rec: dict, out: Path, src_sha: str, mode: str, qualities: list[int], min_size: int) -> bool:
+    if rec.get("source_sha256") != src_sha or rec.get("mode") != mode or rec.get("min_size") != min_size:
+        return False
+    outputs = [rec["original"]] + [rec["jpeg"].get(str(q)) for q in qualities]
+    return all(o and (out / o["path"]).is_file() and (out / o["path"]).stat().st_size == o["bytes"] for o in outputs)
+
+
+def _prepare_one(src: Path, name: str, out: Path, mode: str, qualities: list[int], min_size: int) -> dict:
+    """Prepare one image; returns its record, or {"skip": reason}."""
+    try:
+        data = src.read_bytes()
+    except OSError as exc:
+        return {"skip": f"unreadable file ({exc.strerror})"}
+    src_sha = _sha256(data)
+    meta_path = out / "meta" / f"{name}.json"
+    if meta_path.is_file():
+        try:
+            rec = json.loads(meta_path.read_text())
+            if _record_is_current(rec, out, src_sha, mode, qualities, min_size):
+                rec["status"] = "kept"
+                return rec
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # damaged record: redo the file
+    try:
+        img = read_image(src, mode, min_size)
+    except BadImage as exc:
+        meta_path.unlink(missing_ok=True)
+        return {"skip": str(exc)}
+
+    def write(rel: str, blob: bytes) -> dict:
+        atomic_write_bytes(out / rel, blob)
+        return {"path": rel, "sha256": _sha256(blob), "bytes": len(blob)}
+
+    rec = {
+        "name": name, "source": src.name, "source_sha256": src_sha, "mode": mode, "min_size": min_size,
+        "height": int(img.shape[0]), "width": int(img.shape[1]),
+        "original": write(f"original/{name}.png", png_bytes(img)),
+        "jpeg": {str(q): write(f"q{q}/{name}.jpg", jpeg_bytes(img, q)) for q in qualities},
+    }
+    atomic_write_json(meta_path, rec)
+    rec["status"] = "done"
+    return rec
+
+
+def prepare(source: Path | str, out: Path | str, mode: str = "gray", qualities=(10, 20, 30, 40),
+            val_fraction: float = 0.1, min_size: int = 48, workers: int | None = None,
+            progress: bool = True) -> dict:
+    """Prepare `source` (folder or archive) into `out`; returns the manifest."""
+    source, out = Path(source), Path(out)
+    if mode not in MODES:
+        raise DataError(f"mode must be one of {MODES}, got {mode!r}")
+    qualities = sorted({int(q) for q in qualities})
+    if not qualities or not all(1 <= q <= 100 for q in qualities):
+        raise DataError(f"JPEG qualities must be in 1..100, got {qualities}")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    files = source_images(source, out / "extracted")
+    out.mkdir(parents=True, exist_ok=True)
+
+    skipped, jobs, seen = [], [], {}
+    for f in files:
+        name = f.stem
+        if name in seen:
+            skipped.append({"file": f.name, "reason": f"duplicate name (also {seen[name]})"})
+            continue
+        seen[name] = f.name
+        jobs.append((f, name))
+
+    workers = workers or os.cpu_count() or 1
+    records = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(_prepare_one, f, name, out, mode, qualities, min_size) for f, name in jobs]
+        for (f, _), fut in tqdm(zip(jobs, futures), total=len(jobs), desc=f"prepare {source.name}",
+                                 disable=not progress, unit="img"):
+            rec = fut.result()
+            if "skip" in rec:
+                skipped.append({"file": f.name, "reason": rec["skip"]})
+            else:
+                records.append(rec)
+
+    if not records:
+        raise DataError(f"source {source} holds no usable images ({len(skipped)} skipped, see {out / REPORT})")
+    counts = {"done": 0, "kept": 0}
+    for r in records:
+        counts[r.pop("status")] += 1
+        r["split"] = split_of(r["name"], val_fraction)
+        r["jpeg"] = {str(q): r["jpeg"][str(q)] for q in qualities}
+    manifest = {
+        "version": MANIFEST_VERSION, "source": str(source), "mode": mode, "qualities": qualities,
+        "val_fraction": val_fraction, "min_size": min_size,
+        "files": sorted(records, key=lambda r: r["name"]),
+    }
+    report = {"source": str(source), "prepared": len(records), "written": counts["done"],
+              "kept": counts["kept"], "skipped": skipped}
+    atomic_write_json(out / REPORT, report)
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def load_manifest(prepared: Path | str) -> dict:
+    path = Path(prepared) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"no {MANIFEST} in {prepared}: run python -m data_pipeline.prepare first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is corrupt ({exc}); re-run python -m data_pipeline.prepare") from None
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise DataError(f"{path} has manifest version {manifest.get('version')}, expected {MANIFEST_VERSION}")
+    return manifest
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("source", help="dataset folder name in the data root, a folder path, an archive, or 'skimage'")
+    ap.add_argument("--out", required=True, type=Path, help="prepared dataset folder")
+    ap.add_argument("--data-root", help="data root (default: $JPEG_RESTORE_DATA_ROOT)")
+    ap.add_argument("--mode", choices=MODES, default="gray")
+    ap.add_argument("--qualities", default="10,20,30,40", help="comma-separated JPEG qualities")
+    ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument("--min-size", type=int, default=48, help="smallest accepted side in pixels")
+    ap.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    args = ap.parse_args(argv)
+    try:
+        qualities = [int(q) for q in args.qualities.split(",") if q.strip()]
+        src = Path(args.source)
+        if not (is_archive(src) or src.is_dir()):
+            src = dataset_dir(args.source, args.data_root)
+        prepare(src, args.out, args.mode, qualities, args.val_fraction, args.min_size, args.workers)
+    except (DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = json.loads((args.out / REPORT).read_text())
+    print(f"prepared {report['prepared']} images into {args.out} "
+          f"({report['written']} written, {report['kept']} already done, {len(report['skipped'])} skipped)")
+    for s in report["skipped"]:
+        print(f"  skipped {s['file']}: {s['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Where images come from: the user's data root, dataset folders inside it, the official
+archives (LIVE IQA release 2, BSDS500) and the natural images shipped with scikit-image."""
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+import zipfile
+from pathlib import Path
+
+from .images import atomic_write_bytes
+
+DATA_ROOT_ENV = "JPEG_RESTORE_DATA_ROOT"
+
+# Members of the official archives that hold the images we need.
+ARCHIVE_LAYOUTS = {
+    "live1": re.compile(r"(^|/)refimgs/[^/]+\.bmp$", re.I),  # databaserelease2.zip
+    "bsds500": re.compile(r"(^|/)BSDS500/data/images/(train|test|val)/[^/]+\.jpg$", re.I),  # BSR_bsds500.tgz
+}
+
+# Natural photographs that ship inside scikit-image (no download); synthetic ones are left out.
+SKIMAGE_NATURAL = [
+    "astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png",
+    "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png",
+    "motorcycle_left.png", "motorcycle_right.png", "page.png", "retina.jpg", "rocket.jpg", "text.png",
+]
+
+
+class DataError(RuntimeError):
+    """A problem with the user's data that stops the job; the message says what to do."""
+
+
+def data_root(arg: str | os.PathLike | None = None) -> Path:
+    """The data root from an option, else from $JPEG_RESTORE_DATA_ROOT; it must exist."""
+    value = arg or os.environ.get(DATA_ROOT_ENV)
+    if not value:
+        raise DataError(f"no data root: pass --data-root DIR or set {DATA_ROOT_ENV}")
+    root = Path(value).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist or is not a directory")
+    return root
+
+
+def dataset_dir(name: str, root: str | os.PathLike | None = None) -> Path:
+    """A dataset folder: an existing path, or a folder name inside the data root."""
+    if name == "skimage":
+        return skimage_dir()
+    if Path(name).is_dir():
+        return Path(name)
+    folder = data_root(root) / name
+    if not folder.is_dir():
+        raise DataError(f"dataset {name!r} not found in data root ({folder} is missing)")
+    return folder
+
+
+def skimage_dir() -> Path:
+    import skimage.data
+
+    return Path(skimage.data.__file__).parent
+
+
+def is_archive(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and (name.endswith(".zip") or name.endswith((".tgz", ".tar.gz", ".tar")))
+
+
+def extract_archive(archive: Path, dest: Path) -> list[Path]:
+    """Extract only the images of a known archive layout into dest (flat, by file name).
+    Already extracted files of the same size are kept."""
+    members = _archive_members(archive)
+    layout = next((k for k, pat in ARCHIVE_LAYOUTS.items() if any(pat.search(m) for m in members)), None)
+    if layout is None:
+        raise DataError(f"{archive.name}: not a known archive (expected LIVE release-2 zip or BSR_bsds500.tgz)")
+    wanted = [m for m in members if ARCHIVE_LAYOUTS[layout].search(m)]
+    out = []
+    for member, data_size, read in _iter_members(archive, set(wanted)):
+        target = dest / Path(member).name  # flat: never trust paths inside an archive
+        if not (target.is_file() and target.stat().st_size == data_size):
+            atomic_write_bytes(target, read())
+        out.append(target)
+    return sorted(out)
+
+
+def _archive_members(archive: Path) -> list[str]:
+    try:
+        if archive.name.lower().endswith(".zip"):
+            with zipfile.ZipFile(archive) as z:
+                return [i.filename for i in z.infolist() if not i.is_dir()]
+        with tarfile.open(archive) as t:
+            return [m.name for m in t.getmembers() if m.isfile()]
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"{archive.name}: unreadable archive ({exc})") from None
+
+
+def _iter_members(archive: Path, wanted: set[str]):
+    if archive.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(archive) as z:
+            for info in z.infolist():
+                if info.filename in wanted:
+                    yield info.filename, info.file_size, lambda i=info: z.read(i)
+    else:
+        with tarfile.open(archive) as t:
+            for m in t.getmembers():
+                if m.name in wanted:
+                    yield m.name, m.size, lambda m=m: t.extractfile(m).read()
+
+
+def source_images(source: Path, scratch: Path) -> list[Path]:
+    """Image files of a source folder or archive (archives are extracted into scratch)."""
+    if not source.exists():
+        raise DataError(f"source {source} does not exist")
+    if is_archive(source):
+        files = extract_archive(source, scratch)
+    elif source.is_dir():
+        files = [p for p in sorted(source.iterdir()) if p.is_file() and not p.name.startswith(".")]
+        if source.resolve() == skimage_dir().resolve():
+            files = [p for p in files if p.name in SKIMAGE_NATURAL]
+        # Other non-image files stay in the list so that they are reported as skipped.
+    else:
+        raise DataError(f"source {source} is neither a folder nor a known archive")
+    if not files:
+        raise DataError(f"source {source} holds no images")
+    return files

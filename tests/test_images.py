@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipeline.images import BadImage, atomic_write_bytes, jpeg_roundtrip, read_image, rgb_to_luma
+
+
+def test_luma_of_live1_color_equals_live1_gray(data_root):
+    names = sorted(p.name for p in (data_root / "live1_color").glob("*.png"))
+    assert len(names) == 29
+    for name in names:
+        rgb = read_image(data_root / "live1_color" / name, "rgb")
+        gray = read_image(data_root / "live1_gray" / name, "gray")
+        assert np.array_equal(rgb_to_luma(rgb), gray), name
+
+
+def test_gray_mode_converts_rgb_files_to_luma(live1_pair, data_root):
+    gray, rgb = live1_pair
+    assert np.array_equal(read_image(data_root / "live1_color" / "bikes.png", "gray"), gray)
+    assert rgb.shape == gray.shape + (3,) and rgb.dtype == np.uint8
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("empty", "empty file"),
+    ("truncated", "not a readable image"),
+    ("text", "not a readable image"),
+    ("tiny", "too small"),
+    ("deep", "unsupported pixel mode I;16"),
+    ("gray_in_rgb", "grayscale image, but the dataset mode is rgb"),
+])
+def test_bad_inputs_give_a_reason(tmp_path, live1_pair, kind, reason):
+    gray, _ = live1_pair
+    path = tmp_path / f"{kind}.png"
+    mode = "gray"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path = tmp_path / "truncated.jpg"
+        Image.fromarray(gray).save(path, quality=90)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "text":
+        path.write_text("this is not an image\n")
+    elif kind == "tiny":
+        Image.fromarray(gray[:16, :16]).save(path)
+    elif kind == "deep":
+        Image.fromarray(gray.astype(np.uint16) * 256).save(path)
+    else:
+        Image.fromarray(gray).save(path)
+        mode = "rgb"
+    with pytest.raises(BadImage, match=reason):
+        read_image(path, mode, min_size=32)
+
+
+def test_jpeg_roundtrip_loses_information_monotonically(live1_pair):
+    gray, rgb = live1_pair
+    for img in (gray, rgb):
+        err = [np.abs(jpeg_roundtrip(img, q).astype(int) - img).mean() for q in (10, 40, 95)]
+        assert err[0] > err[1] > err[2] > 0
+        assert jpeg_roundtrip(img, 10).shape == img.shape
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "sub" / "f.bin"
+    atomic_write_bytes(target, b"a" * 10)
+    atomic_write_bytes(target, b"b" * 3)
+    assert target.read_bytes() == b"bbb"
+    assert [p.name for p in target.parent.iterdir()] == ["f.bin"]

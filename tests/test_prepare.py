@@ -1,0 +1,138 @@
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipeline.prepare import load_manifest, prepare, split_of
+from data_pipeline.sources import DataError
+
+
+def _add_bad_files(folder, good):
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "truncated.png").write_bytes(good.read_bytes()[:500])
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(folder / "tiny.png")
+
+
+def test_prepare_writes_originals_jpegs_manifest_and_reports_bad_files(real_images, tmp_path):
+    _add_bad_files(real_images, next(real_images.glob("*.png")))
+    out = tmp_path / "prep"
+    manifest = prepare(real_images, out, "gray", [10, 30], val_fraction=0.3, progress=False)
+    report = json.loads((out / "report.json").read_text())
+    reasons = {s["file"]: s["reason"] for s in report["skipped"]}
+    assert set(reasons) == {"empty.png", "notes.txt", "truncated.png", "tiny.png"}
+    assert "empty file" in reasons["empty.png"] and "too small" in reasons["tiny.png"]
+    assert len(manifest["files"]) == 6 and manifest["qualities"] == [10, 30]
+    for rec in manifest["files"]:
+        src = np.asarray(Image.open(real_images / rec["source"]))
+        assert np.array_equal(np.asarray(Image.open(out / rec["original"]["path"])), src)  # lossless
+        jpeg = Image.open(out / rec["jpeg"]["10"]["path"])
+        assert jpeg.format == "JPEG" and jpeg.size == (rec["width"], rec["height"])
+        assert rec["split"] == split_of(rec["name"], 0.3)
+    assert load_manifest(out) == json.loads((out / "manifest.json").read_text())
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_rerun_skips_done_files_and_redoes_changed_ones(real_images, tmp_path):
+    out = tmp_path / "prep"
+    prepare(real_images, out, "gray", [10], progress=False)
+    assert json.loads((out / "report.json").read_text())["written"] == 6
+    prepare(real_images, out, "gray", [10], progress=False)
+    assert json.loads((out / "report.json").read_text())["kept"] == 6
+    changed = sorted(real_images.iterdir())[0]
+    Image.fromarray(255 - np.asarray(Image.open(changed))).save(changed)
+    (out / "q10" / f"{sorted(real_images.iterdir())[1].stem}.jpg").unlink()  # as if interrupted
+    prepare(real_images, out, "gray", [10], progress=False)
+    report = json.loads((out / "report.json").read_text())
+    assert (report["written"], report["kept"]) == (2, 4)
+    prepare(real_images, out, "gray", [10, 20], progress=False)  # a new quality redoes all
+    assert json.loads((out / "report.json").read_text())["written"] == 6
+
+
+def test_split_is_deterministic_and_roughly_proportional():
+    names = [f"img{i}" for i in range(2000)]
+    val = [n for n in names if split_of(n, 0.1) == "val"]
+    assert val == [n for n in names if split_of(n, 0.1) == "val"]
+    assert 150 < len(val) < 250
+
+
+def test_rgb_mode_skips_gray_sources(real_images, data_root, tmp_path):
+    color = tmp_path / "color"
+    color.mkdir()
+    for p in sorted((data_root / "train_color").iterdir())[:2]:
+        (color / p.name).write_bytes(p.read_bytes())
+    (color / "gray.png").write_bytes(next(real_images.glob("*.png")).read_bytes())
+    manifest = prepare(color, tmp_path / "prep", "rgb", [10], progress=False)
+    assert len(manifest["files"]) == 2
+    assert np.asarray(Image.open(tmp_path / "prep" / manifest["files"][0]["jpeg"]["10"]["path"])).shape[2] == 3
+    skipped = json.loads((tmp_path / "prep" / "report.json").read_text())["skipped"]
+    assert skipped == [{"file": "gray.png", "reason": "grayscale image, but the dataset mode is rgb"}]
+
+
+def test_empty_or_missing_source_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no images"):
+        prepare(tmp_path / "empty", tmp_path / "out", progress=False)
+    with pytest.raises(DataError, match="does not exist"):
+        prepare(tmp_path / "missing", tmp_path / "out", progress=False)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_bytes(b"")
+    with pytest.raises(DataError, match="no usable images"):
+        prepare(tmp_path / "junk", tmp_path / "out", progress=False)
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "data_pipeline.prepare", *args], capture_output=True, text=True, env=env)
+
+
+def test_cli_errors_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("JPEG_RESTORE_DATA_ROOT", raising=False)
+    r = _cli("train400", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stderr.strip() == "error: no data root: pass --data-root DIR or set JPEG_RESTORE_DATA_ROOT"
+    r = _cli("nope", "--data-root", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "dataset 'nope' not found" in r.stderr
+    r = _cli(str(tmp_path), "--out", str(tmp_path / "o"), "--qualities", "0")
+    assert r.returncode == 2 and "qualities must be in 1..100" in r.stderr
+
+
+def _bmp_bytes(img):
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="BMP")
+    return buf.getvalue()
+
+
+def test_official_archives_extract_only_the_needed_images(data_root, tmp_path):
+    rgb = [np.asarray(Image.open(p)) for p in sorted((data_root / "live1_color").glob("*.png"))[:2]]
+    live = tmp_path / "databaserelease2.zip"
+    with zipfile.ZipFile(live, "w") as z:
+        z.writestr("databaserelease2/refimgs/bikes.bmp", _bmp_bytes(rgb[0]))
+        z.writestr("databaserelease2/refimgs/building2.bmp", _bmp_bytes(rgb[1]))
+        z.writestr("databaserelease2/jpeg/img1.bmp", _bmp_bytes(rgb[0]))  # distorted: not wanted
+        z.writestr("databaserelease2/readme.txt", "LIVE")
+    m = prepare(live, tmp_path / "live", "rgb", [10], progress=False)
+    assert [f["name"] for f in m["files"]] == ["bikes", "building2"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "live" / m["files"][0]["original"]["path"])), rgb[0])
+
+    bsds = tmp_path / "BSR_bsds500.tgz"
+    with tarfile.open(bsds, "w:gz") as t:
+        for i, p in enumerate(sorted((data_root / "train_color").iterdir())[:3]):
+            split = ["train", "test", "val"][i]
+            t.add(p, f"BSR/BSDS500/data/images/{split}/{p.name}")
+        t.add(sorted((data_root / "train_color").iterdir())[3], "BSR/BSDS500/data/groundTruth/train/x.jpg")
+    m = prepare(bsds, tmp_path / "bsds", "gray", [10], progress=False)
+    assert len(m["files"]) == 3
+
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as z:
+        z.writestr("pics/a.bmp", _bmp_bytes(rgb[0]))
+    with pytest.raises(DataError, match="not a known archive"):
+        prepare(other, tmp_path / "o", progress=False)
+    (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(DataError, match="unreadable archive"):
+        prepare(tmp_path / "broken.zip", tmp_path / "o", progress=False)
