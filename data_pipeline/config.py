@@ -1,0 +1,62 @@
+"""Settings of the data pipeline (the `[data]` table of a training config)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BACKENDS = ("auto", "dali", "torch", "synthetic")
+
+
+@dataclass
+class DataConfig:
+    backend: str = "auto"
+    """Loader: 'dali' (GPU JPEG decoding, CPU here), 'torch', 'synthetic', or 'auto' (dali if importable)."""
+    data_root: str = ""
+    """Folder holding the datasets; empty means $JPEG_RESTORE_DATA_ROOT."""
+    dataset: str = "train400"
+    """Training dataset: a folder name in the data root, a path, an archive, or 'skimage'."""
+    prepared_dir: str = ""
+    """Where the prepared dataset lives; empty means <out>/prepared/<dataset>-<mode>."""
+    mode: str = "gray"
+    """'gray' (BT.601 luma, 1 channel) or 'rgb' (3 channels)."""
+    qualities: list[int] = field(default_factory=lambda: [10, 20, 30, 40])
+    """JPEG qualities of the prepared inputs (offline mode) and of validation."""
+    online: bool = False
+    """Make inputs on the fly at a random quality from online_quality_range instead of reading files."""
+    online_quality_range: list[int] = field(default_factory=lambda: [10, 40])
+    """Inclusive [min, max] quality range of the online mode."""
+    patch_size: int = 64
+    """Side of the square training patches (a multiple of 8 keeps the JPEG grid under flips)."""
+    batch_size: int = 32
+    """Patches per batch on each process."""
+    val_fraction: float = 0.1
+    """Share of the training images held out for validation (deterministic, by name hash)."""
+    augment: bool = True
+    """Random crops, flips and 90-degree rotations; False takes the centre crop (tests, baselines)."""
+    crop_align: int = 8
+    """Crop offsets are multiples of this (8 keeps the 8x8 JPEG block grid where the test images have it)."""
+    workers: int = 2
+    """Worker processes of the torch backend, threads of the DALI pipeline."""
+    min_size: int = 48
+    """Images with a side below this are skipped by preparation."""
+    seed: int = 0
+    """Seed of shuffling and augmentation."""
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"data.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.mode not in ("gray", "rgb"):
+            raise ValueError(f"data.mode must be 'gray' or 'rgb', got {self.mode!r}")
+        if not self.qualities or not all(1 <= q <= 100 for q in self.qualities):
+            raise ValueError(f"data.qualities must be JPEG qualities in 1..100, got {self.qualities}")
+        lo, hi = self.online_quality_range
+        if not 1 <= lo <= hi <= 100:
+            raise ValueError(f"data.online_quality_range must be [min, max] in 1..100, got {self.online_quality_range}")
+        for name in ("patch_size", "batch_size", "crop_align"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "gray" else 3

@@ -1,0 +1,79 @@
+"""NVIDIA DALI backend: nvJPEG decoding on the GPU (device="mixed"), a CPU-only pipeline
+(device_id=None) when there is no GPU. Imported only when the 'dali' backend is chosen."""
+from __future__ import annotations
+
+import numpy as np
+import nvidia.dali.fn as fn
+import nvidia.dali.types as types
+import torch
+from nvidia.dali import pipeline_def
+from nvidia.dali.math import floor as dali_floor
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from .config import DataConfig
+
+
+def _crop_anchor(u, v, shape, patch: int, align: int):
+    """Same formula as loaders.crop_offset, on DALI nodes: floor(u*(S-P)/align)*align."""
+    def one(r, size):
+        return dali_floor(r * fn.cast(size - patch, dtype=types.FLOAT) / float(align)) * align
+    return fn.cast(fn.stack(one(u, shape[0]), one(v, shape[1])), dtype=types.INT32)
+
+
+@pipeline_def(enable_conditionals=True)
+def pair_pipeline(jpeg_files, original_files, cfg: DataConfig, shard_id: int, num_shards: int, decode_device: str):
+    image_type = types.GRAY if cfg.mode == "gray" else types.RGB
+    reader = dict(shard_id=shard_id, num_shards=num_shards, shuffle_after_epoch=cfg.augment,
+                  pad_last_batch=True, seed=cfg.seed)  # same seed on every rank: one global order
+    raw, _ = fn.readers.file(files=original_files, name="originals", **reader)
+    target = fn.decoders.image(raw, device=decode_device, output_type=image_type)
+    if jpeg_files is not None:
+        raw_jpeg, _ = fn.readers.file(files=jpeg_files, **reader)  # same order as the originals
+        inp = fn.decoders.image(raw_jpeg, device=decode_device, output_type=image_type)
+
+    if cfg.augment:
+        u, v = fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0])
+    else:
+        u = v = types.Constant(0.5, dtype=types.FLOAT)
+    anchor = _crop_anchor(u, v, target.shape(), cfg.patch_size, cfg.crop_align)
+    size = np.array([cfg.patch_size] * 2, dtype=np.int32)
+    target = fn.slice(target, anchor, size, axes=[0, 1])
+    if jpeg_files is None:
+        lo, hi = cfg.online_quality_range
+        quality = fn.random.uniform(values=list(range(lo, hi + 1)), dtype=types.INT32)
+        rgb = fn.cat(target, target, target, axis=2) if cfg.mode == "gray" else target  # encoder wants RGB
+        inp = fn.jpeg_compression_distortion(rgb, quality=quality)
+        if cfg.mode == "gray":
+            inp = inp[:, :, 0:1]
+    else:
+        inp = fn.slice(inp, anchor, size, axes=[0, 1])
+
+    if cfg.augment:
+        h, w = fn.random.coin_flip(), fn.random.coin_flip()
+        inp, target = fn.flip(inp, horizontal=h, vertical=w), fn.flip(target, horizontal=h, vertical=w)
+        if fn.random.coin_flip(dtype=types.BOOL):
+            inp = fn.transpose(inp, perm=[1, 0, 2], transpose_layout=False)
+            target = fn.transpose(target, perm=[1, 0, 2], transpose_layout=False)
+    return fn.transpose(inp, perm=[2, 0, 1]), fn.transpose(target, perm=[2, 0, 1])
+
+
+class DaliSource:
+    """An endless stream of uint8 CHW batches; PairLoader cuts it into equal epochs on every rank."""
+
+    def __init__(self, pairs, cfg: DataConfig, rank: int, world_size: int, device: torch.device):
+        order = np.random.default_rng(cfg.seed).permutation(len(pairs)) if cfg.augment else np.arange(len(pairs))
+        jpegs = [pairs[i][0] for i in order]
+        originals = [pairs[i][1] for i in order]
+        on_gpu = device.type == "cuda"
+        pipe = pair_pipeline(
+            None if cfg.online else jpegs, originals, cfg, rank, world_size, "mixed" if on_gpu else "cpu",
+            batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
+            device_id=(device.index or 0) if on_gpu else None, seed=cfg.seed + 1000 * rank + 1,
+        )
+        pipe.build()
+        # size=-1 without reader_name: runs forever; epochs are counted by PairLoader.
+        self.iterator = DALIGenericIterator(pipe, ["input", "target"], size=-1, auto_reset=True)
+
+    def batches(self, epoch: int):
+        for out in self.iterator:
+            yield out[0]["input"], out[0]["target"]
