@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.images import jpeg_roundtrip
+from train.metrics import blocking_effect_factor, psnr, psnr_torch, psnrb, ssim, ssim_torch, to_uint8
+
+
+def _tensor(img: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(img.copy()).float() / 255
+    return (t[None] if t.ndim == 2 else t.permute(2, 0, 1))[None]
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_torch_metrics_agree_with_skimage(live1_pair, which):
+    img = live1_pair[which][:200, :264]
+    out = jpeg_roundtrip(img, 15)
+    assert abs(psnr_torch(_tensor(img), _tensor(out)).item() - psnr(img, out)) < 1e-3
+    assert abs(ssim_torch(_tensor(img), _tensor(out)).item() - ssim(img, out)) < 1e-3
+
+
+def test_color_psnr_is_one_mse_over_all_channels(live1_pair):
+    img = live1_pair[1]
+    out = jpeg_roundtrip(img, 10)
+    mse = np.mean((img.astype(float) - out) ** 2)
+    assert psnr(img, out) == pytest.approx(10 * np.log10(255**2 / mse))
+
+
+def test_bef_sees_blocks_and_not_smooth_ramps():
+    ramp = np.tile(np.linspace(0, 255, 64), (64, 1))
+    blocks = np.kron(np.arange(64).reshape(8, 8) * 4.0, np.ones((8, 8)))
+    assert blocking_effect_factor(ramp) == 0.0
+    assert blocking_effect_factor(blocks) > 10
+
+
+def test_psnrb_penalises_jpeg_blocking(live1_pair):
+    img = live1_pair[0]
+    out = jpeg_roundtrip(img, 10)
+    assert psnrb(img, out) < psnr(img, out) - 1.0  # q10 is visibly blocky
+
+
+def test_to_uint8_rounds_and_clips():
+    t = torch.tensor([[[[-0.1, 0.5, 1.2, 0.999]]]])
+    assert to_uint8(t[0]).tolist() == [[0, 128, 255, 255]]

@@ -1,0 +1,143 @@
+"""Evaluate JPEG restoration on whole test images, per the protocol in the data README.
+
+    python -m train.evaluate --data-root ../shared/data --dataset live1_gray --qualities 10,20,30,40
+
+Each original is JPEG-encoded with Pillow at each quality and decoded back; the table gives
+PSNR / SSIM / PSNR-B of that JPEG input and, with a restorer, of the restored image.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, jpeg_roundtrip, list_images, png_bytes, read_image
+from data_pipeline.sources import DataError, dataset_dir
+
+from .metrics import image_metrics
+
+Restorer = Callable[[np.ndarray], np.ndarray]  # uint8 JPEG-decoded image -> uint8 restored image
+METRICS = ("psnr", "ssim", "psnrb")
+
+
+def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Images of a test folder, by name; mode None keeps each file's own (L -> gray, RGB -> rgb).
+    Returns the images and a list of 'file: reason' for the files skipped."""
+    images, skipped = {}, []
+    for path in list_images(folder):
+        try:
+            images[path.stem] = read_image(path, mode, min_size=8)
+        except (BadImage, OSError) as exc:
+            skipped.append(f"{path.name}: {exc}")
+    if not images:
+        raise DataError(f"{folder} holds no readable images")
+    return images, skipped
+
+
+def _jpeg_metrics(args):
+    img, q = args
+    jpeg = jpeg_roundtrip(img, q)
+    return jpeg, image_metrics(img, jpeg)
+
+
+def evaluate(images: dict[str, np.ndarray], qualities: list[int], restore: Restorer | None = None,
+             workers: int | None = None, keep: int = 0) -> tuple[dict, dict]:
+    """Mean metrics per quality: {"10": {"jpeg": {...}, "model": {...}}}, plus per-image values.
+    `keep` > 0 also returns the first `keep` images' (original, jpeg, restored) for figures."""
+    names = sorted(images)
+    results, per_image, kept = {}, {}, {}
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for q in qualities:
+            jpeg_out = list(pool.map(_jpeg_metrics, [(images[n], q) for n in names]))
+            rows = {n: {"jpeg": m} for n, (_, m) in zip(names, jpeg_out)}
+            if restore is not None:
+                for n, (jpeg, _) in zip(names, jpeg_out):
+                    restored = restore(jpeg)
+                    rows[n]["model"] = image_metrics(images[n], restored)
+                    if len(kept.setdefault(q, [])) < keep:
+                        kept[q].append((n, images[n], jpeg, restored))
+            elif keep:
+                kept[q] = [(n, images[n], jpeg, None) for n, (jpeg, _) in list(zip(names, jpeg_out))[:keep]]
+            kinds = ["jpeg"] + (["model"] if restore is not None else [])
+            results[str(q)] = {k: {m: float(np.mean([rows[n][k][m] for n in names])) for m in METRICS} for k in kinds}
+            per_image[str(q)] = rows
+    return results, {"per_image": per_image, "kept": kept}
+
+
+def format_table(dataset: str, results: dict) -> str:
+    has_model = any("model" in r for r in results.values())
+    head = f"{'q':>4} | {'JPEG PSNR':>9} {'SSIM':>6} {'PSNR-B':>7}"
+    if has_model:
+        head += f" | {'model PSNR':>10} {'SSIM':>6} {'PSNR-B':>7} | {'gain dB':>7}"
+    lines = [f"{dataset}", head, "-" * len(head)]
+    for q, r in results.items():
+        j = r["jpeg"]
+        line = f"{q:>4} | {j['psnr']:9.2f} {j['ssim']:6.3f} {j['psnrb']:7.2f}"
+        if "model" in r:
+            m = r["model"]
+            line += f" | {m['psnr']:10.2f} {m['ssim']:6.3f} {m['psnrb']:7.2f} | {m['psnr'] - j['psnr']:+7.2f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def side_by_side(original: np.ndarray, jpeg: np.ndarray, restored: np.ndarray | None, title: str) -> bytes:
+    """PNG: original | JPEG | restored, each labelled with its PSNR against the original."""
+    from .metrics import psnr
+
+    panels = [("original", original), (f"JPEG {psnr(original, jpeg):.2f} dB", jpeg)]
+    if restored is not None:
+        panels.append((f"restored {psnr(original, restored):.2f} dB", restored))
+    h, w = original.shape[:2]
+    canvas = Image.new("RGB", (w * len(panels), h + 18), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, img) in enumerate(panels):
+        canvas.paste(Image.fromarray(img).convert("RGB"), (i * w, 18))
+        draw.text((i * w + 4, 3), f"{title}  {label}" if i == 0 else label, fill="black")
+    return png_bytes(np.asarray(canvas))
+
+
+def write_side_by_side(kept: dict, out_dir: Path) -> list[Path]:
+    paths = []
+    for q, items in kept.items():
+        for name, orig, jpeg, restored in items:
+            path = out_dir / f"{name}_q{q}.png"
+            atomic_write_bytes(path, side_by_side(orig, jpeg, restored, f"{name} q{q}"))
+            paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", help="data root (default: $JPEG_RESTORE_DATA_ROOT)")
+    ap.add_argument("--dataset", default="live1_gray", help="test folder in the data root, or a path")
+    ap.add_argument("--qualities", default="10,20,30,40")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--side-by-side", type=Path, help="write original | JPEG | restored PNGs here")
+    ap.add_argument("--side-by-side-count", type=int, default=2)
+    args = ap.parse_args(argv)
+    try:
+        qualities = [int(q) for q in args.qualities.split(",")]
+        images, skipped = load_test_images(dataset_dir(args.dataset, args.data_root))
+    except (DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for s in skipped:
+        print(f"skipped {s}", file=sys.stderr)
+    keep = args.side_by_side_count if args.side_by_side else 0
+    results, extra = evaluate(images, qualities, keep=keep)
+    print(format_table(f"{args.dataset}: {len(images)} images", results))
+    if args.json:
+        atomic_write_json(args.json, {"dataset": args.dataset, "images": len(images), "skipped": skipped,
+                                      "results": results, "per_image": extra["per_image"]})
+    if args.side_by_side:
+        write_side_by_side(extra["kept"], args.side_by_side)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
