@@ -1,0 +1,106 @@
+"""Loader throughput against what training consumes.
+
+    python -m data_pipeline.benchmark --data-root ../shared/data [--json outputs/loader_bench.json]
+
+Measures patches/s of each backend (dali, torch with 1 and 2 workers, synthetic) on Train400
+at 64x64 and 128x128 patches, batch 32, and the patches/s a DnCNN-17 training step consumes
+on this device (bf16 autocast on CPU, channels_last); prints the table and the headroom ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig
+from .images import atomic_write_json
+from .loaders import build_loader, dali_available
+from .prepare import prepare
+from .sources import DataError, dataset_dir
+
+
+def loader_rate(cfg: DataConfig, batches: int) -> float:
+    loader = build_loader(cfg)
+    stream = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())  # across epochs
+    for _ in range(2):
+        next(stream)  # warm-up: workers / pipeline start
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(stream)
+    return batches * cfg.batch_size / (time.perf_counter() - start)
+
+
+def training_rate(patch: int, batch: int, steps: int, device: torch.device) -> float:
+    """Patches/s of a DnCNN-17 training step (bf16 autocast, channels_last) on synthetic data."""
+    from train.models import build_model
+
+    model = build_model("dncnn", channels=1).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), 1e-4)
+    x = torch.rand(batch, 1, patch, patch, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.rand_like(x)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = F.mse_loss(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root")
+    ap.add_argument("--prepared", type=Path, default=Path("outputs/prepared/train400-gray"))
+    ap.add_argument("--batches", type=int, default=40)
+    ap.add_argument("--train-steps", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=Path("outputs/loader_bench.json"))
+    args = ap.parse_args(argv)
+    try:
+        prepare(dataset_dir("train400", args.data_root), args.prepared, "gray", [10, 20, 30, 40], progress=False)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    variants = [("dali", 2)] * dali_available() + [("torch", 1), ("torch", 2), ("synthetic", 0)]
+    rows = []
+    for patch in (64, 128):
+        consumed = training_rate(patch, 32, args.train_steps, device)
+        rows.append({"backend": "DnCNN-17 train step (bf16)", "workers": 0, "patch": patch, "patches_per_s": consumed})
+        for backend, workers in variants:
+            cfg = DataConfig(backend=backend, prepared_dir=str(args.prepared), patch_size=patch, batch_size=32,
+                             workers=workers)
+            rate = loader_rate(cfg, args.batches)
+            rows.append({"backend": backend, "workers": workers, "patch": patch, "patches_per_s": rate,
+                         "x_training": rate / consumed})
+    print(f"device {device}, {os.cpu_count()} cores, torch {torch.__version__}, batch 32, Train400 q10-40")
+    print(f"{'backend':<28} {'workers':>7} {'patch':>5} {'patches/s':>10} {'x training':>10}")
+    for r in rows:
+        ratio = f"{r['x_training']:10.1f}" if "x_training" in r else f"{'':>10}"
+        print(f"{r['backend']:<28} {r['workers']:>7} {r['patch']:>5} {r['patches_per_s']:10.0f} {ratio}")
+    for patch in (64, 128):
+        by = {(r["backend"], r["workers"]): r["patches_per_s"] for r in rows if r["patch"] == patch}
+        if ("dali", 2) in by:
+            print(f"dali / torch at 2 workers, {patch}x{patch}: {by[('dali', 2)] / by[('torch', 2)]:.2f}x")
+    atomic_write_json(args.json, {"device": str(device), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                                  "rows": rows})
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""DnCNN (Zhang et al., TIP 2017): conv-ReLU, (depth-2) x conv-BN-ReLU, conv; predicts the
+residual, which is added back to the input (global residual learning)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import register
+
+
+@register("dncnn")
+class DnCNN(nn.Module):
+    def __init__(self, channels: int = 1, depth: int = 17, width: int = 64, batch_norm: bool = True):
+        super().__init__()
+        layers = [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True)]
+        for _ in range(depth - 2):
+            layers += [nn.Conv2d(width, width, 3, padding=1, bias=not batch_norm)]
+            layers += [nn.BatchNorm2d(width)] if batch_norm else []
+            layers += [nn.ReLU(inplace=True)]
+        layers.append(nn.Conv2d(width, channels, 3, padding=1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
