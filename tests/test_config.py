@@ -1,0 +1,45 @@
+from pathlib import Path
+
+import pytest
+
+from train.config import ConfigError, load_config
+from train.models import build_model
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_loads_and_builds_its_model(path):
+    cfg = load_config(path)
+    assert cfg.model.arch == path.stem
+    build_model(cfg.model.arch, channels=cfg.data.channels, **cfg.model.kwargs)
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(CONFIGS[0], ["optim.lr=2e-4", "data.qualities=[10]", "train.precision=fp32", "optim.lr=3"])
+    assert cfg.optim.lr == 3.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.qualities == [10] and cfg.train.precision == "fp32"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown config key optim.lrr (known in optim: name, lr"),
+    ("nope.x=1", "unknown config key nope"),
+    ("optim.lr=fast", "optim.lr must be of type float, got 'fast'"),
+    ("train.max_steps=1.5", "train.max_steps must be of type int"),
+    ("data.backend=tf", "data.backend must be one of"),
+    ("data.qualities=[0]", "data.qualities must be JPEG qualities"),
+    ("model.arch=vgg", "model.arch: unknown architecture 'vgg'"),
+    ("model.kwargs={depthh=3}", "model.kwargs.depthh is not an argument of dncnn"),
+    ("optim.lr", "must look like section.key=value"),
+])
+def test_bad_keys_and_values_are_rejected_with_the_name(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "x.toml")
+    (tmp_path / "bad.toml").write_text("[data\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(tmp_path / "bad.toml")

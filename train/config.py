@@ -1,0 +1,186 @@
+"""Training configuration: nested dataclasses, loaded from a TOML file in configs/ with dotted
+command-line overrides (`--set optim.lr=2e-4`). Unknown keys and ill-typed values are rejected."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_pipeline.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "dncnn"
+    """Architecture name in the registry (train/models)."""
+    kwargs: dict = field(default_factory=dict)
+    """Keyword arguments of the architecture (channels comes from data.mode)."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """'adam', 'adamw' or 'sgd'."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled (adamw) or L2 (adam, sgd) weight decay."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this; 0 disables."""
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    """'cosine' (warm-up then cosine to min_lr), 'step', 'plateau' or 'constant'."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (cosine, step, constant)."""
+    min_lr: float = 1e-6
+    """Final learning rate of the cosine schedule, floor of plateau."""
+    step_size: int = 1000
+    """Steps between decays of the step schedule."""
+    gamma: float = 0.5
+    """Decay factor of the step and plateau schedules."""
+    patience: int = 3
+    """Validations without improvement before plateau decays."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 10000
+    """Optimizer steps in total."""
+    loss: str = "l1"
+    """'mse', 'l1' or 'charbonnier'."""
+    precision: str = "bf16"
+    """'bf16' autocast (CPU and GPU), 'fp16' autocast with GradScaler (GPU), or 'fp32'."""
+    channels_last: bool = True
+    """NHWC memory format (faster convolutions on CPU and tensor cores)."""
+    val_every: int = 500
+    """Validate every this many steps (and at the end)."""
+    ckpt_every: int = 500
+    """Save the full training state every this many steps."""
+    log_every: int = 50
+    """Log training metrics every this many steps."""
+    seed: int = 0
+    """Seed of model initialisation and data order."""
+    best_checkpoint: str = ""
+    """Path of the best model; empty means <out>/image_compression_model.pth."""
+    ddp_timeout_s: int = 600
+    """A rank that waits longer than this on the others fails the job instead of hanging."""
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "jpeg-restore"
+    """MLflow experiment name."""
+    run_name: str = ""
+    """MLflow run name; empty lets MLflow choose."""
+    tracking_uri: str = ""
+    """MLflow store; empty means $MLFLOW_TRACKING_URI, else SQLite in mlruns/."""
+    enabled: bool = True
+    """Log to MLflow (rank 0 only)."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _check_value(path: str, value, hint):
+    origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is list:
+        (item,) = typing.get_args(hint) or (object,)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        return [_check_value(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint in (int, float, str, bool, dict) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{path} must be of type {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known in {prefix.rstrip('.') or 'config'}: {', '.join(names)})")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_value(f"{prefix}{name}", value, hint)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Config from a TOML file (or defaults) with dotted overrides applied on top."""
+    data: dict = {}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML ({exc})") from None
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    cfg = from_dict(Config, data)
+    validate_model_kwargs(cfg.model)
+    return cfg
+
+
+def validate_model_kwargs(model: ModelConfig) -> None:
+    from .models import _REGISTRY, architectures
+
+    if model.arch not in architectures():
+        raise ConfigError(f"model.arch: unknown architecture {model.arch!r}; known: {', '.join(architectures())}")
+    params = inspect.signature(_REGISTRY[model.arch]).parameters
+    bad = sorted(set(model.kwargs) - set(params) | ({"channels"} & set(model.kwargs)))
+    if bad:
+        allowed = ", ".join(p for p in params if p != "channels")
+        raise ConfigError(f"model.kwargs.{bad[0]} is not an argument of {model.arch} (allowed: {allowed})")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
