@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, jpeg_roundtrip, list_images, png_bytes, read_image
 from data_pipeline.sources import DataError, dataset_dir
 
-from .metrics import image_metrics
+from .metrics import image_metrics, psnr
 
 Restorer = Callable[[np.ndarray], np.ndarray]  # uint8 JPEG-decoded image -> uint8 restored image
 METRICS = ("psnr", "ssim", "psnrb")
@@ -55,14 +55,13 @@ def evaluate(images: dict[str, np.ndarray], qualities: list[int], restore: Resto
         for q in qualities:
             jpeg_out = list(pool.map(_jpeg_metrics, [(images[n], q) for n in names]))
             rows = {n: {"jpeg": m} for n, (_, m) in zip(names, jpeg_out)}
-            if restore is not None:
-                for n, (jpeg, _) in zip(names, jpeg_out):
-                    restored = restore(jpeg)
+            kept[q] = []
+            for n, (jpeg, _) in zip(names, jpeg_out):
+                restored = restore(jpeg) if restore is not None else None
+                if restored is not None:
                     rows[n]["model"] = image_metrics(images[n], restored)
-                    if len(kept.setdefault(q, [])) < keep:
-                        kept[q].append((n, images[n], jpeg, restored))
-            elif keep:
-                kept[q] = [(n, images[n], jpeg, None) for n, (jpeg, _) in list(zip(names, jpeg_out))[:keep]]
+                if len(kept[q]) < keep:
+                    kept[q].append((n, images[n], jpeg, restored))
             kinds = ["jpeg"] + (["model"] if restore is not None else [])
             results[str(q)] = {k: {m: float(np.mean([rows[n][k][m] for n in names])) for m in METRICS} for k in kinds}
             per_image[str(q)] = rows
@@ -87,8 +86,6 @@ def format_table(dataset: str, results: dict) -> str:
 
 def side_by_side(original: np.ndarray, jpeg: np.ndarray, restored: np.ndarray | None, title: str) -> bytes:
     """PNG: original | JPEG | restored, each labelled with its PSNR against the original."""
-    from .metrics import psnr
-
     panels = [("original", original), (f"JPEG {psnr(original, jpeg):.2f} dB", jpeg)]
     if restored is not None:
         panels.append((f"restored {psnr(original, restored):.2f} dB", restored))
