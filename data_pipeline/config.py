@@ -40,6 +40,8 @@ class DataConfig:
     """Images with a side below this are skipped by preparation."""
     seed: int = 0
     """Seed of shuffling and augmentation."""
+    limit: int = 0
+    """Use only the first N images of each split (0 = all); `--smoke` sets it."""
 
     def __post_init__(self):
         if self.backend not in BACKENDS:

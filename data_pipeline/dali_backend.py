@@ -2,6 +2,8 @@
 (device_id=None) when there is no GPU. Imported only when the 'dali' backend is chosen."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.types as types
@@ -58,22 +60,34 @@ def pair_pipeline(jpeg_files, original_files, cfg: DataConfig, shard_id: int, nu
 
 
 class DaliSource:
-    """An endless stream of uint8 CHW batches; PairLoader cuts it into equal epochs on every rank."""
+    """An endless stream of uint8 CHW batches; PairLoader cuts it into equal epochs on every rank.
+
+    The pipeline is built on the first request. A run resumed part-way (epoch or start > 0)
+    starts a fresh stream seeded by that position: the same distribution of samples, not the
+    exact sequence of an uninterrupted run (the torch backend resumes exactly)."""
 
     def __init__(self, pairs, cfg: DataConfig, rank: int, world_size: int, device: torch.device):
-        order = np.random.default_rng(cfg.seed).permutation(len(pairs)) if cfg.augment else np.arange(len(pairs))
+        self.pairs, self.cfg, self.rank, self.world_size, self.device = pairs, cfg, rank, world_size, device
+        self.iterator = None
+
+    def _build(self, seed: int):
+        cfg, pairs = self.cfg, self.pairs
+        order = np.random.default_rng(seed).permutation(len(pairs)) if cfg.augment else np.arange(len(pairs))
         jpegs = [pairs[i][0] for i in order]
         originals = [pairs[i][1] for i in order]
-        on_gpu = device.type == "cuda"
+        on_gpu = self.device.type == "cuda"
         pipe = pair_pipeline(
-            None if cfg.online else jpegs, originals, cfg, rank, world_size, "mixed" if on_gpu else "cpu",
-            batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
-            device_id=(device.index or 0) if on_gpu else None, seed=cfg.seed + 1000 * rank + 1,
+            None if cfg.online else jpegs, originals, dataclasses.replace(cfg, seed=seed), self.rank, self.world_size,
+            "mixed" if on_gpu else "cpu", batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
+            device_id=(self.device.index or 0) if on_gpu else None, seed=seed + 1000 * self.rank + 1,
         )
         pipe.build()
         # size=-1 without reader_name: runs forever; epochs are counted by PairLoader.
-        self.iterator = DALIGenericIterator(pipe, ["input", "target"], size=-1, auto_reset=True)
+        return DALIGenericIterator(pipe, ["input", "target"], size=-1, auto_reset=True)
 
-    def batches(self, epoch: int):
+    def batches(self, epoch: int, start: int = 0):
+        if self.iterator is None:
+            seed = self.cfg.seed if (epoch, start) == (0, 0) else self.cfg.seed + 7919 * epoch + start + 1
+            self.iterator = self._build(seed)
         for out in self.iterator:
             yield out[0]["input"], out[0]["target"]

@@ -8,6 +8,7 @@ DistributedSampler) and 'synthetic' (fixed random tensors, for throughput benchm
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 from pathlib import Path
 from typing import Iterator
@@ -45,7 +46,7 @@ def training_pairs(cfg: DataConfig, split: str = "train") -> list[Pair]:
     manifest = load_manifest(root)
     if manifest["mode"] != cfg.mode:
         raise DataError(f"{root} was prepared in {manifest['mode']} mode, the config asks for {cfg.mode}")
-    files = [f for f in manifest["files"] if f["split"] == split]
+    files = [f for f in manifest["files"] if f["split"] == split][:cfg.limit or None]
     if not files:
         raise DataError(f"{root}: the {split!r} split is empty (raise data.val_fraction or add images)")
     smallest = min(min(f["height"], f["width"]) for f in files)
@@ -109,16 +110,28 @@ class PairDataset(Dataset):
         return out[0], out[1]
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start part-way into an epoch (resume)."""
+    start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self):
+        return super().__len__() - self.start
+
+
 class TorchSource:
     def __init__(self, pairs, cfg: DataConfig, rank: int, world_size: int, device: torch.device):
         self.dataset = PairDataset(pairs, cfg)
-        self.sampler = DistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
+        self.sampler = ResumableSampler(self.dataset, num_replicas=world_size, rank=rank,
                                           shuffle=cfg.augment, seed=cfg.seed, drop_last=True)
         self.loader = DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=self.sampler,
                                  num_workers=cfg.workers, pin_memory=device.type == "cuda", drop_last=True)
 
-    def batches(self, epoch: int) -> Iterator:
+    def batches(self, epoch: int, start: int = 0) -> Iterator:
         self.sampler.set_epoch(epoch)
+        self.sampler.start = start * self.loader.batch_size
         self.dataset.epoch = epoch  # workers are started per epoch, so they see it
         yield from self.loader
 
@@ -133,7 +146,7 @@ class SyntheticSource:
         noisy = (target + 0.05 * torch.randn(shape, generator=g)).clamp_(0, 1)
         self.batch = (noisy.to(device), target.to(device))
 
-    def batches(self, epoch: int) -> Iterator:
+    def batches(self, epoch: int, start: int = 0) -> Iterator:
         while True:
             yield self.batch
 
@@ -143,10 +156,11 @@ class PairLoader:
 
     def __init__(self, source, steps_per_epoch: int, device: torch.device, backend: str):
         self.source, self.steps_per_epoch, self.device, self.backend = source, steps_per_epoch, device, backend
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The next iteration yields batches `start`.. of `epoch` (start > 0 when resuming)."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -156,8 +170,8 @@ class PairLoader:
         return t if t.is_floating_point() else t.float().div_(255)
 
     def __iter__(self):
-        batches = self.source.batches(self.epoch)
-        for _ in range(self.steps_per_epoch):
+        batches = self.source.batches(self.epoch, self.start)
+        for _ in range(self.start, self.steps_per_epoch):
             inp, target = next(batches)
             yield self._to_device(inp), self._to_device(target)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -184,3 +185,21 @@ def validate_model_kwargs(model: ModelConfig) -> None:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)  # str, int, float, bool: JSON and TOML spell them alike
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML, loadable again with `--config`."""
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""Whole-image inference with bounded memory, shared by validation, evaluation and restore."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .models.common import tiled_forward
+
+TILE, OVERLAP = 512, 32  # images larger than TILE run in overlapping tiles, one at a time
+
+
+def image_to_tensor(img: np.ndarray, device) -> torch.Tensor:
+    """uint8 HxW or HxWx3 -> float 1xCxHxW in [0, 1]."""
+    x = torch.tensor(img, device=device).float().div_(255)
+    return x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
+
+
+def restore_tensor(model: nn.Module, x: torch.Tensor, tile: int = TILE, overlap: int = OVERLAP) -> torch.Tensor:
+    """model(x) on an NCHW batch; images with a side above `tile` go tile by tile."""
+    if max(x.shape[-2:]) <= tile:
+        return model(x)
+    return tiled_forward(model, x, tile, overlap, max_tiles=1)
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise ValueError(f"train.precision must be bf16, fp16 or fp32, got {precision!r}")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class Restorer:
+    """A model checkpoint as a function: uint8 JPEG-decoded image -> uint8 restored image."""
+
+    def __init__(self, checkpoint: Path | str, device: str = "cpu", precision: str = "fp32"):
+        from .checkpoint import load_model
+
+        self.device = torch.device(device)
+        self.model, self.meta = load_model(checkpoint, self.device)
+        self.model.to(self.device)
+        self.mode, self.autocast = self.meta["mode"], lambda: autocast_for(precision, self.device)
+
+    @torch.no_grad()
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        if (img.ndim == 3) != (self.mode == "rgb"):
+            raise ValueError(f"a {self.mode} model cannot restore a {'color' if img.ndim == 3 else 'gray'} image")
+        with self.autocast():
+            y = restore_tensor(self.model, image_to_tensor(img, self.device))
+        y = y.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8)[0].cpu()
+        return y[0].numpy() if y.shape[0] == 1 else y.permute(1, 2, 0).numpy()

@@ -1,0 +1,66 @@
+"""Train a JPEG artifact-removal model.
+
+    python train/main.py --config configs/dncnn.toml --data-root ../shared/data --out outputs/dncnn
+    torchrun --nproc_per_node=4 train/main.py --config configs/dncnn.toml --out outputs/dncnn
+    python train/main.py --config configs/unet.toml --smoke --set optim.lr=2e-4 --set data.batch_size=16
+
+The best model (by validation PSNR) lands in <out>/image_compression_model.pth; the full
+training state in <out>/checkpoints/ (--resume continues from the newest).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python train/main.py` / `torchrun train/main.py`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from data_pipeline.images import BadImage  # noqa: E402
+from data_pipeline.sources import DataError  # noqa: E402
+from train.checkpoint import CheckpointError  # noqa: E402
+from train.config import ConfigError, load_config  # noqa: E402
+from train.distributed import cleanup, init_distributed  # noqa: E402
+from train.trainer import Trainer, smoke_config  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="TOML file in configs/ (default: built-in defaults, DnCNN)")
+    ap.add_argument("--data-root", help="folder holding the datasets (default: $JPEG_RESTORE_DATA_ROOT)")
+    ap.add_argument("--out", type=Path, default=Path("outputs/run"), help="run outputs: checkpoints, best model, logs")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest training state in <out>/checkpoints")
+    ap.add_argument("--smoke", action="store_true", help="a few steps on a few images (seconds on CPU)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="dotted config override, e.g. --set optim.lr=2e-4 (repeatable)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+    trainer = None
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.smoke:
+            cfg = smoke_config(cfg)
+        info = init_distributed(cfg.train.ddp_timeout_s, args.device)
+        trainer = Trainer(cfg, args.out, info, resume=args.resume, data_root=args.data_root)
+        trainer.fit()
+        return 0
+    except (ConfigError, DataError, CheckpointError, BadImage) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""The Trainer: one readable loop around a model, a loader, an optimizer and MLflow.
+
+    trainer = Trainer(cfg, out_dir, info, resume=True)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+"""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data_pipeline.images import atomic_write_bytes, jpeg_roundtrip, read_image
+from data_pipeline.loaders import build_loader
+from data_pipeline.prepare import load_manifest, prepare
+from data_pipeline.sources import DataError, dataset_dir
+
+from . import checkpoint as ckpt
+from .config import Config, to_dict, to_toml
+from .distributed import DistInfo, all_reduce_sum, any_rank, barrier, gather_objects
+from .evaluate import side_by_side
+from .inference import autocast_for, image_to_tensor, restore_tensor
+from .metrics import image_metrics, to_uint8
+from .models import build_model
+from .tracking import Tracker, flatten, system_tags
+
+log = logging.getLogger(__name__)
+STOP_CHECK_EVERY = 10  # steps between the (collective) checks for a stop signal under DDP
+
+
+def charbonnier(out: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    return torch.sqrt((out - target) ** 2 + eps**2).mean()
+
+
+LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss, "charbonnier": charbonnier}
+
+
+def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    raise ValueError(f"optim.name must be adam, adamw or sgd, got {o.name!r}")
+
+
+def build_scheduler(cfg: Config, opt: torch.optim.Optimizer):
+    """torch schedulers, stepped once per optimizer step ('plateau': once per validation)."""
+    s, sched = cfg.schedule, torch.optim.lr_scheduler
+    if s.name == "plateau":
+        return sched.ReduceLROnPlateau(opt, mode="max", factor=s.gamma, patience=s.patience, min_lr=s.min_lr)
+    if s.name == "cosine":
+        main = sched.CosineAnnealingLR(opt, T_max=max(1, cfg.train.max_steps - s.warmup_steps), eta_min=s.min_lr)
+    elif s.name == "step":
+        main = sched.StepLR(opt, step_size=s.step_size, gamma=s.gamma)
+    elif s.name == "constant":
+        main = sched.ConstantLR(opt, factor=1.0, total_iters=0)
+    else:
+        raise ValueError(f"schedule.name must be cosine, step, plateau or constant, got {s.name!r}")
+    if s.warmup_steps <= 0:
+        return main
+    warmup = sched.LinearLR(opt, start_factor=1e-3, end_factor=1.0, total_iters=s.warmup_steps)
+    return sched.SequentialLR(opt, [warmup, main], milestones=[s.warmup_steps])
+
+
+def smoke_config(cfg: Config) -> Config:
+    """A few steps on a few images: seconds on CPU, every code path (validate, checkpoint, resume)."""
+    data = replace(cfg.data, limit=4, batch_size=4, patch_size=32, workers=0, val_fraction=max(cfg.data.val_fraction, 0.1))
+    train = replace(cfg.train, max_steps=6, val_every=3, ckpt_every=3, log_every=1)
+    return replace(cfg, data=data, train=train)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out: Path, info: DistInfo, resume: bool = False, data_root: str | None = None):
+        self.cfg, self.out, self.info = cfg, Path(out), info
+        self.device = info.device
+        self.ckpt_dir = self.out / "checkpoints"
+        self.best_path = Path(cfg.train.best_checkpoint) if cfg.train.best_checkpoint else self.out / "image_compression_model.pth"
+        self.stop_signal: str | None = None
+        self.finished = False
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.model = build_model(cfg.model.arch, channels=cfg.data.channels, **cfg.model.kwargs).to(self.device)
+        if cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self.optimizer = build_optimizer(cfg, self.model.parameters())
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
+        self.loss_fn = LOSSES[cfg.train.loss]
+        self.step = self.epoch = self.step_in_epoch = 0
+        self.best_psnr = -math.inf
+        self.wall_time = 0.0  # training seconds over all sessions of this run
+        self.history: dict[str, list] = {"step": [], "loss": [], "val_step": [], "val_psnr": []}
+        run_id = None
+        state_file = ckpt.latest_state(self.ckpt_dir) if resume else None
+        state = None
+        if resume and state_file is None:
+            log.info("--resume: no training state in %s, starting from scratch", self.ckpt_dir)
+        if state_file is not None:
+            state = ckpt.load(state_file, self.device)
+            run_id = state.get("mlflow_run_id")
+            self.load_state_dict(state, state_file)
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", state_file, self.step, self.epoch, self.step_in_epoch)
+
+        self.data_cfg = self._prepare_data(data_root)
+        self.loader = build_loader(self.data_cfg, info.rank, info.world_size, self.device)
+        self.val_items = self._validation_items() if self.data_cfg.backend != "synthetic" else []
+        torch.manual_seed(cfg.train.seed + 1 + info.rank)  # dropout etc. differ between ranks
+        if state is not None and "rng" in state:
+            torch.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)].cpu())
+
+        self.ddp_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
+            if info.distributed else self.model
+
+        self.tracker = Tracker(info.is_main and cfg.tracking.enabled, cfg.tracking.experiment, cfg.tracking.run_name,
+                               cfg.tracking.tracking_uri, run_id=run_id,
+                               tags={**system_tags(self.device, info.world_size, cfg.train.precision), "arch": cfg.model.arch})
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.out / "config.toml", to_toml(cfg).encode())
+            self.tracker.log_params({**flatten(to_dict(cfg)), "params": self.params, "out": str(self.out)})
+            self.tracker.log_artifact(self.out / "config.toml")
+            log.info("%s: %.3f M parameters, %d ranks on %s, %s, %d steps/epoch",
+                     cfg.model.arch, self.params / 1e6, info.world_size, self.device, cfg.train.precision, len(self.loader))
+
+    # ---- data ----
+    def _prepare_data(self, data_root: str | None):
+        d = self.cfg.data
+        if d.prepared_dir or d.backend == "synthetic":
+            return d
+        prepared = self.out / "prepared" / f"{Path(d.dataset).name}-{d.mode}"
+        if self.info.is_main:
+            source = dataset_dir(d.dataset, data_root or d.data_root or None)
+            prepare(source, prepared, d.mode, d.qualities, d.val_fraction, d.min_size, progress=sys.stderr.isatty())
+        barrier(self.info)
+        return replace(d, prepared_dir=str(prepared))
+
+    def _validation_items(self) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
+        """(name, quality, JPEG input, original) for the held-out images, JPEG made per the protocol."""
+        root = Path(self.data_cfg.prepared_dir)
+        files = [f for f in load_manifest(root)["files"] if f["split"] == "val"][:self.data_cfg.limit or None]
+        if not files:
+            raise DataError(f"{root}: no validation images (raise data.val_fraction)")
+        items = []
+        for f in files:
+            original = read_image(root / f["original"]["path"], self.data_cfg.mode)
+            items += [(f["name"], q, jpeg_roundtrip(original, q), original) for q in self.data_cfg.qualities]
+        return items
+
+    # ---- one step ----
+    def train_step(self, inp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.cfg.train.channels_last:
+            inp, target = inp.contiguous(memory_format=torch.channels_last), target.contiguous(memory_format=torch.channels_last)
+        with autocast_for(self.cfg.train.precision, self.device):
+            out = self.ddp_model(inp)
+        loss = self.loss_fn(out.float(), target)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step()
+        return loss.detach()
+
+    # ---- validation ----
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Whole held-out images at every configured quality, sharded over ranks; means per quality."""
+        self.model.eval()
+        qualities = self.data_cfg.qualities
+        sums = torch.zeros(len(qualities), 5, dtype=torch.float64)  # count, loss, psnr, ssim, psnrb
+        self.val_figures = []
+        for i in range(self.info.rank, len(self.val_items), self.info.world_size):
+            name, q, jpeg, original = self.val_items[i]
+            with autocast_for(self.cfg.train.precision, self.device):
+                y = restore_tensor(self.model, image_to_tensor(jpeg, self.device)).float().clamp(0, 1)
+            target = image_to_tensor(original, self.device)
+            restored = to_uint8(y[0])
+            m = image_metrics(original, restored)
+            sums[qualities.index(q)] += torch.tensor([1, float(self.loss_fn(y, target)), m["psnr"], m["ssim"], m["psnrb"]], dtype=torch.float64)
+            if q == qualities[0] and len(self.val_figures) < 2:
+                self.val_figures.append((name, q, original, jpeg, restored))
+        self.model.train()
+        sums = all_reduce_sum(sums.to(self.device), self.info).cpu()
+        means = sums[:, 1:] / sums[:, :1]
+        metrics = {}
+        for q, (loss, p, s, b) in zip(qualities, means.tolist()):
+            metrics.update({f"val_psnr_q{q}": p, f"val_ssim_q{q}": s, f"val_psnrb_q{q}": b})
+        loss, p, s, b = means.mean(0).tolist()
+        metrics.update({"val_loss": loss, "val_psnr": p, "val_ssim": s, "val_psnrb": b})
+        return metrics
+
+    # ---- checkpoints ----
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "best_psnr": self.best_psnr, "wall_time": self.wall_time, "history": self.history,
+                "arch": self.cfg.model.arch, "kwargs": dict(self.cfg.model.kwargs), "mode": self.cfg.data.mode,
+                "mlflow_run_id": getattr(self, "tracker", None) and self.tracker.run_id}
+
+    def load_state_dict(self, state: dict, source="state") -> None:
+        want = (self.cfg.model.arch, dict(self.cfg.model.kwargs), self.cfg.data.mode)
+        have = (state.get("arch"), state.get("kwargs"), state.get("mode"))
+        if want != have:
+            raise ckpt.CheckpointError(f"{source} was saved by a {have[0]} {have[2]} model {have[1]}, "
+                                       f"the config asks for {want[0]} {want[2]} {want[1]}")
+        ckpt.load_weights(self.model, state["model"], source)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        for key in ("step", "epoch", "step_in_epoch", "best_psnr", "wall_time", "history"):
+            setattr(self, key, state[key])
+
+    def save_state(self) -> None:
+        rng = gather_objects(torch.get_rng_state(), self.info)  # every rank's generator
+        if self.info.is_main:
+            state = self.state_dict()
+            state["rng"] = rng
+            ckpt.save(state, ckpt.state_path(self.ckpt_dir, self.step))
+            ckpt.prune_states(self.ckpt_dir)
+            log.info("saved training state at step %d", self.step)
+
+    def _save_best(self, metrics: dict) -> None:
+        blob = ckpt.model_checkpoint(self.model, self.cfg.model.arch, self.cfg.model.kwargs, self.cfg.data.mode,
+                                     to_dict(self.cfg), metrics, self.step)
+        blob["mlflow_run_id"] = self.tracker.run_id
+        ckpt.save(blob, self.best_path)
+
+    # ---- the loop ----
+    def _on_signal(self, signum, frame):
+        self.stop_signal = signal.Signals(signum).name
+        log.warning("rank %d got %s: saving a checkpoint and stopping", self.info.rank, self.stop_signal)
+
+    def _should_stop(self) -> bool:
+        if self.info.distributed and self.step % STOP_CHECK_EVERY:
+            return False
+        return any_rank(self.stop_signal is not None, self.info)
+
+    def fit(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        progress = Progress(self.info.is_main, t.max_steps, self.step)
+        session_start = time.perf_counter()
+        window = {"loss": torch.zeros((), device=self.device), "n": 0, "data": 0.0, "start": time.perf_counter()}
+        stopped = False
+        while self.step < t.max_steps and not stopped:
+            self.loader.set_epoch(self.epoch, self.step_in_epoch)
+            epoch_start = time.perf_counter()
+            for inp, target in _timed(self.loader, window):
+                window["loss"] += self.train_step(inp, target)
+                window["n"] += 1
+                self.step += 1
+                self.step_in_epoch += 1
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    self._log_window(window, progress)
+                pause = time.perf_counter()
+                if self.step % t.val_every == 0 or self.step == t.max_steps:
+                    self._validate_and_track(progress)
+                if self.step % t.ckpt_every == 0:
+                    self.save_state()
+                window["start"] += time.perf_counter() - pause  # throughput counts training only
+                stopped = self._should_stop()
+                if stopped or self.step >= t.max_steps:
+                    break
+            else:  # the epoch ran to its end
+                self.tracker.log_metrics({"epoch_time_s": time.perf_counter() - epoch_start, "epoch": self.epoch}, self.step)
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.wall_time += time.perf_counter() - session_start
+        progress.close()
+        if stopped:
+            self.save_state()
+            log.warning("stopped by %s at step %d; resume with --resume", self.stop_signal, self.step)
+            self.tracker.set_tags({"stopped_by": self.stop_signal, "stopped_at_step": self.step})
+            return
+        if self.step % t.ckpt_every:
+            self.save_state()
+        self._finish()
+
+    def _log_window(self, window: dict, progress: "Progress") -> None:
+        n = max(window["n"], 1)
+        elapsed = time.perf_counter() - window["start"]
+        loss = float(window["loss"]) / n  # the one host sync of the logging interval
+        images = n * self.cfg.data.batch_size * self.info.world_size
+        metrics = {"train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": images / elapsed,
+                   "step_time_s": elapsed / n, "data_wait_s": window["data"] / n}
+        self.history["step"].append(self.step)
+        self.history["loss"].append(loss)
+        self.tracker.log_metrics(metrics, self.step)
+        progress.update(self.step, metrics)
+        window.update(loss=torch.zeros((), device=self.device), n=0, data=0.0, start=time.perf_counter())
+
+    def _validate_and_track(self, progress: "Progress") -> None:
+        if not self.val_items:
+            return  # synthetic data: nothing to validate on
+        metrics = self.validate()
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(metrics["val_psnr"])
+        self.history["val_step"].append(self.step)
+        self.history["val_psnr"].append(metrics["val_psnr"])
+        progress.validated(self.step, metrics)
+        if not self.info.is_main:
+            return
+        self.tracker.log_metrics(metrics, self.step)
+        if metrics["val_psnr"] > self.best_psnr:
+            self.best_psnr = metrics["val_psnr"]
+            self._save_best(metrics)
+            for name, q, original, jpeg, restored in self.val_figures:
+                atomic_write_bytes(self.out / "val_images" / f"{name}_q{q}.png",
+                                   side_by_side(original, jpeg, restored, f"{name} q{q} step {self.step}"))
+        self._write_curves()
+
+    def _write_curves(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+        a.plot(self.history["step"], self.history["loss"])
+        a.set(xlabel="step", ylabel=f"train {self.cfg.train.loss} loss", yscale="log")
+        b.plot(self.history["val_step"], self.history["val_psnr"], marker="o")
+        b.set(xlabel="step", ylabel="validation PSNR (dB)")
+        fig.suptitle(f"{self.cfg.model.arch}: {self.params / 1e6:.2f} M parameters")
+        fig.tight_layout()
+        path = self.out / "curves.png"
+        tmp = path.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=90)
+        plt.close(fig)
+        tmp.replace(path)
+
+    def _check_weights_in_sync(self) -> bool:
+        digest = float(sum(p.detach().double().sum() for p in self.model.parameters()))
+        digests = gather_objects(digest, self.info)
+        return all(d == digests[0] for d in digests)
+
+    def _finish(self) -> None:
+        in_sync = self._check_weights_in_sync()
+        if not in_sync:
+            raise RuntimeError("ranks ended with different weights (DDP out of sync)")
+        if self.info.is_main:
+            self.tracker.log_metrics({"total_wall_time_s": self.wall_time, "best_val_psnr": self.best_psnr}, self.step)
+            self.tracker.set_tags({"weights_in_sync": str(in_sync).lower(), "best_checkpoint": str(self.best_path)})
+            for path, where in ((self.best_path, None), (self.out / "curves.png", None), (self.out / "val_images", None)):
+                if path.is_dir():
+                    for p in sorted(path.iterdir()):
+                        self.tracker.log_artifact(p, "val_images")
+                else:
+                    self.tracker.log_artifact(path, where)
+            log.info("done: %d steps in %.0f s, best validation PSNR %.3f dB, weights in sync on %d ranks -> %s",
+                     self.step, self.wall_time, self.best_psnr, self.info.world_size, self.best_path)
+        self.finished = True
+
+    def close(self) -> None:
+        """Ends the MLflow run: FINISHED after a complete run, KILLED when stopped, FAILED on error."""
+        if hasattr(self, "tracker"):
+            failed = sys.exc_info()[0] is not None
+            self.tracker.close("FINISHED" if self.finished else ("KILLED" if self.stop_signal and not failed else "FAILED"))
+
+
+def _timed(loader, window: dict):
+    """Yields the loader's batches, adding the time spent waiting for each to window['data']."""
+    batches = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        window["data"] += time.perf_counter() - t0
+        if batch is None:
+            return
+        yield batch
+
+
+class Progress:
+    """tqdm bar on a terminal (rank 0), plain log lines otherwise (Slurm logs)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        self.enabled, self.total, self.start_step, self.start = enabled, total, initial, time.perf_counter()
+        self.bar = None
+        self.last_psnr = float("nan")
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, m: dict) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{m['train_loss']:.4g}", psnr=f"{self.last_psnr:.2f}", img_s=f"{m['images_per_s']:.0f}")
+            return
+        rate = (step - self.start_step) / max(time.perf_counter() - self.start, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        log.info("step %d/%d loss %.5f lr %.3g img/s %.1f data_wait %.3fs val_psnr %.2f eta %s",
+                 step, self.total, m["train_loss"], m["lr"], m["images_per_s"], m["data_wait_s"], self.last_psnr,
+                 time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?")
+
+    def validated(self, step: int, m: dict) -> None:
+        self.last_psnr = m["val_psnr"]
+        if self.enabled:
+            msg = f"validation at step {step}: PSNR {m['val_psnr']:.3f} dB SSIM {m['val_ssim']:.4f} PSNR-B {m['val_psnrb']:.3f} loss {m['val_loss']:.5f}"
+            (self.bar.write(msg) if self.bar is not None else log.info(msg))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
