@@ -127,7 +127,8 @@ class TorchSource:
         self.sampler = ResumableSampler(self.dataset, num_replicas=world_size, rank=rank,
                                           shuffle=cfg.augment, seed=cfg.seed, drop_last=True)
         self.loader = DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=self.sampler,
-                                 num_workers=cfg.workers, pin_memory=device.type == "cuda", drop_last=True)
+                                 num_workers=cfg.workers, pin_memory=device.type == "cuda", drop_last=True,
+                                 generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
 
     def batches(self, epoch: int, start: int = 0) -> Iterator:
         self.sampler.set_epoch(epoch)

@@ -1,6 +1,7 @@
 """Evaluate JPEG restoration on whole test images, per the protocol in the data README.
 
     python -m train.evaluate --data-root ../shared/data --dataset live1_gray --qualities 10,20,30,40
+    python -m train.evaluate --checkpoint image_compression_model.pth --json live1.json --log-mlflow
 
 Each original is JPEG-encoded with Pillow at each quality and decoded back; the table gives
 PSNR / SSIM / PSNR-B of that JPEG input and, with a restorer, of the restored image.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -19,9 +21,11 @@ from PIL import Image, ImageDraw
 from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, jpeg_roundtrip, list_images, png_bytes, read_image
 from data_pipeline.sources import DataError, dataset_dir
 
+from .checkpoint import CheckpointError
+from .inference import Restorer
 from .metrics import image_metrics, psnr
 
-Restorer = Callable[[np.ndarray], np.ndarray]  # uint8 JPEG-decoded image -> uint8 restored image
+RestoreFn = Callable[[np.ndarray], np.ndarray]  # uint8 JPEG-decoded image -> uint8 restored image
 METRICS = ("psnr", "ssim", "psnrb")
 
 
@@ -45,7 +49,7 @@ def _jpeg_metrics(args):
     return jpeg, image_metrics(img, jpeg)
 
 
-def evaluate(images: dict[str, np.ndarray], qualities: list[int], restore: Restorer | None = None,
+def evaluate(images: dict[str, np.ndarray], qualities: list[int], restore: RestoreFn | None = None,
              workers: int | None = None, keep: int = 0) -> tuple[dict, dict]:
     """Mean metrics per quality: {"10": {"jpeg": {...}, "model": {...}}}, plus per-image values.
     `keep` > 0 also returns the first `keep` images' (original, jpeg, restored) for figures."""
@@ -116,24 +120,59 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--side-by-side", type=Path, help="write original | JPEG | restored PNGs here")
     ap.add_argument("--side-by-side-count", type=int, default=2)
+    ap.add_argument("--checkpoint", type=Path, help="model checkpoint (image_compression_model.pth) to evaluate")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="inference precision")
+    ap.add_argument("--log-mlflow", action="store_true", help="log the metrics to the checkpoint's MLflow run")
     args = ap.parse_args(argv)
+    restorer = None
     try:
         qualities = [int(q) for q in args.qualities.split(",")]
-        images, skipped = load_test_images(dataset_dir(args.dataset, args.data_root))
-    except (DataError, ValueError) as exc:
+        if args.checkpoint:
+            restorer = Restorer(args.checkpoint, args.device, args.precision)
+        mode = restorer.mode if restorer else None  # a gray model is evaluated on luma
+        images, skipped = load_test_images(dataset_dir(args.dataset, args.data_root), mode)
+    except (DataError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for s in skipped:
         print(f"skipped {s}", file=sys.stderr)
     keep = args.side_by_side_count if args.side_by_side else 0
-    results, extra = evaluate(images, qualities, keep=keep)
-    print(format_table(f"{args.dataset}: {len(images)} images", results))
+    start = time.perf_counter()
+    results, extra = evaluate(images, qualities, restore=restorer, keep=keep)
+    title = f"{args.dataset}: {len(images)} images" + (f", {restorer.meta['arch']} from {args.checkpoint}" if restorer else "")
+    print(format_table(title, results))
     if args.json:
         atomic_write_json(args.json, {"dataset": args.dataset, "images": len(images), "skipped": skipped,
+                                      "checkpoint": str(args.checkpoint) if restorer else None,
+                                      "arch": restorer.meta["arch"] if restorer else None,
                                       "results": results, "per_image": extra["per_image"]})
     if args.side_by_side:
         write_side_by_side(extra["kept"], args.side_by_side)
+    if args.log_mlflow and restorer:
+        log_to_run(restorer.meta.get("mlflow_run_id"), args.dataset, results, time.perf_counter() - start)
     return 0
+
+
+def log_to_run(run_id: str | None, dataset: str, results: dict, seconds: float) -> None:
+    """Metrics as <dataset>_<kind>_<metric>_q<q> on the checkpoint's run (the comparison reads them)."""
+    if not run_id:
+        print("not logged to MLflow: the checkpoint names no run", file=sys.stderr)
+        return
+    import mlflow
+
+    from .tracking import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri())
+    dataset = Path(dataset).name
+    metrics = {f"{dataset}_{kind}_{m}_q{q}": v for q, r in results.items() for kind, ms in r.items() for m, v in ms.items()}
+    metrics[f"{dataset}_eval_time_s"] = seconds
+    try:
+        mlflow.MlflowClient().log_batch(run_id, [mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
+                                                 for k, v in metrics.items()])
+        print(f"logged {len(metrics)} metrics to MLflow run {run_id}")
+    except Exception as exc:  # noqa: BLE001 - a store without that run
+        print(f"not logged to MLflow run {run_id}: {str(exc).splitlines()[0]}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from data_pipeline.sources import DataError  # noqa: E402
 from train.checkpoint import CheckpointError  # noqa: E402
 from train.config import ConfigError, load_config  # noqa: E402
 from train.distributed import cleanup, init_distributed  # noqa: E402
-from train.trainer import Trainer, smoke_config  # noqa: E402
+from train.trainer import SMOKE_OVERRIDES, Trainer  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,9 +46,7 @@ def main(argv=None) -> int:
                         format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
     trainer = None
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.smoke:
-            cfg = smoke_config(cfg)
+        cfg = load_config(args.config, (SMOKE_OVERRIDES if args.smoke else []) + args.overrides)
         info = init_distributed(cfg.train.ddp_timeout_s, args.device)
         trainer = Trainer(cfg, args.out, info, resume=args.resume, data_root=args.data_root)
         trainer.fit()

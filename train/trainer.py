@@ -76,11 +76,10 @@ def build_scheduler(cfg: Config, opt: torch.optim.Optimizer):
     return sched.SequentialLR(opt, [warmup, main], milestones=[s.warmup_steps])
 
 
-def smoke_config(cfg: Config) -> Config:
-    """A few steps on a few images: seconds on CPU, every code path (validate, checkpoint, resume)."""
-    data = replace(cfg.data, limit=4, batch_size=4, patch_size=32, workers=0, val_fraction=max(cfg.data.val_fraction, 0.1))
-    train = replace(cfg.train, max_steps=6, val_every=3, ckpt_every=3, log_every=1)
-    return replace(cfg, data=data, train=train)
+# `--smoke`: a few steps on a few images, seconds on CPU, through every code path (validation,
+# checkpoints, resume). Applied before the user's --set overrides, which win.
+SMOKE_OVERRIDES = ["data.limit=4", "data.batch_size=4", "data.patch_size=32", "data.workers=0",
+                   "train.max_steps=6", "train.val_every=3", "train.ckpt_every=3", "train.log_every=1"]
 
 
 class Trainer:

@@ -1,0 +1,182 @@
+"""Real training runs (subprocesses, as users launch them): single process, 2-process torchrun on
+gloo, SIGTERM + resume, fp16 with GradScaler, and the one-line errors for bad inputs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from train.checkpoint import latest_state, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+MAIN = str(REPO / "train" / "main.py")
+SMOKE = ["--config", str(REPO / "configs" / "dncnn.toml"), "--smoke", "--set", "data.backend=torch"]
+
+
+def env_for(tmp: Path, data_root: Path) -> dict:
+    return {**os.environ, "JPEG_RESTORE_DATA_ROOT": str(data_root), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+
+
+def run(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def mlflow_run(env: dict, run_id: str):
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    return mlflow.MlflowClient().get_run(run_id)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(data_root, tmp_path_factory):
+    """One single-process smoke training, shared by the tests that inspect its outputs."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    env = env_for(tmp, data_root)
+    proc = run([sys.executable, MAIN, *SMOKE, "--out", str(tmp / "out")], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "out", env, proc
+
+
+def test_smoke_run_writes_a_self_describing_best_checkpoint(smoke_run):
+    out, _, _ = smoke_run
+    blob = torch.load(out / "image_compression_model.pth", weights_only=True)
+    assert blob["arch"] == "dncnn" and blob["kwargs"] == {"depth": 17, "width": 64, "batch_norm": True}
+    assert blob["mode"] == "gray" and blob["config"]["model"]["arch"] == "dncnn"
+    assert {"val_psnr", "val_ssim", "val_psnrb", "val_psnr_q10"} <= set(blob["metrics"])
+    model, meta = load_model(out / "image_compression_model.pth")
+    assert meta["step"] in (3, 6)
+    x = torch.rand(1, 1, 33, 47)
+    assert model(x).shape == x.shape
+    assert (out / "config.toml").is_file() and (out / "curves.png").is_file()
+    assert latest_state(out / "checkpoints").name == "step_00000006.pt"
+
+
+def test_smoke_run_is_a_finished_mlflow_run_with_metrics_and_artifacts(smoke_run):
+    out, env, _ = smoke_run
+    run_id = torch.load(out / "image_compression_model.pth", weights_only=True)["mlflow_run_id"]
+    r = mlflow_run(env, run_id)
+    assert r.info.status == "FINISHED"
+    want = {"train_loss", "val_loss", "val_psnr", "val_ssim", "val_psnrb", "lr", "images_per_s", "step_time_s",
+            "data_wait_s", "epoch_time_s", "total_wall_time_s"}
+    assert want <= set(r.data.metrics), want - set(r.data.metrics)
+    assert r.data.params["model.arch"] == "dncnn" and r.data.params["train.max_steps"] == "6"
+    assert r.data.tags["world_size"] == "1" and r.data.tags["precision"] == "bf16" and "torch" in r.data.tags
+    history = mlflow.MlflowClient().get_metric_history(run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    assert {"config.toml", "image_compression_model.pth", "curves.png", "val_images"} <= artifacts
+    figures = mlflow.MlflowClient().list_artifacts(run_id, "val_images")
+    assert len(figures) == 2 and all(a.path.endswith(".png") for a in figures)
+
+
+def test_evaluate_cli_runs_a_checkpoint_on_live1_images(smoke_run, tmp_path, data_root):
+    out, env, _ = smoke_run
+    subset = tmp_path / "live1_subset"
+    subset.mkdir()
+    for name in ("bikes.png", "house.png", "monarch.png"):
+        shutil.copy(data_root / "live1_gray" / name, subset / name)
+    proc = run([sys.executable, "-m", "train.evaluate", "--checkpoint", str(out / "image_compression_model.pth"),
+                "--dataset", str(subset), "--qualities", "10", "--json", str(tmp_path / "r.json"), "--log-mlflow"], env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["arch"] == "dncnn" and res["images"] == 3
+    jpeg, model = res["results"]["10"]["jpeg"], res["results"]["10"]["model"]
+    assert 25 < jpeg["psnr"] < 30 and 15 < model["psnr"] < 40 and model["psnr"] != jpeg["psnr"]
+    run_id = torch.load(out / "image_compression_model.pth", weights_only=True)["mlflow_run_id"]
+    assert "live1_subset_model_psnr_q10" in mlflow_run(env, run_id).data.metrics
+
+
+def test_two_process_torchrun_trains_in_sync(data_root, tmp_path):
+    env = env_for(tmp_path, data_root)
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                MAIN, *SMOKE, "--out", str(tmp_path / "out")], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "weights in sync on 2 ranks" in proc.stderr
+    blob = torch.load(tmp_path / "out" / "image_compression_model.pth", weights_only=True)
+    r = mlflow_run(env, blob["mlflow_run_id"])
+    assert r.info.status == "FINISHED" and r.data.tags["world_size"] == "2" and r.data.tags["weights_in_sync"] == "true"
+    assert {"val_psnr", "images_per_s", "train_loss"} <= set(r.data.metrics)
+
+
+def _final_weights(out: Path) -> dict:
+    return torch.load(latest_state(out / "checkpoints"), weights_only=True)["model"]
+
+
+def test_sigterm_then_resume_matches_an_uninterrupted_run(data_root, tmp_path):
+    env = env_for(tmp_path, data_root)
+    args = [sys.executable, MAIN, *SMOKE, "--set", "train.max_steps=12", "--set", "train.ckpt_every=100"]
+    ref = run(args + ["--out", str(tmp_path / "ref")], env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    proc = subprocess.Popen(args + ["--out", str(tmp_path / "cut")], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "step 4/12" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stderr.readlines()
+    assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
+    stopped = int(latest_state(tmp_path / "cut" / "checkpoints").stem.split("_")[1])
+    assert 4 <= stopped < 12, "".join(lines)[-2000:]
+    assert any("stopped by SIGTERM" in line for line in lines)
+
+    resumed = run(args + ["--out", str(tmp_path / "cut"), "--resume"], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and f"at step {stopped}" in resumed.stderr
+    assert f"step {stopped + 1}/12" in resumed.stderr and f"step {stopped}/12" not in resumed.stderr
+    ref_w, cut_w = _final_weights(tmp_path / "ref"), _final_weights(tmp_path / "cut")
+    assert ref_w.keys() == cut_w.keys()
+    for k in ref_w:
+        assert torch.equal(ref_w[k], cut_w[k]), k
+    # one MLflow run, stopped then finished
+    run_id = torch.load(tmp_path / "cut" / "image_compression_model.pth", weights_only=True)["mlflow_run_id"]
+    r = mlflow_run(env, run_id)
+    assert r.info.status == "FINISHED" and r.data.tags["stopped_by"] == "SIGTERM"
+
+
+def test_fp16_with_grad_scaler_runs_and_saves_scaler_state(data_root, tmp_path):
+    env = env_for(tmp_path, data_root)
+    proc = run([sys.executable, MAIN, *SMOKE, "--set", "train.precision=fp16", "--set", "tracking.enabled=false",
+                "--set", "model.kwargs.depth=4", "--set", "model.kwargs.width=16",  # fp16 is emulated (slow) on CPU
+                "--out", str(tmp_path / "out")], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(latest_state(tmp_path / "out" / "checkpoints"), weights_only=True)
+    assert state["scaler"]["scale"] > 0 and state["step"] == 6
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "train.bogus=1"], "unknown config key train.bogus"),
+    (["--set", "optim.lr=fast"], "optim.lr must be of type float"),
+    (["--set", "data.dataset=no_such_dataset"], "no_such_dataset"),
+])
+def test_bad_inputs_fail_with_one_line(data_root, tmp_path, extra, message):
+    proc = run([sys.executable, MAIN, *SMOKE, *extra, "--out", str(tmp_path / "out")], env_for(tmp_path, data_root))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_missing_data_root_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JPEG_RESTORE_DATA_ROOT"}
+    proc = run([sys.executable, MAIN, *SMOKE, "--out", str(tmp_path / "out")], env)
+    assert proc.returncode == 2 and "error: no data root" in proc.stderr
+
+
+def test_resume_rejects_corrupt_state_and_other_architectures(smoke_run, tmp_path, data_root):
+    out, env, _ = smoke_run
+    work = tmp_path / "out"
+    shutil.copytree(out / "checkpoints", work / "checkpoints")
+    other = run([sys.executable, MAIN, "--config", str(REPO / "configs" / "unet.toml"), "--smoke", "--resume",
+                 "--out", str(work)], env)
+    assert other.returncode == 2 and "saved by a dncnn" in other.stderr and "asks for unet" in other.stderr, other.stderr[-2000:]
+    newest = latest_state(work / "checkpoints")
+    newest.write_bytes(newest.read_bytes()[:5000])
+    corrupt = run([sys.executable, MAIN, *SMOKE, "--resume", "--out", str(work)], env)
+    assert corrupt.returncode == 2 and "is corrupt" in corrupt.stderr, corrupt.stderr[-2000:]
