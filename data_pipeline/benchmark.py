@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from train.benchmark import bare_loop_rate
 
 from .config import DataConfig
 from .images import atomic_write_json
@@ -37,31 +38,6 @@ def loader_rate(cfg: DataConfig, batches: int) -> float:
     return batches * cfg.batch_size / (time.perf_counter() - start)
 
 
-def training_rate(patch: int, batch: int, steps: int, device: torch.device) -> float:
-    """Patches/s of a DnCNN-17 training step (bf16 autocast, channels_last) on synthetic data."""
-    from train.models import build_model
-
-    model = build_model("dncnn", channels=1).to(device, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), 1e-4)
-    x = torch.rand(batch, 1, patch, patch, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.rand_like(x)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = F.mse_loss(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - start)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root")
@@ -79,7 +55,7 @@ def main(argv=None) -> int:
     variants = [("dali", 2)] * dali_available() + [("torch", 1), ("torch", 2), ("synthetic", 0)]
     rows = []
     for patch in (64, 128):
-        consumed = training_rate(patch, 32, args.train_steps, device)
+        consumed = bare_loop_rate("dncnn", args.train_steps, device, batch=32, patch=patch)
         rows.append({"backend": "DnCNN-17 train step (bf16)", "workers": 0, "patch": patch, "patches_per_s": consumed})
         for backend, workers in variants:
             cfg = DataConfig(backend=backend, prepared_dir=str(args.prepared), patch_size=patch, batch_size=32,

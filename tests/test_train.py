@@ -180,3 +180,16 @@ def test_resume_rejects_corrupt_state_and_other_architectures(smoke_run, tmp_pat
     newest.write_bytes(newest.read_bytes()[:5000])
     corrupt = run([sys.executable, MAIN, *SMOKE, "--resume", "--out", str(work)], env)
     assert corrupt.returncode == 2 and "is corrupt" in corrupt.stderr, corrupt.stderr[-2000:]
+
+
+def test_quickstart_runs_end_to_end_on_embedded_images(tmp_path):
+    """The README's main job (shortened to 2 steps): no data root needed."""
+    env = {k: v for k, v in os.environ.items() if k != "JPEG_RESTORE_DATA_ROOT"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run([sys.executable, "-m", "train.quickstart", "--out", str(tmp_path / "qs"), "--steps", "2"], env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "qs" / "results.json").read_text())
+    assert res["images"] == ["astronaut", "camera", "retina"]
+    assert set(res["results"]) == {"10", "20", "30", "40"} and "model" in res["results"]["10"]
+    assert len(list((tmp_path / "qs" / "side_by_side").glob("*.png"))) == 2
+    assert load_model(tmp_path / "qs" / "run" / "image_compression_model.pth")[1]["arch"] == "unet"

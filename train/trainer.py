@@ -103,7 +103,7 @@ class Trainer:
         self.step = self.epoch = self.step_in_epoch = 0
         self.best_psnr = -math.inf
         self.wall_time = 0.0  # training seconds over all sessions of this run
-        self.history: dict[str, list] = {"step": [], "loss": [], "val_step": [], "val_psnr": []}
+        self.history: dict[str, list] = {"step": [], "loss": [], "images_per_s": [], "val_step": [], "val_psnr": []}
         run_id = None
         state_file = ckpt.latest_state(self.ckpt_dir) if resume else None
         state = None
@@ -225,8 +225,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        for key in ("step", "epoch", "step_in_epoch", "best_psnr", "wall_time", "history"):
+        for key in ("step", "epoch", "step_in_epoch", "best_psnr", "wall_time"):
             setattr(self, key, state[key])
+        self.history = {**self.history, **state["history"]}
 
     def save_state(self) -> None:
         rng = gather_objects(torch.get_rng_state(), self.info)  # every rank's generator
@@ -303,6 +304,7 @@ class Trainer:
                    "step_time_s": elapsed / n, "data_wait_s": window["data"] / n}
         self.history["step"].append(self.step)
         self.history["loss"].append(loss)
+        self.history["images_per_s"].append(metrics["images_per_s"])
         self.tracker.log_metrics(metrics, self.step)
         progress.update(self.step, metrics)
         window.update(loss=torch.zeros((), device=self.device), n=0, data=0.0, start=time.perf_counter())

@@ -32,3 +32,16 @@ def build_model(arch: str, **kwargs) -> nn.Module:
     if arch not in _REGISTRY:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[arch](**kwargs)
+
+
+def macs_per_pixel(model: nn.Module, channels: int, size: int = 64) -> float:
+    """Multiply-accumulates per output pixel of one forward pass (torch's FLOP counter / 2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, channels, size, size, device=next(model.parameters()).device))
+    model.train(was_training)
+    return counter.get_total_flops() / 2 / size**2

@@ -1,0 +1,105 @@
+"""Trainer building blocks on tiny tensors: schedules, losses, precision contexts, checkpoints."""
+import math
+
+import pytest
+import torch
+
+from train import checkpoint as ckpt
+from train.config import load_config
+from train.inference import autocast_for
+from train.models import build_model, macs_per_pixel
+from train.trainer import LOSSES, build_optimizer, build_scheduler
+
+
+def _lrs(overrides, steps):
+    cfg = load_config(None, ["optim.lr=1e-3", f"train.max_steps={steps}", *overrides])
+    opt = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
+    sched = build_scheduler(cfg, opt)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_warmup_then_cosine_reaches_peak_then_min():
+    lrs = _lrs(["schedule.name=cosine", "schedule.warmup_steps=10", "schedule.min_lr=1e-5"], 100)
+    assert lrs[0] < 1e-5 and lrs[0] < lrs[5] < lrs[10]
+    assert lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(1e-5, rel=0.05)
+
+
+def test_step_schedule_halves_every_step_size():
+    lrs = _lrs(["schedule.name=step", "schedule.step_size=10", "schedule.gamma=0.5"], 30)
+    assert lrs[0] == lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(5e-4) and lrs[25] == pytest.approx(2.5e-4)
+
+
+def test_plateau_decays_after_patience_without_improvement():
+    cfg = load_config(None, ["schedule.name=plateau", "schedule.patience=1", "schedule.gamma=0.1"])
+    opt = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
+    sched = build_scheduler(cfg, opt)
+    for psnr in (30.0, 30.0, 30.0):
+        sched.step(psnr)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_optimizers_take_a_step(name):
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer(load_config(None, [f"optim.name={name}"]), [p])
+    p.sum().backward()
+    opt.step()
+    assert (p < 1).all()
+
+
+def test_losses():
+    x, y = torch.zeros(4), torch.tensor([0.0, 0.5, -0.5, 1.0])
+    assert LOSSES["l1"](x, y) == pytest.approx(0.5)
+    assert LOSSES["mse"](x, y) == pytest.approx(0.375)
+    assert LOSSES["charbonnier"](x, y) == pytest.approx(0.5, abs=1e-3)  # sqrt(d^2 + eps^2) ~ |d|
+    assert LOSSES["charbonnier"](x, x) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+def test_autocast_precision(precision, dtype):
+    conv = torch.nn.Conv2d(1, 2, 3)
+    with autocast_for(precision, torch.device("cpu")):
+        assert conv(torch.rand(1, 1, 8, 8)).dtype == dtype
+
+
+def test_model_checkpoint_round_trip_and_mismatch(tmp_path):
+    model = build_model("arcnn", channels=3)
+    path = tmp_path / "m.pth"
+    ckpt.save(ckpt.model_checkpoint(model, "arcnn", {}, "rgb", {"k": 1}, {"val_psnr": 30.0}, 7), path)
+    loaded, meta = ckpt.load_model(path)
+    assert meta["arch"] == "arcnn" and meta["step"] == 7 and meta["metrics"]["val_psnr"] == 30.0
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ckpt.CheckpointError, match="holds a arcnn model, expected dncnn"):
+        ckpt.load_model(path, expect_arch="dncnn")
+    blob = torch.load(path, weights_only=True)
+    blob["kwargs"] = {"widths": [8, 8, 8]}
+    ckpt.save(blob, path)
+    with pytest.raises(ckpt.CheckpointError, match="weights do not fit"):
+        ckpt.load_model(path)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError, match="corrupt"):
+        ckpt.load_model(path)
+    with pytest.raises(ckpt.CheckpointError, match="not found"):
+        ckpt.load_model(tmp_path / "missing.pth")
+
+
+def test_state_files_newest_and_pruned(tmp_path):
+    for step in (3, 10, 200):
+        ckpt.save({"step": step}, ckpt.state_path(tmp_path, step))
+    assert ckpt.latest_state(tmp_path).name == "step_00000200.pt"
+    ckpt.prune_states(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000010.pt", "step_00000200.pt"]
+    assert ckpt.latest_state(tmp_path / "nothing") is None
+
+
+def test_macs_per_pixel_of_dncnn():
+    # 15 inner 64->64 3x3 convs + 1->64 + 64->1, per pixel
+    expected = 15 * 64 * 64 * 9 + 2 * 64 * 9
+    assert macs_per_pixel(build_model("dncnn", channels=1), 1) == pytest.approx(expected, rel=0.01)
+    assert math.isfinite(macs_per_pixel(build_model("autoencoder", channels=1), 1))
