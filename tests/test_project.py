@@ -17,9 +17,3 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
-def test_quickstart_runs_end_to_end_without_downloads(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "train.quickstart", "--out", str(tmp_path)],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "JPEG baseline on 17 scikit-image photographs" in r.stdout
-    assert (tmp_path / "results.md").is_file() and len(list((tmp_path / "side_by_side").glob("*.png"))) == 2
