@@ -48,3 +48,10 @@ def test_bad_kwargs_are_clear():
         build_model("autoencoder", tile=30, depth=2)
     with pytest.raises(ValueError, match="unknown activation 'tanhh'"):
         build_model("autoencoder", act="tanhh")
+
+
+@pytest.mark.parametrize("arch, kwargs", [("dncnn", {}), ("unet", {}), ("attention", {}), ("arcnn", {"residual": True})])
+def test_untrained_residual_models_start_as_the_identity(arch, kwargs):
+    """The residual branch's last layer starts at zero: training starts from the JPEG input."""
+    x = torch.rand(2, 1, 24, 40)
+    assert torch.equal(build_model(arch, channels=1, **kwargs).eval()(x), x)

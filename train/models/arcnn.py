@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import register
+from .common import zero_init_
 
 
 @register("arcnn")
@@ -19,6 +20,8 @@ class ARCNN(nn.Module):
             nn.Conv2d(w2, w3, 1), nn.PReLU(w3),
             nn.Conv2d(w3, channels, 5, padding=2),
         )
+        if residual:
+            zero_init_(self.body[-1])
 
     def forward(self, x):
         y = self.body(x)

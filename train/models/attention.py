@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from . import register
+from .common import zero_init_
 
 
 class ChannelAttention(nn.Module):
@@ -44,7 +45,7 @@ class RCAN(nn.Module):
         self.head = nn.Conv2d(channels, width, 3, padding=1)
         self.body = nn.Sequential(*[ResidualGroup(width, blocks, reduction) for _ in range(groups)],
                                   nn.Conv2d(width, width, 3, padding=1))
-        self.tail = nn.Conv2d(width, channels, 3, padding=1)
+        self.tail = zero_init_(nn.Conv2d(width, channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.head(x)

@@ -14,6 +14,15 @@ def activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
+def zero_init_(layer: nn.Module) -> nn.Module:
+    """Zero the last layer of a residual branch: an untrained model is the identity (= its JPEG
+    input), so training starts at the JPEG baseline instead of below it."""
+    nn.init.zeros_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """Reflect-pad H and W up to a multiple; returns the padded tensor and the original size."""
     h, w = x.shape[-2:]

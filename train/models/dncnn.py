@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from . import register
+from .common import zero_init_
 
 
 @register("dncnn")
@@ -17,7 +18,7 @@ class DnCNN(nn.Module):
             layers += [nn.Conv2d(width, width, 3, padding=1, bias=not batch_norm)]
             layers += [nn.BatchNorm2d(width)] if batch_norm else []
             layers += [nn.ReLU(inplace=True)]
-        layers.append(nn.Conv2d(width, channels, 3, padding=1))
+        layers.append(zero_init_(nn.Conv2d(width, channels, 3, padding=1)))
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import register
-from .common import activation, pad_to_multiple
+from .common import activation, pad_to_multiple, zero_init_
 
 
 def _block(c_in: int, c_out: int, act: str, batch_norm: bool) -> nn.Sequential:
@@ -29,7 +29,7 @@ class UNet(nn.Module):
         self.bottom = _block(widths[levels - 1], widths[levels], act, batch_norm)
         self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(levels))])
         self.merge = nn.ModuleList([_block(2 * widths[i], widths[i], act, batch_norm) for i in reversed(range(levels))])
-        self.head = nn.Conv2d(width, channels, 1)
+        self.head = zero_init_(nn.Conv2d(width, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xp, (h, w) = pad_to_multiple(x, 2**self.levels)

@@ -1,0 +1,122 @@
+"""Deploy and measure: ONNX export (if needed) -> TensorRT engines (FP16 and FP32) -> parity on
+real images -> the latency table of every available backend against PyTorch eager.
+
+    python export/to_trt.py [--checkpoint image_compression_model.pth] [--quick]
+
+Without an NVIDIA GPU or TensorRT it still exports, checks and benchmarks everything else, and
+the table says that TensorRT was not measured and why. To measure the GPU design target
+(TensorRT FP16 >= 3x PyTorch eager fp32) run the same command on a CUDA machine after
+`pip install -e ".[tensorrt]"`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python export/to_trt.py`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+
+from data_pipeline.images import atomic_write_bytes, jpeg_roundtrip  # noqa: E402
+from export.to_onnx import check_parity, export_onnx, parity_images  # noqa: E402
+from serve_bench.benchmark import ALL_BACKENDS, QUICK_SHAPES, SHAPES, report, run_benchmark  # noqa: E402
+from serve_bench.runners import TensorRTRunner, TorchRunner, tensorrt_status  # noqa: E402
+from train.checkpoint import CheckpointError, load_model  # noqa: E402
+from train.inference import image_to_tensor  # noqa: E402
+from train.metrics import psnr, to_uint8  # noqa: E402
+
+MIN_SIDE, OPT_SIDE, MAX_SIDE, MAX_BATCH = 64, 512, 1024, 4
+
+
+def build_engine(onnx_path: Path, engine_path: Path, fp16: bool, channels: int, tile: int = 0,
+                 timing_cache: Path | None = None) -> Path:
+    """TensorRT 10 engine with one optimisation profile over batch, H and W (fixed at the tile size
+    for the autoencoder); TF32 off in FP32 so that FP32 parity is meaningful; a timing cache file
+    shared by builds."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 2 << 30)
+    config.set_flag(trt.BuilderFlag.FP16) if fp16 else config.clear_flag(trt.BuilderFlag.TF32)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    profile = builder.create_optimization_profile()
+    lo, opt, hi = (tile, tile, tile) if tile else (MIN_SIDE, OPT_SIDE, MAX_SIDE)
+    profile.set_shape("input", (1, channels, lo, lo), (1, channels, opt, opt), (MAX_BATCH, channels, hi, hi))
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("TensorRT engine build failed (see the TensorRT log above)")
+    atomic_write_bytes(engine_path, bytes(serialized))
+    if timing_cache:
+        atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+    return engine_path
+
+
+def engine_parity(checkpoint: Path, engine_path: Path, data_root: str | None, quality: int = 10) -> dict:
+    model, meta = load_model(checkpoint)
+    ref, trt_runner = TorchRunner(model, device="cuda"), TensorRTRunner(engine_path)
+    source, images = parity_images(meta["mode"], data_root)
+    diffs, dpsnr = [], []
+    for _, original in images:
+        x = image_to_tensor(jpeg_roundtrip(original, quality), "cuda")
+        a, b = ref.restore(x).clamp(0, 1), trt_runner.restore(x).clamp(0, 1)
+        diffs.append(float((a - b).abs().max()))
+        dpsnr.append(abs(psnr(original, to_uint8(a[0])) - psnr(original, to_uint8(b[0]))))
+    return {"source": source, "max_abs_diff": max(diffs), "max_psnr_diff": max(dpsnr)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, default=Path("image_compression_model.pth"))
+    ap.add_argument("--out", type=Path, default=Path("outputs/deploy"), help="ONNX, engines, timing cache, latency table")
+    ap.add_argument("--data-root", help="for parity on LIVE1 (default: $JPEG_RESTORE_DATA_ROOT)")
+    ap.add_argument("--quick", action="store_true", help="benchmark 256² and 512² at batch 1 only")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--backends", default=",".join(ALL_BACKENDS), help="comma-separated subset of " + ",".join(ALL_BACKENDS))
+    ap.add_argument("--no-mlflow", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        _, meta = load_model(args.checkpoint)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = args.out
+    onnx_path = out / "model.onnx"
+    if not onnx_path.is_file() or onnx_path.stat().st_mtime < args.checkpoint.stat().st_mtime:
+        info = export_onnx(args.checkpoint, onnx_path)
+        print(f"exported {info['arch']} to {onnx_path}")
+    p = check_parity(args.checkpoint, onnx_path, args.data_root)
+    print(f"ONNX Runtime parity on {p['source']}: max abs diff {p['max_abs_diff']:.2e}, PSNR diff {p['max_psnr_diff']:.4f} dB: "
+          + ("passed" if p["ok"] else "FAILED"))
+
+    engines = {}
+    why_not = tensorrt_status()
+    if why_not:
+        print(f"TensorRT: not built and not measured: {why_not}")
+    else:
+        for precision in ("fp16", "fp32"):
+            path = build_engine(onnx_path, out / f"model.{precision}.engine", precision == "fp16", meta["channels"],
+                                meta["kwargs"].get("tile", 0) if meta["arch"] == "autoencoder" else 0, out / "timing.cache")
+            e = engine_parity(args.checkpoint, path, args.data_root)
+            print(f"TensorRT {precision} engine {path}: max abs diff {e['max_abs_diff']:.2e}, PSNR diff {e['max_psnr_diff']:.4f} dB")
+            engines[precision] = path
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = run_benchmark(args.checkpoint, onnx_path, engines, device, QUICK_SHAPES if args.quick else SHAPES,
+                           iters=args.iters, backends=args.backends.split(","))
+    result["onnx_parity"] = p
+    print(report(result, out, meta.get("mlflow_run_id"), not args.no_mlflow))
+    return 0 if p["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
