@@ -89,6 +89,8 @@ class TrackingConfig:
     """MLflow store; empty means $MLFLOW_TRACKING_URI, else SQLite in mlruns/."""
     enabled: bool = True
     """Log to MLflow (rank 0 only)."""
+    tags: dict = field(default_factory=dict)
+    """Extra run tags, e.g. the sweep id, array index and grid point (set by slurm/sweep.sh)."""
 
 
 @dataclass

@@ -2,10 +2,12 @@
 (MLflow 3 no longer accepts the plain ./mlruns file store); MLFLOW_TRACKING_URI overrides."""
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import platform
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,22 @@ def system_tags(device, world_size: int, precision: str) -> dict[str, str]:
     return tags
 
 
+@contextmanager
+def store_lock(uri: str):
+    """Serialises creating the SQLite schema and experiment across processes (a sweep's tasks
+    start together); a no-op for other stores."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri[len("sqlite:///"):] + ".lock")
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class Tracker:
     """A thin MLflow wrapper; disabled (all calls no-ops) on ranks other than 0 or by config."""
 
@@ -82,24 +100,22 @@ class Tracker:
         self.mlflow = mlflow
         self.uri = resolve_tracking_uri(tracking_uri)
         mlflow.set_tracking_uri(self.uri)
-        client = mlflow.MlflowClient()
-        exp = _retry(client.get_experiment_by_name, experiment)
-        if exp is None:
-            try:
+        with store_lock(self.uri):
+            client = mlflow.MlflowClient()
+            exp = _retry(client.get_experiment_by_name, experiment)
+            if exp is None:
                 exp_id = _retry(client.create_experiment, experiment, artifact_location=_artifact_location(self.uri, experiment))
-            except Exception:  # noqa: BLE001 - another task created it first
-                exp_id = client.get_experiment_by_name(experiment).experiment_id
-        else:
-            exp_id = exp.experiment_id
-        run = None
-        if run_id:
-            try:
-                run = _retry(mlflow.start_run, run_id=run_id)
-                log.info("resuming MLflow run %s", run_id)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("cannot resume MLflow run %s (%s); starting a new run", run_id, str(exc).splitlines()[0])
-        if run is None:
-            run = _retry(mlflow.start_run, experiment_id=exp_id, run_name=run_name or None, tags=tags)
+            else:
+                exp_id = exp.experiment_id
+            run = None
+            if run_id:
+                try:
+                    run = _retry(mlflow.start_run, run_id=run_id)
+                    log.info("resuming MLflow run %s", run_id)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("cannot resume MLflow run %s (%s); starting a new run", run_id, str(exc).splitlines()[0])
+            if run is None:
+                run = _retry(mlflow.start_run, experiment_id=exp_id, run_name=run_name or None, tags=tags)
         self.run_id = run.info.run_id
 
     def log_params(self, params: dict) -> None:

@@ -32,7 +32,7 @@ from .distributed import DistInfo, all_reduce_sum, any_rank, barrier, gather_obj
 from .evaluate import side_by_side
 from .inference import autocast_for, image_to_tensor, restore_tensor
 from .metrics import image_metrics, to_uint8
-from .models import build_model
+from .models import build_model, macs_per_pixel
 from .tracking import Tracker, flatten, system_tags
 
 log = logging.getLogger(__name__)
@@ -127,11 +127,13 @@ class Trainer:
 
         self.tracker = Tracker(info.is_main and cfg.tracking.enabled, cfg.tracking.experiment, cfg.tracking.run_name,
                                cfg.tracking.tracking_uri, run_id=run_id,
-                               tags={**system_tags(self.device, info.world_size, cfg.train.precision), "arch": cfg.model.arch})
+                               tags={**system_tags(self.device, info.world_size, cfg.train.precision), "arch": cfg.model.arch,
+                                     **{k: str(v) for k, v in cfg.tracking.tags.items()}})
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.out / "config.toml", to_toml(cfg).encode())
-            self.tracker.log_params({**flatten(to_dict(cfg)), "params": self.params, "out": str(self.out)})
+            self.tracker.log_params({**flatten(to_dict(cfg)), "params": self.params, "out": str(self.out),
+                                     "macs_per_pixel": round(macs_per_pixel(self.model, cfg.data.channels))})
             self.tracker.log_artifact(self.out / "config.toml")
             log.info("%s: %.3f M parameters, %d ranks on %s, %s, %d steps/epoch",
                      cfg.model.arch, self.params / 1e6, info.world_size, self.device, cfg.train.precision, len(self.loader))

@@ -1,0 +1,122 @@
+"""slurm/sweep.sh on a real one-node Slurm cluster (slurm-wlm + munge on localhost, installed
+with apt-get when missing): every architecture trains in smoke mode as an array task, logs a
+finished MLflow run with the sweep's tags and LIVE1 figures, and train.compare tabulates them;
+SIGTERM to a running task checkpoints, requeues and resumes it. Also two simulated nodes
+(torchrun c10d rendezvous on 127.0.0.1) train one model together."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from slurm_cluster import LocalSlurm, ensure_installed
+from train.checkpoint import latest_state
+from train.sweep import load_sweep, tasks
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = ensure_installed()
+    if why:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    c = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def sweep_env(tmp_path, data_root):
+    live1 = tmp_path / "eval" / "live1_gray"  # a two-image LIVE1 subset keeps the evaluation quick
+    live1.mkdir(parents=True)
+    for name in ("bikes.png", "monarch.png"):
+        shutil.copy(data_root / "live1_gray" / name, live1 / name)
+    return {"SWEEP_OUT": str(tmp_path / "sweep"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+            "JPEG_RESTORE_DATA_ROOT": str(data_root), "EVAL_DATASET": str(live1), "EVAL_QUALITIES": "10"}
+
+
+def _runs(env: dict, experiment: str = "jpeg-sweep"):
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def test_sweep_trains_every_architecture(cluster, sweep_env, tmp_path):
+    n = len(tasks(load_sweep()))
+    job = cluster.run("sbatch", "--parsable", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%A_%a.out",
+                      "slurm/sweep.sh", "--smoke", "--set", "data.backend=torch", cwd=REPO, env=sweep_env)
+    states = cluster.wait_done(job, timeout=900)
+    logs = "\n".join(p.read_text()[-1500:] for p in sorted(tmp_path.glob("slurm-*.out")))
+    assert len(states) == n and set(states.values()) == {"COMPLETED"}, f"{states}\n{logs}"
+    runs = _runs(sweep_env)
+    assert sorted(r.data.tags["array_index"] for r in runs) == [str(i) for i in range(n)]
+    assert {r.data.tags["arch"] for r in runs} == set(load_sweep()["configs"])
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.tags["sweep_id"] == job
+        assert "live1_gray_model_psnr_q10" in r.data.metrics and "val_psnr" in r.data.metrics
+        task_out = Path(sweep_env["SWEEP_OUT"]) / job / f"task_{r.data.tags['array_index']}"
+        assert (task_out / "image_compression_model.pth").is_file() and (task_out / "eval.json").is_file()
+
+    out = tmp_path / "compare"
+    proc = subprocess.run([sys.executable, "-m", "train.compare", "--experiment", "jpeg-sweep", "--out", str(out)],
+                          env={**os.environ, **sweep_env}, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (out / "compare.md").read_text()
+    assert table.count("| FINISHED |") == n and "| JPEG |" in table and "live1_gray q10 PSNR" in table
+    assert (out / "compare.csv").read_text().count("\n") == n + 1
+    assert (out / "psnr_vs_time.png").stat().st_size > 0 and (out / "psnr_vs_params.png").stat().st_size > 0
+
+
+def test_sigterm_checkpoints_requeues_and_resumes(cluster, sweep_env, tmp_path):
+    unet = [t["name"] for t in tasks(load_sweep())].index("unet")
+    env = {**sweep_env, "SWEEP_EVAL": "0"}
+    job = cluster.run("sbatch", "--parsable", f"--array={unet}", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%A_%a.out",
+                      "slurm/sweep.sh", "--smoke", "--set", "data.backend=torch", "--set", "train.max_steps=60",
+                      "--set", "train.ckpt_every=1000", "--set", "train.val_every=1000", cwd=REPO, env=env)
+    task = f"{job}_{unet}"
+    log = tmp_path / f"slurm-{job}_{unet}.out"
+    end = time.time() + 300
+    while time.time() < end and not (log.is_file() and "step 10/60" in log.read_text()):
+        time.sleep(0.5)
+    assert log.is_file() and "step 10/60" in log.read_text(), log.read_text() if log.is_file() else "no log"
+    cluster.run("scancel", "--signal=TERM", "--batch", task)
+    states = cluster.wait_done(job, timeout=600)
+    text = log.read_text()
+    assert set(states.values()) == {"COMPLETED"}, f"{states}\n{text[-3000:]}"
+    assert "got SIGTERM, saving a checkpoint and requeueing" in text and "(restart 1)" in text, text[-3000:]
+    stopped = int(text.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert 10 <= stopped < 60 and f"at step {stopped} (epoch" in text  # resumed where it stopped
+    out = Path(sweep_env["SWEEP_OUT"]) / job / f"task_{unet}"
+    assert torch.load(latest_state(out / "checkpoints"), weights_only=True)["step"] == 60
+    (run,) = _runs(env)
+    assert run.info.status == "FINISHED" and run.data.tags["stopped_by"] == "SIGTERM"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_simulated_nodes_train_one_model(data_root, tmp_path):
+    port = _free_port()
+    env = {**os.environ, "JPEG_RESTORE_DATA_ROOT": str(data_root), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ml.db'}"}
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes",
+                               str(REPO / "train" / "main.py"), "--config", str(REPO / "configs" / "arcnn.toml"), "--smoke",
+                               "--set", "data.backend=torch", "--out", str(tmp_path / "out")],  # a shared file system
+                              env=env, cwd=REPO, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-2000:] for e in errs)
+    both = "\n".join(errs)
+    assert "weights in sync on 2 ranks" in both and "2 ranks on cpu" in both

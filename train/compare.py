@@ -1,0 +1,139 @@
+"""Compare the runs of an MLflow experiment (e.g. a sweep): one row per run with arch, params,
+MACs per pixel, training time, images/s, best validation PSNR/SSIM and LIVE1 PSNR/SSIM/PSNR-B
+per quality (logged by `train.evaluate --log-mlflow`), as markdown and CSV, plus plots of PSNR
+against training time and against parameters.
+
+    python -m train.compare --experiment jpeg-sweep [--out outputs/compare] [--dataset live1_gray]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+
+from data_pipeline.images import atomic_write_bytes
+
+from .tracking import resolve_tracking_uri
+
+QUALITIES = (10, 20, 30, 40)
+
+
+def _best_val(client, run_id: str) -> tuple[float | None, float | None]:
+    """(best validation PSNR, SSIM at that validation)."""
+    psnr = client.get_metric_history(run_id, "val_psnr")
+    if not psnr:
+        return None, None
+    best = max(psnr, key=lambda m: m.value)
+    ssim = {m.step: m.value for m in client.get_metric_history(run_id, "val_ssim")}
+    return best.value, ssim.get(best.step)
+
+
+def collect(experiment: str, dataset: str = "live1_gray") -> tuple[list[dict], dict]:
+    """Rows for the runs of `experiment` (newest first) and the JPEG baseline found on them."""
+    import mlflow
+
+    mlflow.set_tracking_uri(resolve_tracking_uri())
+    client = mlflow.MlflowClient()
+    if client.get_experiment_by_name(experiment) is None:
+        raise ValueError(f"no MLflow experiment {experiment!r} in {mlflow.get_tracking_uri()}")
+    rows, jpeg = [], {}
+    for run in mlflow.search_runs(experiment_names=[experiment], output_format="list"):
+        p, m, t = run.data.params, run.data.metrics, run.data.tags
+        history = client.get_metric_history(run.info.run_id, "images_per_s")
+        rate = sorted(history, key=lambda h: h.step)[1:] or history  # the first window includes start-up
+        best_psnr, best_ssim = _best_val(client, run.info.run_id)
+        row = {"run": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status, "arch": p.get("model.arch"),
+               "grid_point": t.get("grid_point", ""), "params_m": float(p["params"]) / 1e6 if "params" in p else None,
+               "macs_per_pixel_k": float(p["macs_per_pixel"]) / 1e3 if "macs_per_pixel" in p else None,
+               "train_time_min": m["total_wall_time_s"] / 60 if "total_wall_time_s" in m else None,
+               "images_per_s": sum(h.value for h in rate) / len(rate) if rate else None,
+               "world_size": t.get("world_size"), "best_val_psnr": best_psnr, "best_val_ssim": best_ssim}
+        for q in QUALITIES:
+            for metric in ("psnr", "ssim", "psnrb"):
+                row[f"{metric}_q{q}"] = m.get(f"{dataset}_model_{metric}_q{q}")
+                if f"{dataset}_jpeg_{metric}_q{q}" in m:
+                    jpeg[f"{metric}_q{q}"] = m[f"{dataset}_jpeg_{metric}_q{q}"]
+        rows.append(row)
+    return rows, jpeg
+
+
+def _fmt(v, digits=2) -> str:
+    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def markdown(rows: list[dict], jpeg: dict, dataset: str) -> str:
+    qs = [q for q in QUALITIES if any(r[f"psnr_q{q}"] is not None for r in rows) or f"psnr_q{q}" in jpeg]
+    head = ["run", "arch", "status", "params (M)", "MACs/px (k)", "train min", "img/s", "val PSNR", "val SSIM"]
+    head += [f"{dataset} q{q} PSNR / SSIM / PSNR-B" for q in qs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if jpeg:
+        lines.append("| JPEG | - | - | - | - | - | - | - | - | " + " | ".join(
+            f"{_fmt(jpeg.get(f'psnr_q{q}'))} / {_fmt(jpeg.get(f'ssim_q{q}'), 3)} / {_fmt(jpeg.get(f'psnrb_q{q}'))}" for q in qs) + " |")
+    for r in rows:
+        cells = [r["run"], r["arch"], r["status"], _fmt(r["params_m"], 3), _fmt(r["macs_per_pixel_k"], 1), _fmt(r["train_time_min"], 1),
+                 _fmt(r["images_per_s"], 1), _fmt(r["best_val_psnr"]), _fmt(r["best_val_ssim"], 4)]
+        cells += [f"{_fmt(r[f'psnr_q{q}'])} / {_fmt(r[f'ssim_q{q}'], 3)} / {_fmt(r[f'psnrb_q{q}'])}" for q in qs]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def score(r):
+        return r["psnr_q10"] if r["psnr_q10"] is not None else r["best_val_psnr"]
+
+    ylabel = "LIVE1 q10 PSNR (dB)" if any(r["psnr_q10"] is not None for r in rows) else "best validation PSNR (dB)"
+    paths = []
+    for key, xlabel, name in (("train_time_min", "training time (min)", "psnr_vs_time.png"),
+                              ("params_m", "parameters (M)", "psnr_vs_params.png")):
+        pts = [(r[key], score(r), r["run"]) for r in rows if r[key] is not None and score(r) is not None]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for x, y, label in pts:
+            ax.scatter(x, y)
+            ax.annotate(label, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log" if key == "params_m" else "linear")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        atomic_write_bytes(out / name, buf.getvalue())
+        paths.append(out / name)
+    return paths
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experiment", default="jpeg-sweep")
+    ap.add_argument("--dataset", default="live1_gray", help="evaluation dataset whose logged metrics to show")
+    ap.add_argument("--out", type=Path, default=Path("outputs/compare"))
+    args = ap.parse_args(argv)
+    try:
+        rows, jpeg = collect(args.experiment, args.dataset)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"error: experiment {args.experiment!r} has no runs", file=sys.stderr)
+        return 2
+    table = markdown(rows, jpeg, args.dataset)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(args.out / "compare.md", (table + "\n").encode())
+    atomic_write_bytes(args.out / "compare.csv", buf.getvalue().encode())
+    figures = plots(rows, args.out)
+    print(table)
+    print(f"\nwrote {args.out / 'compare.md'}, {args.out / 'compare.csv'}, " + ", ".join(str(f) for f in figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The tasks of a sweep: every config of a sweep file crossed with its grid. slurm/sweep.sh asks
+for one task's training arguments by array index.
+
+    python -m train.sweep count [--sweep configs/sweep.toml]
+    python -m train.sweep args INDEX [--sweep configs/sweep.toml] [--sweep-id ID]
+    python -m train.sweep list
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SWEEP = REPO / "configs" / "sweep.toml"
+
+
+def load_sweep(path: Path | str = DEFAULT_SWEEP) -> dict:
+    try:
+        sweep = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"sweep file {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"sweep file {path} is not valid TOML ({exc})") from None
+    unknown = set(sweep) - {"experiment", "configs", "grid"}
+    if unknown:
+        raise ConfigError(f"unknown key {sorted(unknown)[0]} in sweep file {path} (known: experiment, configs, grid)")
+    if not sweep.get("configs"):
+        raise ConfigError(f"sweep file {path} lists no configs")
+    return sweep
+
+
+def tasks(sweep: dict) -> list[dict]:
+    """[{name, config, overrides}] in a fixed order: configs outer, grid points inner."""
+    grid = sweep.get("grid", {})
+    keys = sorted(grid)
+    points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    out = []
+    for name in sweep["configs"]:
+        config = REPO / "configs" / f"{name}.toml"
+        for point in points:
+            overrides = [f"{k}={json.dumps(v)}" for k, v in point.items()]
+            load_config(config, overrides)  # fail now, not in the array task
+            label = ",".join(f"{k}={v}" for k, v in point.items())
+            out.append({"name": name + (f"[{label}]" if label else ""), "config": str(config), "overrides": overrides,
+                        "grid_point": label or "default"})
+    return out
+
+
+def task_args(sweep: dict, index: int, sweep_id: str) -> list[str]:
+    all_tasks = tasks(sweep)
+    if not 0 <= index < len(all_tasks):
+        raise ConfigError(f"array index {index} is outside the sweep's {len(all_tasks)} tasks (0..{len(all_tasks) - 1})")
+    t = all_tasks[index]
+    tags = {"sweep_id": sweep_id, "array_index": str(index), "grid_point": t["grid_point"]}
+    args = ["--config", t["config"]]
+    for o in t["overrides"] + [f"tracking.experiment={json.dumps(sweep.get('experiment', 'jpeg-sweep'))}",
+                               f"tracking.run_name={json.dumps(t['name'])}",
+                               "tracking.tags={" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in tags.items()) + "}"]:
+        args += ["--set", o]
+    return args
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["count", "args", "list"])
+    ap.add_argument("index", nargs="?", type=int)
+    ap.add_argument("--sweep", default=str(DEFAULT_SWEEP))
+    ap.add_argument("--sweep-id", default="local")
+    args = ap.parse_args(argv)
+    try:
+        sweep = load_sweep(args.sweep)
+        if args.command == "count":
+            print(len(tasks(sweep)))
+        elif args.command == "list":
+            for i, t in enumerate(tasks(sweep)):
+                print(i, t["name"])
+        else:
+            if args.index is None:
+                raise ConfigError("args needs the array index")
+            print("\n".join(task_args(sweep, args.index, args.sweep_id)))  # one argument per line
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
