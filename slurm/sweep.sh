@@ -7,7 +7,7 @@
 #   sbatch --cpus-per-task=1 slurm/sweep.sh --smoke                     # extra args go to train/main.py
 #
 # Environment: SWEEP_FILE (configs/sweep.toml), SWEEP_OUT (outputs/sweep), NPROC_PER_NODE (default:
-# the node's GPUs, else CPU_PROCS=1), JPEG_RESTORE_DATA_ROOT, MLFLOW_TRACKING_URI (default: SQLite in
+# the GPUs allocated on the node, else CPU_PROCS=1), JPEG_RESTORE_DATA_ROOT, MLFLOW_TRACKING_URI (default: SQLite in
 # mlruns/ of the submit directory), SWEEP_EVAL=0 to skip the LIVE1 evaluation after training,
 # EVAL_DATASET (live1_gray), EVAL_QUALITIES (10,20,30,40). Near the time limit (or on preemption) Slurm sends SIGTERM;
 # the task saves a checkpoint, requeues itself and resumes where it stopped.
@@ -27,7 +27,7 @@ SWEEP_FILE=${SWEEP_FILE:-configs/sweep.toml}
 SWEEP_ID=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-local}}
 INDEX=${SLURM_ARRAY_TASK_ID:-0}
 OUT=${SWEEP_OUT:-outputs/sweep}/$SWEEP_ID/task_$INDEX
-GPUS=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+GPUS=${SLURM_GPUS_ON_NODE:-0}  # GPUs allocated to this job on this node
 NPROC=${NPROC_PER_NODE:-$(( GPUS > 0 ? GPUS : ${CPU_PROCS:-1} ))}
 
 ARGS_TEXT=$(python -m train.sweep args "$INDEX" --sweep "$SWEEP_FILE" --sweep-id "$SWEEP_ID")

@@ -5,7 +5,7 @@ import pytest
 from train.config import ConfigError, load_config
 from train.models import build_model
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.toml") if p.stem != "sweep")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -43,3 +43,25 @@ def test_missing_or_broken_file(tmp_path):
     (tmp_path / "bad.toml").write_text("[data\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(tmp_path / "bad.toml")
+
+
+def test_sweep_file_lists_every_architecture_config_and_expands_the_grid(tmp_path):
+    from train.models import architectures
+    from train.sweep import load_sweep, task_args, tasks
+
+    sweep = load_sweep()
+    assert sorted(sweep["configs"]) == sorted(p.stem for p in CONFIGS) == architectures()
+    grid = tmp_path / "grid.toml"
+    grid.write_text('configs = ["dncnn", "unet"]\n[grid]\n"optim.lr" = [1e-3, 3e-4]\n"train.loss" = ["l1", "mse"]\n')
+    all_tasks = tasks(load_sweep(grid))
+    assert len(all_tasks) == 8 and all_tasks[1]["name"] == "dncnn[optim.lr=0.001,train.loss=mse]"
+    args = task_args(load_sweep(grid), 7, "42")
+    cfg = load_config(args[1], [a for a in args[2:] if a != "--set"])
+    assert cfg.model.arch == "unet" and cfg.optim.lr == 3e-4 and cfg.train.loss == "mse"
+    assert cfg.tracking.tags == {"sweep_id": "42", "array_index": "7", "grid_point": "optim.lr=0.0003,train.loss=mse"}
+    bad = tmp_path / "bad.toml"
+    bad.write_text('configs = ["dncnn"]\n[grid]\n"optim.nope" = [1]\n')
+    with pytest.raises(ConfigError, match="unknown config key optim.nope"):
+        tasks(load_sweep(bad))
+    with pytest.raises(ConfigError, match="outside the sweep"):
+        task_args(load_sweep(grid), 8, "42")
