@@ -150,16 +150,18 @@ def _parse_override(item: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict:
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid TOML ({exc})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Config from a TOML file (or defaults) with dotted overrides applied on top."""
-    data: dict = {}
-    if path:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML ({exc})") from None
+    data: dict = read_toml(path) if path else {}
     for item in overrides:
         keys, value = _parse_override(item)
         node = data

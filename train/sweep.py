@@ -11,22 +11,16 @@ import argparse
 import itertools
 import json
 import sys
-import tomllib
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, read_toml
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SWEEP = REPO / "configs" / "sweep.toml"
 
 
 def load_sweep(path: Path | str = DEFAULT_SWEEP) -> dict:
-    try:
-        sweep = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"sweep file {path} not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"sweep file {path} is not valid TOML ({exc})") from None
+    sweep = read_toml(path, "sweep file")
     unknown = set(sweep) - {"experiment", "configs", "grid"}
     if unknown:
         raise ConfigError(f"unknown key {sorted(unknown)[0]} in sweep file {path} (known: experiment, configs, grid)")
