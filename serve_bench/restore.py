@@ -86,10 +86,9 @@ def main(argv=None) -> int:
     try:
         files = inputs_of(args.inputs)
         gray_ckpt = args.checkpoint or DEFAULT_GRAY
-        color_ckpt = args.color_checkpoint or (args.checkpoint if args.checkpoint else (DEFAULT_COLOR if DEFAULT_COLOR.is_file() else DEFAULT_GRAY))
-        runners = {}
-        for kind, ckpt in (("gray", gray_ckpt), ("color", color_ckpt)):
-            runners[kind] = runners.get("gray") if ckpt == gray_ckpt and kind == "color" else make_runner(ckpt, args.backend, args.device, args.out)
+        color_ckpt = args.color_checkpoint or args.checkpoint or (DEFAULT_COLOR if DEFAULT_COLOR.is_file() else DEFAULT_GRAY)
+        runners = {"gray": make_runner(gray_ckpt, args.backend, args.device, args.out)}
+        runners["color"] = runners["gray"] if color_ckpt == gray_ckpt else make_runner(color_ckpt, args.backend, args.device, args.out)
     except (FileNotFoundError, CheckpointError, RunnerUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
