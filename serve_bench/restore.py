@@ -16,18 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from data_pipeline.images import BadImage, atomic_write_bytes, list_images, png_bytes, read_image
 from train.checkpoint import CheckpointError, load_model
-from train.inference import image_to_tensor
+from train.inference import SHIPPED_GRAY, image_to_tensor, in_model_mode, shipped_model
 from train.metrics import to_uint8
 
 from .runners import RUNNERS, RunnerUnavailable
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_GRAY = REPO / "image_compression_model.pth"
-DEFAULT_COLOR = REPO / "image_compression_model_color.pth"
 
 
 def make_runner(checkpoint: Path, backend: str, device: str, out_dir: Path):
@@ -51,15 +46,11 @@ def make_runner(checkpoint: Path, backend: str, device: str, out_dir: Path):
 
 def restore_array(runner, mode: str, img: np.ndarray) -> np.ndarray:
     """uint8 gray or RGB -> restored uint8 of the same shape."""
-    if img.ndim == 3 and mode == "gray":
-        ycbcr = np.asarray(Image.fromarray(img).convert("YCbCr")).copy()
-        ycbcr[..., 0] = restore_array(runner, mode, ycbcr[..., 0])
-        return np.asarray(Image.fromarray(ycbcr, "YCbCr").convert("RGB"))
-    if img.ndim == 2 and mode == "rgb":
-        return restore_array(runner, mode, np.repeat(img[..., None], 3, axis=2))[..., 0]
-    with torch.inference_mode():
-        y = runner.restore(image_to_tensor(img, runner.device)).clamp(0, 1)
-    return to_uint8(y[0])
+    def restore(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return to_uint8(runner.restore(image_to_tensor(x, runner.device)).clamp(0, 1)[0])
+
+    return in_model_mode(restore, mode, img)
 
 
 def inputs_of(paths: list[Path]) -> list[Path]:
@@ -85,8 +76,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         files = inputs_of(args.inputs)
-        gray_ckpt = args.checkpoint or DEFAULT_GRAY
-        color_ckpt = args.color_checkpoint or args.checkpoint or (DEFAULT_COLOR if DEFAULT_COLOR.is_file() else DEFAULT_GRAY)
+        gray_ckpt = args.checkpoint or SHIPPED_GRAY
+        color_ckpt = args.color_checkpoint or args.checkpoint or shipped_model(color=True)
         runners = {"gray": make_runner(gray_ckpt, args.backend, args.device, args.out)}
         runners["color"] = runners["gray"] if color_ckpt == gray_ckpt else make_runner(color_ckpt, args.backend, args.device, args.out)
     except (FileNotFoundError, CheckpointError, RunnerUnavailable) as exc:

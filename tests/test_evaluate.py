@@ -19,7 +19,7 @@ QUALITIES = [10, 20, 30, 40]
 def test_cli_reproduces_the_published_jpeg_baseline_on_live1_gray(data_root, tmp_path):
     out = tmp_path / "live1.json"
     r = subprocess.run([sys.executable, "-m", "train.evaluate", "--data-root", str(data_root), "--dataset", "live1_gray",
-                        "--qualities", "10,20,30,40", "--json", str(out)], capture_output=True, text=True)
+                        "--qualities", "10,20,30,40", "--jpeg-only", "--json", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     print(r.stdout)
     res = json.loads(out.read_text())

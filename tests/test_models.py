@@ -55,3 +55,15 @@ def test_untrained_residual_models_start_as_the_identity(arch, kwargs):
     """The residual branch's last layer starts at zero: training starts from the JPEG input."""
     x = torch.rand(2, 1, 24, 40)
     assert torch.equal(build_model(arch, channels=1, **kwargs).eval()(x), x)
+
+
+def test_unet_ablation_switches_change_the_graph():
+    full = build_model("unet", width=8, levels=2)
+    no_skips = build_model("unet", width=8, levels=2, skips=False)
+    assert sum(p.numel() for p in no_skips.parameters()) < sum(p.numel() for p in full.parameters())
+    plain = build_model("unet", width=8, levels=2, residual=False).eval()
+    x = torch.rand(1, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(full.eval()(x), x)  # residual + zero-initialised head: identity at start
+        assert not torch.allclose(plain(x), x, atol=0.05)  # no residual: the net must learn the image itself
+        assert no_skips.eval()(x).shape == x.shape

@@ -44,12 +44,13 @@ def collect(experiment: str, dataset: str = "live1_gray") -> tuple[list[dict], d
         history = client.get_metric_history(run.info.run_id, "images_per_s")
         rate = sorted(history, key=lambda h: h.step)[1:] or history  # the first window includes start-up
         best_psnr, best_ssim = _best_val(client, run.info.run_id)
+        curve = val_curve(client, run.info.run_id)
         row = {"run": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status, "arch": p.get("model.arch"),
                "grid_point": t.get("grid_point", ""), "params_m": float(p["params"]) / 1e6 if "params" in p else None,
                "macs_per_pixel_k": float(p["macs_per_pixel"]) / 1e3 if "macs_per_pixel" in p else None,
                "train_time_min": m["total_wall_time_s"] / 60 if "total_wall_time_s" in m else None,
                "images_per_s": sum(h.value for h in rate) / len(rate) if rate else None,
-               "world_size": t.get("world_size"), "best_val_psnr": best_psnr, "best_val_ssim": best_ssim}
+               "world_size": t.get("world_size"), "best_val_psnr": best_psnr, "best_val_ssim": best_ssim, "curve": curve}
         for q in QUALITIES:
             for metric in ("psnr", "ssim", "psnrb"):
                 row[f"{metric}_q{q}"] = m.get(f"{dataset}_model_{metric}_q{q}")
@@ -79,6 +80,33 @@ def markdown(rows: list[dict], jpeg: dict, dataset: str) -> str:
     return "\n".join(lines)
 
 
+def val_curve(client, run_id: str) -> list[tuple[float, float]]:
+    """[(training minutes, val PSNR)]: minutes summed from the logged step times (each log window
+    covers the steps since the previous one), so pauses between resumed sessions do not count."""
+    step_times = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "step_time_s"))
+    minutes, done, prev = {}, 0.0, 0
+    for step, seconds in step_times:
+        done += (step - prev) * seconds / 60
+        minutes[step], prev = done, step
+    curve = []
+    for m in sorted(client.get_metric_history(run_id, "val_psnr"), key=lambda m: m.step):
+        before = [s for s in minutes if s <= m.step]
+        if before:
+            curve.append((minutes[max(before)], m.value))
+    return curve
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def plots(rows: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
@@ -99,12 +127,15 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
             ax.annotate(label, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log" if key == "params_m" else "linear")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        plt.close(fig)
-        atomic_write_bytes(out / name, buf.getvalue())
-        paths.append(out / name)
+        paths.append(_save(fig, out / name))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r.get("curve"):
+            ax.plot(*zip(*r["curve"]), marker=".", label=r["run"])
+    ax.set(xlabel="training time (min, summed step times)", ylabel="validation PSNR (dB, held-out training images)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "val_psnr_curves.png"))
     return paths
 
 
@@ -124,7 +155,7 @@ def main(argv=None) -> int:
         return 2
     table = markdown(rows, jpeg, args.dataset)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buf, fieldnames=[k for k in rows[0] if k != "curve"], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(args.out / "compare.md", (table + "\n").encode())

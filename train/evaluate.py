@@ -1,10 +1,13 @@
 """Evaluate JPEG restoration on whole test images, per the protocol in the data README.
 
     python -m train.evaluate --data-root ../shared/data --dataset live1_gray --qualities 10,20,30,40
-    python -m train.evaluate --checkpoint image_compression_model.pth --json live1.json --log-mlflow
+    python -m train.evaluate --checkpoint runs/unet/image_compression_model.pth --json live1.json --log-mlflow
+    python -m train.evaluate --dataset live1_color --jpeg-only
 
 Each original is JPEG-encoded with Pillow at each quality and decoded back; the table gives
-PSNR / SSIM / PSNR-B of that JPEG input and, with a restorer, of the restored image.
+PSNR / SSIM / PSNR-B of that JPEG input and of the restored image. Without --checkpoint the
+shipped model restores (image_compression_model.pth; for color images the shipped color model
+when there is one). A gray model restores a color image's luma and keeps its chroma.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json
 from data_pipeline.sources import DataError, dataset_dir
 
 from .checkpoint import CheckpointError
-from .inference import Restorer
+from .inference import Restorer, shipped_model
 from .metrics import image_metrics, psnr
 
 RestoreFn = Callable[[np.ndarray], np.ndarray]  # uint8 JPEG-decoded image -> uint8 restored image
@@ -88,18 +91,23 @@ def format_table(dataset: str, results: dict) -> str:
     return "\n".join(lines)
 
 
-def side_by_side(original: np.ndarray, jpeg: np.ndarray, restored: np.ndarray | None, title: str) -> bytes:
-    """PNG: original | JPEG | restored, each labelled with its PSNR against the original."""
-    panels = [("original", original), (f"JPEG {psnr(original, jpeg):.2f} dB", jpeg)]
-    if restored is not None:
-        panels.append((f"restored {psnr(original, restored):.2f} dB", restored))
-    h, w = original.shape[:2]
+def panel_strip(panels: list[tuple[str, np.ndarray]], scale: int = 1) -> Image.Image:
+    """Images side by side, each under its label (nearest-neighbour upscaled by `scale`)."""
+    h, w = panels[0][1].shape[0] * scale, panels[0][1].shape[1] * scale
     canvas = Image.new("RGB", (w * len(panels), h + 18), "white")
     draw = ImageDraw.Draw(canvas)
     for i, (label, img) in enumerate(panels):
-        canvas.paste(Image.fromarray(img).convert("RGB"), (i * w, 18))
-        draw.text((i * w + 4, 3), f"{title}  {label}" if i == 0 else label, fill="black")
-    return png_bytes(np.asarray(canvas))
+        canvas.paste(Image.fromarray(img).convert("RGB").resize((w, h), Image.NEAREST), (i * w, 18))
+        draw.text((i * w + 4, 3), label, fill="black")
+    return canvas
+
+
+def side_by_side(original: np.ndarray, jpeg: np.ndarray, restored: np.ndarray | None, title: str) -> bytes:
+    """PNG: original | JPEG | restored, each labelled with its PSNR against the original."""
+    panels = [(f"{title}  original", original), (f"JPEG {psnr(original, jpeg):.2f} dB", jpeg)]
+    if restored is not None:
+        panels.append((f"restored {psnr(original, restored):.2f} dB", restored))
+    return png_bytes(np.asarray(panel_strip(panels)))
 
 
 def write_side_by_side(kept: dict, out_dir: Path) -> list[Path]:
@@ -120,7 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--side-by-side", type=Path, help="write original | JPEG | restored PNGs here")
     ap.add_argument("--side-by-side-count", type=int, default=2)
-    ap.add_argument("--checkpoint", type=Path, help="model checkpoint (image_compression_model.pth) to evaluate")
+    ap.add_argument("--checkpoint", type=Path, help="model checkpoint to evaluate (default: the shipped model)")
+    ap.add_argument("--jpeg-only", action="store_true", help="only the JPEG baseline, no model")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="inference precision")
     ap.add_argument("--log-mlflow", action="store_true", help="log the metrics to the checkpoint's MLflow run")
@@ -128,10 +137,11 @@ def main(argv=None) -> int:
     restorer = None
     try:
         qualities = [int(q) for q in args.qualities.split(",")]
-        if args.checkpoint:
+        images, skipped = load_test_images(dataset_dir(args.dataset, args.data_root))
+        if not args.jpeg_only:
+            color = any(img.ndim == 3 for img in images.values())
+            args.checkpoint = args.checkpoint or shipped_model(color)
             restorer = Restorer(args.checkpoint, args.device, args.precision)
-        mode = restorer.mode if restorer else None  # a gray model is evaluated on luma
-        images, skipped = load_test_images(dataset_dir(args.dataset, args.data_root), mode)
     except (DataError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,14 +3,37 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from .models.common import tiled_forward
 
 TILE, OVERLAP = 512, 32  # images larger than TILE run in overlapping tiles, one at a time
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_GRAY = REPO / "image_compression_model.pth"
+SHIPPED_COLOR = REPO / "image_compression_model_color.pth"  # present only when an RGB model beats gray-on-luma
+
+
+def shipped_model(color: bool) -> Path:
+    """The default model: the shipped color model for color images when there is one, else the gray one."""
+    return SHIPPED_COLOR if color and SHIPPED_COLOR.is_file() else SHIPPED_GRAY
+
+
+def in_model_mode(restore: Callable[[np.ndarray], np.ndarray], mode: str, img: np.ndarray) -> np.ndarray:
+    """Run a gray or RGB `restore` on an image of either kind: a gray model restores a color
+    image's luma (Y of JPEG's own YCbCr) and keeps its chroma; an RGB model sees a gray image
+    as three equal channels."""
+    if img.ndim == 3 and mode == "gray":
+        ycbcr = np.asarray(Image.fromarray(img).convert("YCbCr")).copy()
+        ycbcr[..., 0] = restore(ycbcr[..., 0])
+        return np.asarray(Image.fromarray(ycbcr, "YCbCr").convert("RGB"))
+    if img.ndim == 2 and mode == "rgb":
+        return restore(np.repeat(img[..., None], 3, axis=2))[..., 0]
+    return restore(img)
 
 
 def image_to_tensor(img: np.ndarray, device) -> torch.Tensor:
@@ -46,10 +69,11 @@ class Restorer:
         self.model.to(self.device)
         self.mode, self.autocast = self.meta["mode"], lambda: autocast_for(precision, self.device)
 
-    @torch.no_grad()
     def __call__(self, img: np.ndarray) -> np.ndarray:
-        if (img.ndim == 3) != (self.mode == "rgb"):
-            raise ValueError(f"a {self.mode} model cannot restore a {'color' if img.ndim == 3 else 'gray'} image")
+        return in_model_mode(self._restore, self.mode, img)
+
+    @torch.no_grad()
+    def _restore(self, img: np.ndarray) -> np.ndarray:
         with self.autocast():
             y = restore_tensor(self.model, image_to_tensor(img, self.device))
         y = y.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8)[0].cpu()

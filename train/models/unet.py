@@ -1,4 +1,5 @@
-"""U-Net: encoder-decoder with skip connections (concatenation) and a global residual."""
+"""U-Net: encoder-decoder with skip connections (concatenation) and a global residual
+(`skips=False` and `residual=False` exist for ablations)."""
 from __future__ import annotations
 
 import torch
@@ -19,17 +20,21 @@ def _block(c_in: int, c_out: int, act: str, batch_norm: bool) -> nn.Sequential:
 
 @register("unet")
 class UNet(nn.Module):
-    def __init__(self, channels: int = 1, width: int = 32, levels: int = 3, batch_norm: bool = False, act: str = "relu"):
+    def __init__(self, channels: int = 1, width: int = 32, levels: int = 3, batch_norm: bool = False, act: str = "relu",
+                 skips: bool = True, residual: bool = True):
         super().__init__()
-        self.levels = levels
+        self.levels, self.skips, self.residual = levels, skips, residual
         widths = [width * 2**i for i in range(levels + 1)]
         self.down = nn.ModuleList([_block(channels if i == 0 else widths[i - 1], widths[i], act, batch_norm)
                                    for i in range(levels)])
         self.pool = nn.MaxPool2d(2)
         self.bottom = _block(widths[levels - 1], widths[levels], act, batch_norm)
         self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(levels))])
-        self.merge = nn.ModuleList([_block(2 * widths[i], widths[i], act, batch_norm) for i in reversed(range(levels))])
-        self.head = zero_init_(nn.Conv2d(width, channels, 1))
+        self.merge = nn.ModuleList([_block((2 if skips else 1) * widths[i], widths[i], act, batch_norm)
+                                    for i in reversed(range(levels))])
+        self.head = nn.Conv2d(width, channels, 1)
+        if residual:
+            zero_init_(self.head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xp, (h, w) = pad_to_multiple(x, 2**self.levels)
@@ -40,5 +45,5 @@ class UNet(nn.Module):
             y = self.pool(y)
         y = self.bottom(y)
         for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
-            y = merge(torch.cat([up(y), skip], dim=1))
-        return (xp + self.head(y))[..., :h, :w]
+            y = merge(torch.cat([up(y), skip], dim=1) if self.skips else up(y))
+        return ((xp if self.residual else 0) + self.head(y))[..., :h, :w]

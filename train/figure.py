@@ -1,0 +1,86 @@
+"""Side-by-side figure of several models on test images: original | JPEG | each model, every
+panel labelled with its PSNR on the whole image, cropped where JPEG hurts most and enlarged.
+
+    python -m train.figure runs/*/image_compression_model.pth --images bikes,monarch --quality 10 \\
+        --out train/results/side_by_side_q10.png
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import uniform_filter
+
+from data_pipeline.images import BadImage, atomic_write_bytes, jpeg_roundtrip, png_bytes, read_image
+from data_pipeline.sources import DataError, dataset_dir
+
+from .checkpoint import CheckpointError
+from .evaluate import panel_strip
+from .inference import Restorer
+from .metrics import psnr
+
+
+def worst_crop(original: np.ndarray, jpeg: np.ndarray, size: int) -> tuple[slice, slice]:
+    """The size x size window (on the 8-pixel grid) where the JPEG error is largest."""
+    err = (original.astype(np.float32) - jpeg.astype(np.float32)) ** 2
+    err = err.mean(axis=2) if err.ndim == 3 else err
+    local = uniform_filter(err, size, mode="constant")[size // 2: err.shape[0] - size // 2 + 1: 8,
+                                                      size // 2: err.shape[1] - size // 2 + 1: 8]
+    y, x = np.unravel_index(np.argmax(local), local.shape)
+    return slice(y * 8, y * 8 + size), slice(x * 8, x * 8 + size)
+
+
+def figure(images: dict[str, np.ndarray], models: list[tuple[str, Restorer]], quality: int, crop: int, scale: int) -> Image.Image:
+    rows = []
+    for name, original in images.items():
+        jpeg = jpeg_roundtrip(original, quality)
+        ys, xs = worst_crop(original, jpeg, min(crop, *original.shape[:2]))
+        panels = [(f"{name} original", original), (f"JPEG q{quality} {psnr(original, jpeg):.2f} dB", jpeg)]
+        for label, restorer in models:
+            restored = restorer(jpeg)
+            panels.append((f"{label} {psnr(original, restored):.2f} dB", restored))
+        rows.append(panel_strip([(label, img[ys, xs]) for label, img in panels], scale))
+    canvas = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    for i, row in enumerate(rows):
+        canvas.paste(row, (0, sum(r.height for r in rows[:i])))
+    return canvas
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoints", nargs="+", type=Path, help="models, one column each (labelled by architecture)")
+    ap.add_argument("--labels", help="comma-separated column labels (default: each checkpoint's arch)")
+    ap.add_argument("--data-root", help="data root (default: $JPEG_RESTORE_DATA_ROOT)")
+    ap.add_argument("--dataset", default="live1_gray")
+    ap.add_argument("--images", default="bikes,monarch", help="comma-separated image names of the dataset")
+    ap.add_argument("--quality", type=int, default=10)
+    ap.add_argument("--crop", type=int, default=128, help="side of the crop shown, in pixels")
+    ap.add_argument("--scale", type=int, default=2, help="enlargement of the crops")
+    ap.add_argument("--out", type=Path, required=True, help="PNG to write")
+    args = ap.parse_args(argv)
+    try:
+        folder = dataset_dir(args.dataset, args.data_root)
+        images = {}
+        for name in args.images.split(","):
+            path = folder / f"{name}.png"
+            if not path.is_file():
+                raise DataError(f"no image {name}.png in {folder}")
+            images[name] = read_image(path, None, min_size=8)
+        restorers = [Restorer(c) for c in args.checkpoints]
+        labels = args.labels.split(",") if args.labels else [r.meta["arch"] for r in restorers]
+        if len(labels) != len(restorers):
+            raise ValueError(f"{len(labels)} labels for {len(restorers)} checkpoints")
+    except (DataError, BadImage, CheckpointError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    canvas = figure(images, list(zip(labels, restorers)), args.quality, args.crop, args.scale)
+    atomic_write_bytes(args.out, png_bytes(np.asarray(canvas)))
+    print(f"wrote {args.out} ({canvas.width}x{canvas.height})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
