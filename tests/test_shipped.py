@@ -1,0 +1,73 @@
+"""The shipped models (repository root): loadable weights-only, used by default by the evaluation
+and restore commands, and better than JPEG on real LIVE1 images."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_pipeline.images import jpeg_roundtrip, read_image
+from train.inference import SHIPPED_COLOR, SHIPPED_GRAY, Restorer
+from train.metrics import psnr
+
+REPO = SHIPPED_GRAY.parent
+
+
+def test_shipped_gray_model_is_a_weights_only_deep_cnn():
+    state = torch.load(SHIPPED_GRAY, map_location="cpu", weights_only=True)
+    assert state["arch"] in {"dncnn", "unet", "attention"} and state["mode"] == "gray"
+    assert isinstance(state["kwargs"], dict) and state["metrics"]["val_psnr"] > 30.0
+    assert not any(k in state for k in ("optimizer", "scheduler", "rng"))  # weights, not a training state
+
+
+def test_evaluate_uses_the_shipped_model_by_default(data_root, tmp_path):
+    for name in ("bikes", "monarch", "parrots"):
+        shutil.copy(data_root / "live1_gray" / f"{name}.png", tmp_path / f"{name}.png")
+    out = tmp_path / "res.json"
+    r = subprocess.run([sys.executable, "-m", "train.evaluate", "--dataset", str(tmp_path), "--json", str(out)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["checkpoint"] == str(SHIPPED_GRAY)
+    for q, r_q in res["results"].items():
+        assert r_q["model"]["psnr"] > r_q["jpeg"]["psnr"] + 0.8, q
+        assert r_q["model"]["psnrb"] > r_q["jpeg"]["psnrb"] + 0.8, q
+
+
+def test_gray_model_restores_the_luma_of_color_images(data_root):
+    original = read_image(data_root / "live1_color" / "bikes.png", "rgb")
+    jpeg = jpeg_roundtrip(original, 10)
+    restored = Restorer(SHIPPED_GRAY)(jpeg)
+    assert restored.shape == original.shape and restored.dtype == np.uint8
+    assert psnr(original, restored) > psnr(original, jpeg) + 0.3
+    ycc_jpeg, ycc_out = (np.asarray(Image.fromarray(a).convert("YCbCr")).astype(int) for a in (jpeg, restored))
+    chroma_change = np.abs(ycc_out[..., 1:] - ycc_jpeg[..., 1:])
+    assert np.percentile(chroma_change, 99) <= 1  # chroma kept (up to the RGB round trip and gamut clipping)
+    assert np.abs(ycc_out[..., 0] - ycc_jpeg[..., 0]).mean() > 1  # luma restored
+
+
+@pytest.mark.skipif(not SHIPPED_COLOR.is_file(), reason="no color model shipped: gray-on-luma won on LIVE1 color")
+def test_shipped_color_model_beats_jpeg_on_a_color_image(data_root):
+    original = read_image(data_root / "live1_color" / "monarch.png", "rgb")
+    jpeg = jpeg_roundtrip(original, 10)
+    restorer = Restorer(SHIPPED_COLOR)
+    assert restorer.mode == "rgb"
+    assert psnr(original, restorer(jpeg)) > psnr(original, jpeg) + 1.0
+
+
+def test_figure_shows_every_model_on_two_images(data_root, tmp_path):
+    out = tmp_path / "fig.png"
+    r = subprocess.run([sys.executable, "-m", "train.figure", str(SHIPPED_GRAY), str(SHIPPED_GRAY), "--labels", "a,b",
+                        "--data-root", str(data_root), "--images", "bikes,monarch", "--crop", "96", "--out", str(out)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size == (4 * 96 * 2, 2 * (96 * 2 + 18))
+    bad = subprocess.run([sys.executable, "-m", "train.figure", str(SHIPPED_GRAY), "--data-root", str(data_root),
+                          "--images", "nope", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: no image nope.png in")
