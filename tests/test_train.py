@@ -55,7 +55,10 @@ def test_smoke_run_writes_a_self_describing_best_checkpoint(smoke_run):
     x = torch.rand(1, 1, 33, 47)
     assert model(x).shape == x.shape
     assert (out / "config.toml").is_file() and (out / "curves.png").is_file()
-    assert latest_state(out / "checkpoints").name == "step_00000006.pt"
+    final = latest_state(out / "checkpoints")
+    assert final.name == "step_00000006.pt"
+    # saved inside the loop at the last step: its wall time must include this session
+    assert torch.load(final, weights_only=True)["wall_time"] > 0
 
 
 def test_smoke_run_is_a_finished_mlflow_run_with_metrics_and_artifacts(smoke_run):

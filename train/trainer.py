@@ -102,7 +102,8 @@ class Trainer:
         self.loss_fn = LOSSES[cfg.train.loss]
         self.step = self.epoch = self.step_in_epoch = 0
         self.best_psnr = -math.inf
-        self.wall_time = 0.0  # training seconds over all sessions of this run
+        self.wall_time = 0.0  # training seconds of the finished sessions of this run
+        self.session_start: float | None = None
         self.history: dict[str, list] = {"step": [], "loss": [], "images_per_s": [], "val_step": [], "val_psnr": []}
         run_id = None
         state_file = ckpt.latest_state(self.ckpt_dir) if resume else None
@@ -213,9 +214,13 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "best_psnr": self.best_psnr, "wall_time": self.wall_time, "history": self.history,
+                "best_psnr": self.best_psnr, "wall_time": self.elapsed(), "history": self.history,
                 "arch": self.cfg.model.arch, "kwargs": dict(self.cfg.model.kwargs), "mode": self.cfg.data.mode,
                 "mlflow_run_id": getattr(self, "tracker", None) and self.tracker.run_id}
+
+    def elapsed(self) -> float:
+        """Training seconds over all sessions, the current one included."""
+        return self.wall_time + (time.perf_counter() - self.session_start if self.session_start else 0.0)
 
     def load_state_dict(self, state: dict, source="state") -> None:
         want = (self.cfg.model.arch, dict(self.cfg.model.kwargs), self.cfg.data.mode)
@@ -261,7 +266,7 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         progress = Progress(self.info.is_main, t.max_steps, self.step)
-        session_start = time.perf_counter()
+        self.session_start = time.perf_counter()
         window = {"loss": torch.zeros((), device=self.device), "n": 0, "data": 0.0, "start": time.perf_counter()}
         stopped = False
         while self.step < t.max_steps and not stopped:
@@ -286,7 +291,7 @@ class Trainer:
             else:  # the epoch ran to its end
                 self.tracker.log_metrics({"epoch_time_s": time.perf_counter() - epoch_start, "epoch": self.epoch}, self.step)
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        self.wall_time += time.perf_counter() - session_start
+        self.wall_time, self.session_start = self.elapsed(), None
         progress.close()
         if stopped:
             self.save_state()
