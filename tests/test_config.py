@@ -5,7 +5,7 @@ import pytest
 from train.config import ConfigError, load_config
 from train.models import build_model
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.toml") if p.stem != "sweep")
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.toml") if p.stem not in ("sweep", "ablations"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -66,3 +66,22 @@ def test_sweep_file_lists_every_architecture_config_and_expands_the_grid(tmp_pat
         tasks(load_sweep(bad))
     with pytest.raises(ConfigError, match="outside the sweep"):
         task_args(load_sweep(grid), 8, "42")
+
+
+def test_sweep_variants_change_one_setting_of_the_base_each(tmp_path):
+    from train.sweep import load_sweep, task_args, tasks
+
+    ablations = tasks(load_sweep(Path(__file__).resolve().parents[1] / "configs" / "ablations.toml"))
+    assert ablations[0]["name"] == "unet[base]" and len({t["name"] for t in ablations}) == len(ablations)
+    sweep = tmp_path / "variants.toml"
+    sweep.write_text('configs = ["unet"]\n[base]\n"model.kwargs" = { width = 8, levels = 2 }\n"train.max_steps" = 7\n'
+                     '[variants]\nbase = {}\nflat = { "model.kwargs" = { width = 8, levels = 2, skips = false } }\n'
+                     'mse = { "train.loss" = "mse" }\n[grid]\n"optim.lr" = [1e-3, 3e-4]\n')
+    assert [t["name"] for t in tasks(load_sweep(sweep))][2:4] == ["unet[flat,optim.lr=0.001]", "unet[flat,optim.lr=0.0003]"]
+    args = task_args(load_sweep(sweep), 3, "9")
+    cfg = load_config(args[1], [a for a in args[2:] if a != "--set"])
+    assert cfg.model.kwargs == {"width": 8, "levels": 2, "skips": False} and cfg.train.max_steps == 7
+    assert cfg.optim.lr == 3e-4 and cfg.train.loss == "l1" and cfg.tracking.tags["grid_point"] == "flat,optim.lr=0.0003"
+    sweep.write_text('configs = ["unet"]\n[variants]\nbad = { "model.kwargs" = { widht = 8 } }\n')
+    with pytest.raises(ConfigError, match="model.kwargs.widht is not an argument of unet"):
+        tasks(load_sweep(sweep))

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from train.models import architectures, build_model
 
@@ -67,3 +68,14 @@ def test_unet_ablation_switches_change_the_graph():
         assert torch.equal(full.eval()(x), x)  # residual + zero-initialised head: identity at start
         assert not torch.allclose(plain(x), x, atol=0.05)  # no residual: the net must learn the image itself
         assert no_skips.eval()(x).shape == x.shape
+
+
+def test_unet_dropout_acts_in_training_only_and_keeps_the_weights():
+    torch.manual_seed(0)
+    net = build_model("unet", width=8, levels=2, dropout=0.5)
+    assert net.state_dict().keys() == build_model("unet", width=8, levels=2).state_dict().keys()
+    nn.init.normal_(net.head.weight)  # a non-zero head, so the bottleneck reaches the output
+    x = torch.rand(1, 1, 16, 16)
+    with torch.no_grad():
+        assert not torch.equal(net.train()(x), net(x))
+        assert torch.equal(net.eval()(x), net(x))

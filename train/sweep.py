@@ -1,5 +1,7 @@
-"""The tasks of a sweep: every config of a sweep file crossed with its grid. slurm/sweep.sh asks
-for one task's training arguments by array index.
+"""The tasks of a sweep: every config of a sweep file crossed with its named variants (one-factor
+changes, e.g. configs/ablations.toml) and its grid (every combination of the listed values), with
+the file's `base` settings under both. slurm/sweep.sh asks for one task's training arguments by
+array index.
 
     python -m train.sweep count [--sweep configs/sweep.toml]
     python -m train.sweep args INDEX [--sweep configs/sweep.toml] [--sweep-id ID]
@@ -13,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config, read_toml
+from .config import ConfigError, load_config, read_toml, toml_value
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SWEEP = REPO / "configs" / "sweep.toml"
@@ -21,28 +23,32 @@ DEFAULT_SWEEP = REPO / "configs" / "sweep.toml"
 
 def load_sweep(path: Path | str = DEFAULT_SWEEP) -> dict:
     sweep = read_toml(path, "sweep file")
-    unknown = set(sweep) - {"experiment", "configs", "grid"}
+    unknown = set(sweep) - {"experiment", "configs", "base", "variants", "grid"}
     if unknown:
-        raise ConfigError(f"unknown key {sorted(unknown)[0]} in sweep file {path} (known: experiment, configs, grid)")
+        raise ConfigError(f"unknown key {sorted(unknown)[0]} in sweep file {path} "
+                          "(known: experiment, configs, base, variants, grid)")
     if not sweep.get("configs"):
         raise ConfigError(f"sweep file {path} lists no configs")
     return sweep
 
 
 def tasks(sweep: dict) -> list[dict]:
-    """[{name, config, overrides}] in a fixed order: configs outer, grid points inner."""
+    """[{name, config, overrides, grid_point}] in a fixed order: configs, then variants, then grid points."""
     grid = sweep.get("grid", {})
     keys = sorted(grid)
     points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    variants = sweep.get("variants") or {"": {}}
     out = []
     for name in sweep["configs"]:
         config = REPO / "configs" / f"{name}.toml"
-        for point in points:
-            overrides = [f"{k}={json.dumps(v)}" for k, v in point.items()]
-            load_config(config, overrides)  # fail now, not in the array task
-            label = ",".join(f"{k}={v}" for k, v in point.items())
-            out.append({"name": name + (f"[{label}]" if label else ""), "config": str(config), "overrides": overrides,
-                        "grid_point": label or "default"})
+        for variant, changes in variants.items():
+            for point in points:
+                settings = {**sweep.get("base", {}), **changes, **point}
+                overrides = [f"{k}={toml_value(v)}" for k, v in settings.items()]
+                load_config(config, overrides)  # fail now, not in the array task
+                label = ",".join(([variant] if variant else []) + [f"{k}={v}" for k, v in point.items()])
+                out.append({"name": name + (f"[{label}]" if label else ""), "config": str(config),
+                            "overrides": overrides, "grid_point": label or "default"})
     return out
 
 

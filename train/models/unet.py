@@ -1,5 +1,5 @@
 """U-Net: encoder-decoder with skip connections (concatenation) and a global residual
-(`skips=False` and `residual=False` exist for ablations)."""
+(`skips=False`, `residual=False` and `dropout` exist for ablations)."""
 from __future__ import annotations
 
 import torch
@@ -21,7 +21,7 @@ def _block(c_in: int, c_out: int, act: str, batch_norm: bool) -> nn.Sequential:
 @register("unet")
 class UNet(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, levels: int = 3, batch_norm: bool = False, act: str = "relu",
-                 skips: bool = True, residual: bool = True):
+                 skips: bool = True, residual: bool = True, dropout: float = 0.0):
         super().__init__()
         self.levels, self.skips, self.residual = levels, skips, residual
         widths = [width * 2**i for i in range(levels + 1)]
@@ -29,6 +29,7 @@ class UNet(nn.Module):
                                    for i in range(levels)])
         self.pool = nn.MaxPool2d(2)
         self.bottom = _block(widths[levels - 1], widths[levels], act, batch_norm)
+        self.dropout = nn.Dropout2d(dropout)  # on the bottleneck features, training only
         self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(levels))])
         self.merge = nn.ModuleList([_block((2 if skips else 1) * widths[i], widths[i], act, batch_norm)
                                     for i in reversed(range(levels))])
@@ -43,7 +44,7 @@ class UNet(nn.Module):
             y = block(y)
             skips.append(y)
             y = self.pool(y)
-        y = self.bottom(y)
+        y = self.dropout(self.bottom(y))
         for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
             y = merge(torch.cat([up(y), skip], dim=1) if self.skips else up(y))
         return ((xp if self.residual else 0) + self.head(y))[..., :h, :w]
