@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -59,9 +58,8 @@ def task_args(sweep: dict, index: int, sweep_id: str) -> list[str]:
     t = all_tasks[index]
     tags = {"sweep_id": sweep_id, "array_index": str(index), "grid_point": t["grid_point"]}
     args = ["--config", t["config"]]
-    for o in t["overrides"] + [f"tracking.experiment={json.dumps(sweep.get('experiment', 'jpeg-sweep'))}",
-                               f"tracking.run_name={json.dumps(t['name'])}",
-                               "tracking.tags={" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in tags.items()) + "}"]:
+    tracking = {"experiment": sweep.get("experiment", "jpeg-sweep"), "run_name": t["name"], "tags": tags}
+    for o in t["overrides"] + [f"tracking.{k}={toml_value(v)}" for k, v in tracking.items()]:
         args += ["--set", o]
     return args
 
