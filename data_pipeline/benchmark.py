@@ -4,7 +4,7 @@
 
 Measures patches/s of each backend (dali, torch with 1 and 2 workers, synthetic) on Train400
 at 64x64 and 128x128 patches, batch 32, and the patches/s a DnCNN-17 training step consumes
-on this device (bf16 autocast on CPU, channels_last); prints the table and the headroom ratios.
+on this device (train.precision auto: bf16 autocast where native, else fp32; channels_last); prints the table and the headroom ratios.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from train.benchmark import bare_loop_rate
+from train.inference import resolve_precision
 
 from .config import DataConfig
 from .images import atomic_write_json
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     rows = []
     for patch in (64, 128):
         consumed = bare_loop_rate("dncnn", args.train_steps, device, batch=32, patch=patch)
-        rows.append({"backend": "DnCNN-17 train step (bf16)", "workers": 0, "patch": patch, "patches_per_s": consumed})
+        rows.append({"backend": f"DnCNN-17 train step ({resolve_precision('auto', device)})", "workers": 0, "patch": patch, "patches_per_s": consumed})
         for backend, workers in variants:
             cfg = DataConfig(backend=backend, prepared_dir=str(args.prepared), patch_size=patch, batch_size=32,
                              workers=workers)

@@ -44,11 +44,11 @@ def make_runner(checkpoint: Path, backend: str, device: str, out_dir: Path):
     raise RunnerUnavailable(f"unknown backend {backend!r}")
 
 
-def restore_array(runner, mode: str, img: np.ndarray) -> np.ndarray:
+def restore_array(runner, mode: str, img: np.ndarray, ensemble: bool = False) -> np.ndarray:
     """uint8 gray or RGB -> restored uint8 of the same shape."""
     def restore(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return to_uint8(runner.restore(image_to_tensor(x, runner.device)).clamp(0, 1)[0])
+            return to_uint8(runner.restore(image_to_tensor(x, runner.device), ensemble).clamp(0, 1)[0])
 
     return in_model_mode(restore, mode, img)
 
@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", type=Path, help="model for gray images (and color, unless --color-checkpoint)")
     ap.add_argument("--color-checkpoint", type=Path, help="RGB model for color images")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--self-ensemble", action="store_true",
+                    help="average the model over the 8 rotations and flips of each image (8x the time, a little sharper)")
     args = ap.parse_args(argv)
     try:
         files = inputs_of(args.inputs)
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
             failed += 1
             continue
         runner, meta = runners["color" if img.ndim == 3 else "gray"]
-        atomic_write_bytes(target, png_bytes(restore_array(runner, meta["mode"], img)))
+        atomic_write_bytes(target, png_bytes(restore_array(runner, meta["mode"], img, args.self_ensemble)))
         how = "luma only" if img.ndim == 3 and meta["mode"] == "gray" else meta["mode"]
         print(f"{f} -> {target} ({img.shape[1]}x{img.shape[0]}, {meta['arch']} {how}, {args.backend})")
     print(f"restored {len(files) - failed} of {len(files)} images into {args.out}")

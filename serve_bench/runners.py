@@ -36,9 +36,10 @@ class Runner:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def restore(self, x: torch.Tensor) -> torch.Tensor:
-        """Whole images of any size: tiled above 512 px (and at the tile size of fixed-size models)."""
-        return restore_tensor(self, x)
+    def restore(self, x: torch.Tensor, ensemble: bool = False) -> torch.Tensor:
+        """Whole images of any size: tiled above 512 px (and at the tile size of fixed-size models);
+        `ensemble` averages over the 8 rotations and flips."""
+        return restore_tensor(self, x, ensemble=ensemble)
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device)}

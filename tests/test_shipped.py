@@ -61,6 +61,19 @@ def test_shipped_color_model_beats_jpeg_and_the_gray_model_on_luma(data_root):
     assert rgb_psnr > psnr(original, jpeg) + 0.5 and rgb_psnr > luma_psnr
 
 
+def test_self_ensemble_restores_better_than_one_view(data_root, tmp_path):
+    crops = [read_image(data_root / "live1_gray" / f"{n}.png", "gray")[:160, :224] for n in ("bikes", "parrots", "building2")]
+    plain, ensemble = Restorer(SHIPPED_GRAY), Restorer(SHIPPED_GRAY, ensemble=True)
+    gains = [psnr(c, ensemble(j)) - psnr(c, plain(j)) for c, j in ((c, jpeg_roundtrip(c, 10)) for c in crops)]
+    assert np.mean(gains) > 0.02, gains
+    Image.fromarray(jpeg_roundtrip(crops[0], 10)).save(tmp_path / "in.png")
+    r = subprocess.run([sys.executable, "-m", "serve_bench.restore", str(tmp_path / "in.png"), "-o", str(tmp_path / "out"),
+                        "--self-ensemble"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    restored = np.asarray(Image.open(tmp_path / "out" / "in.png"))
+    assert restored.shape == crops[0].shape and psnr(crops[0], restored) > psnr(crops[0], plain(jpeg_roundtrip(crops[0], 10)))
+
+
 def test_figure_shows_every_model_on_two_images(data_root, tmp_path):
     out = tmp_path / "fig.png"
     r = subprocess.run([sys.executable, "-m", "train.figure", str(SHIPPED_GRAY), str(SHIPPED_GRAY), "--labels", "a,b",

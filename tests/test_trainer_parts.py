@@ -6,7 +6,7 @@ import torch
 
 from train import checkpoint as ckpt
 from train.config import load_config
-from train.inference import autocast_for
+from train.inference import autocast_for, native_bf16, resolve_precision, restore_tensor, self_ensemble
 from train.models import build_model, macs_per_pixel
 from train.trainer import LOSSES, build_optimizer, build_scheduler
 
@@ -66,6 +66,37 @@ def test_autocast_precision(precision, dtype):
     conv = torch.nn.Conv2d(1, 2, 3)
     with autocast_for(precision, torch.device("cpu")):
         assert conv(torch.rand(1, 1, 8, 8)).dtype == dtype
+
+
+def test_auto_precision_is_bf16_only_where_native():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")
+    assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
+    assert [resolve_precision(p, cpu) for p in ("bf16", "fp16", "fp32")] == ["bf16", "fp16", "fp32"]  # explicit wins
+    with pytest.raises(ValueError, match="auto, bf16, fp16 or fp32"):
+        autocast_for("fp8", cpu)
+
+
+def test_self_ensemble_is_equivariant_and_averages_eight_views():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1)  # neither rotation- nor flip-invariant
+    x = torch.rand(1, 1, 12, 20)
+    with torch.no_grad():
+        y = self_ensemble(conv, x)
+        assert y.shape == x.shape and not torch.allclose(y, conv(x), atol=1e-4)
+        turned = self_ensemble(conv, torch.rot90(x, 1, (-2, -1)))
+        assert torch.allclose(turned, torch.rot90(y, 1, (-2, -1)), atol=1e-6)
+        assert torch.allclose(self_ensemble(conv, x.flip(-2)), y.flip(-2), atol=1e-6)
+        # the 8 views of a 3x3 kernel average to one symmetric kernel
+        w = conv.weight[0, 0]
+        views = [torch.rot90(w, k) for k in range(4)] + [torch.rot90(w.flip(-1), k) for k in range(4)]
+        sym = torch.nn.Conv2d(1, 1, 3, padding=1)
+        sym.weight.copy_(torch.stack(views).mean(0)[None, None]); sym.bias.copy_(conv.bias)
+        assert torch.allclose(y, sym(x), atol=1e-5)
+        # tiled images: the ensemble runs on every tile
+        big = torch.rand(1, 1, 40, 70)
+        assert torch.allclose(restore_tensor(conv, big, tile=32, overlap=8, ensemble=True),
+                              restore_tensor(sym, big, tile=32, overlap=8), atol=1e-5)
 
 
 def test_model_checkpoint_round_trip_and_mismatch(tmp_path):

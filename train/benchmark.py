@@ -3,8 +3,9 @@ and 1 against 2 processes (torchrun, gloo on CPU).
 
     python -m train.benchmark [--arch dncnn] [--steps 12] [--json outputs/train_bench.json]
 
-All on synthetic batches (batch 32, 64x64, bf16 autocast, channels_last, AdamW, L1), so the
-figures measure the training step, not the data pipeline (see data_pipeline.benchmark).
+All on synthetic batches (batch 32, 64x64, channels_last, AdamW, L1; --precision auto is bf16
+autocast where the device has native bf16, fp32 on other CPUs), so the figures measure the
+training step, not the data pipeline (see data_pipeline.benchmark).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from data_pipeline.images import atomic_write_json
 
 from .config import load_config
 from .distributed import DistInfo
+from .inference import autocast_for, native_bf16, resolve_precision
 from .models import architectures, build_model, macs_per_pixel
 from .trainer import Trainer
 
@@ -31,8 +33,8 @@ BATCH, PATCH = 32, 64
 
 
 def bare_loop_rate(arch: str, steps: int, device: torch.device, batch: int = BATCH, patch: int = PATCH,
-                   kwargs: dict | None = None) -> float:
-    """Patches/s of the minimal loop: forward under bf16 autocast, L1, backward, AdamW step."""
+                   kwargs: dict | None = None, precision: str = "auto") -> float:
+    """Patches/s of the minimal loop: forward under autocast (`precision`), L1, backward, AdamW step."""
     torch.manual_seed(0)
     model = build_model(arch, channels=1, **(kwargs or {})).to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
@@ -40,7 +42,7 @@ def bare_loop_rate(arch: str, steps: int, device: torch.device, batch: int = BAT
     y = torch.rand_like(x)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast_for(precision, device):
             loss = F.l1_loss(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -56,16 +58,16 @@ def bare_loop_rate(arch: str, steps: int, device: torch.device, batch: int = BAT
     return steps * batch / (time.perf_counter() - start)
 
 
-def _synthetic_overrides(arch: str, steps: int) -> list[str]:
+def _synthetic_overrides(arch: str, steps: int, precision: str) -> list[str]:
     return [f"model.arch={arch}", "model.kwargs={}", "data.backend=synthetic", f"data.batch_size={BATCH}",
-            f"data.patch_size={PATCH}", "optim.name=adamw", "train.loss=l1", "train.precision=bf16",
+            f"data.patch_size={PATCH}", "optim.name=adamw", "train.loss=l1", f"train.precision={precision}",
             f"train.max_steps={3 * steps}", f"train.log_every={steps}", f"train.val_every={10**9}",
             f"train.ckpt_every={10**9}", "tracking.enabled=false", "schedule.warmup_steps=0"]
 
 
-def trainer_rate(arch: str, steps: int, device: torch.device, out: Path) -> float:
+def trainer_rate(arch: str, steps: int, device: torch.device, out: Path, precision: str) -> float:
     """Patches/s of Trainer.fit: mean of its logged windows after the first (warm-up) one."""
-    cfg = load_config(None, _synthetic_overrides(arch, steps))
+    cfg = load_config(None, _synthetic_overrides(arch, steps, precision))
     trainer = Trainer(cfg, out, DistInfo(0, 0, 1, device))
     try:
         trainer.fit()
@@ -75,12 +77,12 @@ def trainer_rate(arch: str, steps: int, device: torch.device, out: Path) -> floa
     return sum(rates) / len(rates)
 
 
-def processes_rate(arch: str, steps: int, nproc: int, out: Path) -> float:
+def processes_rate(arch: str, steps: int, nproc: int, out: Path, precision: str) -> float:
     """Total patches/s of `nproc` processes (torchrun; each its own batch of 32), via MLflow."""
     import mlflow
 
     uri = f"sqlite:///{out / 'mlflow.db'}"
-    overrides = [a for o in _synthetic_overrides(arch, steps) for a in ("--set", o)]
+    overrides = [a for o in _synthetic_overrides(arch, steps, precision) for a in ("--set", o)]
     overrides[overrides.index("tracking.enabled=false")] = "tracking.enabled=true"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
         else [sys.executable]
@@ -99,27 +101,30 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="dncnn", help="architecture for the trainer and process comparisons")
     ap.add_argument("--steps", type=int, default=12, help="timed steps per measurement window")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     ap.add_argument("--json", type=Path, default=Path("outputs/train_bench.json"))
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(args.precision, device)
     print(f"device {device}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"batch {BATCH}, {PATCH}x{PATCH}, bf16 autocast, channels_last")
+          f"batch {BATCH}, {PATCH}x{PATCH}, {precision} (native bf16: {native_bf16(device)}), channels_last")
     archs = []
     for arch in architectures():
         model = build_model(arch, channels=1)
         row = {"arch": arch, "params": sum(p.numel() for p in model.parameters()),
-               "macs_per_pixel": macs_per_pixel(model, 1), "bare_patches_per_s": bare_loop_rate(arch, args.steps, device)}
+               "macs_per_pixel": macs_per_pixel(model, 1), "bare_patches_per_s": bare_loop_rate(arch, args.steps, device, precision=precision)}
         archs.append(row)
         print(f"{arch:<12} {row['params'] / 1e6:7.3f} M params {row['macs_per_pixel'] / 1e3:8.1f} k MACs/px "
               f"{row['bare_patches_per_s']:8.1f} patches/s (bare loop)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        bare = bare_loop_rate(args.arch, 2 * args.steps, device)
-        trained = trainer_rate(args.arch, args.steps, device, Path(tmp) / "trainer")
+        bare = bare_loop_rate(args.arch, 2 * args.steps, device, precision=precision)
+        trained = trainer_rate(args.arch, args.steps, device, Path(tmp) / "trainer", precision)
         print(f"{args.arch}: Trainer {trained:.1f} vs bare loop {bare:.1f} patches/s = {trained / bare:.3f}x", flush=True)
-        one = processes_rate(args.arch, args.steps, 1, Path(tmp))
-        two = processes_rate(args.arch, args.steps, 2, Path(tmp))
+        one = processes_rate(args.arch, args.steps, 1, Path(tmp), precision)
+        two = processes_rate(args.arch, args.steps, 2, Path(tmp), precision)
     print(f"{args.arch}: 1 process {one:.1f}, 2 processes (torchrun, gloo) {two:.1f} patches/s = {two / one:.2f}x")
     atomic_write_json(args.json, {"device": str(device), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                                  "precision": precision, "native_bf16": native_bf16(device),
                                   "archs": archs, "arch": args.arch, "bare_patches_per_s": bare,
                                   "trainer_patches_per_s": trained, "trainer_over_bare": trained / bare,
                                   "one_process_patches_per_s": one, "two_processes_patches_per_s": two})

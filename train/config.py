@@ -61,8 +61,10 @@ class TrainConfig:
     """Optimizer steps in total."""
     loss: str = "l1"
     """'mse', 'l1' or 'charbonnier'."""
-    precision: str = "bf16"
-    """'bf16' autocast (CPU and GPU), 'fp16' autocast with GradScaler (GPU), or 'fp32'."""
+    precision: str = "auto"
+    """'bf16' autocast (CPU and GPU), 'fp16' autocast with GradScaler (GPU), 'fp32', or 'auto': bf16
+    where the device computes it natively (recent GPUs; CPUs with AVX-512 BF16/AMX), else fp16 on
+    GPUs and fp32 on CPUs (emulated bf16 is several times slower than fp32)."""
     channels_last: bool = True
     """NHWC memory format (faster convolutions on CPU and tensor cores)."""
     val_every: int = 500

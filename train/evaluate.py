@@ -131,7 +131,9 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", type=Path, help="model checkpoint to evaluate (default: the shipped model)")
     ap.add_argument("--jpeg-only", action="store_true", help="only the JPEG baseline, no model")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="inference precision")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"], help="inference precision")
+    ap.add_argument("--self-ensemble", action="store_true",
+                    help="average the model over the 8 rotations and flips of each image (8x the time)")
     ap.add_argument("--log-mlflow", action="store_true", help="log the metrics to the checkpoint's MLflow run")
     args = ap.parse_args(argv)
     restorer = None
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
         if not args.jpeg_only:
             color = any(img.ndim == 3 for img in images.values())
             args.checkpoint = args.checkpoint or shipped_model(color)
-            restorer = Restorer(args.checkpoint, args.device, args.precision)
+            restorer = Restorer(args.checkpoint, args.device, args.precision, ensemble=args.self_ensemble)
     except (DataError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -150,17 +152,20 @@ def main(argv=None) -> int:
     keep = args.side_by_side_count if args.side_by_side else 0
     start = time.perf_counter()
     results, extra = evaluate(images, qualities, restore=restorer, keep=keep)
-    title = f"{args.dataset}: {len(images)} images" + (f", {restorer.meta['arch']} from {args.checkpoint}" if restorer else "")
+    title = f"{args.dataset}: {len(images)} images" + (f", {restorer.meta['arch']} from {args.checkpoint}" if restorer else "") \
+        + (", x8 self-ensemble" if restorer and args.self_ensemble else "")
     print(format_table(title, results))
     if args.json:
         atomic_write_json(args.json, {"dataset": args.dataset, "images": len(images), "skipped": skipped,
                                       "checkpoint": str(args.checkpoint) if restorer else None,
                                       "arch": restorer.meta["arch"] if restorer else None,
+                                      "self_ensemble": bool(restorer and args.self_ensemble), "precision": args.precision,
                                       "results": results, "per_image": extra["per_image"]})
     if args.side_by_side:
         write_side_by_side(extra["kept"], args.side_by_side)
     if args.log_mlflow and restorer:
-        log_to_run(restorer.meta.get("mlflow_run_id"), args.dataset, results, time.perf_counter() - start)
+        log_to_run(restorer.meta.get("mlflow_run_id"), args.dataset + ("_x8" if args.self_ensemble else ""), results,
+                   time.perf_counter() - start)
     return 0
 
 

@@ -30,7 +30,7 @@ from . import checkpoint as ckpt
 from .config import Config, to_dict, to_toml
 from .distributed import DistInfo, all_reduce_sum, any_rank, barrier, gather_objects
 from .evaluate import side_by_side
-from .inference import autocast_for, image_to_tensor, restore_tensor
+from .inference import autocast_for, image_to_tensor, native_bf16, resolve_precision, restore_tensor
 from .metrics import image_metrics, to_uint8
 from .models import build_model, macs_per_pixel
 from .tracking import Tracker, flatten, system_tags
@@ -86,6 +86,9 @@ class Trainer:
     def __init__(self, cfg: Config, out: Path, info: DistInfo, resume: bool = False, data_root: str | None = None):
         self.cfg, self.out, self.info = cfg, Path(out), info
         self.device = info.device
+        cfg.train.precision = resolve_precision(cfg.train.precision, self.device)
+        if cfg.train.precision == "bf16" and not native_bf16(self.device):
+            log.warning("bf16 is emulated on this %s (no native bf16 kernels): expect it to be slower than fp32", self.device)
         self.ckpt_dir = self.out / "checkpoints"
         self.best_path = Path(cfg.train.best_checkpoint) if cfg.train.best_checkpoint else self.out / "image_compression_model.pth"
         self.stop_signal: str | None = None
