@@ -20,6 +20,7 @@ import torch
 
 from data_pipeline.images import atomic_write_bytes, atomic_write_json
 from train.checkpoint import CheckpointError, load_model
+from train.inference import native_bf16
 from train.models import macs_per_pixel
 
 from .runners import RUNNERS, RunnerUnavailable, tensorrt_status
@@ -67,6 +68,9 @@ def build_runners(checkpoint: Path, onnx_path: Path | None, engines: dict[str, P
     out = []
     for label, name, kwargs in variants:
         if name not in backends:
+            continue
+        if kwargs.get("precision") == "bf16" and not native_bf16(torch.device(device)):
+            out.append((label, f"bf16 is emulated on this {device} (no native bf16 kernels): fp32 is its fast path"))
             continue
         if name not in RUNNERS:
             out.append((label, "tensorrt" in name and tensorrt_status() or f"{name} is not installed"))
