@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-BACKENDS = ("auto", "dali", "torch", "synthetic")
+from .loaders import backend_choices
 
 
 @dataclass
 class DataConfig:
     backend: str = "auto"
-    """Loader: 'dali' (GPU JPEG decoding, CPU here), 'torch', 'synthetic', or 'auto' (dali if importable)."""
+    """Loader (data_pipeline/backends/): 'dali' (GPU JPEG decoding, CPU here), 'torch', 'synthetic',
+    or 'auto' (the first available of dali, torch)."""
     data_root: str = ""
     """Folder holding the datasets; empty means $JPEG_RESTORE_DATA_ROOT."""
     dataset: str = "train400"
@@ -35,7 +36,11 @@ class DataConfig:
     crop_align: int = 8
     """Crop offsets are multiples of this (8 keeps the 8x8 JPEG block grid where the test images have it)."""
     workers: int = 2
-    """Worker processes of the torch backend, threads of the DALI pipeline."""
+    """Worker processes of the torch backend (persistent), threads of the DALI pipeline."""
+    cache_mb: int = 1024
+    """Decoded images each torch-backend worker keeps in memory (MiB), so each file is decoded once."""
+    resident_mb: int = 8192
+    """Memory the resident backend may take for the decoded dataset (MiB; GPU memory on CUDA)."""
     min_size: int = 48
     """Images with a side below this are skipped by preparation."""
     seed: int = 0
@@ -44,8 +49,8 @@ class DataConfig:
     """Use only the first N images of each split (0 = all); `--smoke` sets it."""
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f"data.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend not in backend_choices():
+            raise ValueError(f"data.backend must be one of {', '.join(backend_choices())}, got {self.backend!r}")
         if self.mode not in ("gray", "rgb"):
             raise ValueError(f"data.mode must be 'gray' or 'rgb', got {self.mode!r}")
         if not self.qualities or not all(1 <= q <= 100 for q in self.qualities):
@@ -53,9 +58,12 @@ class DataConfig:
         lo, hi = self.online_quality_range
         if not 1 <= lo <= hi <= 100:
             raise ValueError(f"data.online_quality_range must be [min, max] in 1..100, got {self.online_quality_range}")
-        for name in ("patch_size", "batch_size", "crop_align"):
+        for name in ("patch_size", "batch_size", "crop_align", "min_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
+        for name in ("workers", "cache_mb", "resident_mb", "limit"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name} must be 0 or more, got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
 

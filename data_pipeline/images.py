@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import UserError
+
 IMAGE_SUFFIXES = {".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg"}
 MODES = ("gray", "rgb")
 
@@ -19,7 +21,7 @@ MODES = ("gray", "rgb")
 _LUMA = np.array([65.481, 128.553, 24.966]) * (1 / 255)
 
 
-class BadImage(ValueError):
+class BadImage(UserError, ValueError):
     """An input file that cannot be used; the message is the reason."""
 
 
@@ -27,11 +29,15 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def rgb_to_luma(rgb: np.ndarray) -> np.ndarray:
-    """BT.601 studio-range luma (16..235) of an HxWx3 uint8 image, as uint8."""
-    rgb = rgb.astype(np.float64)
-    y = _LUMA[0] * rgb[..., 0] + _LUMA[1] * rgb[..., 1] + _LUMA[2] * rgb[..., 2] + 16
-    return np.floor(y + 0.5).astype(np.uint8)
+def rgb_to_luma(rgb: np.ndarray, rows: int = 256) -> np.ndarray:
+    """BT.601 studio-range luma (16..235) of an HxWx3 uint8 image, as uint8; float64 arithmetic a
+    band of `rows` rows at a time, so a 100-megapixel photo needs megabytes, not gigabytes."""
+    out = np.empty(rgb.shape[:2], np.uint8)
+    for y0 in range(0, rgb.shape[0], rows):
+        band = rgb[y0:y0 + rows].astype(np.float64)
+        y = _LUMA[0] * band[..., 0] + _LUMA[1] * band[..., 1] + _LUMA[2] * band[..., 2] + 16
+        out[y0:y0 + rows] = np.floor(y + 0.5)
+    return out
 
 
 def read_image(path: Path | str, mode: str | None, min_size: int = 1) -> np.ndarray:
@@ -89,12 +95,19 @@ def png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """Write via a temp file in the same folder and rename, so readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would honour the umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .images import BadImage, MODES, atomic_write_bytes, atomic_write_json, jpeg_bytes, png_bytes, read_image
+from .errors import command
+from .images import MODES, BadImage, atomic_write_bytes, atomic_write_json, jpeg_bytes, png_bytes, read_image
 from .sources import DataError, dataset_dir, is_archive, source_images
 
 MANIFEST = "manifest.json"
@@ -38,11 +39,17 @@ def split_of(name: str, val_fraction: float) -> str:
     return "val" if h < val_fraction else "train"
 
 
+def _output_intact(out: Path, o: dict | None) -> bool:
+    """The prepared file exists with the recorded size and SHA-256 (a same-size corruption is caught)."""
+    if not o or not (out / o["path"]).is_file() or (out / o["path"]).stat().st_size != o["bytes"]:
+        return False
+    return _sha256((out / o["path"]).read_bytes()) == o["sha256"]
+
+
 def _record_is_current(rec: dict, out: Path, src_sha: str, mode: str, qualities: list[int], min_size: int) -> bool:
     if rec.get("source_sha256") != src_sha or rec.get("mode") != mode or rec.get("min_size") != min_size:
         return False
-    outputs = [rec["original"]] + [rec["jpeg"].get(str(q)) for q in qualities]
-    return all(o and (out / o["path"]).is_file() and (out / o["path"]).stat().st_size == o["bytes"] for o in outputs)
+    return all(_output_intact(out, o) for o in [rec["original"]] + [rec["jpeg"].get(str(q)) for q in qualities])
 
 
 def _prepare_one(src: Path, name: str, out: Path, mode: str, qualities: list[int], min_size: int) -> dict:
@@ -118,8 +125,11 @@ def prepare(source: Path | str, out: Path | str, mode: str = "gray", qualities=(
             else:
                 records.append(rec)
 
+    report = {"source": str(source), "prepared": len(records), "skipped": skipped}
     if not records:
-        raise DataError(f"source {source} holds no usable images ({len(skipped)} skipped, see {out / REPORT})")
+        atomic_write_json(out / REPORT, {**report, "written": 0, "kept": 0})
+        first = f": {skipped[0]['file']}: {skipped[0]['reason']}" if skipped else ""
+        raise DataError(f"source {source} holds no usable images ({len(skipped)} skipped{first}; all reasons in {out / REPORT})")
     counts = {"done": 0, "kept": 0}
     for r in records:
         counts[r.pop("status")] += 1
@@ -130,8 +140,7 @@ def prepare(source: Path | str, out: Path | str, mode: str = "gray", qualities=(
         "val_fraction": val_fraction, "min_size": min_size,
         "files": sorted(records, key=lambda r: r["name"]),
     }
-    report = {"source": str(source), "prepared": len(records), "written": counts["done"],
-              "kept": counts["kept"], "skipped": skipped}
+    report.update(written=counts["done"], kept=counts["kept"])
     atomic_write_json(out / REPORT, report)
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
@@ -150,6 +159,7 @@ def load_manifest(prepared: Path | str) -> dict:
     return manifest
 
 
+@command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", help="dataset folder name in the data root, a folder path, an archive, or 'skimage'")
@@ -163,13 +173,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         qualities = [int(q) for q in args.qualities.split(",") if q.strip()]
-        src = Path(args.source)
-        if not (is_archive(src) or src.is_dir()):
-            src = dataset_dir(args.source, args.data_root)
-        prepare(src, args.out, args.mode, qualities, args.val_fraction, args.min_size, args.workers)
-    except (DataError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError:
+        raise DataError(f"--qualities must be comma-separated integers, got {args.qualities!r}") from None
+    src = Path(args.source)
+    if not (is_archive(src) or src.is_dir()):
+        src = dataset_dir(args.source, args.data_root)
+    prepare(src, args.out, args.mode, qualities, args.val_fraction, args.min_size, args.workers)
     report = json.loads((args.out / REPORT).read_text())
     print(f"prepared {report['prepared']} images into {args.out} "
           f"({report['written']} written, {report['kept']} already done, {len(report['skipped'])} skipped)")

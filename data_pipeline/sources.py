@@ -8,6 +8,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+from .errors import UserError
 from .images import atomic_write_bytes
 
 DATA_ROOT_ENV = "JPEG_RESTORE_DATA_ROOT"
@@ -26,7 +27,7 @@ SKIMAGE_NATURAL = [
 ]
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A problem with the user's data that stops the job; the message says what to do."""
 
 

@@ -6,7 +6,12 @@ real images -> the latency table of every available backend against PyTorch eage
 Without an NVIDIA GPU or TensorRT it still exports, checks and benchmarks everything else, and
 the table says that TensorRT was not measured and why. To measure the GPU design target
 (TensorRT FP16 >= 3x PyTorch eager fp32) run the same command on a CUDA machine after
-`pip install -e ".[tensorrt]"`.
+`pip install -e ".[tensorrt]"`. TensorRT was never measured by this project: its PyPI package
+`tensorrt-cu13-libs` is a stub that downloads the real wheel from NVIDIA's own index at install
+time, which our machines cannot reach, and Debian has no TensorRT package.
+
+Files: <out>/<checkpoint stem>.onnx and .{fp16,fp32}.engine (each with a .json sidecar naming the
+checkpoint it came from; `python -m serve_bench.restore --backend tensorrt` finds them there).
 """
 from __future__ import annotations
 
@@ -19,19 +24,24 @@ if __package__ in (None, ""):  # `python export/to_trt.py`
 
 import torch  # noqa: E402
 
+from data_pipeline.errors import command  # noqa: E402
 from data_pipeline.images import atomic_write_bytes, jpeg_roundtrip  # noqa: E402
-from export.to_onnx import check_parity, export_onnx, parity_images  # noqa: E402
-from serve_bench.benchmark import ALL_BACKENDS, QUICK_SHAPES, SHAPES, report, run_benchmark  # noqa: E402
-from serve_bench.runners import TensorRTRunner, TorchRunner, tensorrt_status  # noqa: E402
-from train.checkpoint import CheckpointError, load_model  # noqa: E402
-from train.inference import image_to_tensor  # noqa: E402
-from train.metrics import psnr, to_uint8  # noqa: E402
+from export.artifacts import DEPLOY_DIR, engine_path, ensure_onnx  # noqa: E402
+from export.latency import QUICK_SHAPES, SHAPES, report, run_benchmark  # noqa: E402
+from export.onnx_export import check_parity  # noqa: E402
+from export.parity import parity_images  # noqa: E402
+from runtime.artifacts import file_sha256, write_meta  # noqa: E402
+from runtime.checkpoint import load_model  # noqa: E402
+from runtime.inference import image_to_tensor, to_uint8  # noqa: E402
+from runtime.metrics.psnr import psnr  # noqa: E402
+from runtime.runners import make_runner, runners  # noqa: E402
+from runtime.runners.torch_eager import TorchRunner  # noqa: E402
 
 MIN_SIDE, OPT_SIDE, MAX_SIDE, MAX_BATCH = 64, 512, 1024, 4
 
 
 def build_engine(onnx_path: Path, engine_path: Path, fp16: bool, channels: int, tile: int = 0,
-                 timing_cache: Path | None = None) -> Path:
+                 timing_cache: Path | None = None, meta: dict | None = None) -> Path:
     """TensorRT 10 engine with one optimisation profile over batch, H and W (fixed at the tile size
     for the autoencoder); TF32 off in FP32 so that FP32 parity is meaningful; a timing cache file
     shared by builds."""
@@ -57,6 +67,7 @@ def build_engine(onnx_path: Path, engine_path: Path, fp16: bool, channels: int, 
     if serialized is None:
         raise RuntimeError("TensorRT engine build failed (see the TensorRT log above)")
     atomic_write_bytes(engine_path, bytes(serialized))
+    write_meta(engine_path, {**(meta or {}), "precision": "fp16" if fp16 else "fp32"})
     if timing_cache:
         atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
     return engine_path
@@ -64,7 +75,7 @@ def build_engine(onnx_path: Path, engine_path: Path, fp16: bool, channels: int, 
 
 def engine_parity(checkpoint: Path, engine_path: Path, data_root: str | None, quality: int = 10) -> dict:
     model, meta = load_model(checkpoint)
-    ref, trt_runner = TorchRunner(model, device="cuda"), TensorRTRunner(engine_path)
+    ref, trt_runner = TorchRunner(model, device="cuda"), make_runner("tensorrt", engine_path, "cuda")
     source, images = parity_images(meta["mode"], data_root)
     diffs, dpsnr = [], []
     for _, original in images:
@@ -75,44 +86,39 @@ def engine_parity(checkpoint: Path, engine_path: Path, data_root: str | None, qu
     return {"source": source, "max_abs_diff": max(diffs), "max_psnr_diff": max(dpsnr)}
 
 
+@command
 def main(argv=None) -> int:
+    names = list(runners())
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=Path("image_compression_model.pth"))
-    ap.add_argument("--out", type=Path, default=Path("outputs/deploy"), help="ONNX, engines, timing cache, latency table")
+    ap.add_argument("--out", type=Path, default=DEPLOY_DIR, help="ONNX, engines, timing cache, latency table")
     ap.add_argument("--data-root", help="for parity on LIVE1 (default: $JPEG_RESTORE_DATA_ROOT)")
     ap.add_argument("--quick", action="store_true", help="benchmark 256² and 512² at batch 1 only")
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--backends", default=",".join(ALL_BACKENDS), help="comma-separated subset of " + ",".join(ALL_BACKENDS))
+    ap.add_argument("--backends", default=",".join(names), help="comma-separated subset of " + ",".join(names))
     ap.add_argument("--no-mlflow", action="store_true")
     args = ap.parse_args(argv)
-    try:
-        _, meta = load_model(args.checkpoint)
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    _, meta = load_model(args.checkpoint)
     out = args.out
-    onnx_path = out / "model.onnx"
-    if not onnx_path.is_file() or onnx_path.stat().st_mtime < args.checkpoint.stat().st_mtime:
-        info = export_onnx(args.checkpoint, onnx_path)
-        print(f"exported {info['arch']} to {onnx_path}")
+    onnx_path = ensure_onnx(args.checkpoint, out)
     p = check_parity(args.checkpoint, onnx_path, args.data_root)
     print(f"ONNX Runtime parity on {p['source']}: max abs diff {p['max_abs_diff']:.2e}, PSNR diff {p['max_psnr_diff']:.4f} dB: "
           + ("passed" if p["ok"] else "FAILED"))
 
-    engines = {}
-    why_not = tensorrt_status()
+    why_not = runners()["tensorrt"].unavailable("cuda")
     if why_not:
         print(f"TensorRT: not built and not measured: {why_not}")
     else:
+        sidecar = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": file_sha256(args.checkpoint), "arch": meta["arch"]}
         for precision in ("fp16", "fp32"):
-            path = build_engine(onnx_path, out / f"model.{precision}.engine", precision == "fp16", meta["channels"],
-                                meta["kwargs"].get("tile", 0) if meta["arch"] == "autoencoder" else 0, out / "timing.cache")
+            path = build_engine(onnx_path, engine_path(args.checkpoint, precision, out), precision == "fp16", meta["channels"],
+                                meta["kwargs"].get("tile", 0) if meta["arch"] == "autoencoder" else 0, out / "timing.cache",
+                                sidecar)
             e = engine_parity(args.checkpoint, path, args.data_root)
             print(f"TensorRT {precision} engine {path}: max abs diff {e['max_abs_diff']:.2e}, PSNR diff {e['max_psnr_diff']:.4f} dB")
-            engines[precision] = path
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = run_benchmark(args.checkpoint, onnx_path, engines, device, QUICK_SHAPES if args.quick else SHAPES,
-                           iters=args.iters, backends=args.backends.split(","))
+    result = run_benchmark(args.checkpoint, device, QUICK_SHAPES if args.quick else SHAPES, iters=args.iters,
+                           backends=args.backends.split(","), deploy_dir=out)
     result["onnx_parity"] = p
     print(report(result, out, meta.get("mlflow_run_id"), not args.no_mlflow))
     return 0 if p["ok"] else 1

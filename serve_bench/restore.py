@@ -1,56 +1,61 @@
 """Restore JPEG images with a trained model.
 
-    python -m serve_bench.restore photo.jpg scans/ -o restored/ [--backend torch|onnxruntime|tensorrt]
+    python -m serve_bench.restore photo.jpg scans/ -o restored/ [--backend torch|onnxruntime|tensorrt] [--overwrite]
 
 Any size (tiled above 512 px with overlap, so memory stays bounded), gray or color. A gray
 model on a color image restores the luma (Y of JPEG's own YCbCr) and keeps the chroma; an RGB
-model restores all three channels. Writes <name>.png into the output folder; never overwrites an
-input. The default model is image_compression_model.pth in the repository (gray) and, for color
-images, image_compression_model_color.pth next to it when it exists.
+model restores all three channels. Writes <name>.png into the output folder; inputs with the same
+name get <name>-2.png, <name>-3.png, ... It never writes over an input, and never over a file it
+did not create in this run unless --overwrite is given. The default model is
+image_compression_model.pth in the repository (gray) and, for color images,
+image_compression_model_color.pth next to it when it exists.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from data_pipeline.errors import UserError, command
 from data_pipeline.images import BadImage, atomic_write_bytes, list_images, png_bytes, read_image
-from train.checkpoint import CheckpointError, load_model
-from train.inference import SHIPPED_GRAY, image_to_tensor, in_model_mode, shipped_model
-from train.metrics import to_uint8
-
-from .runners import RUNNERS, RunnerUnavailable
-
-
-def make_runner(checkpoint: Path, backend: str, device: str, out_dir: Path):
-    model, meta = load_model(checkpoint)
-    if backend == "torch":
-        return RUNNERS["torch"](model, device=device), meta
-    if backend == "onnxruntime":
-        from export.to_onnx import export_onnx
-
-        onnx_path = checkpoint.with_suffix(".onnx")
-        if not onnx_path.is_file() or onnx_path.stat().st_mtime < checkpoint.stat().st_mtime:
-            onnx_path = out_dir / ".onnx" / f"{checkpoint.stem}.onnx"
-            export_onnx(checkpoint, onnx_path)
-        return RUNNERS["onnxruntime"](onnx_path, device=device, tile=getattr(model, "tile", 0)), meta
-    if backend == "tensorrt":
-        if "tensorrt" not in RUNNERS:
-            raise RunnerUnavailable("TensorRT is not installed (pip install -e \".[tensorrt]\" on a GPU machine)")
-        return RUNNERS["tensorrt"](checkpoint.with_suffix(".fp16.engine")), meta
-    raise RunnerUnavailable(f"unknown backend {backend!r}")
+from export.artifacts import DEPLOY_DIR, artifact_for
+from runtime.checkpoint import load_model
+from runtime.inference import SHIPPED_GRAY, image_to_tensor, in_model_mode, shipped_model, to_uint8
+from runtime.runners import make_runner, runners
+from runtime.tiling import tile_count
 
 
-def restore_array(runner, mode: str, img: np.ndarray, ensemble: bool = False) -> np.ndarray:
+def open_runner(checkpoint: Path, backend: str, device: str, deploy_dir: Path):
+    """(runner, checkpoint metadata): the backend's file for this checkpoint (ONNX exported on demand)."""
+    _, meta = load_model(checkpoint)
+    cls = runners()[backend]
+    return make_runner(backend, artifact_for(cls.artifact, checkpoint, deploy_dir, device=device), device), meta
+
+
+def restore_array(runner, mode: str, img: np.ndarray, ensemble: bool = False, tiles_per_call: int = 1,
+                  progress=None) -> np.ndarray:
     """uint8 gray or RGB -> restored uint8 of the same shape."""
     def restore(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return to_uint8(runner.restore(image_to_tensor(x, runner.device), ensemble).clamp(0, 1)[0])
+            y = runner.restore(image_to_tensor(x, runner.device), ensemble, tiles_per_call, progress)
+            return to_uint8(y.clamp(0, 1)[0])
 
     return in_model_mode(restore, mode, img)
+
+
+def peak_memory(device: str) -> str:
+    """This process's peak memory: host RSS, and GPU memory allocated by torch on CUDA."""
+    text = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB host (peak RSS)"
+    if device.startswith("cuda"):
+        text += f", {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU (peak allocated)"
+    return text
 
 
 def inputs_of(paths: list[Path]) -> list[Path]:
@@ -61,36 +66,70 @@ def inputs_of(paths: list[Path]) -> list[Path]:
         elif p.exists():
             files.append(p)
         else:
-            raise FileNotFoundError(f"{p} does not exist")
+            raise UserError(f"{p} does not exist")
     return files
 
 
+def check_output_folder(out: Path) -> None:
+    """The output folder exists (or is made) and takes files: checked before any model runs."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".restore-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"cannot write into output folder {out}: {exc.strerror or exc}") from None
+
+
+def plan_outputs(files: list[Path], out: Path) -> list[Path]:
+    """One output per input: <stem>.png, then <stem>-2.png, ... where earlier inputs took the name."""
+    taken, targets = set(), []
+    for f in files:
+        name, n = f"{f.stem}.png", 1
+        while name in taken:
+            n += 1
+            name = f"{f.stem}-{n}.png"
+        taken.add(name)
+        targets.append(out / name)
+    return targets
+
+
+@command
 def main(argv=None) -> int:
+    names = list(runners())
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", type=Path, help="JPEG images or folders of images")
     ap.add_argument("-o", "--out", type=Path, required=True, help="output folder for the restored PNGs")
-    ap.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    ap.add_argument("--backend", default="torch", choices=names)
     ap.add_argument("--checkpoint", type=Path, help="model for gray images (and color, unless --color-checkpoint)")
     ap.add_argument("--color-checkpoint", type=Path, help="RGB model for color images")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--deploy-dir", type=Path, default=DEPLOY_DIR, help="exported ONNX files / TensorRT engines (python export/to_trt.py)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing files in the output folder (never an input)")
+    ap.add_argument("--tiles-per-call", type=int, help="512-px tiles of a large image per model call (default: 4 on GPU, 1 on CPU)")
     ap.add_argument("--self-ensemble", action="store_true",
                     help="average the model over the 8 rotations and flips of each image (8x the time, a little sharper)")
     args = ap.parse_args(argv)
-    try:
-        files = inputs_of(args.inputs)
-        gray_ckpt = args.checkpoint or SHIPPED_GRAY
-        color_ckpt = args.color_checkpoint or args.checkpoint or shipped_model(color=True)
-        runners = {"gray": make_runner(gray_ckpt, args.backend, args.device, args.out)}
-        runners["color"] = runners["gray"] if color_ckpt == gray_ckpt else make_runner(color_ckpt, args.backend, args.device, args.out)
-    except (FileNotFoundError, CheckpointError, RunnerUnavailable) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    tiles_per_call = args.tiles_per_call or (4 if args.device.startswith("cuda") else 1)
+    if tiles_per_call < 1:
+        raise UserError(f"--tiles-per-call must be positive, got {tiles_per_call}")
+    files = inputs_of(args.inputs)
+    check_output_folder(args.out)
+    gray_ckpt = args.checkpoint or SHIPPED_GRAY
+    color_ckpt = args.color_checkpoint or args.checkpoint or shipped_model(color=True)
+    loaded = {"gray": open_runner(gray_ckpt, args.backend, args.device, args.deploy_dir)}
+    loaded["color"] = loaded["gray"] if color_ckpt == gray_ckpt else open_runner(color_ckpt, args.backend, args.device, args.deploy_dir)
     resolved_inputs = {f.resolve() for f in files}
     failed = 0
-    for f in files:
-        target = args.out / f"{f.stem}.png"
+    for f, target in zip(files, plan_outputs(files, args.out)):
         if target.resolve() in resolved_inputs:
             print(f"skipped {f}: the output {target} would overwrite an input", file=sys.stderr)
+            failed += 1
+            continue
+        if target.exists() and not args.overwrite:
+            print(f"skipped {f}: {target} already exists (--overwrite replaces it)", file=sys.stderr)
             failed += 1
             continue
         try:
@@ -99,11 +138,14 @@ def main(argv=None) -> int:
             print(f"skipped {f}: {exc}", file=sys.stderr)
             failed += 1
             continue
-        runner, meta = runners["color" if img.ndim == 3 else "gray"]
-        atomic_write_bytes(target, png_bytes(restore_array(runner, meta["mode"], img, args.self_ensemble)))
+        runner, meta = loaded["color" if img.ndim == 3 else "gray"]
+        tiles = tile_count(*img.shape[:2])
+        with tqdm(total=tiles, unit="tile", desc=f.name, leave=False, disable=tiles < 8, file=sys.stderr) as bar:
+            restored = restore_array(runner, meta["mode"], img, args.self_ensemble, tiles_per_call, bar.update)
+        atomic_write_bytes(target, png_bytes(restored))
         how = "luma only" if img.ndim == 3 and meta["mode"] == "gray" else meta["mode"]
         print(f"{f} -> {target} ({img.shape[1]}x{img.shape[0]}, {meta['arch']} {how}, {args.backend})")
-    print(f"restored {len(files) - failed} of {len(files)} images into {args.out}")
+    print(f"restored {len(files) - failed} of {len(files)} images into {args.out}; peak memory {peak_memory(args.device)}")
     return 1 if failed else 0
 
 

@@ -12,7 +12,7 @@
 # EVAL_DATASET (live1_gray), EVAL_QUALITIES (10,20,30,40). Near the time limit (or on preemption) Slurm sends SIGTERM;
 # the task saves a checkpoint, requeues itself and resumes where it stopped.
 #SBATCH --job-name=jpeg-sweep
-#SBATCH --array=0-4
+#SBATCH --array=0-7
 #SBATCH --ntasks=1
 #SBATCH --cpus-per-task=4
 #SBATCH --time=08:00:00

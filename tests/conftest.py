@@ -1,5 +1,7 @@
-"""Shared fixtures. Real data comes from $JPEG_RESTORE_DATA_ROOT: without it the tests that
-need it are skipped with the reason, except under CI (CI=true), where that is a failure."""
+"""Shared fixtures. Most tests run on the photographs that ship inside scikit-image (cut into
+small tiles at session start, nothing committed). Only the tests that need LIVE1 or Train400
+themselves take `data_root` (marked `data`): without $JPEG_RESTORE_DATA_ROOT they are skipped
+with the reason, except under CI (CI=true), where that is a failure."""
 from __future__ import annotations
 
 import os
@@ -8,10 +10,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from data_pipeline.images import read_image
+from data_pipeline.images import read_image, rgb_to_luma
 from data_pipeline.prepare import prepare
-from data_pipeline.sources import DATA_ROOT_ENV
+from data_pipeline.sources import DATA_ROOT_ENV, SKIMAGE_NATURAL, skimage_dir
+
+TILE = 160  # Train400-like gray tiles (Train400: 180x180)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "data_root" in names:
+            item.add_marker(pytest.mark.data)
+        if "cluster" in names:
+            item.add_marker(pytest.mark.slurm)
 
 
 @pytest.fixture(scope="session")
@@ -26,19 +40,64 @@ def data_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def train400_prepared(data_root, tmp_path_factory) -> Path:
-    """Train400 prepared in gray at q10 and q40 (about a second, shared by the session)."""
-    out = tmp_path_factory.mktemp("prepared") / "train400"
-    prepare(data_root / "train400", out, "gray", [10, 40], progress=False)
+def photos() -> dict[str, np.ndarray]:
+    """The natural photographs embedded in scikit-image, each in its own mode (gray or RGB)."""
+    return {Path(n).stem: read_image(skimage_dir() / n, None) for n in SKIMAGE_NATURAL}
+
+
+@pytest.fixture(scope="session")
+def photo_pair(photos) -> tuple[np.ndarray, np.ndarray]:
+    """One real photograph (astronaut, 512x512) as BT.601 luma and as RGB."""
+    rgb = photos["astronaut"]
+    return rgb_to_luma(rgb), rgb
+
+
+def _tiles(photos: dict, mode: str, per_photo: int) -> list[tuple[str, np.ndarray]]:
+    out = []
+    for name, img in sorted(photos.items()):
+        if mode == "rgb" and img.ndim == 2:
+            continue
+        img = rgb_to_luma(img) if mode == "gray" and img.ndim == 3 else img
+        h, w = img.shape[:2]
+        spots = [(y, x) for y in range(0, h - TILE + 1, TILE) for x in range(0, w - TILE + 1, TILE)
+                 if img[y:y + TILE, x:x + TILE].std() > 12]  # no flat tiles (black sky, white page)
+        for i in np.unique(np.linspace(0, len(spots) - 1, min(per_photo, len(spots))).astype(int)):
+            y, x = spots[i]
+            out.append((f"{name}_{y}_{x}", img[y:y + TILE, x:x + TILE]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiles_dir(photos, tmp_path_factory) -> Path:
+    """About 100 gray 160x160 PNG tiles of the embedded photographs: a small Train400."""
+    folder = tmp_path_factory.mktemp("tiles")
+    for name, tile in _tiles(photos, "gray", 8):
+        Image.fromarray(tile).save(folder / f"{name}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def color_tiles_dir(photos, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("color_tiles")
+    for name, tile in _tiles(photos, "rgb", 4):
+        Image.fromarray(tile).save(folder / f"{name}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiles_prepared(tiles_dir, tmp_path_factory) -> Path:
+    """The gray tiles prepared at q10 and q40 (a second, shared by the session)."""
+    out = tmp_path_factory.mktemp("prepared") / "tiles"
+    prepare(tiles_dir, out, "gray", [10, 40], progress=False)
     return out
 
 
 @pytest.fixture
-def real_images(data_root, tmp_path) -> Path:
-    """A small folder of real gray training images (copied to a temp dir)."""
+def real_images(tiles_dir, tmp_path) -> Path:
+    """A small folder of real gray images (six tiles, copied to a temp dir)."""
     src = tmp_path / "src"
     src.mkdir()
-    for p in sorted((data_root / "train400").iterdir())[:6]:
+    for p in sorted(tiles_dir.iterdir())[:6]:
         shutil.copy(p, src / p.name)
     return src
 

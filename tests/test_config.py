@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from train.config import ConfigError, load_config
-from train.models import build_model
+from runtime.models import build_model
+from train.loop.config import ConfigError, load_config
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.toml") if p.stem not in ("sweep", "ablations"))
 
@@ -28,7 +28,18 @@ def test_dotted_overrides_are_typed():
     ("train.max_steps=1.5", "train.max_steps must be of type int"),
     ("data.backend=tf", "data.backend must be one of"),
     ("data.qualities=[0]", "data.qualities must be JPEG qualities"),
-    ("model.arch=vgg", "model.arch: unknown architecture 'vgg'"),
+    ("model.arch=vgg", "model.arch must be one of arcnn, attention"),
+    ("train.loss=huber", "train.loss must be one of l1, mse, charbonnier, got 'huber'"),
+    ("optim.name=lion", "optim.name must be one of adam, adamw, sgd, got 'lion'"),
+    ("schedule.name=linear", "schedule.name must be one of cosine, step, plateau, constant, got 'linear'"),
+    ("train.precision=fp8", "train.precision must be one of auto, bf16, fp16, fp32, got 'fp8'"),
+    ("train.val_every=0", "train.val_every must be positive, got 0"),
+    ("train.ckpt_every=0", "train.ckpt_every must be positive, got 0"),
+    ("train.max_steps=0", "train.max_steps must be positive, got 0"),
+    ("optim.lr=-1", "optim.lr must be positive, got -1"),
+    ("data.workers=-1", "data.workers must be 0 or more"),
+    ('model.kwargs.width="wide"', "model.kwargs.width must be of type int like its default 64, got 'wide'"),
+    ("model.kwargs.channels=3", "model.kwargs.channels is not an argument of dncnn"),
     ("model.kwargs={depthh=3}", "model.kwargs.depthh is not an argument of dncnn"),
     ("optim.lr", "must look like section.key=value"),
 ])
@@ -46,7 +57,7 @@ def test_missing_or_broken_file(tmp_path):
 
 
 def test_sweep_file_lists_every_architecture_config_and_expands_the_grid(tmp_path):
-    from train.models import architectures
+    from runtime.models import architectures
     from train.sweep import load_sweep, task_args, tasks
 
     sweep = load_sweep()

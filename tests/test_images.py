@@ -3,6 +3,7 @@ import pytest
 from PIL import Image
 
 from data_pipeline.images import BadImage, atomic_write_bytes, jpeg_roundtrip, read_image, rgb_to_luma
+from data_pipeline.sources import skimage_dir
 
 
 def test_luma_of_live1_color_equals_live1_gray(data_root):
@@ -14,10 +15,11 @@ def test_luma_of_live1_color_equals_live1_gray(data_root):
         assert np.array_equal(rgb_to_luma(rgb), gray), name
 
 
-def test_gray_mode_converts_rgb_files_to_luma(live1_pair, data_root):
-    gray, rgb = live1_pair
-    assert np.array_equal(read_image(data_root / "live1_color" / "bikes.png", "gray"), gray)
+def test_gray_mode_converts_rgb_files_to_luma(photo_pair):
+    gray, rgb = photo_pair
+    assert np.array_equal(read_image(skimage_dir() / "astronaut.png", "gray"), gray)
     assert rgb.shape == gray.shape + (3,) and rgb.dtype == np.uint8
+    assert 16 <= gray.min() and gray.max() <= 235  # studio range
 
 
 @pytest.mark.parametrize("kind, reason", [
@@ -28,8 +30,8 @@ def test_gray_mode_converts_rgb_files_to_luma(live1_pair, data_root):
     ("deep", "unsupported pixel mode I;16"),
     ("gray_in_rgb", "grayscale image, but the dataset mode is rgb"),
 ])
-def test_bad_inputs_give_a_reason(tmp_path, live1_pair, kind, reason):
-    gray, _ = live1_pair
+def test_bad_inputs_give_a_reason(tmp_path, photo_pair, kind, reason):
+    gray, _ = photo_pair
     path = tmp_path / f"{kind}.png"
     mode = "gray"
     if kind == "empty":
@@ -51,8 +53,8 @@ def test_bad_inputs_give_a_reason(tmp_path, live1_pair, kind, reason):
         read_image(path, mode, min_size=32)
 
 
-def test_jpeg_roundtrip_loses_information_monotonically(live1_pair):
-    gray, rgb = live1_pair
+def test_jpeg_roundtrip_loses_information_monotonically(photo_pair):
+    gray, rgb = photo_pair
     for img in (gray, rgb):
         err = [np.abs(jpeg_roundtrip(img, q).astype(int) - img).mean() for q in (10, 40, 95)]
         assert err[0] > err[1] > err[2] > 0

@@ -3,7 +3,10 @@ import pytest
 import torch
 
 from data_pipeline.images import jpeg_roundtrip
-from train.metrics import blocking_effect_factor, psnr, psnr_torch, psnrb, ssim, ssim_torch, to_uint8
+from runtime.inference import to_uint8
+from runtime.metrics.psnr import psnr, psnr_torch
+from runtime.metrics.psnrb import blocking_effect_factor, psnrb
+from runtime.metrics.ssim import ssim, ssim_torch
 
 
 def _tensor(img: np.ndarray) -> torch.Tensor:
@@ -12,15 +15,15 @@ def _tensor(img: np.ndarray) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("which", [0, 1])
-def test_torch_metrics_agree_with_skimage(live1_pair, which):
-    img = live1_pair[which][:200, :264]
+def test_torch_metrics_agree_with_skimage(photo_pair, which):
+    img = photo_pair[which][:200, :264]
     out = jpeg_roundtrip(img, 15)
     assert abs(psnr_torch(_tensor(img), _tensor(out)).item() - psnr(img, out)) < 1e-3
     assert abs(ssim_torch(_tensor(img), _tensor(out)).item() - ssim(img, out)) < 1e-3
 
 
-def test_color_psnr_is_one_mse_over_all_channels(live1_pair):
-    img = live1_pair[1]
+def test_color_psnr_is_one_mse_over_all_channels(photo_pair):
+    img = photo_pair[1]
     out = jpeg_roundtrip(img, 10)
     mse = np.mean((img.astype(float) - out) ** 2)
     assert psnr(img, out) == pytest.approx(10 * np.log10(255**2 / mse))
@@ -33,8 +36,8 @@ def test_bef_sees_blocks_and_not_smooth_ramps():
     assert blocking_effect_factor(blocks) > 10
 
 
-def test_psnrb_penalises_jpeg_blocking(live1_pair):
-    img = live1_pair[0]
+def test_psnrb_penalises_jpeg_blocking(photo_pair):
+    img = photo_pair[0]
     out = jpeg_roundtrip(img, 10)
     assert psnrb(img, out) < psnr(img, out) - 1.0  # q10 is visibly blocky
 

@@ -2,25 +2,17 @@ import pytest
 import torch
 from torch import nn
 
-from train.models import architectures, build_model
-
-TINY = {
-    "autoencoder": dict(tile=32, depth=2, width=8, latent=32, overlap=8),
-    "arcnn": dict(widths=(8, 8, 4)),
-    "dncnn": dict(depth=5, width=8),
-    "unet": dict(width=8, levels=2),
-    "attention": dict(width=8, groups=1, blocks=2, reduction=4),
-}
+from runtime.models import TINY, architectures, build_model, check_kwargs, tiny_kwargs
 
 
 def test_registry_lists_and_rejects():
-    assert architectures() == sorted(TINY)
+    assert architectures() == sorted(TINY) and {"autoencoder", "arcnn", "dncnn", "unet", "attention"} <= set(TINY)
     with pytest.raises(ValueError, match="unknown architecture 'nope'"):
         build_model("nope")
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("arch", sorted(TINY))
+@pytest.mark.parametrize("arch", architectures())
 def test_output_shape_equals_input_shape_on_odd_sizes(arch, channels):
     torch.manual_seed(0)
     model = build_model(arch, channels=channels, **TINY[arch]).eval()
@@ -51,7 +43,9 @@ def test_bad_kwargs_are_clear():
         build_model("autoencoder", act="tanhh")
 
 
-@pytest.mark.parametrize("arch, kwargs", [("dncnn", {}), ("unet", {}), ("attention", {}), ("arcnn", {"residual": True})])
+@pytest.mark.parametrize("arch, kwargs", [("dncnn", {}), ("unet", {}), ("attention", {}), ("arcnn", {"residual": True}),
+                                          ("drunet", tiny_kwargs("drunet")), ("nafnet", tiny_kwargs("nafnet")),
+                                          ("restormer", tiny_kwargs("restormer"))])
 def test_untrained_residual_models_start_as_the_identity(arch, kwargs):
     """The residual branch's last layer starts at zero: training starts from the JPEG input."""
     x = torch.rand(2, 1, 24, 40)
@@ -79,3 +73,29 @@ def test_unet_dropout_acts_in_training_only_and_keeps_the_weights():
     with torch.no_grad():
         assert not torch.equal(net.train()(x), net(x))
         assert torch.equal(net.eval()(x), net(x))
+
+
+def test_kwargs_are_checked_against_the_signature():
+    assert check_kwargs("unet", {"width": 8, "batch_norm": True}) is None
+    assert "width must be of type int" in check_kwargs("unet", {"width": "wide"})
+    assert "depthh is not an argument of dncnn" in check_kwargs("dncnn", {"depthh": 3})
+    assert check_kwargs("arcnn", {"widths": [8, 8, 4]}) is None  # a TOML list for a tuple default
+    assert check_kwargs("unet", {"dropout": 1}) is None  # an int where a float is expected
+
+
+@pytest.mark.parametrize("arch", ["drunet", "nafnet", "restormer"])
+def test_gpu_budget_architectures_learn_and_keep_odd_sizes(arch):
+    """A few optimizer steps on a real-valued target move the output away from the identity."""
+    torch.manual_seed(0)
+    net = build_model(arch, channels=1, **tiny_kwargs(arch))
+    x, target = torch.rand(2, 1, 24, 40), torch.rand(2, 1, 24, 40)
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    first = None
+    for _ in range(5):
+        loss = torch.nn.functional.l1_loss(net(x), target)
+        first = first if first is not None else float(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(torch.nn.functional.l1_loss(net(x), target)) < first
+    assert net.eval()(torch.rand(1, 1, 19, 29)).shape == (1, 1, 19, 29)

@@ -62,10 +62,10 @@ def test_split_is_deterministic_and_roughly_proportional():
     assert 150 < len(val) < 250
 
 
-def test_rgb_mode_skips_gray_sources(real_images, data_root, tmp_path):
+def test_rgb_mode_skips_gray_sources(real_images, color_tiles_dir, tmp_path):
     color = tmp_path / "color"
     color.mkdir()
-    for p in sorted((data_root / "train_color").iterdir())[:2]:
+    for p in sorted(color_tiles_dir.iterdir())[:2]:
         (color / p.name).write_bytes(p.read_bytes())
     (color / "gray.png").write_bytes(next(real_images.glob("*.png")).read_bytes())
     manifest = prepare(color, tmp_path / "prep", "rgb", [10], progress=False)
@@ -107,8 +107,8 @@ def _bmp_bytes(img):
     return buf.getvalue()
 
 
-def test_official_archives_extract_only_the_needed_images(data_root, tmp_path):
-    rgb = [np.asarray(Image.open(p)) for p in sorted((data_root / "live1_color").glob("*.png"))[:2]]
+def test_official_archives_extract_only_the_needed_images(photos, color_tiles_dir, tmp_path):
+    rgb = [photos["astronaut"], photos["coffee"]]
     live = tmp_path / "databaserelease2.zip"
     with zipfile.ZipFile(live, "w") as z:
         z.writestr("databaserelease2/refimgs/bikes.bmp", _bmp_bytes(rgb[0]))
@@ -121,10 +121,11 @@ def test_official_archives_extract_only_the_needed_images(data_root, tmp_path):
 
     bsds = tmp_path / "BSR_bsds500.tgz"
     with tarfile.open(bsds, "w:gz") as t:
-        for i, p in enumerate(sorted((data_root / "train_color").iterdir())[:3]):
-            split = ["train", "test", "val"][i]
-            t.add(p, f"BSR/BSDS500/data/images/{split}/{p.name}")
-        t.add(sorted((data_root / "train_color").iterdir())[3], "BSR/BSDS500/data/groundTruth/train/x.jpg")
+        for i, p in enumerate(sorted(color_tiles_dir.iterdir())[:4]):
+            jpg = tmp_path / f"{p.stem}.jpg"  # BSDS ships JPEGs
+            Image.open(p).save(jpg, quality=95)
+            split = ["train", "test", "val"][i] if i < 3 else None
+            t.add(jpg, f"BSR/BSDS500/data/images/{split}/{jpg.name}" if split else "BSR/BSDS500/data/groundTruth/train/x.jpg")
     m = prepare(bsds, tmp_path / "bsds", "gray", [10], progress=False)
     assert len(m["files"]) == 3
 

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from data_pipeline.images import jpeg_roundtrip, read_image
-from train.inference import SHIPPED_COLOR, SHIPPED_GRAY, Restorer, shipped_model
-from train.metrics import psnr
+from runtime.figures import label_height
+from runtime.inference import SHIPPED_COLOR, SHIPPED_GRAY, Restorer, shipped_model
+from runtime.metrics.psnr import psnr
 
 REPO = SHIPPED_GRAY.parent
 
@@ -80,7 +81,8 @@ def test_figure_shows_every_model_on_two_images(data_root, tmp_path):
                         "--data-root", str(data_root), "--images", "bikes,monarch", "--crop", "96", "--out", str(out)],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    assert Image.open(out).size == (4 * 96 * 2, 2 * (96 * 2 + 18))
+    assert Image.open(out).size == (4 * 96 * 2, 2 * (96 * 2 + label_height(96 * 2)))
+    assert label_height(512) >= 30  # a 1536-px strip of three panels keeps labels readable when previewed
     bad = subprocess.run([sys.executable, "-m", "train.figure", str(SHIPPED_GRAY), "--data-root", str(data_root),
                           "--images", "nope", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: no image nope.png in")

@@ -16,9 +16,9 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-
 from slurm_cluster import LocalSlurm, ensure_installed
-from train.checkpoint import latest_state
+
+from train.loop.state import latest_state
 from train.sweep import load_sweep, tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,13 +37,18 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture
-def sweep_env(tmp_path, data_root):
-    live1 = tmp_path / "eval" / "live1_gray"  # a two-image LIVE1 subset keeps the evaluation quick
+def sweep_env(tmp_path, tiles_dir, tiles_prepared):
+    live1 = tmp_path / "eval" / "live1_gray"  # two test images keep the evaluation quick
     live1.mkdir(parents=True)
-    for name in ("bikes.png", "monarch.png"):
-        shutil.copy(data_root / "live1_gray" / name, live1 / name)
+    for name in sorted(p.name for p in tiles_dir.iterdir())[:2]:
+        shutil.copy(tiles_dir / name, live1 / name)
     return {"SWEEP_OUT": str(tmp_path / "sweep"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
-            "JPEG_RESTORE_DATA_ROOT": str(data_root), "EVAL_DATASET": str(live1), "EVAL_QUALITIES": "10"}
+            "EVAL_DATASET": str(live1), "EVAL_QUALITIES": "10", "PREPARED": str(tiles_prepared)}
+
+
+def data_args(env: dict) -> list[str]:
+    """Train every task on the already prepared tiles (q10 and q40) instead of the configs' Train400."""
+    return ["--set", f"data.prepared_dir={env['PREPARED']}", "--set", "data.qualities=[10, 40]"]
 
 
 def _runs(env: dict, experiment: str = "jpeg-sweep"):
@@ -54,7 +59,8 @@ def _runs(env: dict, experiment: str = "jpeg-sweep"):
 def test_sweep_trains_every_architecture(cluster, sweep_env, tmp_path):
     n = len(tasks(load_sweep()))
     job = cluster.run("sbatch", "--parsable", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%A_%a.out",
-                      "slurm/sweep.sh", "--smoke", "--set", "data.backend=torch", cwd=REPO, env=sweep_env)
+                      "slurm/sweep.sh", "--smoke", "--set", "data.backend=torch", *data_args(sweep_env),
+                      cwd=REPO, env=sweep_env)
     states = cluster.wait_done(job, timeout=900)
     logs = "\n".join(p.read_text()[-1500:] for p in sorted(tmp_path.glob("slurm-*.out")))
     assert len(states) == n and set(states.values()) == {"COMPLETED"}, f"{states}\n{logs}"
@@ -81,7 +87,8 @@ def test_sigterm_checkpoints_requeues_and_resumes(cluster, sweep_env, tmp_path):
     unet = [t["name"] for t in tasks(load_sweep())].index("unet")
     env = {**sweep_env, "SWEEP_EVAL": "0"}
     job = cluster.run("sbatch", "--parsable", f"--array={unet}", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%A_%a.out",
-                      "slurm/sweep.sh", "--smoke", "--set", "data.backend=torch", "--set", "train.max_steps=60",
+                      "slurm/sweep.sh", "--smoke", "--set", "data.backend=torch", *data_args(env),
+                      "--set", "train.max_steps=60",
                       "--set", "train.ckpt_every=1000", "--set", "train.val_every=1000", cwd=REPO, env=env)
     task = f"{job}_{unet}"
     log = tmp_path / f"slurm-{job}_{unet}.out"
@@ -108,13 +115,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_simulated_nodes_train_one_model(data_root, tmp_path):
+def test_two_simulated_nodes_train_one_model(tiles_dir, tmp_path):
     port = _free_port()
-    env = {**os.environ, "JPEG_RESTORE_DATA_ROOT": str(data_root), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ml.db'}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ml.db'}"}
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
                                "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes",
                                str(REPO / "train" / "main.py"), "--config", str(REPO / "configs" / "arcnn.toml"), "--smoke",
-                               "--set", "data.backend=torch", "--out", str(tmp_path / "out")],  # a shared file system
+                               "--set", "data.backend=torch", "--set", f"data.dataset={tiles_dir}",
+                               "--out", str(tmp_path / "out")],  # a shared file system
                               env=env, cwd=REPO, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     errs = [p.communicate(timeout=600)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-2000:] for e in errs)

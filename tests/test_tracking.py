@@ -6,7 +6,7 @@ import mlflow
 
 WRITER = """
 import sys
-from train.tracking import Tracker
+from train.loop.tracking import Tracker
 t = Tracker(True, "concurrent", f"writer-{sys.argv[1]}", sys.argv[2], tags={"writer": sys.argv[1]})
 t.log_params({f"p{i}": i for i in range(20)})
 for step in range(60):

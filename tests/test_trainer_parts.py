@@ -4,11 +4,13 @@ import math
 import pytest
 import torch
 
-from train import checkpoint as ckpt
-from train.config import load_config
-from train.inference import autocast_for, native_bf16, resolve_precision, restore_tensor, self_ensemble
-from train.models import build_model, macs_per_pixel
-from train.trainer import LOSSES, build_optimizer, build_scheduler
+from runtime import checkpoint as ckpt
+from runtime.device import autocast_for, native_bf16, resolve_precision
+from runtime.models import build_model, macs_per_pixel
+from runtime.tiling import restore_tensor, self_ensemble
+from train.loop.config import load_config
+from train.loop.optim import LOSSES, build_optimizer, build_scheduler
+from train.loop.state import latest_state, prune_states, state_path
 
 
 def _lrs(overrides, steps):
@@ -73,7 +75,7 @@ def test_auto_precision_is_bf16_only_where_native():
     assert resolve_precision("auto", cpu) == ("bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")
     assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
     assert [resolve_precision(p, cpu) for p in ("bf16", "fp16", "fp32")] == ["bf16", "fp16", "fp32"]  # explicit wins
-    with pytest.raises(ValueError, match="auto, bf16, fp16 or fp32"):
+    with pytest.raises(ValueError, match="auto, bf16, fp16, fp32, got .fp8."):
         autocast_for("fp8", cpu)
 
 
@@ -91,7 +93,8 @@ def test_self_ensemble_is_equivariant_and_averages_eight_views():
         w = conv.weight[0, 0]
         views = [torch.rot90(w, k) for k in range(4)] + [torch.rot90(w.flip(-1), k) for k in range(4)]
         sym = torch.nn.Conv2d(1, 1, 3, padding=1)
-        sym.weight.copy_(torch.stack(views).mean(0)[None, None]); sym.bias.copy_(conv.bias)
+        sym.weight.copy_(torch.stack(views).mean(0)[None, None])
+        sym.bias.copy_(conv.bias)
         assert torch.allclose(y, sym(x), atol=1e-5)
         # tiled images: the ensemble runs on every tile
         big = torch.rand(1, 1, 40, 70)
@@ -122,11 +125,11 @@ def test_model_checkpoint_round_trip_and_mismatch(tmp_path):
 
 def test_state_files_newest_and_pruned(tmp_path):
     for step in (3, 10, 200):
-        ckpt.save({"step": step}, ckpt.state_path(tmp_path, step))
-    assert ckpt.latest_state(tmp_path).name == "step_00000200.pt"
-    ckpt.prune_states(tmp_path, keep=2)
+        ckpt.save({"step": step}, state_path(tmp_path, step))
+    assert latest_state(tmp_path).name == "step_00000200.pt"
+    prune_states(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000010.pt", "step_00000200.pt"]
-    assert ckpt.latest_state(tmp_path / "nothing") is None
+    assert latest_state(tmp_path / "nothing") is None
 
 
 def test_macs_per_pixel_of_dncnn():

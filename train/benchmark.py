@@ -2,6 +2,7 @@
 and 1 against 2 processes (torchrun, gloo on CPU).
 
     python -m train.benchmark [--arch dncnn] [--steps 12] [--json outputs/train_bench.json]
+    python -m train.benchmark --loaders --data-root ../shared/data   # loaders beside what a step consumes
 
 All on synthetic batches (batch 32, 64x64, channels_last, AdamW, L1; --precision auto is bf16
 autocast where the device has native bf16, fp32 on other CPUs), so the figures measure the
@@ -20,13 +21,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from data_pipeline import benchmark as loader_bench
+from data_pipeline.errors import command
 from data_pipeline.images import atomic_write_json
+from runtime.device import autocast_for, native_bf16, resolve_precision
+from runtime.models import architectures, build_model, macs_per_pixel
 
-from .config import load_config
-from .distributed import DistInfo
-from .inference import autocast_for, native_bf16, resolve_precision
-from .models import architectures, build_model, macs_per_pixel
-from .trainer import Trainer
+from .loop.config import load_config
+from .loop.distributed import DistInfo
+from .loop.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH, PATCH = 32, 64
@@ -97,15 +100,37 @@ def processes_rate(arch: str, steps: int, nproc: int, out: Path, precision: str)
     return sum(rates) / len(rates)
 
 
+def loaders_against_training(args, device: torch.device, precision: str) -> int:
+    """Each loader's patches/s and its headroom over what a bare `--arch` training step consumes."""
+    prepared = loader_bench.prepare_train400(args.data_root, Path("outputs/prepared/train400-gray"))
+    rows = loader_bench.measure(prepared, 40, device)
+    print(f"device {device}, {os.cpu_count()} cores, batch 32, Train400 q10-40, {args.arch} step in {precision}")
+    print(f"{'backend':<28} {'workers':>7} {'patch':>5} {'patches/s':>10} {'x training':>10}")
+    for patch in (64, 128):
+        consumed = bare_loop_rate(args.arch, 3, device, batch=32, patch=patch, precision=precision)
+        print(f"{args.arch + ' train step':<28} {'':>7} {patch:>5} {consumed:10.0f}")
+        for r in (r for r in rows if r["patch"] == patch):
+            r["x_training"] = r["patches_per_s"] / consumed
+            print(f"{r['backend']:<28} {r['workers']:>7} {patch:>5} {r['patches_per_s']:10.0f} {r['x_training']:10.1f}")
+    atomic_write_json(args.json, {"device": str(device), "arch": args.arch, "precision": precision, "loaders": rows})
+    print(f"wrote {args.json}")
+    return 0
+
+
+@command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="dncnn", help="architecture for the trainer and process comparisons")
     ap.add_argument("--steps", type=int, default=12, help="timed steps per measurement window")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     ap.add_argument("--json", type=Path, default=Path("outputs/train_bench.json"))
+    ap.add_argument("--loaders", action="store_true", help="loader patches/s (Train400) beside what a training step consumes")
+    ap.add_argument("--data-root", help="with --loaders (default: $JPEG_RESTORE_DATA_ROOT)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(args.precision, device)
+    if args.loaders:
+        return loaders_against_training(args, device, precision)
     print(f"device {device}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"batch {BATCH}, {PATCH}x{PATCH}, {precision} (native bf16: {native_bf16(device)}), channels_last")
     archs = []

@@ -13,9 +13,10 @@ import io
 import sys
 from pathlib import Path
 
+from data_pipeline.errors import UserError, command
 from data_pipeline.images import atomic_write_bytes
-
-from .tracking import resolve_tracking_uri
+from runtime.metrics import metrics
+from runtime.mlflow_store import resolve_tracking_uri
 
 QUALITIES = (10, 20, 30, 40)
 
@@ -37,7 +38,7 @@ def collect(experiment: str, dataset: str = "live1_gray") -> tuple[list[dict], d
     mlflow.set_tracking_uri(resolve_tracking_uri())
     client = mlflow.MlflowClient()
     if client.get_experiment_by_name(experiment) is None:
-        raise ValueError(f"no MLflow experiment {experiment!r} in {mlflow.get_tracking_uri()}")
+        raise UserError(f"no MLflow experiment {experiment!r} in {mlflow.get_tracking_uri()}")
     rows, jpeg = [], {}
     for run in mlflow.search_runs(experiment_names=[experiment], output_format="list"):
         p, m, t = run.data.params, run.data.metrics, run.data.tags
@@ -52,7 +53,7 @@ def collect(experiment: str, dataset: str = "live1_gray") -> tuple[list[dict], d
                "images_per_s": sum(h.value for h in rate) / len(rate) if rate else None,
                "world_size": t.get("world_size"), "best_val_psnr": best_psnr, "best_val_ssim": best_ssim, "curve": curve}
         for q in QUALITIES:
-            for metric in ("psnr", "ssim", "psnrb"):
+            for metric in (m.name for m in metrics()):
                 row[f"{metric}_q{q}"] = m.get(f"{dataset}_model_{metric}_q{q}")
                 if f"{dataset}_jpeg_{metric}_q{q}" in m:
                     jpeg[f"{metric}_q{q}"] = m[f"{dataset}_jpeg_{metric}_q{q}"]
@@ -67,15 +68,19 @@ def _fmt(v, digits=2) -> str:
 def markdown(rows: list[dict], jpeg: dict, dataset: str) -> str:
     qs = [q for q in QUALITIES if any(r[f"psnr_q{q}"] is not None for r in rows) or f"psnr_q{q}" in jpeg]
     head = ["run", "arch", "status", "params (M)", "MACs/px (k)", "train min", "img/s", "val PSNR", "val SSIM"]
-    head += [f"{dataset} q{q} PSNR / SSIM / PSNR-B" for q in qs]
+    ms = metrics()
+    head += [f"{dataset} q{q} " + " / ".join(m.label for m in ms) for q in qs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(values: dict, q: int) -> str:
+        return " / ".join(_fmt(values.get(f"{m.name}_q{q}"), m.digits) for m in ms)
+
     if jpeg:
-        lines.append("| JPEG | - | - | - | - | - | - | - | - | " + " | ".join(
-            f"{_fmt(jpeg.get(f'psnr_q{q}'))} / {_fmt(jpeg.get(f'ssim_q{q}'), 3)} / {_fmt(jpeg.get(f'psnrb_q{q}'))}" for q in qs) + " |")
+        lines.append("| JPEG | - | - | - | - | - | - | - | - | " + " | ".join(cell(jpeg, q) for q in qs) + " |")
     for r in rows:
         cells = [r["run"], r["arch"], r["status"], _fmt(r["params_m"], 3), _fmt(r["macs_per_pixel_k"], 1), _fmt(r["train_time_min"], 1),
                  _fmt(r["images_per_s"], 1), _fmt(r["best_val_psnr"]), _fmt(r["best_val_ssim"], 4)]
-        cells += [f"{_fmt(r[f'psnr_q{q}'])} / {_fmt(r[f'ssim_q{q}'], 3)} / {_fmt(r[f'psnrb_q{q}'])}" for q in qs]
+        cells += [cell(r, q) for q in qs]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -138,20 +143,16 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+@command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", default="jpeg-sweep")
     ap.add_argument("--dataset", default="live1_gray", help="evaluation dataset whose logged metrics to show")
     ap.add_argument("--out", type=Path, default=Path("outputs/compare"))
     args = ap.parse_args(argv)
-    try:
-        rows, jpeg = collect(args.experiment, args.dataset)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    rows, jpeg = collect(args.experiment, args.dataset)
     if not rows:
-        print(f"error: experiment {args.experiment!r} has no runs", file=sys.stderr)
-        return 2
+        raise UserError(f"experiment {args.experiment!r} has no runs")
     table = markdown(rows, jpeg, args.dataset)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[k for k in rows[0] if k != "curve"], extrasaction="ignore")

@@ -19,17 +19,16 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, jpeg_roundtrip, list_images, png_bytes, read_image
+from data_pipeline.errors import UserError, command
+from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, jpeg_roundtrip, list_images, read_image
 from data_pipeline.sources import DataError, dataset_dir
-
-from .checkpoint import CheckpointError
-from .inference import Restorer, shipped_model
-from .metrics import image_metrics, psnr
+from runtime.figures import side_by_side
+from runtime.inference import Restorer, shipped_model
+from runtime.metrics import image_metrics, metrics
+from runtime.mlflow_store import log_to_run
 
 RestoreFn = Callable[[np.ndarray], np.ndarray]  # uint8 JPEG-decoded image -> uint8 restored image
-METRICS = ("psnr", "ssim", "psnrb")
 
 
 def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -70,44 +69,36 @@ def evaluate(images: dict[str, np.ndarray], qualities: list[int], restore: Resto
                 if len(kept[q]) < keep:
                     kept[q].append((n, images[n], jpeg, restored))
             kinds = ["jpeg"] + (["model"] if restore is not None else [])
-            results[str(q)] = {k: {m: float(np.mean([rows[n][k][m] for n in names])) for m in METRICS} for k in kinds}
+            results[str(q)] = {k: {m.name: float(np.mean([rows[n][k][m.name] for n in names])) for m in metrics()}
+                               for k in kinds}
             per_image[str(q)] = rows
     return results, {"per_image": per_image, "kept": kept}
 
 
 def format_table(dataset: str, results: dict) -> str:
+    """One row per quality: every registered metric of the JPEG input, of the model, and the PSNR gain."""
+    ms = metrics()
     has_model = any("model" in r for r in results.values())
-    head = f"{'q':>4} | {'JPEG PSNR':>9} {'SSIM':>6} {'PSNR-B':>7}"
+    widths = [max(len(m.label), 6) for m in ms]
+
+    def heads(prefix: str) -> str:
+        return " ".join(f"{(prefix + m.label) if i == 0 else m.label:>{w + (len(prefix) if i == 0 else 0)}}"
+                        for i, (m, w) in enumerate(zip(ms, widths)))
+
+    def cells(values: dict, prefix: str) -> str:
+        return " ".join(f"{values[m.name]:{w + (len(prefix) if i == 0 else 0)}.{m.digits}f}"
+                        for i, (m, w) in enumerate(zip(ms, widths)))
+
+    head = f"{'q':>4} | {heads('JPEG ')}"
     if has_model:
-        head += f" | {'model PSNR':>10} {'SSIM':>6} {'PSNR-B':>7} | {'gain dB':>7}"
+        head += f" | {heads('model ')} | {'gain dB':>7}"
     lines = [f"{dataset}", head, "-" * len(head)]
     for q, r in results.items():
-        j = r["jpeg"]
-        line = f"{q:>4} | {j['psnr']:9.2f} {j['ssim']:6.3f} {j['psnrb']:7.2f}"
+        line = f"{q:>4} | {cells(r['jpeg'], 'JPEG ')}"
         if "model" in r:
-            m = r["model"]
-            line += f" | {m['psnr']:10.2f} {m['ssim']:6.3f} {m['psnrb']:7.2f} | {m['psnr'] - j['psnr']:+7.2f}"
+            line += f" | {cells(r['model'], 'model ')} | {r['model']['psnr'] - r['jpeg']['psnr']:+7.2f}"
         lines.append(line)
     return "\n".join(lines)
-
-
-def panel_strip(panels: list[tuple[str, np.ndarray]], scale: int = 1) -> Image.Image:
-    """Images side by side, each under its label (nearest-neighbour upscaled by `scale`)."""
-    h, w = panels[0][1].shape[0] * scale, panels[0][1].shape[1] * scale
-    canvas = Image.new("RGB", (w * len(panels), h + 18), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (label, img) in enumerate(panels):
-        canvas.paste(Image.fromarray(img).convert("RGB").resize((w, h), Image.NEAREST), (i * w, 18))
-        draw.text((i * w + 4, 3), label, fill="black")
-    return canvas
-
-
-def side_by_side(original: np.ndarray, jpeg: np.ndarray, restored: np.ndarray | None, title: str) -> bytes:
-    """PNG: original | JPEG | restored, each labelled with its PSNR against the original."""
-    panels = [(f"{title}  original", original), (f"JPEG {psnr(original, jpeg):.2f} dB", jpeg)]
-    if restored is not None:
-        panels.append((f"restored {psnr(original, restored):.2f} dB", restored))
-    return png_bytes(np.asarray(panel_strip(panels)))
 
 
 def write_side_by_side(kept: dict, out_dir: Path) -> list[Path]:
@@ -120,6 +111,7 @@ def write_side_by_side(kept: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+@command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", help="data root (default: $JPEG_RESTORE_DATA_ROOT)")
@@ -139,14 +131,15 @@ def main(argv=None) -> int:
     restorer = None
     try:
         qualities = [int(q) for q in args.qualities.split(",")]
-        images, skipped = load_test_images(dataset_dir(args.dataset, args.data_root))
-        if not args.jpeg_only:
-            color = any(img.ndim == 3 for img in images.values())
-            args.checkpoint = args.checkpoint or shipped_model(color)
-            restorer = Restorer(args.checkpoint, args.device, args.precision, ensemble=args.self_ensemble)
-    except (DataError, ValueError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError:
+        raise UserError(f"--qualities must be comma-separated integers, got {args.qualities!r}") from None
+    if not all(1 <= q <= 100 for q in qualities):
+        raise UserError(f"--qualities must be JPEG qualities in 1..100, got {args.qualities!r}")
+    images, skipped = load_test_images(dataset_dir(args.dataset, args.data_root))
+    if not args.jpeg_only:
+        color = any(img.ndim == 3 for img in images.values())
+        args.checkpoint = args.checkpoint or shipped_model(color)
+        restorer = Restorer(args.checkpoint, args.device, args.precision, ensemble=args.self_ensemble)
     for s in skipped:
         print(f"skipped {s}", file=sys.stderr)
     keep = args.side_by_side_count if args.side_by_side else 0
@@ -164,30 +157,11 @@ def main(argv=None) -> int:
     if args.side_by_side:
         write_side_by_side(extra["kept"], args.side_by_side)
     if args.log_mlflow and restorer:
-        log_to_run(restorer.meta.get("mlflow_run_id"), args.dataset + ("_x8" if args.self_ensemble else ""), results,
-                   time.perf_counter() - start)
+        name = Path(args.dataset).name + ("_x8" if args.self_ensemble else "")
+        logged = {f"{name}_{kind}_{m}_q{q}": v for q, r in results.items() for kind, ms in r.items() for m, v in ms.items()}
+        logged[f"{name}_eval_time_s"] = time.perf_counter() - start
+        print(log_to_run(restorer.meta.get("mlflow_run_id"), logged))
     return 0
-
-
-def log_to_run(run_id: str | None, dataset: str, results: dict, seconds: float) -> None:
-    """Metrics as <dataset>_<kind>_<metric>_q<q> on the checkpoint's run (the comparison reads them)."""
-    if not run_id:
-        print("not logged to MLflow: the checkpoint names no run", file=sys.stderr)
-        return
-    import mlflow
-
-    from .tracking import resolve_tracking_uri
-
-    mlflow.set_tracking_uri(resolve_tracking_uri())
-    dataset = Path(dataset).name
-    metrics = {f"{dataset}_{kind}_{m}_q{q}": v for q, r in results.items() for kind, ms in r.items() for m, v in ms.items()}
-    metrics[f"{dataset}_eval_time_s"] = seconds
-    try:
-        mlflow.MlflowClient().log_batch(run_id, [mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
-                                                 for k, v in metrics.items()])
-        print(f"logged {len(metrics)} metrics to MLflow run {run_id}")
-    except Exception as exc:  # noqa: BLE001 - a store without that run
-        print(f"not logged to MLflow run {run_id}: {str(exc).splitlines()[0]}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 panel labelled with its PSNR on the whole image, cropped where JPEG hurts most and enlarged.
 
     python -m train.figure runs/*/image_compression_model.pth --images bikes,monarch --quality 10 \\
-        --out train/results/side_by_side_q10.png
+        --out docs/side_by_side_q10.png
 """
 from __future__ import annotations
 
@@ -14,13 +14,12 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import uniform_filter
 
-from data_pipeline.images import BadImage, atomic_write_bytes, jpeg_roundtrip, png_bytes, read_image
+from data_pipeline.errors import UserError, command
+from data_pipeline.images import atomic_write_bytes, jpeg_roundtrip, png_bytes, read_image
 from data_pipeline.sources import DataError, dataset_dir
-
-from .checkpoint import CheckpointError
-from .evaluate import panel_strip
-from .inference import Restorer
-from .metrics import psnr
+from runtime.figures import panel_strip
+from runtime.inference import Restorer
+from runtime.metrics.psnr import psnr
 
 
 def worst_crop(original: np.ndarray, jpeg: np.ndarray, size: int) -> tuple[slice, slice]:
@@ -49,6 +48,7 @@ def figure(images: dict[str, np.ndarray], models: list[tuple[str, Restorer]], qu
     return canvas
 
 
+@command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="+", type=Path, help="models, one column each (labelled by architecture)")
@@ -61,21 +61,17 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", type=int, default=2, help="enlargement of the crops")
     ap.add_argument("--out", type=Path, required=True, help="PNG to write")
     args = ap.parse_args(argv)
-    try:
-        folder = dataset_dir(args.dataset, args.data_root)
-        images = {}
-        for name in args.images.split(","):
-            path = folder / f"{name}.png"
-            if not path.is_file():
-                raise DataError(f"no image {name}.png in {folder}")
-            images[name] = read_image(path, None, min_size=8)
-        restorers = [Restorer(c) for c in args.checkpoints]
-        labels = args.labels.split(",") if args.labels else [r.meta["arch"] for r in restorers]
-        if len(labels) != len(restorers):
-            raise ValueError(f"{len(labels)} labels for {len(restorers)} checkpoints")
-    except (DataError, BadImage, CheckpointError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    folder = dataset_dir(args.dataset, args.data_root)
+    images = {}
+    for name in args.images.split(","):
+        path = folder / f"{name}.png"
+        if not path.is_file():
+            raise DataError(f"no image {name}.png in {folder}")
+        images[name] = read_image(path, None, min_size=8)
+    restorers = [Restorer(c) for c in args.checkpoints]
+    labels = args.labels.split(",") if args.labels else [r.meta["arch"] for r in restorers]
+    if len(labels) != len(restorers):
+        raise UserError(f"{len(labels)} labels for {len(restorers)} checkpoints")
     canvas = figure(images, list(zip(labels, restorers)), args.quality, args.crop, args.scale)
     atomic_write_bytes(args.out, png_bytes(np.asarray(canvas)))
     print(f"wrote {args.out} ({canvas.width}x{canvas.height})")

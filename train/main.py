@@ -18,12 +18,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python train/main.py` / `torchrun train/main.py`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from data_pipeline.images import BadImage  # noqa: E402
-from data_pipeline.sources import DataError  # noqa: E402
-from train.checkpoint import CheckpointError  # noqa: E402
-from train.config import ConfigError, load_config  # noqa: E402
-from train.distributed import cleanup, init_distributed  # noqa: E402
-from train.trainer import SMOKE_OVERRIDES, Trainer  # noqa: E402
+from data_pipeline.errors import command  # noqa: E402
+from train.loop.config import load_config  # noqa: E402
+from train.loop.distributed import cleanup, init_distributed  # noqa: E402
+from train.loop.trainer import SMOKE_OVERRIDES, Trainer  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
@@ -51,9 +50,6 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, args.out, info, resume=args.resume, data_root=args.data_root)
         trainer.fit()
         return 0
-    except (ConfigError, DataError, CheckpointError, BadImage) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     finally:
         if trainer is not None:
             trainer.close()

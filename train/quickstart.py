@@ -15,17 +15,20 @@ import sys
 import time
 from pathlib import Path
 
+from data_pipeline.backends import backends
 from data_pipeline.config import DataConfig
+from data_pipeline.errors import command
 from data_pipeline.images import atomic_write_bytes, read_image
-from data_pipeline.loaders import build_loader, dali_available
+from data_pipeline.loaders import build_loader
 from data_pipeline.prepare import load_manifest, prepare
 from data_pipeline.sources import skimage_dir
+from runtime.inference import Restorer
+from runtime.mlflow_store import log_to_run
 
-from .config import load_config
-from .distributed import cleanup, init_distributed
 from .evaluate import evaluate, format_table, write_side_by_side
-from .inference import Restorer
-from .trainer import Trainer
+from .loop.config import load_config
+from .loop.distributed import cleanup, init_distributed
+from .loop.trainer import Trainer
 
 QUALITIES = [10, 20, 30, 40]
 VAL_FRACTION = 0.2  # holds out 3 of the 17 photographs: astronaut, camera, retina
@@ -33,13 +36,19 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "unet.toml"
 
 
 def check_loaders(prepared: Path) -> None:
-    for backend in ["dali"] * dali_available() + ["torch", "synthetic"]:
+    for backend in [name for name, cls in backends().items() if cls.unavailable() is None]:
         loader = build_loader(DataConfig(backend=backend, prepared_dir=str(prepared), batch_size=8))
         start, n = time.perf_counter(), 0
         for x, _ in itertools.islice(loader, 10):
             n += x.shape[0]
         print(f"loader {backend:>9}: batches {tuple(x.shape)} in [{x.min():.2f}, {x.max():.2f}], "
               f"{n / (time.perf_counter() - start):.0f} patches/s")
+
+
+def centre_crop(img, size: int):
+    h, w = img.shape[:2]
+    y, x = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return img[y:y + size, x:x + size]
 
 
 def train(prepared: Path, out: Path, steps: int) -> Path:
@@ -56,10 +65,12 @@ def train(prepared: Path, out: Path, steps: int) -> Path:
     return trainer.best_path
 
 
+@command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("outputs/quickstart"))
     ap.add_argument("--steps", type=int, default=400, help="training steps (400: a few minutes on 2 CPU cores)")
+    ap.add_argument("--eval-size", type=int, default=0, help="evaluate on centre crops of this side (0: whole photographs)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = args.out
@@ -74,7 +85,12 @@ def main(argv=None) -> int:
 
     images = {f["name"]: read_image(prepared / f["original"]["path"], "gray") for f in load_manifest(prepared)["files"]
               if f["split"] == "val"}
-    results, extra = evaluate(images, QUALITIES, restore=Restorer(best), keep=2)
+    if args.eval_size:
+        images = {name: centre_crop(img, args.eval_size) for name, img in images.items()}
+    restorer = Restorer(best)
+    results, extra = evaluate(images, QUALITIES, restore=restorer, keep=2)
+    print(log_to_run(restorer.meta.get("mlflow_run_id"),
+                     {f"skimage_heldout_{kind}_{m}_q{q}": v for q, r in results.items() for kind, ms in r.items() for m, v in ms.items()}))
     table = format_table(f"U-Net ({args.steps} steps) vs JPEG on {len(images)} held-out scikit-image photographs (gray)", results)
     print(table)
     atomic_write_bytes(out / "results.md", ("```\n" + table + "\n```\n").encode())

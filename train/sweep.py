@@ -14,7 +14,9 @@ import itertools
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config, read_toml, toml_value
+from data_pipeline.errors import command
+
+from .loop.config import ConfigError, load_config, read_toml, toml_value
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SWEEP = REPO / "configs" / "sweep.toml"
@@ -64,6 +66,7 @@ def task_args(sweep: dict, index: int, sweep_id: str) -> list[str]:
     return args
 
 
+@command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["count", "args", "list"])
@@ -71,20 +74,16 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", default=str(DEFAULT_SWEEP))
     ap.add_argument("--sweep-id", default="local")
     args = ap.parse_args(argv)
-    try:
-        sweep = load_sweep(args.sweep)
-        if args.command == "count":
-            print(len(tasks(sweep)))
-        elif args.command == "list":
-            for i, t in enumerate(tasks(sweep)):
-                print(i, t["name"])
-        else:
-            if args.index is None:
-                raise ConfigError("args needs the array index")
-            print("\n".join(task_args(sweep, args.index, args.sweep_id)))  # one argument per line
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    sweep = load_sweep(args.sweep)
+    if args.command == "count":
+        print(len(tasks(sweep)))
+    elif args.command == "list":
+        for i, t in enumerate(tasks(sweep)):
+            print(i, t["name"])
+    else:
+        if args.index is None:
+            raise ConfigError("args needs the array index")
+        print("\n".join(task_args(sweep, args.index, args.sweep_id)))  # one argument per line
     return 0
 
 

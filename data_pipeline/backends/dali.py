@@ -1,29 +1,39 @@
 """NVIDIA DALI backend: nvJPEG decoding on the GPU (device="mixed"), a CPU-only pipeline
-(device_id=None) when there is no GPU. Imported only when the 'dali' backend is chosen."""
+(device_id=None) when there is no GPU. DALI itself is imported only when this backend runs."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import numpy as np
-import nvidia.dali.fn as fn
-import nvidia.dali.types as types
 import torch
-from nvidia.dali import pipeline_def
-from nvidia.dali.math import floor as dali_floor
-from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .config import DataConfig
+from . import Backend, register_backend
 
 
 def _crop_anchor(u, v, shape, patch: int, align: int):
-    """Same formula as loaders.crop_offset, on DALI nodes: floor(u*(S-P)/align)*align."""
+    """Same formula as patches.crop_offset, on DALI nodes: floor(u*(S-P)/align)*align."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali.math import floor as dali_floor
+
     def one(r, size):
         return dali_floor(r * fn.cast(size - patch, dtype=types.FLOAT) / float(align)) * align
     return fn.cast(fn.stack(one(u, shape[0]), one(v, shape[1])), dtype=types.INT32)
 
 
-@pipeline_def(enable_conditionals=True)
-def pair_pipeline(jpeg_files, original_files, cfg: DataConfig, shard_id: int, num_shards: int, decode_device: str):
+def pair_pipeline(jpeg_files, original_files, cfg, shard_id: int, num_shards: int, decode_device: str, **pipe_kwargs):
+    """The DALI pipeline of (input, target) patches, built with `pipe_kwargs` (batch size, threads, device)."""
+    from nvidia.dali import pipeline_def
+
+    return pipeline_def(_pair_graph, enable_conditionals=True)(jpeg_files, original_files, cfg, shard_id, num_shards,
+                                                               decode_device, **pipe_kwargs)
+
+
+def _pair_graph(jpeg_files, original_files, cfg, shard_id: int, num_shards: int, decode_device: str):
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
     image_type = types.GRAY if cfg.mode == "gray" else types.RGB
     reader = dict(shard_id=shard_id, num_shards=num_shards, shuffle_after_epoch=cfg.augment,
                   pad_last_batch=True, seed=cfg.seed)  # same seed on every rank: one global order
@@ -59,18 +69,26 @@ def pair_pipeline(jpeg_files, original_files, cfg: DataConfig, shard_id: int, nu
     return fn.transpose(inp, perm=[2, 0, 1]), fn.transpose(target, perm=[2, 0, 1])
 
 
-class DaliSource:
+@register_backend("dali", order=10)
+class DaliSource(Backend):
     """An endless stream of uint8 CHW batches; PairLoader cuts it into equal epochs on every rank.
 
     The pipeline is built on the first request. A run resumed part-way (epoch or start > 0)
     starts a fresh stream seeded by that position: the same distribution of samples, not the
     exact sequence of an uninterrupted run (the torch backend resumes exactly)."""
 
-    def __init__(self, pairs, cfg: DataConfig, rank: int, world_size: int, device: torch.device):
+    @classmethod
+    def unavailable(cls):
+        return None if importlib.util.find_spec("nvidia.dali") else \
+            "NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)"
+
+    def __init__(self, pairs, cfg, rank: int, world_size: int, device: torch.device):
         self.pairs, self.cfg, self.rank, self.world_size, self.device = pairs, cfg, rank, world_size, device
         self.iterator = None
 
     def _build(self, seed: int):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
         cfg, pairs = self.cfg, self.pairs
         order = np.random.default_rng(seed).permutation(len(pairs)) if cfg.augment else np.arange(len(pairs))
         jpegs = [pairs[i][0] for i in order]

@@ -38,7 +38,7 @@ class ResidualGroup(nn.Module):
         return x + self.body(x)
 
 
-@register("attention")
+@register("attention", tiny={"width": 8, "groups": 1, "blocks": 2, "reduction": 4})
 class RCAN(nn.Module):
     def __init__(self, channels: int = 1, width: int = 48, groups: int = 3, blocks: int = 4, reduction: int = 8):
         super().__init__()

@@ -8,7 +8,7 @@ from . import register
 from .common import zero_init_
 
 
-@register("arcnn")
+@register("arcnn", tiny={"widths": [8, 8, 4]})
 class ARCNN(nn.Module):
     def __init__(self, channels: int = 1, widths: tuple[int, int, int] = (64, 32, 16), residual: bool = False):
         super().__init__()

@@ -1,20 +1,40 @@
 """Training configuration: nested dataclasses, loaded from a TOML file in configs/ with dotted
-command-line overrides (`--set optim.lr=2e-4`). Unknown keys and ill-typed values are rejected."""
+command-line overrides (`--set optim.lr=2e-4`). Unknown keys, ill-typed values, names outside
+their choices, non-positive counts and model kwargs that do not fit the architecture are
+rejected at load, each with one line naming the key and what is allowed."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomllib
+
 from data_pipeline.config import DataConfig
+from data_pipeline.errors import UserError
+from runtime.device import PRECISIONS
+from runtime.models import architectures, check_kwargs
+
+from .optim import LOSSES, OPTIMIZERS, SCHEDULES
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config file, key or value; the message names it."""
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+def _positive(section: str, obj, names: tuple[str, ...], allow_zero: tuple[str, ...] = ()) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 0 or (value == 0 and name not in allow_zero):
+            need = "0 or more" if name in allow_zero else "positive"
+            raise ValueError(f"{section}.{name} must be {need}, got {value}")
 
 
 @dataclass
@@ -38,6 +58,10 @@ class OptimConfig:
     grad_clip: float = 0.0
     """Clip the global gradient norm to this; 0 disables."""
 
+    def __post_init__(self):
+        _choice("optim.name", self.name, OPTIMIZERS)
+        _positive("optim", self, ("lr", "weight_decay", "momentum", "grad_clip"), ("weight_decay", "momentum", "grad_clip"))
+
 
 @dataclass
 class ScheduleConfig:
@@ -53,6 +77,11 @@ class ScheduleConfig:
     """Decay factor of the step and plateau schedules."""
     patience: int = 3
     """Validations without improvement before plateau decays."""
+
+    def __post_init__(self):
+        _choice("schedule.name", self.name, SCHEDULES)
+        _positive("schedule", self, ("warmup_steps", "min_lr", "step_size", "gamma", "patience"),
+                  ("warmup_steps", "min_lr", "patience"))
 
 
 @dataclass
@@ -80,13 +109,18 @@ class TrainConfig:
     ddp_timeout_s: int = 600
     """A rank that waits longer than this on the others fails the job instead of hanging."""
 
+    def __post_init__(self):
+        _choice("train.loss", self.loss, tuple(LOSSES))
+        _choice("train.precision", self.precision, PRECISIONS)
+        _positive("train", self, ("max_steps", "val_every", "ckpt_every", "log_every", "ddp_timeout_s", "seed"), ("seed",))
+
 
 @dataclass
 class TrackingConfig:
     experiment: str = "jpeg-restore"
     """MLflow experiment name."""
     run_name: str = ""
-    """MLflow run name; empty lets MLflow choose."""
+    """MLflow run name; empty means <arch>-<name of the --out folder>."""
     tracking_uri: str = ""
     """MLflow store; empty means $MLFLOW_TRACKING_URI, else SQLite in mlruns/."""
     enabled: bool = True
@@ -137,7 +171,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
             kwargs[name] = _check_value(f"{prefix}{name}", value, hint)
     try:
         return cls(**kwargs)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None
 
 
@@ -178,15 +212,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def validate_model_kwargs(model: ModelConfig) -> None:
-    from .models import _REGISTRY, architectures
-
     if model.arch not in architectures():
-        raise ConfigError(f"model.arch: unknown architecture {model.arch!r}; known: {', '.join(architectures())}")
-    params = inspect.signature(_REGISTRY[model.arch]).parameters
-    bad = sorted(set(model.kwargs) - set(params) | ({"channels"} & set(model.kwargs)))
+        raise ConfigError(f"model.arch must be one of {', '.join(architectures())}, got {model.arch!r}")
+    bad = check_kwargs(model.arch, model.kwargs)
     if bad:
-        allowed = ", ".join(p for p in params if p != "channels")
-        raise ConfigError(f"model.kwargs.{bad[0]} is not an argument of {model.arch} (allowed: {allowed})")
+        raise ConfigError(f"model.kwargs.{bad}")
 
 
 def to_dict(cfg) -> dict:

@@ -9,7 +9,7 @@ from . import register
 from .common import zero_init_
 
 
-@register("dncnn")
+@register("dncnn", tiny={"depth": 5, "width": 8})
 class DnCNN(nn.Module):
     def __init__(self, channels: int = 1, depth: int = 17, width: int = 64, batch_norm: bool = True):
         super().__init__()

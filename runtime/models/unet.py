@@ -18,7 +18,7 @@ def _block(c_in: int, c_out: int, act: str, batch_norm: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-@register("unet")
+@register("unet", tiny={"width": 8, "levels": 2})
 class UNet(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, levels: int = 3, batch_norm: bool = False, act: str = "relu",
                  skips: bool = True, residual: bool = True, dropout: float = 0.0):
@@ -36,6 +36,11 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(width, channels, 1)
         if residual:
             zero_init_(self.head)
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width are padded to a multiple of this inside forward (compiled exports take it as given)."""
+        return 2**self.levels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xp, (h, w) = pad_to_multiple(x, 2**self.levels)

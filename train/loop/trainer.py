@@ -18,62 +18,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data_pipeline.images import atomic_write_bytes, jpeg_roundtrip, read_image
 from data_pipeline.loaders import build_loader
 from data_pipeline.prepare import load_manifest, prepare
 from data_pipeline.sources import DataError, dataset_dir
+from runtime import checkpoint as ckpt
+from runtime.device import autocast_for, native_bf16, resolve_precision
+from runtime.figures import side_by_side
+from runtime.inference import image_to_tensor, to_uint8
+from runtime.metrics import image_metrics
+from runtime.metrics import metrics as registered_metrics
+from runtime.models import build_model, macs_per_pixel
+from runtime.tiling import restore_tensor
 
-from . import checkpoint as ckpt
 from .config import Config, to_dict, to_toml
 from .distributed import DistInfo, all_reduce_sum, any_rank, barrier, gather_objects
-from .evaluate import side_by_side
-from .inference import autocast_for, image_to_tensor, native_bf16, resolve_precision, restore_tensor
-from .metrics import image_metrics, to_uint8
-from .models import build_model, macs_per_pixel
+from .optim import LOSSES, build_optimizer, build_scheduler
+from .progress import Progress
+from .state import OutputLock, load_latest, prune_states, remove_partial_writes, state_path
 from .tracking import Tracker, flatten, system_tags
 
 log = logging.getLogger(__name__)
 STOP_CHECK_EVERY = 10  # steps between the (collective) checks for a stop signal under DDP
-
-
-def charbonnier(out: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    return torch.sqrt((out - target) ** 2 + eps**2).mean()
-
-
-LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss, "charbonnier": charbonnier}
-
-
-def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    raise ValueError(f"optim.name must be adam, adamw or sgd, got {o.name!r}")
-
-
-def build_scheduler(cfg: Config, opt: torch.optim.Optimizer):
-    """torch schedulers, stepped once per optimizer step ('plateau': once per validation)."""
-    s, sched = cfg.schedule, torch.optim.lr_scheduler
-    if s.name == "plateau":
-        return sched.ReduceLROnPlateau(opt, mode="max", factor=s.gamma, patience=s.patience, min_lr=s.min_lr)
-    if s.name == "cosine":
-        main = sched.CosineAnnealingLR(opt, T_max=max(1, cfg.train.max_steps - s.warmup_steps), eta_min=s.min_lr)
-    elif s.name == "step":
-        main = sched.StepLR(opt, step_size=s.step_size, gamma=s.gamma)
-    elif s.name == "constant":
-        main = sched.ConstantLR(opt, factor=1.0, total_iters=0)
-    else:
-        raise ValueError(f"schedule.name must be cosine, step, plateau or constant, got {s.name!r}")
-    if s.warmup_steps <= 0:
-        return main
-    warmup = sched.LinearLR(opt, start_factor=1e-3, end_factor=1.0, total_iters=s.warmup_steps)
-    return sched.SequentialLR(opt, [warmup, main], milestones=[s.warmup_steps])
 
 
 # `--smoke`: a few steps on a few images, seconds on CPU, through every code path (validation,
@@ -93,6 +61,9 @@ class Trainer:
         self.best_path = Path(cfg.train.best_checkpoint) if cfg.train.best_checkpoint else self.out / "image_compression_model.pth"
         self.stop_signal: str | None = None
         self.finished = False
+        self.lock = OutputLock(self.out).acquire() if info.is_main else None
+        if info.is_main:
+            remove_partial_writes(self.out, self.ckpt_dir)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model.arch, channels=cfg.data.channels, **cfg.model.kwargs).to(self.device)
@@ -108,18 +79,18 @@ class Trainer:
         self.wall_time = 0.0  # training seconds of the finished sessions of this run
         self.session_start: float | None = None
         self.history: dict[str, list] = {"step": [], "loss": [], "images_per_s": [], "val_step": [], "val_psnr": []}
-        run_id = None
-        state_file = ckpt.latest_state(self.ckpt_dir) if resume else None
-        state = None
-        if resume and state_file is None:
+        run_id = state = None
+        found = load_latest(self.ckpt_dir, self.device) if resume else None
+        if resume and found is None:
             log.info("--resume: no training state in %s, starting from scratch", self.ckpt_dir)
-        if state_file is not None:
-            state = ckpt.load(state_file, self.device)
+        if found is not None:
+            state_file, state = found
             run_id = state.get("mlflow_run_id")
             self.load_state_dict(state, state_file)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", state_file, self.step, self.epoch, self.step_in_epoch)
 
-        self.data_cfg = self._prepare_data(data_root)
+        self.data_root = data_root or cfg.data.data_root or None
+        self.data_cfg = self._prepare_data(self.data_root)
         self.loader = build_loader(self.data_cfg, info.rank, info.world_size, self.device)
         self.val_items = self._validation_items() if self.data_cfg.backend != "synthetic" else []
         torch.manual_seed(cfg.train.seed + 1 + info.rank)  # dropout etc. differ between ranks
@@ -129,9 +100,11 @@ class Trainer:
         self.ddp_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
             if info.distributed else self.model
 
-        self.tracker = Tracker(info.is_main and cfg.tracking.enabled, cfg.tracking.experiment, cfg.tracking.run_name,
+        self.tracker = Tracker(info.is_main and cfg.tracking.enabled, cfg.tracking.experiment,
+                               cfg.tracking.run_name or f"{cfg.model.arch}-{self.out.resolve().name}",
                                cfg.tracking.tracking_uri, run_id=run_id,
                                tags={**system_tags(self.device, info.world_size, cfg.train.precision), "arch": cfg.model.arch,
+                                     "loader": self.loader.backend, "data_root": str(self.data_root or ""),
                                      **{k: str(v) for k, v in cfg.tracking.tags.items()}})
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +122,7 @@ class Trainer:
             return d
         prepared = self.out / "prepared" / f"{Path(d.dataset).name}-{d.mode}"
         if self.info.is_main:
-            source = dataset_dir(d.dataset, data_root or d.data_root or None)
+            source = dataset_dir(d.dataset, data_root)
             prepare(source, prepared, d.mode, d.qualities, d.val_fraction, d.min_size, progress=sys.stderr.isatty())
         barrier(self.info)
         return replace(d, prepared_dir=str(prepared))
@@ -187,30 +160,32 @@ class Trainer:
     # ---- validation ----
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Whole held-out images at every configured quality, sharded over ranks; means per quality."""
+        """Whole held-out images at every configured quality, sharded over ranks; every registered
+        metric, mean per quality and over all: val_<metric>, val_<metric>_q<q>, val_loss."""
         self.model.eval()
-        qualities = self.data_cfg.qualities
-        sums = torch.zeros(len(qualities), 5, dtype=torch.float64)  # count, loss, psnr, ssim, psnrb
+        qualities, names = self.data_cfg.qualities, [m.name for m in registered_metrics()]
+        sums = torch.zeros(len(qualities), 2 + len(names), dtype=torch.float64)  # count, loss, metrics...
         self.val_figures = []
         for i in range(self.info.rank, len(self.val_items), self.info.world_size):
             name, q, jpeg, original = self.val_items[i]
             with autocast_for(self.cfg.train.precision, self.device):
                 y = restore_tensor(self.model, image_to_tensor(jpeg, self.device)).float().clamp(0, 1)
-            target = image_to_tensor(original, self.device)
             restored = to_uint8(y[0])
             m = image_metrics(original, restored)
-            sums[qualities.index(q)] += torch.tensor([1, float(self.loss_fn(y, target)), m["psnr"], m["ssim"], m["psnrb"]], dtype=torch.float64)
+            loss = float(self.loss_fn(y, image_to_tensor(original, self.device)))
+            sums[qualities.index(q)] += torch.tensor([1, loss] + [m[n] for n in names], dtype=torch.float64)
             if q == qualities[0] and len(self.val_figures) < 2:
                 self.val_figures.append((name, q, original, jpeg, restored))
         self.model.train()
         sums = all_reduce_sum(sums.to(self.device), self.info).cpu()
         means = sums[:, 1:] / sums[:, :1]
-        metrics = {}
-        for q, (loss, p, s, b) in zip(qualities, means.tolist()):
-            metrics.update({f"val_psnr_q{q}": p, f"val_ssim_q{q}": s, f"val_psnrb_q{q}": b})
-        loss, p, s, b = means.mean(0).tolist()
-        metrics.update({"val_loss": loss, "val_psnr": p, "val_ssim": s, "val_psnrb": b})
-        return metrics
+        result = {}
+        for q, row in zip(qualities, means.tolist()):
+            result.update({f"val_{n}_q{q}": v for n, v in zip(names, row[1:])})
+        overall = means.mean(0).tolist()
+        result["val_loss"] = overall[0]
+        result.update({f"val_{n}": v for n, v in zip(names, overall[1:])})
+        return result
 
     # ---- checkpoints ----
     def state_dict(self) -> dict:
@@ -244,8 +219,8 @@ class Trainer:
         if self.info.is_main:
             state = self.state_dict()
             state["rng"] = rng
-            ckpt.save(state, ckpt.state_path(self.ckpt_dir, self.step))
-            ckpt.prune_states(self.ckpt_dir)
+            ckpt.save(state, state_path(self.ckpt_dir, self.step))
+            prune_states(self.ckpt_dir)
             log.info("saved training state at step %d", self.step)
 
     def _save_best(self, metrics: dict) -> None:
@@ -265,7 +240,7 @@ class Trainer:
         return any_rank(self.stop_signal is not None, self.info)
 
     def fit(self) -> None:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         progress = Progress(self.info.is_main, t.max_steps, self.step)
@@ -385,6 +360,8 @@ class Trainer:
         if hasattr(self, "tracker"):
             failed = sys.exc_info()[0] is not None
             self.tracker.close("FINISHED" if self.finished else ("KILLED" if self.stop_signal and not failed else "FAILED"))
+        if self.lock is not None:
+            self.lock.release()
 
 
 def _timed(loader, window: dict):
@@ -397,39 +374,3 @@ def _timed(loader, window: dict):
         if batch is None:
             return
         yield batch
-
-
-class Progress:
-    """tqdm bar on a terminal (rank 0), plain log lines otherwise (Slurm logs)."""
-
-    def __init__(self, enabled: bool, total: int, initial: int):
-        self.enabled, self.total, self.start_step, self.start = enabled, total, initial, time.perf_counter()
-        self.bar = None
-        self.last_psnr = float("nan")
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-    def update(self, step: int, m: dict) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{m['train_loss']:.4g}", psnr=f"{self.last_psnr:.2f}", img_s=f"{m['images_per_s']:.0f}")
-            return
-        rate = (step - self.start_step) / max(time.perf_counter() - self.start, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        log.info("step %d/%d loss %.5f lr %.3g img/s %.1f data_wait %.3fs val_psnr %.2f eta %s",
-                 step, self.total, m["train_loss"], m["lr"], m["images_per_s"], m["data_wait_s"], self.last_psnr,
-                 time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?")
-
-    def validated(self, step: int, m: dict) -> None:
-        self.last_psnr = m["val_psnr"]
-        if self.enabled:
-            msg = f"validation at step {step}: PSNR {m['val_psnr']:.3f} dB SSIM {m['val_ssim']:.4f} PSNR-B {m['val_psnrb']:.3f} loss {m['val_loss']:.5f}"
-            (self.bar.write(msg) if self.bar is not None else log.info(msg))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

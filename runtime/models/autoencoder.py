@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..tiling import tiled_forward
 from . import register
-from .common import activation, tiled_forward
+from .common import activation
 
 
-@register("autoencoder")
+@register("autoencoder", tiny={"tile": 32, "depth": 2, "width": 8, "latent": 32, "overlap": 8})
 class Autoencoder(nn.Module):
     def __init__(self, channels: int = 1, tile: int = 64, depth: int = 3, width: int = 32, latent: int = 256,
                  batch_norm: bool = True, dropout: float = 0.0, act: str = "relu", output: str = "sigmoid",

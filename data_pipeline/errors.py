@@ -1,0 +1,29 @@
+"""Errors a user can fix, and the one wrapper that turns them into a one-line message.
+
+Every command's `main(argv)` is wrapped with `@command`: a `UserError` (bad config, data,
+checkpoint, image, runner) prints `error: <message>` on stderr and exits 2; nothing else is
+caught, so bugs keep their traceback. It lives in the lowest layer so every command can use it.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message says what and, where it can, how."""
+
+
+def command(main):
+    """Wraps a command's main(argv) -> int: one `error:` line and exit 2 on a UserError."""
+    @functools.wraps(main)
+    def wrapped(argv=None) -> int:
+        try:
+            return main(argv)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+    return wrapped

@@ -1,0 +1,104 @@
+"""The model checkpoint file (`image_compression_model.pth`), always written atomically and read
+with torch.load(weights_only=True): weights + arch + kwargs + channel mode + training config +
+validation metrics; enough to rebuild the model anywhere (export, restore, evaluate)."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from data_pipeline.errors import UserError
+from data_pipeline.images import atomic_write_bytes
+
+from .models import build_model, check_kwargs
+
+FORMAT = "jpeg-restore-model/1"
+MODES = {"gray": 1, "rgb": 3}
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A missing, corrupt or mismatched checkpoint; the message says which and why."""
+
+
+def save(obj: dict, path: Path | str) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _reason(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    if "weights_only" in text or "Weights only load failed" in text:
+        return ("it holds objects that a weights-only load refuses (unpickling them could run code); load it only if "
+                "you trust its source, with torch.load(path, weights_only=False), and re-save its plain tensors")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return first
+
+
+def load(path: Path | str, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many kinds for truncated or foreign files
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint: {_reason(exc)}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+def model_checkpoint(model: nn.Module, arch: str, kwargs: dict, mode: str, config: dict, metrics: dict, step: int) -> dict:
+    return {"format": FORMAT, "arch": arch, "kwargs": dict(kwargs), "mode": mode,
+            "channels": MODES[mode], "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "config": config, "metrics": metrics, "step": step}
+
+
+def build_checked(ckpt: dict, path) -> nn.Module:
+    """The checkpoint's model, built only after its arch, mode, kwargs and every weight shape
+    were checked on the meta device (a hostile `width=20000` allocates nothing)."""
+    arch, kwargs, mode = ckpt.get("arch"), ckpt.get("kwargs"), ckpt.get("mode")
+    if mode not in MODES or ckpt.get("channels", MODES.get(mode)) != MODES.get(mode):
+        raise CheckpointError(f"{path}: channel mode {mode!r} with {ckpt.get('channels')} channels is not gray (1) or rgb (3)")
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{path}: kwargs must be a dict, got {kwargs!r}")
+    try:
+        bad = check_kwargs(arch, kwargs)
+        if bad:
+            raise ValueError(bad)
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in build_model(arch, channels=MODES[mode], **kwargs).state_dict().items()}
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot rebuild {arch}({kwargs}): {exc}") from None
+    state = ckpt.get("state_dict", {})
+    have = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    wrong = sorted(k for k in shapes.keys() | have.keys() if shapes.get(k) != have.get(k))
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(f"{path}: weights do not fit {arch}({kwargs}): {k} is {have.get(k)} in the file, "
+                              f"{shapes.get(k)} in the model ({len(wrong)} mismatched)")
+    model = build_model(arch, channels=MODES[mode], **kwargs)
+    load_weights(model, state, path)
+    return model
+
+
+def load_model(path: Path | str, map_location="cpu", expect_arch: str | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model of a model checkpoint (eval mode); returns (model, checkpoint without weights)."""
+    ckpt = load(path, map_location)
+    if ckpt.get("format") != FORMAT or "arch" not in ckpt:
+        raise CheckpointError(f"{path} is not a jpeg-restore model checkpoint (no {FORMAT!r} format tag)")
+    if expect_arch and ckpt["arch"] != expect_arch:
+        raise CheckpointError(f"{path} holds a {ckpt['arch']} model, expected {expect_arch}")
+    model = build_checked(ckpt, path)
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    return model.eval(), meta
+
+
+def load_weights(model: nn.Module, state_dict: dict, path) -> None:
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise CheckpointError(f"{path}: weights do not fit {type(model).__name__} ({' '.join(lines[1:3])})") from None

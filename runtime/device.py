@@ -1,0 +1,79 @@
+"""Device facts: native bf16, the precision `auto` resolves to, autocast, the device's name and
+its measured matmul peak (the yardstick of MFU and of the latency table's GFLOP/s)."""
+from __future__ import annotations
+
+import platform
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 natively: CUDA with bf16 support, or a CPU with
+    AVX-512 (BF16/AMX) kernels in oneDNN. Elsewhere bf16 is emulated and several times slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 where it is native, fp16 on CUDA without bf16, fp32 otherwise; others unchanged."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if native_bf16(device):
+        return "bf16"
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+def autocast_for(precision: str, device: torch.device):
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (/proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+def _matmul_rate(n: int, dtype: torch.dtype, device: str, reps: int) -> float:
+    a, b = torch.rand(n, n, device=device, dtype=dtype), torch.rand(n, n, device=device, dtype=dtype)
+    a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return reps * 2 * n**3 / (time.perf_counter() - t0) / 1e9
+
+
+def matmul_peak(device: str = "cpu", n: int = 2048, budget_s: float = 3.0) -> dict[str, float]:
+    """The machine's measured matmul GFLOP/s in fp32 and bf16. A dtype too slow to time at n
+    within the budget (emulated bf16) is timed at 512."""
+    if device.startswith("cuda"):
+        n = 8192
+    peak = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        rate = _matmul_rate(512, dtype, device, reps=1)
+        fits = 5 * 2 * n**3 / (rate * 1e9) <= budget_s
+        peak[name] = _matmul_rate(n, dtype, device, reps=5) if fits else rate
+    return peak

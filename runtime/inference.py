@@ -1,0 +1,71 @@
+"""Images in, images out: uint8 arrays <-> float tensors, gray models on color images, the shipped
+models, and `Restorer` (a checkpoint as a function on uint8 images)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import load_model
+from .device import autocast_for
+from .tiling import restore_tensor
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_GRAY = REPO / "image_compression_model.pth"
+SHIPPED_COLOR = REPO / "image_compression_model_color.pth"  # present only when an RGB model beats gray-on-luma
+
+
+def shipped_model(color: bool) -> Path:
+    """The default model: the shipped color model for color images when there is one, else the gray one."""
+    return SHIPPED_COLOR if color and SHIPPED_COLOR.is_file() else SHIPPED_GRAY
+
+
+def in_model_mode(restore: Callable[[np.ndarray], np.ndarray], mode: str, img: np.ndarray) -> np.ndarray:
+    """Run a gray or RGB `restore` on an image of either kind: a gray model restores a color
+    image's luma (Y of JPEG's own YCbCr) and keeps its chroma; an RGB model sees a gray image
+    as three equal channels."""
+    if img.ndim == 3 and mode == "gray":
+        ycbcr = np.asarray(Image.fromarray(img).convert("YCbCr")).copy()
+        ycbcr[..., 0] = restore(ycbcr[..., 0])
+        return np.asarray(Image.fromarray(ycbcr, "YCbCr").convert("RGB"))
+    if img.ndim == 2 and mode == "rgb":
+        return restore(np.repeat(img[..., None], 3, axis=2))[..., 0]
+    return restore(img)
+
+
+def image_to_tensor(img: np.ndarray, device) -> torch.Tensor:
+    """uint8 HxW or HxWx3 -> float 1xCxHxW in [0, 1]."""
+    x = torch.tensor(img, device=device).float().div_(255)
+    return x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
+
+
+def to_uint8(img: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Float [0,1] (HxW, HxWxC, or CxHxW tensor) -> rounded, clipped uint8 HxW[xC]."""
+    if isinstance(img, torch.Tensor):
+        img = img.detach().float().cpu().numpy()
+        img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+    return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+
+
+class Restorer:
+    """A model checkpoint as a function: uint8 JPEG-decoded image -> uint8 restored image."""
+
+    def __init__(self, checkpoint: Path | str, device: str = "cpu", precision: str = "fp32", ensemble: bool = False):
+        self.device = torch.device(device)
+        self.model, self.meta = load_model(checkpoint, self.device)
+        self.model.to(self.device)
+        self.mode, self.autocast = self.meta["mode"], lambda: autocast_for(precision, self.device)
+        self.ensemble = ensemble
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        return in_model_mode(self._restore, self.mode, img)
+
+    @torch.no_grad()
+    def _restore(self, img: np.ndarray) -> np.ndarray:
+        with self.autocast():
+            y = restore_tensor(self.model, image_to_tensor(img, self.device), ensemble=self.ensemble)
+        y = y.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8)[0].cpu()
+        return y[0].numpy() if y.shape[0] == 1 else y.permute(1, 2, 0).numpy()

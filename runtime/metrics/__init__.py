@@ -1,0 +1,56 @@
+"""Registry of image-quality metrics, per the evaluation protocol in the data README: one file per
+metric, `@register_metric(name, label, ...)` on a function (uint8 reference, uint8 output) -> float.
+
+Validation, evaluation, the comparison table and MLflow logging iterate this registry, so adding
+a metric is one file here plus its test."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    label: str
+    fn: Callable[[np.ndarray, np.ndarray], float]
+    higher_is_better: bool = True
+    digits: int = 2  # decimals in tables
+    order: int = 100  # column order in tables
+
+
+_REGISTRY: dict[str, Metric] = {}
+
+
+def register_metric(name: str, label: str, higher_is_better: bool = True, digits: int = 2, order: int = 100):
+    def wrap(fn):
+        _REGISTRY[name] = Metric(name, label, fn, higher_is_better, digits, order)
+        return fn
+    return wrap
+
+
+def metrics() -> list[Metric]:
+    """Every registered metric, in table order."""
+    for mod in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{mod.name}")
+    return sorted(_REGISTRY.values(), key=lambda m: (m.order, m.name))
+
+
+def metric_names() -> list[str]:
+    return [m.name for m in metrics()]
+
+
+def get(name: str) -> Metric:
+    found = {m.name: m for m in metrics()}
+    if name not in found:
+        raise ValueError(f"unknown metric {name!r}; known: {', '.join(found)}")
+    return found[name]
+
+
+def image_metrics(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    """Every metric of one restored image against its original (uint8 HxW or HxWx3)."""
+    return {m.name: float(m.fn(ref, out)) for m in metrics()}

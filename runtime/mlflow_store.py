@@ -1,0 +1,78 @@
+"""Where MLflow records go: SQLite database + artifacts inside mlruns/ (MLflow 3 no longer accepts
+the plain ./mlruns file store); MLFLOW_TRACKING_URI overrides. Shared by training (rank 0),
+evaluation and the latency benchmark; concurrent writers (a sweep) are serialised and retried."""
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+DEFAULT_DIR = Path("mlruns")
+
+
+def default_tracking_uri(directory: Path = DEFAULT_DIR) -> str:
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{directory / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(configured: str = "") -> str:
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts next to a SQLite database (mlruns/artifacts/<experiment>), else the server's default."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "artifacts" / experiment).as_uri()
+    return None
+
+
+def retry(fn, *args, attempts: int = 8, **kwargs):
+    """SQLite allows one writer at a time; concurrent runs (a sweep) retry on 'database is locked'."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - MlflowException / OperationalError wrap the lock error
+            if "locked" not in str(exc).lower() or i == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**i)
+
+
+@contextmanager
+def store_lock(uri: str):
+    """Serialises creating the SQLite schema and experiment across processes (a sweep's tasks
+    start together); a no-op for other stores."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri[len("sqlite:///"):] + ".lock")
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def log_to_run(run_id: str | None, metrics: dict[str, float], files: list[Path] = (), artifact_path: str | None = None) -> str:
+    """Metrics (and files) added to an existing run, e.g. the checkpoint's training run; returns
+    what happened, in one line (a store without that run is said, not raised)."""
+    if not run_id:
+        return "not logged to MLflow: the checkpoint names no run"
+    import mlflow
+
+    mlflow.set_tracking_uri(resolve_tracking_uri())
+    client = mlflow.MlflowClient()
+    stamp = int(time.time() * 1000)
+    try:
+        retry(client.log_batch, run_id, [mlflow.entities.Metric(k, float(v), stamp, 0) for k, v in metrics.items()])
+        for f in files:
+            retry(client.log_artifact, run_id, str(f), artifact_path)
+    except Exception as exc:  # noqa: BLE001 - a store without that run
+        return f"not logged to MLflow run {run_id}: {str(exc).splitlines()[0]}"
+    return f"logged {len(metrics)} metrics to MLflow run {run_id}"

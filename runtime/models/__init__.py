@@ -1,0 +1,88 @@
+"""Registry of architectures: one file per architecture, each registered by name with the tiny
+settings that tests build it with (`@register("unet", tiny={...})`).
+
+Adding an architecture: one file here with `@register(name, tiny=...)`; the registry, config
+checks, shape/ONNX tests and the benchmark pick it up."""
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+
+from torch import nn
+
+_REGISTRY: dict[str, type[nn.Module]] = {}
+TINY: dict[str, dict] = {}  # name -> kwargs of a seconds-to-train instance, for tests
+
+
+def register(name: str, tiny: dict | None = None):
+    def wrap(cls):
+        _REGISTRY[name] = cls
+        TINY[name] = dict(tiny or {})
+        cls.arch = name
+        return cls
+    return wrap
+
+
+def _load_all():
+    for mod in pkgutil.iter_modules(__path__):
+        if mod.name != "common":
+            importlib.import_module(f"{__name__}.{mod.name}")
+
+
+def architectures() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def tiny_kwargs(arch: str) -> dict:
+    _load_all()
+    return dict(TINY[arch])
+
+
+def arguments(arch: str) -> dict[str, inspect.Parameter]:
+    """The architecture's keyword arguments (without `channels`, which the data mode sets)."""
+    _load_all()
+    if arch not in _REGISTRY:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(_REGISTRY))}")
+    params = inspect.signature(_REGISTRY[arch]).parameters
+    return {k: p for k, p in params.items() if k != "channels"}
+
+
+def check_kwargs(arch: str, kwargs: dict) -> str | None:
+    """None if `kwargs` fit the architecture's signature (names and the types of the defaults),
+    else the reason, naming the key."""
+    params = arguments(arch)
+    for key, value in kwargs.items():
+        if key not in params:
+            return f"{key} is not an argument of {arch} (allowed: {', '.join(params)})"
+        default = params[key].default
+        if default is inspect.Parameter.empty or default is None:
+            continue
+        want = type(default)
+        ok = isinstance(value, (list, tuple)) if want in (list, tuple) else \
+            isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else \
+            isinstance(value, want) and (want is bool or not isinstance(value, bool))
+        if not ok:
+            return f"{key} must be of type {want.__name__} like its default {default!r}, got {value!r}"
+    return None
+
+
+def build_model(arch: str, **kwargs) -> nn.Module:
+    _load_all()
+    if arch not in _REGISTRY:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[arch](**kwargs)
+
+
+def macs_per_pixel(model: nn.Module, channels: int, size: int = 64) -> float:
+    """Multiply-accumulates per output pixel of one forward pass (torch's FLOP counter / 2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, channels, size, size, device=next(model.parameters()).device))
+    model.train(was_training)
+    return counter.get_total_flops() / 2 / size**2

@@ -1,0 +1,83 @@
+"""NAFNet (Chen et al., ECCV 2022, "Simple Baselines for Image Restoration"): a U-Net of
+nonlinear-activation-free blocks (LayerNorm, depthwise conv, SimpleGate, simplified channel
+attention, gated FFN, learned residual scales), strided-conv down, pixel-shuffle up, global
+residual. Defaults: the paper's width-32 denoising model (SIDD)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import register
+from .common import pad_to_multiple, zero_init_
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over channels of an NCHW tensor."""
+
+    def __init__(self, c: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c)), eps
+
+    def forward(self, x):
+        mu = x.mean(1, keepdim=True)
+        var = (x - mu).pow(2).mean(1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + self.eps) * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+class SimpleGate(nn.Module):
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        return a * b
+
+
+class NAFBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm1, self.norm2 = LayerNorm2d(c), LayerNorm2d(c)
+        self.conv = nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c), SimpleGate())
+        self.sca = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1))
+        self.proj = nn.Conv2d(c, c, 1)
+        self.ffn = nn.Sequential(nn.Conv2d(c, 2 * c, 1), SimpleGate(), nn.Conv2d(c, c, 1))
+        self.beta, self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1)), nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, x):
+        y = self.conv(self.norm1(x))
+        y = x + self.proj(y * self.sca(y)) * self.beta
+        return y + self.ffn(self.norm2(y)) * self.gamma
+
+
+@register("nafnet", tiny={"width": 8, "enc_blocks": [1, 1], "middle_blocks": 1})
+class NAFNet(nn.Module):
+    def __init__(self, channels: int = 1, width: int = 32, enc_blocks: list = (2, 2, 4, 8), middle_blocks: int = 12,
+                 dec_blocks: list | None = None):
+        super().__init__()
+        enc_blocks = list(enc_blocks)
+        dec_blocks = list(dec_blocks) if dec_blocks is not None else [1] * len(enc_blocks)
+        if len(dec_blocks) != len(enc_blocks):
+            raise ValueError(f"nafnet: dec_blocks needs {len(enc_blocks)} entries like enc_blocks, got {len(dec_blocks)}")
+        self.intro = nn.Conv2d(channels, width, 3, padding=1)
+        self.encoders, self.downs, self.ups, self.decoders = nn.ModuleList(), nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        c = width
+        for n in enc_blocks:
+            self.encoders.append(nn.Sequential(*[NAFBlock(c) for _ in range(n)]))
+            self.downs.append(nn.Conv2d(c, 2 * c, 2, stride=2))
+            c *= 2
+        self.middle = nn.Sequential(*[NAFBlock(c) for _ in range(middle_blocks)])
+        for n in reversed(dec_blocks):
+            self.ups.append(nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), nn.PixelShuffle(2)))
+            c //= 2
+            self.decoders.append(nn.Sequential(*[NAFBlock(c) for _ in range(n)]))
+        self.ending = zero_init_(nn.Conv2d(width, channels, 3, padding=1))
+        self.size_multiple = 2 ** len(enc_blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xp, (h, w) = pad_to_multiple(x, self.size_multiple)
+        y, skips = self.intro(xp), []
+        for enc, down in zip(self.encoders, self.downs):
+            y = enc(y)
+            skips.append(y)
+            y = down(y)
+        y = self.middle(y)
+        for up, dec, skip in zip(self.ups, self.decoders, reversed(skips)):
+            y = dec(up(y) + skip)
+        return (xp + self.ending(y))[..., :h, :w]

@@ -1,0 +1,64 @@
+"""ONNX Runtime: TensorRT / CUDA execution providers on a GPU, the CPU provider otherwise; the
+provider actually used is in describe() and in every row of the latency table."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from ..artifacts import read_meta
+from ..tiling import tiled_forward
+from . import Runner, RunnerUnavailable, register_runner
+
+
+@register_runner("onnxruntime")
+class OrtRunner(Runner):
+    artifact, order = "onnx", 2
+
+    def __init__(self, onnx_path: Path | str, device: str = "cpu", threads: int = 0, tile: int | None = None, overlap: int | None = None):
+        import onnxruntime as ort
+
+        if not Path(onnx_path).is_file():
+            raise RunnerUnavailable(f"no ONNX model at {onnx_path}")
+        meta = read_meta(onnx_path)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        available = ort.get_available_providers()
+        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"] if device.startswith("cuda") else []
+        providers = [p for p in wanted if p in available] + ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        self.device = torch.device("cuda" if self.provider != "CPUExecutionProvider" else "cpu")
+        self.input_name = self.session.get_inputs()[0].name
+        self.dtype = torch.float16 if "float16" in self.session.get_inputs()[0].type else torch.float32
+        self.tile = meta.get("tile", 0) if tile is None else tile
+        self.overlap = meta.get("overlap", 16) if overlap is None else overlap
+        self.threads = opts.intra_op_num_threads
+
+    @classmethod
+    def unavailable(cls, device):
+        return None if importlib.util.find_spec("onnxruntime") else "onnxruntime is not installed"
+
+    @classmethod
+    def open(cls, path, device="cpu", **options):
+        return cls(path, device, **options)
+
+    @classmethod
+    def variants(cls, device):
+        return [("onnxruntime fp32", {})]
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.to("cpu", self.dtype).contiguous().numpy()})[0]
+        return torch.from_numpy(out).float()
+
+    def __call__(self, x):
+        if self.tile and x.shape[-2:] != (self.tile, self.tile):
+            return tiled_forward(self._run, x, self.tile, self.overlap)
+        return self._run(x)
+
+    def describe(self):
+        return {**super().describe(), "provider": self.provider, "threads": self.threads,
+                "precision": "fp16" if self.dtype == torch.float16 else "fp32"}

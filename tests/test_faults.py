@@ -1,0 +1,180 @@
+"""Bad inputs and faults, as a careless or hostile user would cause them: nothing lost, nothing
+overwritten, one-line errors (the defects of the fault battery, each with its test)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_pipeline.images import atomic_write_bytes, jpeg_bytes, rgb_to_luma
+from data_pipeline.prepare import load_manifest, prepare
+from data_pipeline.sources import DataError
+from runtime import checkpoint as ckpt
+from runtime.models import build_model, tiny_kwargs
+from runtime.tiling import tile_count
+from train.loop.state import OutputLock, remove_partial_writes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_unet(path: Path) -> Path:
+    model = build_model("unet", channels=1, **tiny_kwargs("unet"))
+    ckpt.save(ckpt.model_checkpoint(model, "unet", tiny_kwargs("unet"), "gray", {}, {}, 0), path)
+    return path
+
+
+def restore(*args, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serve_bench.restore", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+@pytest.fixture
+def jpegs(tmp_path, photo_pair) -> Path:
+    """a/photo.jpg, b/photo.jpg and a/photo.png: three inputs with one stem."""
+    gray = photo_pair[0][:96, :128]
+    for sub, name in (("a", "photo.jpg"), ("b", "photo.jpg"), ("a", "photo.png")):
+        (tmp_path / sub).mkdir(exist_ok=True)
+        (tmp_path / sub / name).write_bytes(jpeg_bytes(gray, 10))
+    return tmp_path
+
+
+def test_restore_never_overwrites_a_file_it_did_not_make(jpegs, tmp_path):
+    model = tiny_unet(tmp_path / "m.pth")
+    unrelated = jpegs / "a" / "cat.png"
+    unrelated.write_bytes(b"someone's picture")
+    (jpegs / "a" / "cat.jpg").write_bytes((jpegs / "a" / "photo.jpg").read_bytes())
+    proc = restore(jpegs / "a" / "cat.jpg", "-o", jpegs / "a", "--checkpoint", model)
+    assert proc.returncode == 1 and "already exists (--overwrite replaces it)" in proc.stderr
+    assert unrelated.read_bytes() == b"someone's picture"
+    proc = restore(jpegs / "a" / "cat.jpg", "-o", jpegs / "a", "--checkpoint", model, "--overwrite")
+    assert proc.returncode == 0 and Image.open(unrelated).size == (128, 96)
+
+
+def test_restore_gives_same_stem_inputs_distinct_outputs(jpegs, tmp_path):
+    model = tiny_unet(tmp_path / "m.pth")
+    out = tmp_path / "out"
+    proc = restore(jpegs / "a" / "photo.jpg", jpegs / "b" / "photo.jpg", jpegs / "a" / "photo.png", "-o", out,
+                   "--checkpoint", model)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["photo-2.png", "photo-3.png", "photo.png"]
+    assert "restored 3 of 3" in proc.stdout
+
+
+def test_restore_checks_its_output_folder_before_running_the_model(jpegs, tmp_path):
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("x")
+    proc = restore(jpegs / "a" / "photo.jpg", "-o", a_file, "--checkpoint", tmp_path / "missing.pth")
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: output {a_file} exists and is not a folder"
+
+
+def test_a_second_training_on_a_busy_out_stops_at_once(tmp_path):
+    held = OutputLock(tmp_path).acquire()
+    try:
+        with pytest.raises(ckpt.CheckpointError, match=rf"{tmp_path} is in use by another training \(.*\"pid\": {os.getpid()}"):
+            OutputLock(tmp_path).acquire()
+    finally:
+        held.release()
+    OutputLock(tmp_path).acquire().release()  # free again
+
+
+def test_a_dead_holders_lock_is_taken_over(tmp_path):
+    code = f"from train.loop.state import OutputLock; OutputLock({str(tmp_path)!r}).acquire(); import os; os._exit(0)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    assert (tmp_path / ".lock").is_file()
+    OutputLock(tmp_path).acquire().release()
+
+
+def test_written_files_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "b.bin", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o600
+
+
+def test_partial_writes_of_a_killed_process_are_removed(tmp_path):
+    (tmp_path / ".step_00000010.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "step_00000008.pt").write_bytes(b"kept")
+    assert [p.name for p in remove_partial_writes(tmp_path)] == [".step_00000010.pt.abc123.tmp"]
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000008.pt"]
+
+
+def test_prepare_redoes_a_same_size_corrupted_output(real_images, tmp_path):
+    out = tmp_path / "prep"
+    prepare(real_images, out, "gray", [10], progress=False)
+    rec = load_manifest(out)["files"][0]
+    jpeg = out / rec["jpeg"]["10"]["path"]
+    good = jpeg.read_bytes()
+    jpeg.write_bytes(bytes(len(good)))  # same size, other content
+    prepare(real_images, out, "gray", [10], progress=False)
+    assert jpeg.read_bytes() == good
+
+
+def test_an_unusable_source_names_the_reason(real_images, tmp_path):
+    with pytest.raises(DataError, match="grayscale image, but the dataset mode is rgb; all reasons in"):
+        prepare(real_images, tmp_path / "prep", "rgb", [10], progress=False)
+    assert (tmp_path / "prep" / "report.json").is_file()
+
+
+class Payload:  # a pickled object a weights-only load refuses
+    pass
+
+
+def test_checkpoint_errors_keep_torchs_trust_warning(tmp_path):
+    path = tmp_path / "obj.pth"
+    torch.save({"format": ckpt.FORMAT, "thing": Payload()}, path)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load_model(path)
+    assert "only if you trust its source" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"kwargs": {**tiny_kwargs("unet"), "width": 20000}}, "weights do not fit unet"),
+    ({"mode": "cmyk"}, "channel mode 'cmyk'"),
+    ({"kwargs": {"width": "wide"}}, "width must be of type int"),
+])
+def test_hostile_checkpoints_are_refused_before_building(tmp_path, change, message):
+    path = tiny_unet(tmp_path / "m.pth")
+    blob = torch.load(path, weights_only=True)
+    blob.update(change)
+    ckpt.save(blob, path)
+    tracemalloc.start()
+    with pytest.raises(ckpt.CheckpointError, match=message):
+        ckpt.load_model(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50 * 2**20  # nothing of the 14 GB a width-20000 U-Net would need
+
+
+def test_luma_of_a_huge_photo_needs_bands_not_gigabytes():
+    rgb = np.random.default_rng(0).integers(0, 256, (3000, 4000, 3), dtype=np.uint8)  # 12 megapixels
+    tracemalloc.start()
+    y = rgb_to_luma(rgb)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * y.nbytes  # the output and one band's float64 arithmetic (~70 MB), not the whole photo's (~600 MB)
+    assert np.array_equal(y[:7], rgb_to_luma(rgb[:7], rows=3))
+
+
+def test_restore_takes_a_12_megapixel_photo_in_batched_tiles_with_progress(tmp_path, photo_pair):
+    big = np.asarray(Image.fromarray(photo_pair[0]).resize((4000, 3000), Image.BICUBIC))
+    (tmp_path / "big.jpg").write_bytes(jpeg_bytes(big, 20))
+    model = tiny_unet(tmp_path / "m.pth")
+    proc = restore(tmp_path / "big.jpg", "-o", tmp_path / "out", "--checkpoint", model, "--tiles-per-call", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert Image.open(tmp_path / "out" / "big.png").size == (4000, 3000)
+    n = tile_count(3000, 4000)
+    assert n == 63 and f"{n}/{n}" in proc.stderr and "tile/s" in proc.stderr  # the progress bar over 9 x 7 tiles
+    rss = int(proc.stdout.split("peak memory ")[1].split(" MiB host")[0])
+    assert rss < 2048  # bounded: tiles, not the whole 12-megapixel image through the model at once

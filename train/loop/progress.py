@@ -1,0 +1,46 @@
+"""Progress of a training: a tqdm bar on a terminal (rank 0), plain log lines otherwise (Slurm logs)."""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+
+from runtime.metrics import metrics
+
+log = logging.getLogger("train.loop.trainer")
+
+
+class Progress:
+    def __init__(self, enabled: bool, total: int, initial: int):
+        self.enabled, self.total, self.start_step, self.start = enabled, total, initial, time.perf_counter()
+        self.bar = None
+        self.last_psnr = float("nan")
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, m: dict) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{m['train_loss']:.4g}", psnr=f"{self.last_psnr:.2f}", img_s=f"{m['images_per_s']:.0f}")
+            return
+        rate = (step - self.start_step) / max(time.perf_counter() - self.start, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        log.info("step %d/%d loss %.5f lr %.3g img/s %.1f data_wait %.3fs val_psnr %.2f eta %s",
+                 step, self.total, m["train_loss"], m["lr"], m["images_per_s"], m["data_wait_s"], self.last_psnr,
+                 time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?")
+
+    def validated(self, step: int, m: dict) -> None:
+        self.last_psnr = m["val_psnr"]
+        if self.enabled:
+            msg = f"validation at step {step}: " + " ".join(
+                f"{x.label} {m['val_' + x.name]:.{x.digits + 2}f}" for x in metrics()) + f" loss {m['val_loss']:.5f}"
+            (self.bar.write(msg) if self.bar is not None else log.info(msg))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,93 @@
+"""MLflow tracking of a training run, rank 0 only (the store: runtime/mlflow_store.py)."""
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+
+from runtime.device import device_name
+from runtime.mlflow_store import artifact_location, resolve_tracking_uri, retry, store_lock
+
+log = logging.getLogger(__name__)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "kwargs":
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)
+    return out
+
+
+def system_tags(device, world_size: int, precision: str) -> dict[str, str]:
+    import torch
+
+    tags = {"device": str(device), "device_name": device_name(device),
+            "world_size": str(world_size), "precision": precision, "torch": torch.__version__,
+            "python": platform.python_version(), "host": platform.node(), "cpu_threads": str(torch.get_num_threads())}
+    for name, module in (("dali", "nvidia.dali"), ("mlflow", "mlflow")):
+        try:
+            tags[name] = __import__(module, fromlist=["__version__"]).__version__
+        except ImportError:
+            pass
+    return tags
+
+
+class Tracker:
+    """A thin MLflow wrapper; disabled (all calls no-ops) on ranks other than 0 or by config."""
+
+    def __init__(self, enabled: bool, experiment: str = "", run_name: str = "", tracking_uri: str = "",
+                 run_id: str | None = None, tags: dict | None = None):
+        self.enabled, self.run_id = enabled, None
+        if not enabled:
+            return
+        import mlflow
+
+        self.mlflow = mlflow
+        self.uri = resolve_tracking_uri(tracking_uri)
+        mlflow.set_tracking_uri(self.uri)
+        with store_lock(self.uri):
+            client = mlflow.MlflowClient()
+            exp = retry(client.get_experiment_by_name, experiment)
+            if exp is None:
+                exp_id = retry(client.create_experiment, experiment, artifact_location=artifact_location(self.uri, experiment))
+            else:
+                exp_id = exp.experiment_id
+            run = None
+            if run_id:
+                try:
+                    run = retry(mlflow.start_run, run_id=run_id)
+                    log.info("resuming MLflow run %s", run_id)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("cannot resume MLflow run %s (%s); starting a new run", run_id, str(exc).splitlines()[0])
+            if run is None:
+                run = retry(mlflow.start_run, experiment_id=exp_id, run_name=run_name or None, tags=tags)
+        self.run_id = run.info.run_id
+
+    def log_params(self, params: dict) -> None:
+        if self.enabled:
+            items = list(params.items())
+            for i in range(0, len(items), 100):
+                try:
+                    retry(self.mlflow.log_params, dict(items[i:i + 100]))
+                except Exception as exc:  # noqa: BLE001 - a resumed run already has them
+                    log.debug("params not logged: %s", exc)
+
+    def set_tags(self, tags: dict) -> None:
+        if self.enabled:
+            retry(self.mlflow.set_tags, tags)
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        if self.enabled:
+            retry(self.mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        if self.enabled and Path(path).exists():
+            retry(self.mlflow.log_artifact, str(path), artifact_path)
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self.enabled and self.mlflow.active_run() is not None:
+            retry(self.mlflow.end_run, status)
