@@ -159,6 +159,18 @@ def load_manifest(prepared: Path | str) -> dict:
     return manifest
 
 
+def parse_qualities(text: str) -> list[int]:
+    """'10,20,30,40', or a range with a step, '5-95:5' (both ends included)."""
+    try:
+        if "-" in text:
+            span, _, step = text.partition(":")
+            lo, hi = (int(v) for v in span.split("-"))
+            return list(range(lo, hi + 1, int(step or 1)))
+        return [int(q) for q in text.split(",") if q.strip()]
+    except ValueError:
+        raise DataError(f"--qualities must be comma-separated integers or a range like 5-95:5, got {text!r}") from None
+
+
 @command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,15 +178,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="prepared dataset folder")
     ap.add_argument("--data-root", help="data root (default: $JPEG_RESTORE_DATA_ROOT)")
     ap.add_argument("--mode", choices=MODES, default="gray")
-    ap.add_argument("--qualities", default="10,20,30,40", help="comma-separated JPEG qualities")
+    ap.add_argument("--qualities", default="10,20,30,40", help="comma-separated JPEG qualities, or a range: 5-95:5")
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--min-size", type=int, default=48, help="smallest accepted side in pixels")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = ap.parse_args(argv)
-    try:
-        qualities = [int(q) for q in args.qualities.split(",") if q.strip()]
-    except ValueError:
-        raise DataError(f"--qualities must be comma-separated integers, got {args.qualities!r}") from None
+    qualities = parse_qualities(args.qualities)
     src = Path(args.source)
     if not (is_archive(src) or src.is_dir()):
         src = dataset_dir(args.source, args.data_root)

@@ -129,7 +129,8 @@ def markdown_table(result: dict) -> str:
     for r in result["rows"]:
         speed = f"{r['speedup_vs_torch']:.2f}x" if r["speedup_vs_torch"] else "-"
         where = r["device"] + (f" / {r['provider']}" if r.get("provider") else "")
-        lines.append(f"| {r['backend']} | {where} | {r['batch']}x{r['height']}x{r['width']} | {r['first_call_s']:.2f} | "
+        label = r["backend"] + (f" (compiled in {r['compile_s']:.0f} s)" if r.get("compile_s") else "")
+        lines.append(f"| {label} | {where} | {r['batch']}x{r['height']}x{r['width']} | {r['first_call_s']:.2f} | "
                      f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['images_per_s']:.2f} | "
                      f"{r['mpixels_per_s']:.2f} | {r['gflops']:.0f} | {speed} |")
     for label, why in result["unavailable"].items():

@@ -59,6 +59,16 @@ def store_lock(uri: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def run_for(offline_run_id: str) -> str | None:
+    """The store's run imported from an offline record (tag offline_run_id), if any."""
+    import mlflow
+
+    mlflow.set_tracking_uri(resolve_tracking_uri())
+    found = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.offline_run_id = '{offline_run_id}'",
+                               output_format="list")
+    return found[0].info.run_id if found else None
+
+
 def log_to_run(run_id: str | None, metrics: dict[str, float], files: list[Path] = (), artifact_path: str | None = None) -> str:
     """Metrics (and files) added to an existing run, e.g. the checkpoint's training run; returns
     what happened, in one line (a store without that run is said, not raised)."""
@@ -67,6 +77,11 @@ def log_to_run(run_id: str | None, metrics: dict[str, float], files: list[Path] 
     import mlflow
 
     mlflow.set_tracking_uri(resolve_tracking_uri())
+    if run_id.startswith("offline-"):  # recorded without MLflow: the run it was imported as
+        imported = run_for(run_id)
+        if imported is None:
+            return f"not logged to MLflow: run {run_id} was recorded offline and not imported (python -m train.import_run)"
+        run_id = imported
     client = mlflow.MlflowClient()
     stamp = int(time.time() * 1000)
     try:

@@ -137,3 +137,11 @@ def test_official_archives_extract_only_the_needed_images(photos, color_tiles_di
     (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(DataError, match="unreadable archive"):
         prepare(tmp_path / "broken.zip", tmp_path / "o", progress=False)
+
+
+def test_quality_ranges_for_blind_training():
+    from data_pipeline.prepare import parse_qualities
+
+    assert parse_qualities("5-95:5") == list(range(5, 96, 5)) and parse_qualities("10,40") == [10, 40]
+    with pytest.raises(DataError, match="range like 5-95:5"):
+        parse_qualities("ten")

@@ -213,3 +213,34 @@ def test_quickstart_runs_end_to_end_on_embedded_images(tmp_path):
     assert set(res["results"]) == {"10", "20", "30", "40"} and "model" in res["results"]["10"]
     assert len(list((tmp_path / "qs" / "side_by_side").glob("*.png"))) == 2
     assert load_model(tmp_path / "qs" / "run" / "image_compression_model.pth")[1]["arch"] == "unet"
+
+
+def test_a_run_recorded_without_mlflow_is_imported_and_continued(tiles_dir, tmp_path):
+    """The GPU machine has no MLflow: the run is recorded to a file, imported here, and a later
+    call continues from its weights (train.init_from)."""
+    tiles, env = tiles_dir, env_for(tmp_path)
+    out = tmp_path / "gpu-run"
+    proc = run([sys.executable, MAIN, *smoke_args(tiles), "--set", "tracking.offline=true", "--out", str(out)], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "mlflow_record.jsonl").is_file()
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")  # nothing in the store yet
+    imported = run([sys.executable, "-m", "train.import_run", str(out), "--tag", "gpu=none (test)"], env)
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    (r,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert r.info.status == "FINISHED" and r.data.tags["gpu"] == "none (test)" and r.info.run_name == "dncnn-gpu-run"
+    assert r.data.params["train.max_steps"] == "6" and "val_psnr" in r.data.metrics
+    assert [m.step for m in mlflow.MlflowClient().get_metric_history(r.info.run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
+    assert {"config.toml", "image_compression_model.pth", "curves.png"} <= {a.path for a in mlflow.MlflowClient().list_artifacts(r.info.run_id)}
+    again = run([sys.executable, "-m", "train.import_run", str(out)], env)
+    assert again.returncode == 2 and "already in the store" in again.stderr
+    evaluated = run([sys.executable, "-m", "train.evaluate", "--checkpoint", str(out / "image_compression_model.pth"),
+                     "--dataset", str(tiles), "--qualities", "10", "--log-mlflow"], env)
+    assert evaluated.returncode == 0 and f"to MLflow run {r.info.run_id}" in evaluated.stdout, evaluated.stderr[-2000:]
+    best = out / "image_compression_model.pth"
+    cont = run([sys.executable, MAIN, *smoke_args(tiles), "--set", f"train.init_from={best}", "--set", "tracking.enabled=false",
+                "--out", str(tmp_path / "next-call")], env)
+    assert cont.returncode == 0 and f"initialised the weights from {best}" in cont.stderr, cont.stderr[-2000:]
+    wrong = run([sys.executable, MAIN, "--config", str(REPO / "configs" / "unet.toml"), "--smoke", "--set", f"data.dataset={tiles}",
+                 "--set", f"train.init_from={best}", "--out", str(tmp_path / "wrong")], env)
+    assert wrong.returncode == 2 and "holds a dncnn gray model" in wrong.stderr

@@ -108,6 +108,9 @@ class TrainConfig:
     """Path of the best model; empty means <out>/image_compression_model.pth."""
     ddp_timeout_s: int = 600
     """A rank that waits longer than this on the others fails the job instead of hanging."""
+    init_from: str = ""
+    """A model checkpoint whose weights start this run (an earlier run's best model: same arch,
+    kwargs and mode); the optimizer and schedule start fresh. Ignored when --resume finds a state."""
 
     def __post_init__(self):
         _choice("train.loss", self.loss, tuple(LOSSES))
@@ -125,6 +128,9 @@ class TrackingConfig:
     """MLflow store; empty means $MLFLOW_TRACKING_URI, else SQLite in mlruns/."""
     enabled: bool = True
     """Log to MLflow (rank 0 only)."""
+    offline: bool = False
+    """Record the run to <out>/mlflow_record.jsonl instead of a store (automatic where MLflow is not
+    installed); `python -m train.import_run <out>` puts it into the store later."""
     tags: dict = field(default_factory=dict)
     """Extra run tags, e.g. the sweep id, array index and grid point (set by slurm/sweep.sh)."""
 

@@ -1,8 +1,14 @@
-"""MLflow tracking of a training run, rank 0 only (the store: runtime/mlflow_store.py)."""
+"""MLflow tracking of a training run, rank 0 only (the store: runtime/mlflow_store.py). Where
+MLflow is not installed (a lent GPU machine) or `tracking.offline` is set, the run is recorded to
+`<out>/mlflow_record.jsonl` instead, and `python -m train.import_run <out>` puts it into a store."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import platform
+import time
+import uuid
 from pathlib import Path
 
 from runtime.device import device_name
@@ -34,6 +40,56 @@ def system_tags(device, world_size: int, precision: str) -> dict[str, str]:
         except ImportError:
             pass
     return tags
+
+
+RECORD = "mlflow_record.jsonl"
+
+
+def make_tracker(enabled: bool, out: Path, offline: bool = False, **kwargs) -> "Tracker | RecordTracker":
+    """An MLflow tracker, or a record in `out` when MLflow is missing or offline is asked for."""
+    if enabled and (offline or importlib.util.find_spec("mlflow") is None):
+        if not offline:
+            log.warning("MLflow is not installed: recording this run to %s (python -m train.import_run %s)", out / RECORD, out)
+        return RecordTracker(out / RECORD, run_id=kwargs.get("run_id"), run_name=kwargs.get("run_name", ""),
+                             experiment=kwargs.get("experiment", ""), tags=kwargs.get("tags"))
+    return Tracker(enabled, **kwargs)
+
+
+class RecordTracker:
+    """The Tracker interface, appending one JSON event per call to a record file (no MLflow)."""
+
+    enabled = True
+
+    def __init__(self, path: Path, run_id: str | None = None, run_name: str = "", experiment: str = "", tags: dict | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        resumed = bool(run_id and run_id.startswith("offline-") and self.path.is_file())
+        self.run_id = run_id if resumed else f"offline-{uuid.uuid4().hex}"
+        if not resumed:
+            self._event(start={"run_id": self.run_id, "run_name": run_name, "experiment": experiment})
+        self._event(tags=dict(tags or {}))
+
+    def _event(self, **event) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({**event, "time": time.time()}) + "\n")
+
+    def log_params(self, params: dict) -> None:
+        self._event(params={k: str(v) for k, v in params.items()})
+
+    def set_tags(self, tags: dict) -> None:
+        self._event(tags={k: str(v) for k, v in tags.items()})
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self._event(metrics={k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        if Path(path).exists():  # recorded relative to the run folder, which travels with the record
+            rel = Path(path).resolve().relative_to(self.path.parent.resolve()) if Path(path).resolve().is_relative_to(
+                self.path.parent.resolve()) else Path(path).resolve()
+            self._event(artifact=str(rel), artifact_path=artifact_path)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self._event(status=status)
 
 
 class Tracker:

@@ -38,7 +38,7 @@ from .distributed import DistInfo, all_reduce_sum, any_rank, barrier, gather_obj
 from .optim import LOSSES, build_optimizer, build_scheduler
 from .progress import Progress
 from .state import OutputLock, load_latest, prune_states, remove_partial_writes, state_path
-from .tracking import Tracker, flatten, system_tags
+from .tracking import flatten, make_tracker, system_tags
 
 log = logging.getLogger(__name__)
 STOP_CHECK_EVERY = 10  # steps between the (collective) checks for a stop signal under DDP
@@ -83,6 +83,8 @@ class Trainer:
         found = load_latest(self.ckpt_dir, self.device) if resume else None
         if resume and found is None:
             log.info("--resume: no training state in %s, starting from scratch", self.ckpt_dir)
+        if found is None and cfg.train.init_from:
+            self.init_weights(cfg.train.init_from)
         if found is not None:
             state_file, state = found
             run_id = state.get("mlflow_run_id")
@@ -100,9 +102,10 @@ class Trainer:
         self.ddp_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
             if info.distributed else self.model
 
-        self.tracker = Tracker(info.is_main and cfg.tracking.enabled, cfg.tracking.experiment,
-                               cfg.tracking.run_name or f"{cfg.model.arch}-{self.out.resolve().name}",
-                               cfg.tracking.tracking_uri, run_id=run_id,
+        self.tracker = make_tracker(info.is_main and cfg.tracking.enabled, self.out, cfg.tracking.offline,
+                                    experiment=cfg.tracking.experiment,
+                                    run_name=cfg.tracking.run_name or f"{cfg.model.arch}-{self.out.resolve().name}",
+                                    tracking_uri=cfg.tracking.tracking_uri, run_id=run_id,
                                tags={**system_tags(self.device, info.world_size, cfg.train.precision), "arch": cfg.model.arch,
                                      "loader": self.loader.backend, "data_root": str(self.data_root or ""),
                                      **{k: str(v) for k, v in cfg.tracking.tags.items()}})
@@ -213,6 +216,17 @@ class Trainer:
         for key in ("step", "epoch", "step_in_epoch", "best_psnr", "wall_time"):
             setattr(self, key, state[key])
         self.history = {**self.history, **state["history"]}
+
+    def init_weights(self, path: str) -> None:
+        """Start from the weights of a model checkpoint of the same architecture."""
+        blob = ckpt.load(path, self.device)
+        want = (self.cfg.model.arch, dict(self.cfg.model.kwargs), self.cfg.data.mode)
+        have = (blob.get("arch"), blob.get("kwargs"), blob.get("mode"))
+        if want != have or "state_dict" not in blob:
+            raise ckpt.CheckpointError(f"train.init_from {path} holds a {have[0]} {have[2]} model {have[1]}, "
+                                       f"the config asks for {want[0]} {want[2]} {want[1]}")
+        ckpt.load_weights(self.model, blob["state_dict"], path)
+        log.info("initialised the weights from %s (step %s of its run)", path, blob.get("step"))
 
     def save_state(self) -> None:
         rng = gather_objects(torch.get_rng_state(), self.info)  # every rank's generator

@@ -1,0 +1,103 @@
+"""Put a training run recorded without MLflow (`<out>/mlflow_record.jsonl`: a GPU machine without
+MLflow, or `tracking.offline = true`) into the MLflow store: params, tags, every metric with its
+step and time, status and artifacts (files under <out>, which travel with the record).
+
+    python -m train.import_run outputs/gpu-run [--experiment jpeg-gpu] [--tag gpu=H100]
+
+The new run is tagged `offline_run_id`, so the checkpoint's recorded run id still finds it
+(`train.evaluate --log-mlflow`); importing the same record twice is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from data_pipeline.errors import UserError, command
+from runtime.mlflow_store import artifact_location, resolve_tracking_uri, retry, run_for, store_lock
+
+from .loop.tracking import RECORD
+
+
+def read_record(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"no run record {path} (a run recorded without MLflow writes one)")
+    events = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(path.read_text().splitlines()):  # only the last line may be cut by a kill
+                raise UserError(f"{path}: line {i} is not JSON") from None
+    if not events or "start" not in events[0]:
+        raise UserError(f"{path} does not start with a run record")
+    return events
+
+
+def import_run(out: Path, experiment: str | None = None, extra_tags: dict | None = None) -> str:
+    """The id of the MLflow run made from `out`'s record."""
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+
+    events = read_record(out / RECORD)
+    start = events[0]["start"]
+    uri = resolve_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    if run_for(start["run_id"]):
+        raise UserError(f"{out / RECORD} is already in the store as run {run_for(start['run_id'])}")
+    name = experiment or start["experiment"] or "jpeg-restore"
+    with store_lock(uri):
+        exp = retry(client.get_experiment_by_name, name)
+        exp_id = exp.experiment_id if exp else retry(client.create_experiment, name, artifact_location=artifact_location(uri, name))
+    tags = {"offline_run_id": start["run_id"], **(extra_tags or {})}
+    params, metrics, artifacts, status = {}, [], [], "FINISHED"
+    for e in events:
+        tags.update(e.get("tags", {}))
+        params.update(e.get("params", {}))
+        metrics += [Metric(k, v, int(e["time"] * 1000), e.get("step", 0)) for k, v in e.get("metrics", {}).items()]
+        if "artifact" in e:
+            artifacts.append((e["artifact"], e.get("artifact_path")))
+        status = e.get("status", status)
+    run = retry(client.create_run, exp_id, start_time=int(events[0]["time"] * 1000), run_name=start["run_name"] or None)
+    rid = run.info.run_id
+    retry(client.log_batch, rid, params=[Param(k, v) for k, v in params.items()], tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    for i in range(0, len(metrics), 1000):
+        retry(client.log_batch, rid, metrics=metrics[i:i + 1000])
+    missing = []
+    for rel, where in artifacts:
+        path = Path(rel) if Path(rel).is_absolute() else out / rel
+        if not path.exists():
+            missing.append(rel)
+        elif path.is_dir():
+            retry(client.log_artifacts, rid, str(path), where)
+        else:
+            retry(client.log_artifact, rid, str(path), where)
+    retry(client.set_terminated, rid, status, end_time=int(events[-1]["time"] * 1000))
+    for rel in missing:
+        print(f"artifact {rel} is not in {out}: not imported", file=sys.stderr)
+    return rid
+
+
+@command
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path, help="run folders holding mlflow_record.jsonl")
+    ap.add_argument("--experiment", help="MLflow experiment (default: the one the run was recorded for)")
+    ap.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="extra tag, e.g. gpu=H100 (repeatable)")
+    args = ap.parse_args(argv)
+    tags = {}
+    for t in args.tag:
+        if "=" not in t:
+            raise UserError(f"--tag {t!r} must look like key=value")
+        k, v = t.split("=", 1)
+        tags[k] = v
+    for out in args.runs:
+        rid = import_run(out, args.experiment, tags)
+        print(f"imported {out / RECORD} as MLflow run {rid} into {resolve_tracking_uri()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
