@@ -39,11 +39,11 @@ def ensure_pt2(checkpoint: Path | str, device: str, deploy_dir: Path | str = DEP
     return path
 
 
-def ensure_onnx(checkpoint: Path | str, deploy_dir: Path | str = DEPLOY_DIR) -> Path:
-    """The checkpoint's ONNX file, exported now if missing or stale."""
-    path = onnx_path(checkpoint, deploy_dir)
+def ensure_onnx(checkpoint: Path | str, deploy_dir: Path | str = DEPLOY_DIR, fp16: bool = False) -> Path:
+    """The checkpoint's ONNX file (fp32, or an fp16 graph for GPU runtimes), exported now if missing or stale."""
+    path = onnx_path(Path(checkpoint).with_suffix(".fp16.pth") if fp16 else checkpoint, deploy_dir)
     if not is_current(path, checkpoint):
-        export_onnx(checkpoint, path)
+        export_onnx(checkpoint, path, fp16)
     return path
 
 
@@ -53,7 +53,7 @@ def artifact_for(kind: str, checkpoint: Path | str, deploy_dir: Path | str = DEP
     if kind == "checkpoint":
         return Path(checkpoint)
     if kind == "onnx":
-        return ensure_onnx(checkpoint, deploy_dir)
+        return ensure_onnx(checkpoint, deploy_dir, (options or {}).get("precision") == "fp16")
     if kind == "pt2":
         return ensure_pt2(checkpoint, device, deploy_dir)
     if kind == "engine":

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import BadImage, atomic_write_bytes, list_images, png_bytes, read_image
+from data_pipeline.jpeg_tables import jpeg_quality
 from export.artifacts import DEPLOY_DIR, artifact_for
 from runtime.checkpoint import load_model
 from runtime.inference import SHIPPED_GRAY, image_to_tensor, in_model_mode, shipped_model, to_uint8
@@ -144,7 +145,9 @@ def main(argv=None) -> int:
             restored = restore_array(runner, meta["mode"], img, args.self_ensemble, tiles_per_call, bar.update)
         atomic_write_bytes(target, png_bytes(restored))
         how = "luma only" if img.ndim == 3 and meta["mode"] == "gray" else meta["mode"]
-        print(f"{f} -> {target} ({img.shape[1]}x{img.shape[0]}, {meta['arch']} {how}, {args.backend})")
+        quality = jpeg_quality(f)
+        saved = "no JPEG tables" if quality is None else f"JPEG q{quality[0]}" + ("" if quality[1] else " (nearest IJG table)")
+        print(f"{f} -> {target} ({img.shape[1]}x{img.shape[0]}, {saved}, {meta['arch']} {how}, {args.backend})")
     print(f"restored {len(files) - failed} of {len(files)} images into {args.out}; peak memory {peak_memory(args.device)}")
     return 1 if failed else 0
 

@@ -101,13 +101,6 @@ def test_parity_numbers_on_real_images(trained, tmp_path, monkeypatch):
     assert p["max_abs_diff"] <= 1e-4 and p["max_psnr_diff"] <= 0.01 and p["ok"]
 
 
-def test_parity_uses_live1_when_there_is_a_data_root(trained, tmp_path, data_root):
-    path, _ = trained
-    export_onnx(path, tmp_path / "m.onnx")
-    p = check_parity(path, tmp_path / "m.onnx", str(data_root))
-    assert p["source"] == "LIVE1" and [r["image"] for r in p["images"]] == ["bikes", "building2", "buildings"] and p["ok"]
-
-
 def test_benchmark_measures_torch_and_onnxruntime_and_says_why_not_tensorrt(trained, tmp_path):
     path, _ = trained
     result = run_benchmark(path, shapes=[(64, 64, 1), (64, 64, 2)], warmup=1, iters=3,

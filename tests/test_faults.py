@@ -65,6 +65,7 @@ def test_restore_gives_same_stem_inputs_distinct_outputs(jpegs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["photo-2.png", "photo-3.png", "photo.png"]
     assert "restored 3 of 3" in proc.stdout
+    assert proc.stdout.count("JPEG q10,") == 3  # the quality read from each file's own tables
 
 
 def test_restore_checks_its_output_folder_before_running_the_model(jpegs, tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.images import jpeg_roundtrip, read_image
+from data_pipeline.images import jpeg_roundtrip, read_image, rgb_to_luma
 from runtime.figures import label_height
 from runtime.inference import SHIPPED_COLOR, SHIPPED_GRAY, Restorer, shipped_model
 from runtime.metrics.psnr import psnr
@@ -40,8 +40,8 @@ def test_evaluate_uses_the_shipped_model_by_default(data_root, tmp_path):
         assert r_q["model"]["psnrb"] > r_q["jpeg"]["psnrb"] + 0.8, q
 
 
-def test_gray_model_restores_the_luma_of_color_images(data_root):
-    original = read_image(data_root / "live1_color" / "bikes.png", "rgb")
+def test_gray_model_restores_the_luma_of_color_images(photos):
+    original = photos["motorcycle_left"]  # a real color photograph (scikit-image)
     jpeg = jpeg_roundtrip(original, 10)
     restored = Restorer(SHIPPED_GRAY)(jpeg)
     assert restored.shape == original.shape and restored.dtype == np.uint8
@@ -62,8 +62,9 @@ def test_shipped_color_model_beats_jpeg_and_the_gray_model_on_luma(data_root):
     assert rgb_psnr > psnr(original, jpeg) + 0.5 and rgb_psnr > luma_psnr
 
 
-def test_self_ensemble_restores_better_than_one_view(data_root, tmp_path):
-    crops = [read_image(data_root / "live1_gray" / f"{n}.png", "gray")[:160, :224] for n in ("bikes", "parrots", "building2")]
+def test_self_ensemble_restores_better_than_one_view(photos, tmp_path):
+    crops = [rgb_to_luma(photos[n]) if photos[n].ndim == 3 else photos[n] for n in ("camera", "astronaut", "coffee")]
+    crops = [c[:160, :224] for c in crops]
     plain, ensemble = Restorer(SHIPPED_GRAY), Restorer(SHIPPED_GRAY, ensemble=True)
     gains = [psnr(c, ensemble(j)) - psnr(c, plain(j)) for c, j in ((c, jpeg_roundtrip(c, 10)) for c in crops)]
     assert np.mean(gains) > 0.02, gains

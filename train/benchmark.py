@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from data_pipeline import benchmark as loader_bench
 from data_pipeline.errors import command
 from data_pipeline.images import atomic_write_json
-from runtime.device import autocast_for, native_bf16, resolve_precision
+from runtime.device import autocast_for, matmul_peak, native_bf16, resolve_precision
 from runtime.models import architectures, build_model, macs_per_pixel
 
 from .loop.config import load_config
@@ -133,14 +133,18 @@ def main(argv=None) -> int:
         return loaders_against_training(args, device, precision)
     print(f"device {device}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"batch {BATCH}, {PATCH}x{PATCH}, {precision} (native bf16: {native_bf16(device)}), channels_last")
+    peak = matmul_peak(str(device))["bf16" if precision in ("bf16", "fp16") else "fp32"] * 1e9
+    print(f"measured matmul peak {peak / 1e12:.2f} TFLOP/s ({'bf16' if precision in ('bf16', 'fp16') else 'fp32'}): MFU's yardstick")
     archs = []
     for arch in architectures():
         model = build_model(arch, channels=1)
         row = {"arch": arch, "params": sum(p.numel() for p in model.parameters()),
                "macs_per_pixel": macs_per_pixel(model, 1), "bare_patches_per_s": bare_loop_rate(arch, args.steps, device, precision=precision)}
+        row["tflops"] = row["bare_patches_per_s"] * PATCH**2 * 6 * row["macs_per_pixel"] / 1e12  # fwd + bwd: 6 FLOP/MAC
+        row["mfu"] = row["tflops"] * 1e12 / peak
         archs.append(row)
         print(f"{arch:<12} {row['params'] / 1e6:7.3f} M params {row['macs_per_pixel'] / 1e3:8.1f} k MACs/px "
-              f"{row['bare_patches_per_s']:8.1f} patches/s (bare loop)", flush=True)
+              f"{row['bare_patches_per_s']:8.1f} patches/s (bare loop) {row['tflops']:7.3f} TFLOP/s MFU {row['mfu']:6.1%}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         bare = bare_loop_rate(args.arch, 2 * args.steps, device, precision=precision)
         trained = trainer_rate(args.arch, args.steps, device, Path(tmp) / "trainer", precision)

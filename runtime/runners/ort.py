@@ -1,5 +1,7 @@
 """ONNX Runtime: TensorRT / CUDA execution providers on a GPU, the CPU provider otherwise; the
-provider actually used is in describe() and in every row of the latency table."""
+provider actually used is in describe() and in every row of the latency table. On a GPU provider
+the input and output are bound to torch CUDA tensors (IO binding: no host round trip). The CUDA
+path is written against onnxruntime-gpu's API and has not yet run on a GPU in this project."""
 from __future__ import annotations
 
 import importlib.util
@@ -32,7 +34,7 @@ class OrtRunner(Runner):
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
         self.provider = self.session.get_providers()[0]
         self.device = torch.device("cuda" if self.provider != "CPUExecutionProvider" else "cpu")
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_name, self.output_name = self.session.get_inputs()[0].name, self.session.get_outputs()[0].name
         self.dtype = torch.float16 if "float16" in self.session.get_inputs()[0].type else torch.float32
         self.tile = meta.get("tile", 0) if tile is None else tile
         self.overlap = meta.get("overlap", 16) if overlap is None else overlap
@@ -43,16 +45,32 @@ class OrtRunner(Runner):
         return None if importlib.util.find_spec("onnxruntime") else "onnxruntime is not installed"
 
     @classmethod
-    def open(cls, path, device="cpu", **options):
-        return cls(path, device, **options)
+    def open(cls, path, device="cpu", precision: str = "fp32", **options):
+        return cls(path, device, **options)  # the graph's own dtype (fp32 or fp16 export) decides the precision
 
     @classmethod
     def variants(cls, device):
-        return [("onnxruntime fp32", {})]
+        return [("onnxruntime fp32", {})] + ([("onnxruntime fp16", {"precision": "fp16"})] if device.startswith("cuda") else [])
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return self._run_bound(x)
         out = self.session.run(None, {self.input_name: x.to("cpu", self.dtype).contiguous().numpy()})[0]
         return torch.from_numpy(out).float()
+
+    def _run_bound(self, x: torch.Tensor) -> torch.Tensor:
+        """Input and output as CUDA tensors bound to the session (the models keep the input's shape)."""
+        import numpy as np
+
+        x = x.to(self.device, self.dtype).contiguous()
+        y = torch.empty_like(x)
+        element = np.float16 if self.dtype == torch.float16 else np.float32
+        binding = self.session.io_binding()
+        binding.bind_input(self.input_name, "cuda", self.device.index or 0, element, tuple(x.shape), x.data_ptr())
+        binding.bind_output(self.output_name, "cuda", self.device.index or 0, element, tuple(y.shape), y.data_ptr())
+        torch.cuda.current_stream().synchronize()  # x is ready before ORT's own stream reads it
+        self.session.run_with_iobinding(binding)
+        return y.float()
 
     def __call__(self, x):
         if self.tile and x.shape[-2:] != (self.tile, self.tile):

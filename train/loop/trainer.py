@@ -70,6 +70,7 @@ class Trainer:
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.params = sum(p.numel() for p in self.model.parameters())
+        self.macs_per_pixel = macs_per_pixel(self.model, cfg.data.channels)
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
@@ -113,7 +114,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.out / "config.toml", to_toml(cfg).encode())
             self.tracker.log_params({**flatten(to_dict(cfg)), "params": self.params, "out": str(self.out),
-                                     "macs_per_pixel": round(macs_per_pixel(self.model, cfg.data.channels))})
+                                     "macs_per_pixel": round(self.macs_per_pixel)})
             self.tracker.log_artifact(self.out / "config.toml")
             log.info("%s: %.3f M parameters, %d ranks on %s, %s, %d steps/epoch",
                      cfg.model.arch, self.params / 1e6, info.world_size, self.device, cfg.train.precision, len(self.loader))
@@ -300,6 +301,8 @@ class Trainer:
         loss = float(window["loss"]) / n  # the one host sync of the logging interval
         images = n * self.cfg.data.batch_size * self.info.world_size
         metrics = {"train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": images / elapsed,
+                   # forward 2 FLOP per MAC, backward about twice the forward: 6 FLOP per MAC and pixel
+                   "train_tflops": images * self.cfg.data.patch_size**2 * 6 * self.macs_per_pixel / elapsed / 1e12,
                    "step_time_s": elapsed / n, "data_wait_s": window["data"] / n}
         self.history["step"].append(self.step)
         self.history["loss"].append(loss)

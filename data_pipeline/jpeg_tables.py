@@ -1,0 +1,42 @@
+"""The quality a JPEG was saved at, from its own quantization tables (Pillow exposes them): the
+IJG quality whose scaled standard luma table matches the file's, exactly for libjpeg-made files,
+nearest otherwise. A decoded PNG has no tables: the quality is then unknown (None)."""
+from __future__ import annotations
+
+import functools
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+@functools.cache
+def _ijg_luma_tables() -> np.ndarray:
+    """100 x 64: the luma table libjpeg writes at quality 1..100 (as Pillow reads it back)."""
+    tables = []
+    for q in range(1, 101):
+        buf = io.BytesIO()
+        Image.new("L", (8, 8)).save(buf, format="JPEG", quality=q)
+        tables.append(Image.open(buf).quantization[0])
+    return np.array(tables, dtype=np.int64)
+
+
+def luma_table(path: Path | str) -> np.ndarray | None:
+    """The file's first (luma) quantization table, 64 values; None for files without one."""
+    with Image.open(path) as im:
+        tables = getattr(im, "quantization", None)
+        return np.array(tables[0], dtype=np.int64) if tables else None
+
+
+def estimate_quality(table: np.ndarray | None) -> tuple[int, bool] | None:
+    """(IJG quality 1..100 whose table is nearest, whether it matches exactly), or None without a table."""
+    if table is None:
+        return None
+    err = np.abs(_ijg_luma_tables() - table[None, :]).sum(1)
+    q = int(np.argmin(err))
+    return q + 1, bool(err[q] == 0)
+
+
+def jpeg_quality(path: Path | str) -> tuple[int, bool] | None:
+    return estimate_quality(luma_table(path))
