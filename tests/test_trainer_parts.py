@@ -137,3 +137,21 @@ def test_macs_per_pixel_of_dncnn():
     expected = 15 * 64 * 64 * 9 + 2 * 64 * 9
     assert macs_per_pixel(build_model("dncnn", channels=1), 1) == pytest.approx(expected, rel=0.01)
     assert math.isfinite(macs_per_pixel(build_model("autoencoder", channels=1), 1))
+
+
+def test_end_to_end_benchmark_compares_the_trainer_on_real_data_with_the_bare_loop(tiles_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "e2e.json"
+    proc = subprocess.run([sys.executable, "-m", "train.benchmark", "--end-to-end", "--arch", "unet", "--kwargs",
+                           "{width = 8, levels = 2}", "--batch", "4", "--patch", "32", "--steps", "4", "--precision", "fp32",
+                           "--backends", "resident,torch", "--dataset", str(tiles_dir), "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [r["backend"] for r in result["rows"]] == ["resident", "torch"] and result["bare_patches_per_s"] > 0
+    for r in result["rows"]:
+        assert r["trainer_over_bare"] == pytest.approx(r["trainer_patches_per_s"] / result["bare_patches_per_s"])
+        assert f"Trainer + {r['backend']}" in proc.stdout

@@ -3,6 +3,8 @@ and 1 against 2 processes (torchrun, gloo on CPU).
 
     python -m train.benchmark [--arch dncnn] [--steps 12] [--json outputs/train_bench.json]
     python -m train.benchmark --loaders --data-root ../shared/data   # loaders beside what a step consumes
+    python -m train.benchmark --end-to-end --arch unet --kwargs "{width = 64, levels = 3}" --batch 64 --patch 128 \
+        --dataset train_color --backends resident,torch --data-root ../shared/data   # Trainer + real data vs bare loop
 
 All on synthetic batches (batch 32, 64x64, channels_last, AdamW, L1; --precision auto is bf16
 autocast where the device has native bf16, fp32 on other CPUs), so the figures measure the
@@ -68,10 +70,11 @@ def _synthetic_overrides(arch: str, steps: int, precision: str) -> list[str]:
             f"train.ckpt_every={10**9}", "tracking.enabled=false", "schedule.warmup_steps=0"]
 
 
-def trainer_rate(arch: str, steps: int, device: torch.device, out: Path, precision: str) -> float:
+def trainer_rate(arch: str, steps: int, device: torch.device, out: Path, precision: str, extra: list[str] = (),
+                 data_root: str | None = None) -> float:
     """Patches/s of Trainer.fit: mean of its logged windows after the first (warm-up) one."""
-    cfg = load_config(None, _synthetic_overrides(arch, steps, precision))
-    trainer = Trainer(cfg, out, DistInfo(0, 0, 1, device))
+    cfg = load_config(None, _synthetic_overrides(arch, steps, precision) + list(extra))
+    trainer = Trainer(cfg, out, DistInfo(0, 0, 1, device), data_root=data_root)
     try:
         trainer.fit()
     finally:
@@ -117,6 +120,29 @@ def loaders_against_training(args, device: torch.device, precision: str) -> int:
     return 0
 
 
+def end_to_end(args, device: torch.device, precision: str) -> int:
+    """The Trainer on real data with each loader backend against the bare loop of the same model,
+    batch and patch: how much of the GPU (or CPU) the data path leaves idle."""
+    import tomllib
+
+    kwargs = tomllib.loads(f"k = {args.kwargs}")["k"]
+    shape = [f"model.kwargs={args.kwargs}", f"data.batch_size={args.batch}", f"data.patch_size={args.patch}"]
+    bare = bare_loop_rate(args.arch, 2 * args.steps, device, args.batch, args.patch, kwargs, precision)
+    print(f"{args.arch} {kwargs} batch {args.batch} x {args.patch}^2 on {device} ({precision}): bare loop {bare:.1f} patches/s")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in args.backends.split(","):
+            data = [f"data.backend={backend}", f"data.dataset={args.dataset}", f"data.workers={args.workers}", "data.qualities=[10, 20, 30, 40]"]
+            rate = trainer_rate(args.arch, args.steps, device, Path(tmp) / backend, precision, shape + data, args.data_root)
+            rows.append({"backend": backend, "trainer_patches_per_s": rate, "trainer_over_bare": rate / bare})
+            print(f"Trainer + {backend:<9} {rate:8.1f} patches/s = {rate / bare:.3f}x the bare loop", flush=True)
+    atomic_write_json(args.json, {"device": str(device), "arch": args.arch, "kwargs": kwargs, "batch": args.batch,
+                                  "patch": args.patch, "dataset": args.dataset, "precision": precision,
+                                  "bare_patches_per_s": bare, "rows": rows})
+    print(f"wrote {args.json}")
+    return 0
+
+
 @command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,12 +151,21 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     ap.add_argument("--json", type=Path, default=Path("outputs/train_bench.json"))
     ap.add_argument("--loaders", action="store_true", help="loader patches/s (Train400) beside what a training step consumes")
-    ap.add_argument("--data-root", help="with --loaders (default: $JPEG_RESTORE_DATA_ROOT)")
+    ap.add_argument("--data-root", help="with --loaders / --end-to-end (default: $JPEG_RESTORE_DATA_ROOT)")
+    ap.add_argument("--end-to-end", action="store_true", help="the Trainer on real data per loader backend vs the bare loop")
+    ap.add_argument("--kwargs", default="{}", help="with --end-to-end: model kwargs as a TOML inline table")
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--patch", type=int, default=PATCH)
+    ap.add_argument("--dataset", default="train400", help="with --end-to-end: training dataset (gray luma of color sets)")
+    ap.add_argument("--backends", default="resident,torch", help="with --end-to-end: loader backends to compare")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="torch workers / DALI threads")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(args.precision, device)
     if args.loaders:
         return loaders_against_training(args, device, precision)
+    if args.end_to_end:
+        return end_to_end(args, device, precision)
     print(f"device {device}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"batch {BATCH}, {PATCH}x{PATCH}, {precision} (native bf16: {native_bf16(device)}), channels_last")
     peak = matmul_peak(str(device))["bf16" if precision in ("bf16", "fp16") else "fp32"] * 1e9
