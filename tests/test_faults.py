@@ -73,6 +73,8 @@ def test_restore_checks_its_output_folder_before_running_the_model(jpegs, tmp_pa
     a_file.write_text("x")
     proc = restore(jpegs / "a" / "photo.jpg", "-o", a_file, "--checkpoint", tmp_path / "missing.pth")
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: output {a_file} exists and is not a folder"
+    proc = restore(jpegs / "a" / "photo.jpg", "-o", "/sys/jpeg-restore-out", "--checkpoint", tmp_path / "missing.pth")
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: cannot write into output folder /sys/jpeg-restore-out")
 
 
 def test_a_second_training_on_a_busy_out_stops_at_once(tmp_path):

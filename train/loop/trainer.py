@@ -107,9 +107,9 @@ class Trainer:
                                     experiment=cfg.tracking.experiment,
                                     run_name=cfg.tracking.run_name or f"{cfg.model.arch}-{self.out.resolve().name}",
                                     tracking_uri=cfg.tracking.tracking_uri, run_id=run_id,
-                               tags={**system_tags(self.device, info.world_size, cfg.train.precision), "arch": cfg.model.arch,
-                                     "loader": self.loader.backend, "data_root": str(self.data_root or ""),
-                                     **{k: str(v) for k, v in cfg.tracking.tags.items()}})
+                                    tags={**system_tags(self.device, info.world_size, cfg.train.precision), "arch": cfg.model.arch,
+                                          "loader": self.loader.backend, "data_root": str(self.data_root or ""),
+                                          **{k: str(v) for k, v in cfg.tracking.tags.items()}})
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.out / "config.toml", to_toml(cfg).encode())
