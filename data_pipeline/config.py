@@ -39,6 +39,11 @@ class DataConfig:
     """Worker processes of the torch backend (persistent), threads of the DALI pipeline."""
     cache_mb: int = 1024
     """Decoded images each torch-backend worker keeps in memory (MiB), so each file is decoded once."""
+    quality_plane: bool = False
+    """Append the JPEG quality as a constant input plane (uint8 q, i.e. q/255 after scaling; needs an
+    architecture with model.kwargs.cond_channels = 1); a blind_fraction of the samples get 0 (unknown)."""
+    blind_fraction: float = 0.2
+    """Share of training samples whose quality plane is 0, so the model also restores without a quality."""
     resident_mb: int = 8192
     """Memory the resident backend may take for the decoded dataset (MiB; GPU memory on CUDA)."""
     min_size: int = 48
@@ -64,6 +69,8 @@ class DataConfig:
         for name in ("workers", "cache_mb", "resident_mb", "limit"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be 0 or more, got {getattr(self, name)}")
+        if not 0 <= self.blind_fraction <= 1:
+            raise ValueError(f"data.blind_fraction must be in [0, 1], got {self.blind_fraction}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
 

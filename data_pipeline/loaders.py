@@ -17,7 +17,7 @@ from .sources import DataError
 
 log = logging.getLogger(__name__)
 
-Pair = tuple[str | None, str]  # (jpeg path or None for online mode, original path)
+Pair = tuple[str | None, str, int]  # (jpeg path or None for online mode, original path, quality or 0 online)
 
 
 def dali_available() -> bool:
@@ -55,11 +55,11 @@ def training_pairs(cfg, split: str = "train") -> list[Pair]:
         raise DataError(f"{root}: smallest image side {smallest} < data.patch_size {cfg.patch_size}")
     original = [str(root / f["original"]["path"]) for f in files]
     if cfg.online:
-        return [(None, o) for o in original]
+        return [(None, o, 0) for o in original]
     missing = sorted(set(cfg.qualities) - set(manifest["qualities"]))
     if missing:
         raise DataError(f"{root} has no JPEGs at qualities {missing}: re-run prepare with them")
-    return [(str(root / f["jpeg"][str(q)]["path"]), o) for f, o in zip(files, original) for q in cfg.qualities]
+    return [(str(root / f["jpeg"][str(q)]["path"]), o, q) for f, o in zip(files, original) for q in cfg.qualities]
 
 
 class PairLoader:

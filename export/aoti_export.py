@@ -13,6 +13,7 @@ import torch
 
 from runtime.artifacts import file_sha256, write_meta
 from runtime.checkpoint import load_model
+from runtime.inference import input_channels
 
 from .onnx_export import FixedTile
 
@@ -24,7 +25,7 @@ def export_aoti(checkpoint: Path | str, out: Path | str, device: str = "cpu") ->
     sidecar; returns the sidecar (compile seconds included)."""
     model, meta = load_model(checkpoint, device)
     model = model.to(device)
-    c, tile = meta["channels"], getattr(model, "tile", 0)
+    c, tile = input_channels(meta), getattr(model, "tile", 0)
     batch = torch.export.Dim("batch", min=1, max=256)
     if tile:
         module, example, dims = FixedTile(model), torch.rand(2, c, tile, tile, device=device), {0: batch}

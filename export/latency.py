@@ -16,6 +16,7 @@ import torch
 from data_pipeline.images import atomic_write_bytes, atomic_write_json
 from runtime.checkpoint import load_model
 from runtime.device import cpu_model, matmul_peak
+from runtime.inference import input_channels
 from runtime.mlflow_store import log_to_run
 from runtime.models import macs_per_pixel
 from runtime.runners import RunnerUnavailable, make_runner, runners
@@ -81,7 +82,7 @@ def run_benchmark(checkpoint: Path, device: str = "cpu", shapes=SHAPES, warmup: 
     rows, unavailable = [], {}
     built = build_runners(checkpoint, device, deploy_dir, backends)
     for h, w, n in shapes:
-        x = torch.rand(n, meta["channels"], h, w)
+        x = torch.rand(n, input_channels(meta), h, w)
         for label, runner in built:
             if isinstance(runner, str):
                 unavailable[label] = runner
@@ -99,7 +100,7 @@ def run_benchmark(checkpoint: Path, device: str = "cpu", shapes=SHAPES, warmup: 
     for r in rows:
         ref = next((b for b in rows if b["backend"] == "torch fp32" and (b["height"], b["width"], b["batch"]) == (r["height"], r["width"], r["batch"])), None)
         r["speedup_vs_torch"] = ref["p50_ms"] / r["p50_ms"] if ref else None
-    macs = macs_per_pixel(model, meta["channels"])
+    macs = macs_per_pixel(model, input_channels(meta))
     for r in rows:
         r["gflops"] = 2 * macs * r["mpixels_per_s"] * 1e6 / 1e9
     return {"checkpoint": str(checkpoint), "arch": meta["arch"], "kwargs": meta["kwargs"], "macs_per_pixel": macs,

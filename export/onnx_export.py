@@ -13,6 +13,7 @@ import torch
 from data_pipeline.images import atomic_write_bytes
 from runtime.artifacts import file_sha256, write_meta
 from runtime.checkpoint import load_model
+from runtime.inference import input_channels
 from runtime.runners import make_runner
 
 from .parity import parity
@@ -33,7 +34,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str, fp16: bool = False) -> 
     """Writes the ONNX file atomically; returns what runners need to know (tile size, channels)."""
     model, meta = load_model(checkpoint)
     tile = getattr(model, "tile", 0)
-    c = meta["channels"]
+    c = input_channels(meta)
     if tile:
         module, example, dims = FixedTile(model), torch.rand(2, c, tile, tile), {0: "batch"}
     else:

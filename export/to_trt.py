@@ -32,7 +32,7 @@ from export.onnx_export import check_parity  # noqa: E402
 from export.parity import parity_images  # noqa: E402
 from runtime.artifacts import file_sha256, write_meta  # noqa: E402
 from runtime.checkpoint import load_model  # noqa: E402
-from runtime.inference import image_to_tensor, to_uint8  # noqa: E402
+from runtime.inference import image_to_tensor, input_channels, to_uint8, with_quality  # noqa: E402
 from runtime.metrics.psnr import psnr  # noqa: E402
 from runtime.runners import make_runner, runners  # noqa: E402
 from runtime.runners.torch_eager import TorchRunner  # noqa: E402
@@ -80,6 +80,7 @@ def engine_parity(checkpoint: Path, engine_path: Path, data_root: str | None, qu
     diffs, dpsnr = [], []
     for _, original in images:
         x = image_to_tensor(jpeg_roundtrip(original, quality), "cuda")
+        x = with_quality(x, quality) if input_channels(meta) > meta["channels"] else x
         a, b = ref.restore(x).clamp(0, 1), trt_runner.restore(x).clamp(0, 1)
         diffs.append(float((a - b).abs().max()))
         dpsnr.append(abs(psnr(original, to_uint8(a[0])) - psnr(original, to_uint8(b[0]))))
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     else:
         sidecar = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": file_sha256(args.checkpoint), "arch": meta["arch"]}
         for precision in ("fp16", "fp32"):
-            path = build_engine(onnx_path, engine_path(args.checkpoint, precision, out), precision == "fp16", meta["channels"],
+            path = build_engine(onnx_path, engine_path(args.checkpoint, precision, out), precision == "fp16", input_channels(meta),
                                 meta["kwargs"].get("tile", 0) if meta["arch"] == "autoencoder" else 0, out / "timing.cache",
                                 sidecar)
             e = engine_parity(args.checkpoint, path, args.data_root)

@@ -42,6 +42,17 @@ def image_to_tensor(img: np.ndarray, device) -> torch.Tensor:
     return x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
 
 
+def input_channels(meta: dict) -> int:
+    """Planes a checkpoint's model takes: the image's, plus the quality plane of a conditioned model."""
+    return meta["channels"] + meta.get("kwargs", {}).get("cond_channels", 0)
+
+
+def with_quality(x: torch.Tensor, quality: int | None) -> torch.Tensor:
+    """x with the quality plane appended: the JPEG quality / 255 everywhere, 0 when unknown (blind),
+    as the loaders make it from uint8 (quality) / 255."""
+    return torch.cat([x, x.new_full((x.shape[0], 1, *x.shape[2:]), (quality or 0) / 255)], dim=1)
+
+
 def to_uint8(img: np.ndarray | torch.Tensor) -> np.ndarray:
     """Float [0,1] (HxW, HxWxC, or CxHxW tensor) -> rounded, clipped uint8 HxW[xC]."""
     if isinstance(img, torch.Tensor):
@@ -59,13 +70,19 @@ class Restorer:
         self.model.to(self.device)
         self.mode, self.autocast = self.meta["mode"], lambda: autocast_for(precision, self.device)
         self.ensemble = ensemble
+        self.conditioned = input_channels(self.meta) > self.meta["channels"]
 
-    def __call__(self, img: np.ndarray) -> np.ndarray:
-        return in_model_mode(self._restore, self.mode, img)
+    def __call__(self, img: np.ndarray, quality: int | None = None) -> np.ndarray:
+        """The restored image; `quality` (the JPEG's, e.g. from its tables) feeds a quality-conditioned
+        model, None runs it blind; models without the quality plane ignore it."""
+        return in_model_mode(lambda a: self._restore(a, quality), self.mode, img)
 
     @torch.no_grad()
-    def _restore(self, img: np.ndarray) -> np.ndarray:
+    def _restore(self, img: np.ndarray, quality: int | None) -> np.ndarray:
+        x = image_to_tensor(img, self.device)
+        if self.conditioned:
+            x = with_quality(x, quality)
         with self.autocast():
-            y = restore_tensor(self.model, image_to_tensor(img, self.device), ensemble=self.ensemble)
+            y = restore_tensor(self.model, x, ensemble=self.ensemble)
         y = y.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8)[0].cpu()
         return y[0].numpy() if y.shape[0] == 1 else y.permute(1, 2, 0).numpy()

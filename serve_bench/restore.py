@@ -28,7 +28,7 @@ from data_pipeline.images import BadImage, atomic_write_bytes, list_images, png_
 from data_pipeline.jpeg_tables import jpeg_quality
 from export.artifacts import DEPLOY_DIR, artifact_for
 from runtime.checkpoint import load_model
-from runtime.inference import SHIPPED_GRAY, image_to_tensor, in_model_mode, shipped_model, to_uint8
+from runtime.inference import SHIPPED_GRAY, image_to_tensor, in_model_mode, input_channels, shipped_model, to_uint8, with_quality
 from runtime.runners import make_runner, runners
 from runtime.tiling import tile_count
 
@@ -40,15 +40,19 @@ def open_runner(checkpoint: Path, backend: str, device: str, deploy_dir: Path):
     return make_runner(backend, artifact_for(cls.artifact, checkpoint, deploy_dir, device=device), device), meta
 
 
-def restore_array(runner, mode: str, img: np.ndarray, ensemble: bool = False, tiles_per_call: int = 1,
-                  progress=None) -> np.ndarray:
-    """uint8 gray or RGB -> restored uint8 of the same shape."""
+def restore_array(runner, meta: dict, img: np.ndarray, ensemble: bool = False, tiles_per_call: int = 1,
+                  progress=None, quality: int | None = None) -> np.ndarray:
+    """uint8 gray or RGB -> restored uint8 of the same shape; a quality-conditioned model gets
+    `quality` (None: blind) as its extra input plane."""
     def restore(x: np.ndarray) -> np.ndarray:
+        t = image_to_tensor(x, runner.device)
+        if input_channels(meta) > meta["channels"]:
+            t = with_quality(t, quality)
         with torch.inference_mode():
-            y = runner.restore(image_to_tensor(x, runner.device), ensemble, tiles_per_call, progress)
+            y = runner.restore(t, ensemble, tiles_per_call, progress)
             return to_uint8(y.clamp(0, 1)[0])
 
-    return in_model_mode(restore, mode, img)
+    return in_model_mode(restore, meta["mode"], img)
 
 
 def peak_memory(device: str) -> str:
@@ -141,11 +145,11 @@ def main(argv=None) -> int:
             continue
         runner, meta = loaded["color" if img.ndim == 3 else "gray"]
         tiles = tile_count(*img.shape[:2])
+        quality = jpeg_quality(f)  # (q, exact) from the file's tables; None: not a JPEG
         with tqdm(total=tiles, unit="tile", desc=f.name, leave=False, disable=tiles < 8, file=sys.stderr) as bar:
-            restored = restore_array(runner, meta["mode"], img, args.self_ensemble, tiles_per_call, bar.update)
+            restored = restore_array(runner, meta, img, args.self_ensemble, tiles_per_call, bar.update, quality and quality[0])
         atomic_write_bytes(target, png_bytes(restored))
         how = "luma only" if img.ndim == 3 and meta["mode"] == "gray" else meta["mode"]
-        quality = jpeg_quality(f)
         saved = "no JPEG tables" if quality is None else f"JPEG q{quality[0]}" + ("" if quality[1] else " (nearest IJG table)")
         print(f"{f} -> {target} ({img.shape[1]}x{img.shape[0]}, {saved}, {meta['arch']} {how}, {args.backend})")
     print(f"restored {len(files) - failed} of {len(files)} images into {args.out}; peak memory {peak_memory(args.device)}")

@@ -40,6 +40,8 @@ def test_dotted_overrides_are_typed():
     ("data.workers=-1", "data.workers must be 0 or more"),
     ('model.kwargs.width="wide"', "model.kwargs.width must be of type int like its default 64, got 'wide'"),
     ("model.kwargs.channels=3", "model.kwargs.channels is not an argument of dncnn"),
+    ("data.quality_plane=true", "data.quality_plane = true needs model.kwargs.cond_channels = 1"),
+    ("model.kwargs.cond_channels=1", "data.quality_plane = false needs model.kwargs.cond_channels = 0"),
     ("model.kwargs={depthh=3}", "model.kwargs.depthh is not an argument of dncnn"),
     ("optim.lr", "must look like section.key=value"),
 ])

@@ -44,7 +44,7 @@ def test_live1_color_jpeg_psnr(data_root):
 def test_restorer_results_and_side_by_side(tiles_dir, tmp_path):
     images, _ = load_test_images(tiles_dir)
     images = {k: images[k] for k in sorted(images)[:2]}
-    results, extra = evaluate(images, [10], restore=lambda jpeg: jpeg, keep=1)
+    results, extra = evaluate(images, [10], restore=lambda jpeg, q: jpeg, keep=1)
     assert results["10"]["model"] == results["10"]["jpeg"]  # identity restorer: no gain
     assert set(results["10"]["model"]) == {"psnr", "ssim", "psnrb"}  # every registered metric
     from train.evaluate import write_side_by_side

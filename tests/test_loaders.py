@@ -141,3 +141,20 @@ def test_resident_memory_budget_and_online_mode_are_clear(tiles_prepared):
         build_loader(DataConfig(backend="resident", prepared_dir=str(tiles_prepared), qualities=[10, 40], resident_mb=0))
     with pytest.raises(DataError, match="needs prepared JPEGs"):
         build_loader(DataConfig(backend="resident", prepared_dir=str(tiles_prepared), online=True))
+
+
+@pytest.mark.parametrize("backend", ["torch", "resident"])
+def test_quality_plane_carries_each_samples_quality_or_zero(tiles_prepared, backend):
+    cfg = dict(backend=backend, prepared_dir=str(tiles_prepared), qualities=[10, 40], batch_size=8, augment=False, workers=0)
+    plain = _epoch(DataConfig(**cfg))
+    planed = _epoch(DataConfig(quality_plane=True, blind_fraction=0.5, **cfg))
+    values = []
+    for (x, y), (xq, yq) in zip(plain, planed):
+        assert xq.shape == (8, 2, 64, 64) and torch.equal(xq[:, :1], x) and torch.equal(yq, y)  # the image itself unchanged
+        plane = (xq[:, 1] * 255).round()
+        assert torch.equal(plane, plane[:, :1, :1].expand_as(plane))  # constant per sample
+        values += plane[:, 0, 0].int().tolist()
+    assert set(values) <= {0, 10, 40} and {10, 40} <= set(values)
+    assert 0.25 < values.count(0) / len(values) < 0.75  # blind_fraction 0.5
+    # pairs come in (image, quality) order without shuffling: a non-blind plane names that pair's quality
+    assert all(v in (0, q) for v, q in zip(values, [10, 40] * len(values)))

@@ -99,3 +99,16 @@ def test_gpu_budget_architectures_learn_and_keep_odd_sizes(arch):
         opt.step()
     assert float(torch.nn.functional.l1_loss(net(x), target)) < first
     assert net.eval()(torch.rand(1, 1, 19, 29)).shape == (1, 1, 19, 29)
+
+
+@pytest.mark.parametrize("arch", ["unet", "drunet", "nafnet", "dncnn"])
+def test_a_quality_plane_is_an_extra_input_and_the_output_keeps_the_image_channels(arch):
+    net = build_model(arch, channels=3, cond_channels=1, **tiny_kwargs(arch)).eval()
+    x = torch.rand(2, 4, 24, 40)
+    with torch.no_grad():
+        assert torch.equal(net(x), x[:, :3])  # zero-initialised head: the identity on the image
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    with torch.no_grad():
+        a, b = net(x), net(torch.cat([x[:, :3], torch.zeros_like(x[:, 3:])], 1))
+    assert a.shape == (2, 3, 24, 40) and not torch.allclose(a, b)  # the plane reaches the output

@@ -244,3 +244,38 @@ def test_a_run_recorded_without_mlflow_is_imported_and_continued(tiles_dir, tmp_
     wrong = run([sys.executable, MAIN, "--config", str(REPO / "configs" / "unet.toml"), "--smoke", "--set", f"data.dataset={tiles}",
                  "--set", f"train.init_from={best}", "--out", str(tmp_path / "wrong")], env)
     assert wrong.returncode == 2 and "holds a dncnn gray model" in wrong.stderr
+
+
+def test_a_quality_conditioned_model_trains_exports_and_reads_the_quality_from_the_file(tiles_dir, tmp_path, photo_pair):
+    """data.quality_plane: the loaders append the JPEG quality as an input plane; evaluation, ONNX
+    parity and restore give the model the quality (restore reads it from the file's own tables)."""
+    from data_pipeline.images import jpeg_bytes
+    from export.onnx_export import check_parity, export_onnx
+    from runtime.inference import Restorer, image_to_tensor, with_quality
+
+    env = env_for(tmp_path)
+    proc = run([sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "model.kwargs={depth=5, width=8, cond_channels=1}",
+                "--set", "data.quality_plane=true", "--set", "tracking.enabled=false", "--out", str(tmp_path / "out")], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = tmp_path / "out" / "image_compression_model.pth"
+    model, meta = load_model(best)
+    assert meta["kwargs"]["cond_channels"] == 1 and "val_psnr_q10" in meta["metrics"]
+    restorer = Restorer(best)
+    gray = photo_pair[0][:96, :128]
+    jpeg = read_image_bytes(jpeg_bytes(gray, 10))
+    assert restorer.conditioned and restorer(jpeg, 10).shape == gray.shape
+    x = image_to_tensor(jpeg, "cpu")
+    with torch.no_grad():  # the quality plane reaches the output (6 steps: below a uint8 level, so in float)
+        assert not torch.equal(model(with_quality(x, 10)), model(with_quality(x, None)))
+    export_onnx(best, tmp_path / "m.onnx")
+    assert check_parity(best, tmp_path / "m.onnx")["ok"]
+    (tmp_path / "in.jpg").write_bytes(jpeg_bytes(gray, 30))
+    restored = run([sys.executable, "-m", "serve_bench.restore", str(tmp_path / "in.jpg"), "-o", str(tmp_path / "r"),
+                    "--checkpoint", str(best)], env)
+    assert restored.returncode == 0 and "JPEG q30" in restored.stdout, restored.stderr[-2000:]
+
+
+def read_image_bytes(data: bytes):
+    from data_pipeline.images import decode_jpeg
+
+    return decode_jpeg(data)

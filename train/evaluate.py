@@ -28,7 +28,7 @@ from runtime.inference import Restorer, shipped_model
 from runtime.metrics import image_metrics, metrics
 from runtime.mlflow_store import log_to_run
 
-RestoreFn = Callable[[np.ndarray], np.ndarray]  # uint8 JPEG-decoded image -> uint8 restored image
+RestoreFn = Callable[[np.ndarray, int], np.ndarray]  # (uint8 JPEG-decoded image, its quality) -> uint8 restored image
 
 
 def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -63,7 +63,7 @@ def evaluate(images: dict[str, np.ndarray], qualities: list[int], restore: Resto
             rows = {n: {"jpeg": m} for n, (_, m) in zip(names, jpeg_out)}
             kept[q] = []
             for n, (jpeg, _) in zip(names, jpeg_out):
-                restored = restore(jpeg) if restore is not None else None
+                restored = restore(jpeg, q) if restore is not None else None  # q: as read from the file's tables
                 if restored is not None:
                     rows[n]["model"] = image_metrics(images[n], restored)
                 if len(kept[q]) < keep:

@@ -39,7 +39,7 @@ def figure(images: dict[str, np.ndarray], models: list[tuple[str, Restorer]], qu
         ys, xs = worst_crop(original, jpeg, min(crop, *original.shape[:2]))
         panels = [(f"{name} original", original), (f"JPEG q{quality} {psnr(original, jpeg):.2f} dB", jpeg)]
         for label, restorer in models:
-            restored = restorer(jpeg)
+            restored = restorer(jpeg, quality)
             panels.append((f"{label} {psnr(original, restored):.2f} dB", restored))
         rows.append(panel_strip([(label, img[ys, xs]) for label, img in panels], scale))
     canvas = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")

@@ -83,6 +83,10 @@ class DaliSource(Backend):
             "NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)"
 
     def __init__(self, pairs, cfg, rank: int, world_size: int, device: torch.device):
+        if cfg.quality_plane:
+            from ..sources import DataError
+
+            raise DataError("data.quality_plane is not supported by the dali backend yet: use the torch or resident backend")
         self.pairs, self.cfg, self.rank, self.world_size, self.device = pairs, cfg, rank, world_size, device
         self.iterator = None
 

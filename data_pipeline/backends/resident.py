@@ -39,8 +39,8 @@ class ResidentSource(Backend):
             raise DataError("data.backend='resident' needs prepared JPEGs (data.online = false); "
                             "prepare every quality you train on, e.g. data.qualities = [5, 10, ..., 95]")
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
-        originals = list(dict.fromkeys(o for _, o in pairs))  # in order, once each
-        jpegs = {(o, i % len(cfg.qualities)): j for i, (j, o) in enumerate(pairs)}
+        originals = list(dict.fromkeys(o for _, o, _ in pairs))  # in order, once each
+        jpegs = {(o, i % len(cfg.qualities)): j for i, (j, o, _) in enumerate(pairs)}
         sizes = [_size(o) for o in originals]
         c = cfg.channels
         pixels = sum(w * h for w, h in sizes) * c
@@ -70,6 +70,7 @@ class ResidentSource(Backend):
         ry, rx = torch.meshgrid(torch.arange(p, device=device), torch.arange(p, device=device), indexing="ij")
         self.ry, self.rx = ry.reshape(1, p, p), rx.reshape(1, p, p)
         self.rc = torch.arange(c, device=device).reshape(1, 1, 1, c)
+        self.qualities = torch.tensor(cfg.qualities, dtype=torch.int64, device=device)
 
     def memory_bytes(self) -> int:
         return self.buffer.numel()
@@ -79,9 +80,9 @@ class ResidentSource(Backend):
         cfg = self.cfg
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         order = torch.randperm(self.n_pairs, generator=g) if cfg.augment else torch.arange(self.n_pairs)
-        draws = torch.rand(self.n_pairs, 5, generator=g, dtype=torch.float32)
+        draws = torch.rand(self.n_pairs, 6, generator=g, dtype=torch.float32)  # u, v, 3 flips, blind
         if not cfg.augment:
-            draws = torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0]).expand(self.n_pairs, 5)
+            draws = torch.cat([torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0]).expand(self.n_pairs, 5), draws[:, 5:]], dim=1)
         mine = order[self.rank::self.world_size][: self.steps * cfg.batch_size]
         return mine.to(self.device), draws.to(self.device)
 
@@ -94,7 +95,7 @@ class ResidentSource(Backend):
         # the crop rule of patches.crop_offset, in float32 as there: floor(u * (S - P) / align) * align
         y0 = torch.floor(d[:, 0] * (h - p).float() / cfg.crop_align).long() * cfg.crop_align
         x0 = torch.floor(d[:, 1] * (w - p).float() / cfg.crop_align).long() * cfg.crop_align
-        hflip, vflip, transpose = (d[:, 2:] < 0.5).unbind(1) if cfg.augment else (torch.zeros_like(image, dtype=torch.bool),) * 3
+        hflip, vflip, transpose = (d[:, 2:5] < 0.5).unbind(1) if cfg.augment else (torch.zeros_like(image, dtype=torch.bool),) * 3
         t = transpose[:, None, None]  # as the torch backend: flips, then transpose, of the patch
         ry, rx = torch.where(t, self.rx, self.ry), torch.where(t, self.ry, self.rx)
         ry = torch.where(vflip[:, None, None], p - 1 - ry, ry)
@@ -102,8 +103,11 @@ class ResidentSource(Backend):
         pixel = self.offset[:, None, None][image] + ((y0[:, None, None] + ry) * w[:, None, None] + x0[:, None, None] + rx) * self.channels
         index = pixel[..., None] + self.rc  # B x P x P x C
         target = self.buffer[index]
-        inp = self.buffer[index + (1 + quality).reshape(-1, 1, 1, 1) * self.pixels]
-        return inp.permute(0, 3, 1, 2), target.permute(0, 3, 1, 2)
+        inp = self.buffer[index + (1 + quality).reshape(-1, 1, 1, 1) * self.pixels].permute(0, 3, 1, 2)
+        if cfg.quality_plane:  # the JPEG quality as uint8, 0 for the blind share
+            value = torch.where(d[:, 5] < cfg.blind_fraction, 0, self.qualities[quality]).to(torch.uint8)
+            inp = torch.cat([inp, value.reshape(-1, 1, 1, 1).expand(-1, 1, p, p)], dim=1)
+        return inp, target.permute(0, 3, 1, 2)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator:
         b = self.cfg.batch_size

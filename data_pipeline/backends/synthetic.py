@@ -17,6 +17,8 @@ class SyntheticSource(Backend):
         shape = (cfg.batch_size, cfg.channels, cfg.patch_size, cfg.patch_size)
         target = torch.rand(shape, generator=g)
         noisy = (target + 0.05 * torch.randn(shape, generator=g)).clamp_(0, 1)
+        if cfg.quality_plane:
+            noisy = torch.cat([noisy, torch.full((shape[0], 1, *shape[2:]), 20 / 255)], dim=1)
         self.batch = (noisy.to(device), target.to(device))
 
     def batches(self, epoch: int, start: int = 0) -> Iterator:

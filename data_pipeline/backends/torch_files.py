@@ -46,14 +46,15 @@ class PairDataset(Dataset):
         rng = np.random.default_rng([cfg.seed, epoch, index])
         u, v = rng.random(2) if cfg.augment else (0.5, 0.5)
         hflip, vflip, transpose = rng.integers(0, 2, 3) if cfg.augment else (0, 0, 0)
-        jpeg_path, orig_path = self.pairs[index]
+        jpeg_path, orig_path, quality = self.pairs[index]
         target = self._read(orig_path)
         p = cfg.patch_size
         y0 = crop_offset(u, target.shape[0], p, cfg.crop_align)
         x0 = crop_offset(v, target.shape[1], p, cfg.crop_align)
         target = target[y0:y0 + p, x0:x0 + p]
         if jpeg_path is None:
-            inp = decode_jpeg(jpeg_bytes(np.ascontiguousarray(target), rng.choice(self.online_qualities)))
+            quality = int(rng.choice(self.online_qualities))
+            inp = decode_jpeg(jpeg_bytes(np.ascontiguousarray(target), quality))
         else:
             inp = self._read(jpeg_path)[y0:y0 + p, x0:x0 + p]
         out = []
@@ -66,6 +67,9 @@ class PairDataset(Dataset):
             if transpose:
                 a = a.transpose(1, 0, 2)
             out.append(torch.from_numpy(a.transpose(2, 0, 1).copy()))
+        if cfg.quality_plane:  # the JPEG quality as uint8, 0 for the blind share (drawn last: other draws unchanged)
+            value = 0 if rng.random() < cfg.blind_fraction else quality
+            out[0] = torch.cat([out[0], torch.full((1, p, p), value, dtype=torch.uint8)])
         return out[0], out[1]
 
 

@@ -2,7 +2,9 @@
 settings that tests build it with (`@register("unet", tiny={...})`).
 
 Adding an architecture: one file here with `@register(name, tiny=...)`; the registry, config
-checks, shape/ONNX tests and the benchmark pick it up."""
+checks, shape/ONNX tests and the benchmark pick it up. Architectures with a `cond_channels`
+argument can take the JPEG quality as an extra input plane (data.quality_plane): the input has
+channels + cond_channels planes, the output and the global residual keep `channels`."""
 from __future__ import annotations
 
 import importlib

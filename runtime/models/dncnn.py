@@ -11,9 +11,10 @@ from .common import zero_init_
 
 @register("dncnn", tiny={"depth": 5, "width": 8})
 class DnCNN(nn.Module):
-    def __init__(self, channels: int = 1, depth: int = 17, width: int = 64, batch_norm: bool = True):
+    def __init__(self, channels: int = 1, depth: int = 17, width: int = 64, batch_norm: bool = True, cond_channels: int = 0):
         super().__init__()
-        layers = [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True)]
+        self.channels = channels
+        layers = [nn.Conv2d(channels + cond_channels, width, 3, padding=1), nn.ReLU(inplace=True)]
         for _ in range(depth - 2):
             layers += [nn.Conv2d(width, width, 3, padding=1, bias=not batch_norm)]
             layers += [nn.BatchNorm2d(width)] if batch_norm else []
@@ -22,4 +23,4 @@ class DnCNN(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
+        return x[:, :self.channels] + self.body(x)

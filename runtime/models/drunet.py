@@ -21,11 +21,11 @@ class ResBlock(nn.Module):
 
 @register("drunet", tiny={"width": 8, "levels": 2, "blocks": 1})
 class DRUNet(nn.Module):
-    def __init__(self, channels: int = 1, width: int = 64, levels: int = 4, blocks: int = 4):
+    def __init__(self, channels: int = 1, width: int = 64, levels: int = 4, blocks: int = 4, cond_channels: int = 0):
         super().__init__()
-        self.levels = levels
+        self.levels, self.channels = levels, channels
         widths = [width * 2 ** min(i, 3) for i in range(levels)]
-        self.head = nn.Conv2d(channels, widths[0], 3, padding=1)
+        self.head = nn.Conv2d(channels + cond_channels, widths[0], 3, padding=1)
         self.down = nn.ModuleList([nn.Sequential(*[ResBlock(widths[i]) for _ in range(blocks)],
                                                  nn.Conv2d(widths[i], widths[i + 1], 2, stride=2))
                                    for i in range(levels - 1)])
@@ -49,4 +49,4 @@ class DRUNet(nn.Module):
         y = self.body(y)
         for up, skip in zip(self.up, reversed(skips)):
             y = up(y) + skip
-        return (xp + self.tail(y))[..., :h, :w]
+        return (xp[:, :self.channels] + self.tail(y))[..., :h, :w]

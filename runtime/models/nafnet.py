@@ -49,13 +49,14 @@ class NAFBlock(nn.Module):
 @register("nafnet", tiny={"width": 8, "enc_blocks": [1, 1], "middle_blocks": 1})
 class NAFNet(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, enc_blocks: list = (2, 2, 4, 8), middle_blocks: int = 12,
-                 dec_blocks: list | None = None):
+                 dec_blocks: list | None = None, cond_channels: int = 0):
         super().__init__()
+        self.channels = channels
         enc_blocks = list(enc_blocks)
         dec_blocks = list(dec_blocks) if dec_blocks is not None else [1] * len(enc_blocks)
         if len(dec_blocks) != len(enc_blocks):
             raise ValueError(f"nafnet: dec_blocks needs {len(enc_blocks)} entries like enc_blocks, got {len(dec_blocks)}")
-        self.intro = nn.Conv2d(channels, width, 3, padding=1)
+        self.intro = nn.Conv2d(channels + cond_channels, width, 3, padding=1)
         self.encoders, self.downs, self.ups, self.decoders = nn.ModuleList(), nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         c = width
         for n in enc_blocks:
@@ -80,4 +81,4 @@ class NAFNet(nn.Module):
         y = self.middle(y)
         for up, dec, skip in zip(self.ups, self.decoders, reversed(skips)):
             y = dec(up(y) + skip)
-        return (xp + self.ending(y))[..., :h, :w]
+        return (xp[:, :self.channels] + self.ending(y))[..., :h, :w]

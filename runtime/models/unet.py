@@ -21,11 +21,11 @@ def _block(c_in: int, c_out: int, act: str, batch_norm: bool) -> nn.Sequential:
 @register("unet", tiny={"width": 8, "levels": 2})
 class UNet(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, levels: int = 3, batch_norm: bool = False, act: str = "relu",
-                 skips: bool = True, residual: bool = True, dropout: float = 0.0):
+                 skips: bool = True, residual: bool = True, dropout: float = 0.0, cond_channels: int = 0):
         super().__init__()
-        self.levels, self.skips, self.residual = levels, skips, residual
+        self.levels, self.skips, self.residual, self.channels = levels, skips, residual, channels
         widths = [width * 2**i for i in range(levels + 1)]
-        self.down = nn.ModuleList([_block(channels if i == 0 else widths[i - 1], widths[i], act, batch_norm)
+        self.down = nn.ModuleList([_block(channels + cond_channels if i == 0 else widths[i - 1], widths[i], act, batch_norm)
                                    for i in range(levels)])
         self.pool = nn.MaxPool2d(2)
         self.bottom = _block(widths[levels - 1], widths[levels], act, batch_norm)
@@ -52,4 +52,4 @@ class UNet(nn.Module):
         y = self.dropout(self.bottom(y))
         for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
             y = merge(torch.cat([up(y), skip], dim=1) if self.skips else up(y))
-        return ((xp if self.residual else 0) + self.head(y))[..., :h, :w]
+        return ((xp[:, :self.channels] if self.residual else 0) + self.head(y))[..., :h, :w]

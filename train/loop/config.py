@@ -214,6 +214,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         node[keys[-1]] = value
     cfg = from_dict(Config, data)
     validate_model_kwargs(cfg.model)
+    planes = cfg.model.kwargs.get("cond_channels", 0)
+    if cfg.data.quality_plane != (planes == 1):
+        raise ConfigError(f"data.quality_plane = {str(cfg.data.quality_plane).lower()} needs model.kwargs.cond_channels = "
+                          f"{1 if cfg.data.quality_plane else 0} (the quality plane is one extra input), got {planes}")
     return cfg
 
 

@@ -27,7 +27,7 @@ from data_pipeline.sources import DataError, dataset_dir
 from runtime import checkpoint as ckpt
 from runtime.device import autocast_for, native_bf16, resolve_precision
 from runtime.figures import side_by_side
-from runtime.inference import image_to_tensor, to_uint8
+from runtime.inference import image_to_tensor, to_uint8, with_quality
 from runtime.metrics import image_metrics
 from runtime.metrics import metrics as registered_metrics
 from runtime.models import build_model, macs_per_pixel
@@ -70,7 +70,7 @@ class Trainer:
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.params = sum(p.numel() for p in self.model.parameters())
-        self.macs_per_pixel = macs_per_pixel(self.model, cfg.data.channels)
+        self.macs_per_pixel = macs_per_pixel(self.model, cfg.data.channels + cfg.model.kwargs.get("cond_channels", 0))
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
@@ -172,8 +172,11 @@ class Trainer:
         self.val_figures = []
         for i in range(self.info.rank, len(self.val_items), self.info.world_size):
             name, q, jpeg, original = self.val_items[i]
+            x = image_to_tensor(jpeg, self.device)
+            if self.data_cfg.quality_plane:
+                x = with_quality(x, q)
             with autocast_for(self.cfg.train.precision, self.device):
-                y = restore_tensor(self.model, image_to_tensor(jpeg, self.device)).float().clamp(0, 1)
+                y = restore_tensor(self.model, x).float().clamp(0, 1)
             restored = to_uint8(y[0])
             m = image_metrics(original, restored)
             loss = float(self.loss_fn(y, image_to_tensor(original, self.device)))
