@@ -60,6 +60,7 @@ def test_sweep_trains_every_architecture(cluster, sweep_env, tmp_path):
     n = len(tasks(load_sweep()))
     job = cluster.run("sbatch", "--parsable", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%A_%a.out",
                       "slurm/sweep.sh", "--smoke", "--set", "data.backend=torch", *data_args(sweep_env),
+                      "--set", "train.max_steps=4", "--set", "train.val_every=4", "--set", "train.ckpt_every=4",
                       cwd=REPO, env=sweep_env)
     states = cluster.wait_done(job, timeout=900)
     logs = "\n".join(p.read_text()[-1500:] for p in sorted(tmp_path.glob("slurm-*.out")))
