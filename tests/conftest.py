@@ -52,8 +52,8 @@ def photo_pair(photos) -> tuple[np.ndarray, np.ndarray]:
     return rgb_to_luma(rgb), rgb
 
 
-def _tiles(photos: dict, mode: str, per_photo: int) -> list[tuple[str, np.ndarray]]:
-    out = []
+def _write_tiles(photos: dict, mode: str, per_photo: int, folder: Path) -> Path:
+    """Up to `per_photo` TILE x TILE PNG crops of each photograph (in `mode`), spread over it."""
     for name, img in sorted(photos.items()):
         if mode == "rgb" and img.ndim == 2:
             continue
@@ -63,25 +63,19 @@ def _tiles(photos: dict, mode: str, per_photo: int) -> list[tuple[str, np.ndarra
                  if img[y:y + TILE, x:x + TILE].std() > 12]  # no flat tiles (black sky, white page)
         for i in np.unique(np.linspace(0, len(spots) - 1, min(per_photo, len(spots))).astype(int)):
             y, x = spots[i]
-            out.append((f"{name}_{y}_{x}", img[y:y + TILE, x:x + TILE]))
-    return out
+            Image.fromarray(img[y:y + TILE, x:x + TILE]).save(folder / f"{name}_{y}_{x}.png")
+    return folder
 
 
 @pytest.fixture(scope="session")
 def tiles_dir(photos, tmp_path_factory) -> Path:
     """About 100 gray 160x160 PNG tiles of the embedded photographs: a small Train400."""
-    folder = tmp_path_factory.mktemp("tiles")
-    for name, tile in _tiles(photos, "gray", 8):
-        Image.fromarray(tile).save(folder / f"{name}.png")
-    return folder
+    return _write_tiles(photos, "gray", 8, tmp_path_factory.mktemp("tiles"))
 
 
 @pytest.fixture(scope="session")
 def color_tiles_dir(photos, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("color_tiles")
-    for name, tile in _tiles(photos, "rgb", 4):
-        Image.fromarray(tile).save(folder / f"{name}.png")
-    return folder
+    return _write_tiles(photos, "rgb", 4, tmp_path_factory.mktemp("color_tiles"))
 
 
 @pytest.fixture(scope="session")
