@@ -170,6 +170,7 @@ def test_luma_of_a_huge_photo_needs_bands_not_gigabytes():
     assert np.array_equal(y[:7], rgb_to_luma(rgb[:7], rows=3))
 
 
+@pytest.mark.slow
 def test_restore_takes_a_12_megapixel_photo_in_batched_tiles_with_progress(tmp_path, photo_pair):
     big = np.asarray(Image.fromarray(photo_pair[0]).resize((4000, 3000), Image.BICUBIC))
     (tmp_path / "big.jpg").write_bytes(jpeg_bytes(big, 20))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -26,6 +27,7 @@ def test_shipped_gray_model_is_a_weights_only_deep_cnn():
     assert not any(k in state for k in ("optimizer", "scheduler", "rng"))  # weights, not a training state
 
 
+@pytest.mark.slow
 def test_evaluate_uses_the_shipped_model_by_default(data_root, tmp_path):
     for name in ("bikes", "monarch", "parrots"):
         shutil.copy(data_root / "live1_gray" / f"{name}.png", tmp_path / f"{name}.png")

@@ -56,6 +56,7 @@ def _runs(env: dict, experiment: str = "jpeg-sweep"):
     return mlflow.search_runs(experiment_names=[experiment], output_format="list")
 
 
+@pytest.mark.slow
 def test_sweep_trains_every_architecture(cluster, sweep_env, tmp_path):
     n = len(tasks(load_sweep()))
     job = cluster.run("sbatch", "--parsable", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%A_%a.out",
@@ -84,6 +85,7 @@ def test_sweep_trains_every_architecture(cluster, sweep_env, tmp_path):
     assert (out / "psnr_vs_time.png").stat().st_size > 0 and (out / "psnr_vs_params.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_requeues_and_resumes(cluster, sweep_env, tmp_path):
     unet = [t["name"] for t in tasks(load_sweep())].index("unet")
     env = {**sweep_env, "SWEEP_EVAL": "0"}

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import mlflow
+import pytest
 
 WRITER = """
 import sys
@@ -15,6 +16,7 @@ t.close()
 """
 
 
+@pytest.mark.slow
 def test_concurrent_writers_lose_nothing(tmp_path):
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"  # fresh: the writers also race to create the schema
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(i), uri], stderr=subprocess.PIPE, text=True) for i in range(6)]

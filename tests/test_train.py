@@ -105,6 +105,7 @@ def test_evaluate_cli_runs_a_checkpoint_on_test_images(smoke_run, tmp_path, tile
     assert "test_subset_model_psnr_q10" in mlflow_run(env, run_id).data.metrics
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_trains_in_sync(tiles_dir, tmp_path):
     env = env_for(tmp_path)
     proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
@@ -121,6 +122,7 @@ def _final_weights(out: Path) -> dict:
     return torch.load(latest_state(out / "checkpoints"), weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_matches_an_uninterrupted_run(tiles_dir, tmp_path):
     env = env_for(tmp_path)
     args = [sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "train.max_steps=12", "--set", "train.ckpt_every=100",
@@ -203,6 +205,7 @@ def test_resume_rejects_other_architectures_and_passes_over_a_corrupt_state(smok
     assert corrupt.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
+@pytest.mark.slow
 def test_quickstart_runs_end_to_end_on_embedded_images(tmp_path):
     """The README's main job (shortened to 2 steps): no data root needed."""
     env = {k: v for k, v in os.environ.items() if k != "JPEG_RESTORE_DATA_ROOT"}
@@ -216,6 +219,7 @@ def test_quickstart_runs_end_to_end_on_embedded_images(tmp_path):
     assert load_model(tmp_path / "qs" / "run" / "image_compression_model.pth")[1]["arch"] == "unet"
 
 
+@pytest.mark.slow
 def test_a_run_recorded_without_mlflow_is_imported_and_continued(tiles_dir, tmp_path):
     """The GPU machine has no MLflow: the run is recorded to a file, imported here, and a later
     call continues from its weights (train.init_from)."""
@@ -247,6 +251,7 @@ def test_a_run_recorded_without_mlflow_is_imported_and_continued(tiles_dir, tmp_
     assert wrong.returncode == 2 and "holds a dncnn gray model" in wrong.stderr
 
 
+@pytest.mark.slow
 def test_a_quality_conditioned_model_trains_exports_and_reads_the_quality_from_the_file(tiles_dir, tmp_path, photo_pair):
     """data.quality_plane: the loaders append the JPEG quality as an input plane; evaluation, ONNX
     parity and restore give the model the quality (restore reads it from the file's own tables)."""
