@@ -28,21 +28,25 @@ def tiled_forward(fn, x: torch.Tensor, tile: int, overlap: int, max_tiles: int =
                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Apply a fixed-size model `fn` (tile x tile) to any image: overlapping tiles, blended with
     weights that ramp down towards tile edges, at most `max_tiles` tiles per call; `progress`
-    is told how many tiles each call finished."""
+    is told how many tiles each call finished. The output may have fewer planes than the input
+    (a quality plane goes in, only the image comes out)."""
     h, w = x.shape[-2:]
     x = F.pad(x, (0, max(0, tile - w), 0, max(0, tile - h)), mode="replicate")  # images smaller than a tile
-    n, c, H, W = x.shape
+    n, _, H, W = x.shape
     ys, xs = _starts(H, tile, tile - overlap), _starts(W, tile, tile - overlap)
     ramp = torch.arange(tile, device=x.device, dtype=torch.float32)
     ramp = torch.minimum(ramp + 1, tile - ramp).clamp(max=max(overlap, 1)) / max(overlap, 1)
     weight = (ramp[:, None] * ramp[None, :])[None, None]
-    out = torch.zeros(n, c, H, W, device=x.device, dtype=torch.float32)
+    out = None
     norm = torch.zeros(1, 1, H, W, device=x.device, dtype=torch.float32)
     coords = [(y0, x0) for y0 in ys for x0 in xs]
     for i in range(0, len(coords), max(1, max_tiles // n)):
         chunk = coords[i:i + max(1, max_tiles // n)]
         tiles = torch.cat([x[:, :, y0:y0 + tile, x0:x0 + tile] for y0, x0 in chunk])
-        res = fn(tiles).float().view(len(chunk), n, c, tile, tile)
+        res = fn(tiles).float()
+        res = res.view(len(chunk), n, res.shape[1], tile, tile)
+        if out is None:
+            out = torch.zeros(n, res.shape[2], H, W, device=x.device, dtype=torch.float32)
         for (y0, x0), r in zip(chunk, res):
             out[:, :, y0:y0 + tile, x0:x0 + tile] += r * weight
             norm[:, :, y0:y0 + tile, x0:x0 + tile] += weight
@@ -54,12 +58,12 @@ def tiled_forward(fn, x: torch.Tensor, tile: int, overlap: int, max_tiles: int =
 def self_ensemble(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Mean of the model's outputs over the 8 rotations and flips of x, each turned back
     (geometric self-ensemble: 8x the compute, a small gain for free)."""
-    total = torch.zeros_like(x, dtype=torch.float32)
+    total = 0
     for k in range(4):
         for flip in (False, True):
             t = torch.rot90(x, k, (-2, -1))
             y = model(t.flip(-1) if flip else t).float()
-            total += torch.rot90(y.flip(-1) if flip else y, -k, (-2, -1))
+            total = total + torch.rot90(y.flip(-1) if flip else y, -k, (-2, -1))
     return total / 8
 
 

@@ -93,7 +93,7 @@ def test_gpu_budget_architectures_learn_and_keep_odd_sizes(arch):
     first = None
     for _ in range(5):
         loss = torch.nn.functional.l1_loss(net(x), target)
-        first = first if first is not None else float(loss)
+        first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -155,3 +155,16 @@ def test_end_to_end_benchmark_compares_the_trainer_on_real_data_with_the_bare_lo
     for r in result["rows"]:
         assert r["trainer_over_bare"] == pytest.approx(r["trainer_patches_per_s"] / result["bare_patches_per_s"])
         assert f"Trainer + {r['backend']}" in proc.stdout
+
+
+def test_tiles_and_self_ensemble_take_a_quality_plane_in_and_give_the_image_out():
+    """Input planes (image + quality) may outnumber output planes (image): tiled and ensembled alike."""
+    net = build_model("unet", channels=1, cond_channels=1, width=8, levels=2).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.cat([torch.rand(1, 1, 40, 70), torch.full((1, 1, 40, 70), 10 / 255)], dim=1)
+    with torch.no_grad():
+        whole = net(x)
+        assert restore_tensor(net, x, tile=32, overlap=8).shape == whole.shape == (1, 1, 40, 70)
+        assert restore_tensor(net, x, tile=32, overlap=8, ensemble=True).shape == (1, 1, 40, 70)
+        assert torch.allclose(restore_tensor(net, x, tile=128), whole)
