@@ -32,7 +32,7 @@ def _reason(exc: Exception) -> str:
     text = " ".join(str(exc).split())
     if "weights_only" in text or "Weights only load failed" in text:
         return ("it holds objects that a weights-only load refuses (unpickling them could run code); load it only if "
-                "you trust its source, with torch.load(path, weights_only=False), and re-save its plain tensors")
+                "you trust its source, passing weights_only=False to torch.load, and re-save its plain tensors")
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return first
 
