@@ -9,8 +9,9 @@ from .loaders import backend_choices
 @dataclass
 class DataConfig:
     backend: str = "auto"
-    """Loader (data_pipeline/backends/): 'dali' (GPU JPEG decoding, CPU here), 'torch', 'synthetic',
-    or 'auto' (the first available of dali, torch)."""
+    """Loader (data_pipeline/backends/): 'resident' (the decoded dataset on the training device),
+    'dali' (GPU JPEG decoding; CPU without a GPU), 'torch', 'synthetic', or 'auto': resident when
+    the prepared data fits data.resident_mb, else the first available of dali, torch."""
     data_root: str = ""
     """Folder holding the datasets; empty means $JPEG_RESTORE_DATA_ROOT."""
     dataset: str = "train400"

@@ -28,11 +28,17 @@ def backend_choices() -> list[str]:
     return ["auto", *backends()]
 
 
-def resolve_backend(name: str) -> str:
-    """'auto' -> the first available backend that reads files (dali, then torch); others checked."""
+def resolve_backend(name: str, pairs=(), cfg=None) -> str:
+    """'auto' -> the first available backend that suits the pairs: resident when the prepared data
+    fits data.resident_mb, else dali, else torch. Others are checked."""
     found = backends()
     if name == "auto":
-        return next(n for n, cls in found.items() if cls.auto and cls.unavailable() is None)
+        for n, cls in found.items():
+            if cls.auto and cls.unavailable() is None:
+                why = cls.unfit(pairs, cfg) if cfg is not None else None
+                if why is None:
+                    return n
+                log.info("loader auto: not %s (%s)", n, why)
     if name not in found:
         raise DataError(f"data.backend must be one of {', '.join(backend_choices())}, got {name!r}")
     why = found[name].unavailable()
@@ -90,11 +96,12 @@ class PairLoader:
 def build_loader(cfg, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
                  split: str = "train") -> PairLoader:
     device = torch.device(device)
-    backend = resolve_backend(cfg.backend)
-    cls = backends()[backend]
-    if not cls.needs_files:
-        return PairLoader(cls([], cfg, rank, world_size, device), 10**9, device, backend)
+    found = backends()
+    if cfg.backend in found and not found[cfg.backend].needs_files:  # synthetic
+        return PairLoader(found[cfg.backend]([], cfg, rank, world_size, device), 10**9, device, resolve_backend(cfg.backend))
     pairs = training_pairs(cfg, split)
+    backend = resolve_backend(cfg.backend, pairs, cfg)
+    cls = found[backend]
     steps = (len(pairs) // world_size) // cfg.batch_size
     if steps < 1:
         raise DataError(f"{len(pairs)} {split} pairs are too few for batch {cfg.batch_size} x {world_size} ranks")

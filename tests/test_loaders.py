@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -143,7 +144,7 @@ def test_resident_memory_budget_and_online_mode_are_clear(tiles_prepared):
         build_loader(DataConfig(backend="resident", prepared_dir=str(tiles_prepared), online=True))
 
 
-@pytest.mark.parametrize("backend", ["torch", "resident"])
+@pytest.mark.parametrize("backend", ["torch", "resident", pytest.param("dali", marks=needs_dali)])
 def test_quality_plane_carries_each_samples_quality_or_zero(tiles_prepared, backend):
     cfg = dict(backend=backend, prepared_dir=str(tiles_prepared), qualities=[10, 40], batch_size=8, augment=False, workers=0)
     plain = _epoch(DataConfig(**cfg))
@@ -158,3 +159,44 @@ def test_quality_plane_carries_each_samples_quality_or_zero(tiles_prepared, back
     assert 0.25 < values.count(0) / len(values) < 0.75  # blind_fraction 0.5
     # pairs come in (image, quality) order without shuffling: a non-blind plane names that pair's quality
     assert all(v in (0, q) for v, q in zip(values, [10, 40] * len(values)))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
+def test_online_mode_planes_name_the_drawn_quality(tiles_prepared, backend):
+    cfg = DataConfig(backend=backend, prepared_dir=str(tiles_prepared), augment=False, online=True, online_quality_range=[20, 20],
+                     quality_plane=True, blind_fraction=0.0, batch_size=8, workers=0)
+    x, _ = _epoch(cfg)[0]
+    assert x.shape[1] == 2 and set((x[:, 1] * 255).round().int().unique().tolist()) == {20}
+
+
+def test_auto_takes_resident_when_the_prepared_data_fits(tiles_prepared):
+    cfg = dict(backend="auto", prepared_dir=str(tiles_prepared), qualities=[10], batch_size=8)
+    assert build_loader(DataConfig(**cfg)).backend == "resident"
+    fallback = "dali" if dali_available() else "torch"
+    assert build_loader(DataConfig(resident_mb=0, **cfg)).backend == fallback
+    assert build_loader(DataConfig(online=True, **cfg)).backend == fallback
+
+
+def test_loader_benchmark_measures_every_available_backend(tiles_prepared):
+    from data_pipeline import benchmark
+
+    rows = benchmark.measure(tiles_prepared, 3, torch.device("cpu"), shapes=((8, 32),), workers=2, qualities=[10, 40])
+    expected = {("resident", 0), ("torch", 1), ("torch", 2), ("synthetic", 0)} | ({("dali", 2)} if dali_available() else set())
+    assert {(r["backend"], r["workers"]) for r in rows} == expected
+    assert all(r["patches_per_s"] > 0 and (r["batch"], r["patch"], r["mode"]) == (8, 32, "gray") for r in rows)
+
+
+@needs_dali
+@pytest.mark.parametrize("mode", ["gray", "rgb"])
+def test_dali_cpu_decodes_and_distorts_like_pillow(photo_pair, mode):
+    """On the CPU DALI uses libjpeg-turbo: its decode and its jpeg_compression_distortion match Pillow's
+    bytes (on the GPU the same check measures nvJPEG's shift, data_pipeline.decoder_check)."""
+    from data_pipeline.decoder_check import check, report
+
+    image = photo_pair[0 if mode == "gray" else 1]
+    originals = [np.ascontiguousarray(image[:96, :128]), np.ascontiguousarray(image[200:320, 100:260])]
+    result = check(originals, [10], "cpu", mode)
+    print(report(result))
+    row = result["qualities"][10]
+    assert row["pillow_psnr"] < 40 and row["decode_shift_db"] == 0 and row["decode_max_abs_diff"] == 0
+    assert row["distortion_max_abs_diff"] == 0 and result["png_decode_ms"] > 0

@@ -1,5 +1,6 @@
 """Registry of loader backends, one file each: `@register_backend(name)` on a class with
 `unavailable()` (None, or why it cannot run here), `needs_files` (False: no prepared dataset) and
+`unfit(pairs, cfg)` (None, or why `auto` passes it over for this dataset) and
 `source(pairs, cfg, rank, world_size, device)` -> an object whose `batches(epoch, start)` yields
 (input, target) batches, uint8 or float, NCHW.
 
@@ -35,4 +36,9 @@ class Backend:
 
     @classmethod
     def unavailable(cls) -> str | None:
+        return None
+
+    @classmethod
+    def unfit(cls, pairs, cfg) -> str | None:
+        """Why `auto` should not pick this backend for these pairs (None: it may)."""
         return None

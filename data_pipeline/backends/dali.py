@@ -22,15 +22,17 @@ def _crop_anchor(u, v, shape, patch: int, align: int):
     return fn.cast(fn.stack(one(u, shape[0]), one(v, shape[1])), dtype=types.INT32)
 
 
-def pair_pipeline(jpeg_files, original_files, cfg, shard_id: int, num_shards: int, decode_device: str, **pipe_kwargs):
-    """The DALI pipeline of (input, target) patches, built with `pipe_kwargs` (batch size, threads, device)."""
+def pair_pipeline(jpeg_files, original_files, qualities, cfg, shard_id: int, num_shards: int, decode_device: str,
+                  **pipe_kwargs):
+    """The DALI pipeline of (input, target, quality) samples, built with `pipe_kwargs` (batch size,
+    threads, device). `qualities` are the JPEG files' qualities; quality is 0 for the blind share."""
     from nvidia.dali import pipeline_def
 
-    return pipeline_def(_pair_graph, enable_conditionals=True)(jpeg_files, original_files, cfg, shard_id, num_shards,
-                                                               decode_device, **pipe_kwargs)
+    return pipeline_def(_pair_graph, enable_conditionals=True)(jpeg_files, original_files, qualities, cfg, shard_id,
+                                                               num_shards, decode_device, **pipe_kwargs)
 
 
-def _pair_graph(jpeg_files, original_files, cfg, shard_id: int, num_shards: int, decode_device: str):
+def _pair_graph(jpeg_files, original_files, qualities, cfg, shard_id: int, num_shards: int, decode_device: str):
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
@@ -40,7 +42,7 @@ def _pair_graph(jpeg_files, original_files, cfg, shard_id: int, num_shards: int,
     raw, _ = fn.readers.file(files=original_files, name="originals", **reader)
     target = fn.decoders.image(raw, device=decode_device, output_type=image_type)
     if jpeg_files is not None:
-        raw_jpeg, _ = fn.readers.file(files=jpeg_files, **reader)  # same order as the originals
+        raw_jpeg, quality = fn.readers.file(files=jpeg_files, labels=qualities, **reader)  # same order as the originals
         inp = fn.decoders.image(raw_jpeg, device=decode_device, output_type=image_type)
 
     if cfg.augment:
@@ -66,7 +68,9 @@ def _pair_graph(jpeg_files, original_files, cfg, shard_id: int, num_shards: int,
         if fn.random.coin_flip(dtype=types.BOOL):
             inp = fn.transpose(inp, perm=[1, 0, 2], transpose_layout=False)
             target = fn.transpose(target, perm=[1, 0, 2], transpose_layout=False)
-    return fn.transpose(inp, perm=[2, 0, 1]), fn.transpose(target, perm=[2, 0, 1])
+    if cfg.quality_plane:  # drawn last, as in the torch backend
+        quality = quality * fn.random.coin_flip(probability=1.0 - cfg.blind_fraction, dtype=types.INT32)
+    return fn.transpose(inp, perm=[2, 0, 1]), fn.transpose(target, perm=[2, 0, 1]), fn.cast(quality, dtype=types.INT32)
 
 
 @register_backend("dali", order=10)
@@ -83,10 +87,6 @@ class DaliSource(Backend):
             "NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)"
 
     def __init__(self, pairs, cfg, rank: int, world_size: int, device: torch.device):
-        if cfg.quality_plane:
-            from ..sources import DataError
-
-            raise DataError("data.quality_plane is not supported by the dali backend yet: use the torch or resident backend")
         self.pairs, self.cfg, self.rank, self.world_size, self.device = pairs, cfg, rank, world_size, device
         self.iterator = None
 
@@ -97,19 +97,24 @@ class DaliSource(Backend):
         order = np.random.default_rng(seed).permutation(len(pairs)) if cfg.augment else np.arange(len(pairs))
         jpegs = [pairs[i][0] for i in order]
         originals = [pairs[i][1] for i in order]
+        qualities = [pairs[i][2] for i in order]
         on_gpu = self.device.type == "cuda"
         pipe = pair_pipeline(
-            None if cfg.online else jpegs, originals, dataclasses.replace(cfg, seed=seed), self.rank, self.world_size,
+            None if cfg.online else jpegs, originals, qualities, dataclasses.replace(cfg, seed=seed), self.rank, self.world_size,
             "mixed" if on_gpu else "cpu", batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
             device_id=(self.device.index or 0) if on_gpu else None, seed=seed + 1000 * self.rank + 1,
         )
         pipe.build()
         # size=-1 without reader_name: runs forever; epochs are counted by PairLoader.
-        return DALIGenericIterator(pipe, ["input", "target"], size=-1, auto_reset=True)
+        return DALIGenericIterator(pipe, ["input", "target", "quality"], size=-1, auto_reset=True)
 
     def batches(self, epoch: int, start: int = 0):
         if self.iterator is None:
             seed = self.cfg.seed if (epoch, start) == (0, 0) else self.cfg.seed + 7919 * epoch + start + 1
             self.iterator = self._build(seed)
         for out in self.iterator:
-            yield out[0]["input"], out[0]["target"]
+            inp = out[0]["input"]
+            if self.cfg.quality_plane:  # the quality as a uint8 plane, as the other backends give it
+                plane = out[0]["quality"].to(inp.device, torch.uint8).reshape(-1, 1, 1, 1)
+                inp = torch.cat([inp, plane.expand(-1, 1, *inp.shape[2:])], dim=1)
+            yield inp, out[0]["target"]

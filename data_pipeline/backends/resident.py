@@ -30,22 +30,37 @@ def _size(path: str) -> tuple[int, int]:
         return im.size
 
 
+def _originals_and_sizes(pairs) -> tuple[list[str], list[tuple[int, int]]]:
+    originals = list(dict.fromkeys(o for _, o, _ in pairs))  # in order, once each
+    return originals, [_size(o) for o in originals]
+
+
 @register_backend("resident", order=5)
 class ResidentSource(Backend):
-    auto = False  # chosen explicitly: it holds the whole dataset in memory
+    """`auto` picks it for prepared data that fits data.resident_mb."""
+
+    @classmethod
+    def unfit(cls, pairs, cfg) -> str | None:
+        if cfg.online:
+            return "online mode makes its inputs on the fly"
+        need_mb = cls.need_mb(_originals_and_sizes(pairs)[1], cfg)
+        return f"needs {need_mb:.0f} MiB > data.resident_mb {cfg.resident_mb}" if need_mb > cfg.resident_mb else None
+
+    @staticmethod
+    def need_mb(sizes, cfg) -> float:
+        return sum(w * h for w, h in sizes) * cfg.channels * (1 + len(cfg.qualities)) / 2**20
 
     def __init__(self, pairs, cfg, rank: int, world_size: int, device: torch.device):
         if cfg.online:
             raise DataError("data.backend='resident' needs prepared JPEGs (data.online = false); "
                             "prepare every quality you train on, e.g. data.qualities = [5, 10, ..., 95]")
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
-        originals = list(dict.fromkeys(o for _, o, _ in pairs))  # in order, once each
+        originals, sizes = _originals_and_sizes(pairs)
         jpegs = {(o, i % len(cfg.qualities)): j for i, (j, o, _) in enumerate(pairs)}
-        sizes = [_size(o) for o in originals]
         c = cfg.channels
         pixels = sum(w * h for w, h in sizes) * c
         versions = 1 + len(cfg.qualities)
-        need_mb = pixels * versions / 2**20
+        need_mb = self.need_mb(sizes, cfg)
         if need_mb > cfg.resident_mb:
             raise DataError(f"data.backend='resident' needs {need_mb:.0f} MiB for {len(originals)} images x "
                             f"{versions} versions (original + {len(cfg.qualities)} qualities); data.resident_mb is "
