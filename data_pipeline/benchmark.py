@@ -1,9 +1,10 @@
-"""Loader throughput: patches/s of every available backend (torch with 1 and 2 workers).
+"""Loader throughput: patches/s of every available backend (torch with 1 and N workers).
 
-    python -m data_pipeline.benchmark --data-root ../shared/data [--json outputs/loader_bench.json]
+    python -m data_pipeline.benchmark --data-root ../shared/data [--modes gray,rgb] [--workers 14]
 
-On Train400 at 64x64 and 128x128 patches, batch 32. What a training step consumes beside these
-rates (the headroom): `python -m train.benchmark --loaders --data-root ../shared/data`.
+Gray on Train400, RGB on the BSDS color set (train_color), q10-40, at batch 32 x 64^2 and
+64 x 128^2, across epoch boundaries. What a training step consumes beside these rates (the
+headroom): `python -m train.benchmark --loaders --data-root ../shared/data`.
 """
 from __future__ import annotations
 
@@ -36,27 +37,36 @@ def loader_rate(cfg: DataConfig, batches: int, device: torch.device = torch.devi
     return batches * cfg.batch_size / (time.perf_counter() - start)
 
 
-def variants() -> list[tuple[str, int]]:
-    """(backend, workers) for every available backend; the torch backend with 1 and 2 workers."""
+SHAPES = ((32, 64), (64, 128))  # (batch, patch)
+DATASETS = {"gray": "train400", "rgb": "train_color"}
+
+
+def variants(workers: int = 2) -> list[tuple[str, int]]:
+    """(backend, workers) for every available backend; the torch backend with 1 and `workers` workers."""
     out = []
     for name, cls in backends().items():
         if cls.unavailable() is None:
-            out += [(name, w) for w in ((1, 2) if name == "torch" else (2,) if cls.needs_files else (0,))]
+            torch_workers = sorted({1, workers})
+            out += [(name, w) for w in (torch_workers if name == "torch" else (workers,) if name == "dali" else (0,))]
     return out
 
 
-def measure(prepared: Path, batches: int, device: torch.device, patches=(64, 128)) -> list[dict]:
+def measure(prepared: Path, batches: int, device: torch.device, shapes=SHAPES, workers: int = 2, mode: str = "gray",
+            qualities=(10, 20, 30, 40)) -> list[dict]:
     rows = []
-    for patch in patches:
-        for backend, workers in variants():
-            cfg = DataConfig(backend=backend, prepared_dir=str(prepared), patch_size=patch, batch_size=32, workers=workers)
-            rows.append({"backend": backend, "workers": workers, "patch": patch,
+    for batch, patch in shapes:
+        for backend, w in variants(workers):
+            cfg = DataConfig(backend=backend, prepared_dir=str(prepared), mode=mode, patch_size=patch, batch_size=batch,
+                             workers=w, qualities=list(qualities))
+            rows.append({"backend": backend, "workers": w, "mode": mode, "batch": batch, "patch": patch,
                          "patches_per_s": loader_rate(cfg, batches, device)})
     return rows
 
 
-def prepare_train400(data_root: str | None, prepared: Path) -> Path:
-    prepare(dataset_dir("train400", data_root), prepared, "gray", [10, 20, 30, 40], progress=False)
+def prepare_dataset(data_root: str | None, mode: str, out_root: Path = Path("outputs/prepared")) -> Path:
+    """The benchmark's dataset of `mode`, prepared at q10-40 (kept across runs)."""
+    prepared = out_root / f"{DATASETS[mode]}-{mode}"
+    prepare(dataset_dir(DATASETS[mode], data_root), prepared, mode, [10, 20, 30, 40], progress=False)
     return prepared
 
 
@@ -64,18 +74,23 @@ def prepare_train400(data_root: str | None, prepared: Path) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root")
-    ap.add_argument("--prepared", type=Path, default=Path("outputs/prepared/train400-gray"))
+    ap.add_argument("--modes", default="gray", help="gray (Train400) and/or rgb (train_color), comma-separated")
+    ap.add_argument("--workers", type=int, default=2, help="torch workers / DALI threads (the torch backend also runs with 1)")
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--json", type=Path, default=Path("outputs/loader_bench.json"))
     args = ap.parse_args(argv)
-    prepare_train400(args.data_root, args.prepared)
+    modes = args.modes.split(",")
+    if not set(modes) <= set(DATASETS):
+        raise ValueError(f"--modes takes {', '.join(DATASETS)}, got {args.modes!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = measure(args.prepared, args.batches, device)
-    print(f"device {device}, {os.cpu_count()} cores, torch {torch.__version__}, batch 32, Train400 q10-40")
-    print(f"{'backend':<12} {'workers':>7} {'patch':>5} {'patches/s':>10}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    rows = [r for mode in modes for r in measure(prepare_dataset(args.data_root, mode), args.batches, device, workers=args.workers, mode=mode)]
+    print(f"{name} ({device}), {os.cpu_count()} cores, torch {torch.__version__}, q10-40")
+    print(f"{'backend':<12} {'workers':>7} {'mode':>5} {'batch':>5} {'patch':>5} {'patches/s':>10}")
     for r in rows:
-        print(f"{r['backend']:<12} {r['workers']:>7} {r['patch']:>5} {r['patches_per_s']:10.0f}")
-    atomic_write_json(args.json, {"device": str(device), "cpu_count": os.cpu_count(), "torch": torch.__version__, "rows": rows})
+        print(f"{r['backend']:<12} {r['workers']:>7} {r['mode']:>5} {r['batch']:>5} {r['patch']:>5} {r['patches_per_s']:10.0f}")
+    atomic_write_json(args.json, {"device": str(device), "device_name": name, "cpu_count": os.cpu_count(),
+                                  "torch": torch.__version__, "rows": rows})
     print(f"wrote {args.json}")
     return 0
 

@@ -2,17 +2,18 @@
 and 1 against 2 processes (torchrun, gloo on CPU).
 
     python -m train.benchmark [--arch dncnn] [--steps 12] [--json outputs/train_bench.json]
-    python -m train.benchmark --loaders --data-root ../shared/data   # loaders beside what a step consumes
+    python -m train.benchmark --loaders --modes gray,rgb --data-root ../shared/data   # loaders beside what a step consumes
     python -m train.benchmark --end-to-end --arch unet --kwargs "{width = 64, levels = 3}" --batch 64 --patch 128 \
         --dataset train_color --backends resident,torch --data-root ../shared/data   # Trainer + real data vs bare loop
 
-All on synthetic batches (batch 32, 64x64, channels_last, AdamW, L1; --precision auto is bf16
+All on synthetic batches (batch 32, 64x64 unless --batch / --patch, channels_last, AdamW, L1; --precision auto is bf16
 autocast where the device has native bf16, fp32 on other CPUs), so the figures measure the
 training step, not the data pipeline (see data_pipeline.benchmark).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from data_pipeline import benchmark as loader_bench
 from data_pipeline.errors import command
 from data_pipeline.images import atomic_write_json
-from runtime.device import autocast_for, matmul_peak, native_bf16, resolve_precision
+from runtime.device import autocast_for, device_name, matmul_peak, native_bf16, resolve_precision
 from runtime.models import architectures, build_model, macs_per_pixel
 
 from .loop.config import load_config
@@ -38,12 +39,14 @@ BATCH, PATCH = 32, 64
 
 
 def bare_loop_rate(arch: str, steps: int, device: torch.device, batch: int = BATCH, patch: int = PATCH,
-                   kwargs: dict | None = None, precision: str = "auto") -> float:
-    """Patches/s of the minimal loop: forward under autocast (`precision`), L1, backward, AdamW step."""
+                   kwargs: dict | None = None, precision: str = "auto", compile: bool = False, channels: int = 1) -> float:
+    """Patches/s of the minimal loop: forward under autocast (`precision`), L1, backward, AdamW step
+    (fused on CUDA, as the Trainer's); `compile` wraps the model in torch.compile (warm-up compiles)."""
     torch.manual_seed(0)
-    model = build_model(arch, channels=1, **(kwargs or {})).to(device, memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), 1e-4)
-    x = torch.rand(batch, 1, patch, patch, device=device).contiguous(memory_format=torch.channels_last)
+    model = build_model(arch, channels=channels, **(kwargs or {})).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=device.type == "cuda")
+    model = torch.compile(model) if compile else model
+    x = torch.rand(batch, channels, patch, patch, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.rand_like(x)
 
     def step():
@@ -105,17 +108,26 @@ def processes_rate(arch: str, steps: int, nproc: int, out: Path, precision: str)
 
 def loaders_against_training(args, device: torch.device, precision: str) -> int:
     """Each loader's patches/s and its headroom over what a bare `--arch` training step consumes."""
-    prepared = loader_bench.prepare_train400(args.data_root, Path("outputs/prepared/train400-gray"))
-    rows = loader_bench.measure(prepared, 40, device)
-    print(f"device {device}, {os.cpu_count()} cores, batch 32, Train400 q10-40, {args.arch} step in {precision}")
-    print(f"{'backend':<28} {'workers':>7} {'patch':>5} {'patches/s':>10} {'x training':>10}")
-    for patch in (64, 128):
-        consumed = bare_loop_rate(args.arch, 3, device, batch=32, patch=patch, precision=precision)
-        print(f"{args.arch + ' train step':<28} {'':>7} {patch:>5} {consumed:10.0f}")
-        for r in (r for r in rows if r["patch"] == patch):
-            r["x_training"] = r["patches_per_s"] / consumed
-            print(f"{r['backend']:<28} {r['workers']:>7} {patch:>5} {r['patches_per_s']:10.0f} {r['x_training']:10.1f}")
-    atomic_write_json(args.json, {"device": str(device), "arch": args.arch, "precision": precision, "loaders": rows})
+    import tomllib
+
+    kwargs = tomllib.loads(f"k = {args.kwargs}")["k"]
+    print(f"{device_name(device)}, {os.cpu_count()} cores, q10-40, {args.arch} {kwargs} step in {precision}")
+    print(f"{'backend':<28} {'workers':>7} {'mode':>5} {'batch':>5} {'patch':>5} {'patches/s':>10} {'x training':>10}")
+    rows, steps = [], []
+    for mode in args.modes.split(","):
+        prepared = loader_bench.prepare_dataset(args.data_root, mode)
+        measured = loader_bench.measure(prepared, 40, device, workers=args.workers, mode=mode)
+        for batch, patch in loader_bench.SHAPES:
+            consumed = bare_loop_rate(args.arch, 3, device, batch=batch, patch=patch, kwargs=kwargs, precision=precision,
+                                      channels=1 if mode == "gray" else 3)
+            steps.append({"mode": mode, "batch": batch, "patch": patch, "train_step_patches_per_s": consumed})
+            print(f"{args.arch + ' train step':<28} {'':>7} {mode:>5} {batch:>5} {patch:>5} {consumed:10.0f}")
+            for r in (r for r in measured if (r["batch"], r["patch"]) == (batch, patch)):
+                r["x_training"] = r["patches_per_s"] / consumed
+                print(f"{r['backend']:<28} {r['workers']:>7} {mode:>5} {batch:>5} {patch:>5} {r['patches_per_s']:10.0f} {r['x_training']:10.1f}")
+        rows += measured
+    atomic_write_json(args.json, {"device": str(device), "device_name": device_name(device), "arch": args.arch, "kwargs": kwargs,
+                                  "precision": precision, "train_steps": steps, "loaders": rows})
     print(f"wrote {args.json}")
     return 0
 
@@ -127,8 +139,11 @@ def end_to_end(args, device: torch.device, precision: str) -> int:
 
     kwargs = tomllib.loads(f"k = {args.kwargs}")["k"]
     shape = [f"model.kwargs={args.kwargs}", f"data.batch_size={args.batch}", f"data.patch_size={args.patch}"]
-    bare = bare_loop_rate(args.arch, 2 * args.steps, device, args.batch, args.patch, kwargs, precision)
-    print(f"{args.arch} {kwargs} batch {args.batch} x {args.patch}^2 on {device} ({precision}): bare loop {bare:.1f} patches/s")
+    if args.compile:
+        shape.append("train.compile=true")
+    bare = bare_loop_rate(args.arch, 2 * args.steps, device, args.batch, args.patch, kwargs, precision, args.compile)
+    print(f"{args.arch} {kwargs} batch {args.batch} x {args.patch}^2 on {device_name(device)} ({precision}"
+          f"{', compiled' if args.compile else ''}): bare loop {bare:.1f} patches/s")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends.split(","):
@@ -136,8 +151,8 @@ def end_to_end(args, device: torch.device, precision: str) -> int:
             rate = trainer_rate(args.arch, args.steps, device, Path(tmp) / backend, precision, shape + data, args.data_root)
             rows.append({"backend": backend, "trainer_patches_per_s": rate, "trainer_over_bare": rate / bare})
             print(f"Trainer + {backend:<9} {rate:8.1f} patches/s = {rate / bare:.3f}x the bare loop", flush=True)
-    atomic_write_json(args.json, {"device": str(device), "arch": args.arch, "kwargs": kwargs, "batch": args.batch,
-                                  "patch": args.patch, "dataset": args.dataset, "precision": precision,
+    atomic_write_json(args.json, {"device": str(device), "device_name": device_name(device), "arch": args.arch, "kwargs": kwargs, "batch": args.batch,
+                                  "patch": args.patch, "dataset": args.dataset, "precision": precision, "compile": args.compile,
                                   "bare_patches_per_s": bare, "rows": rows})
     print(f"wrote {args.json}")
     return 0
@@ -158,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--patch", type=int, default=PATCH)
     ap.add_argument("--dataset", default="train400", help="with --end-to-end: training dataset (gray luma of color sets)")
     ap.add_argument("--backends", default="resident,torch", help="with --end-to-end: loader backends to compare")
+    ap.add_argument("--modes", default="gray", help="with --loaders: gray (Train400) and/or rgb (train_color)")
+    ap.add_argument("--compile", action="store_true", help="with --end-to-end: torch.compile the bare loop and the Trainer")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="torch workers / DALI threads")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -167,15 +184,16 @@ def main(argv=None) -> int:
     if args.end_to_end:
         return end_to_end(args, device, precision)
     print(f"device {device}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"batch {BATCH}, {PATCH}x{PATCH}, {precision} (native bf16: {native_bf16(device)}), channels_last")
+          f"batch {args.batch}, {args.patch}x{args.patch}, {precision} (native bf16: {native_bf16(device)}), channels_last")
     peak = matmul_peak(str(device))["bf16" if precision in ("bf16", "fp16") else "fp32"] * 1e9
     print(f"measured matmul peak {peak / 1e12:.2f} TFLOP/s ({'bf16' if precision in ('bf16', 'fp16') else 'fp32'}): MFU's yardstick")
     archs = []
     for arch in architectures():
         model = build_model(arch, channels=1)
         row = {"arch": arch, "params": sum(p.numel() for p in model.parameters()),
-               "macs_per_pixel": macs_per_pixel(model, 1), "bare_patches_per_s": bare_loop_rate(arch, args.steps, device, precision=precision)}
-        row["tflops"] = row["bare_patches_per_s"] * PATCH**2 * 6 * row["macs_per_pixel"] / 1e12  # fwd + bwd: 6 FLOP/MAC
+               "macs_per_pixel": macs_per_pixel(model, 1),
+               "bare_patches_per_s": bare_loop_rate(arch, args.steps, device, args.batch, args.patch, precision=precision)}
+        row["tflops"] = row["bare_patches_per_s"] * args.patch**2 * 6 * row["macs_per_pixel"] / 1e12  # fwd + bwd: 6 FLOP/MAC
         row["mfu"] = row["tflops"] * 1e12 / peak
         archs.append(row)
         print(f"{arch:<12} {row['params'] / 1e6:7.3f} M params {row['macs_per_pixel'] / 1e3:8.1f} k MACs/px "
@@ -184,12 +202,18 @@ def main(argv=None) -> int:
         bare = bare_loop_rate(args.arch, 2 * args.steps, device, precision=precision)
         trained = trainer_rate(args.arch, args.steps, device, Path(tmp) / "trainer", precision)
         print(f"{args.arch}: Trainer {trained:.1f} vs bare loop {bare:.1f} patches/s = {trained / bare:.3f}x", flush=True)
-        one = processes_rate(args.arch, args.steps, 1, Path(tmp), precision)
-        two = processes_rate(args.arch, args.steps, 2, Path(tmp), precision)
-    print(f"{args.arch}: 1 process {one:.1f}, 2 processes (torchrun, gloo) {two:.1f} patches/s = {two / one:.2f}x")
-    atomic_write_json(args.json, {"device": str(device), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        skip = "one GPU here" if device.type == "cuda" else None if importlib.util.find_spec("mlflow") else "MLflow is not installed"
+        if skip is None:
+            one = processes_rate(args.arch, args.steps, 1, Path(tmp), precision)
+            two = processes_rate(args.arch, args.steps, 2, Path(tmp), precision)
+    if skip is None:
+        print(f"{args.arch}: 1 process {one:.1f}, 2 processes (torchrun, gloo) {two:.1f} patches/s = {two / one:.2f}x")
+    else:
+        one = two = None
+        print(f"{args.arch}: 1 against 2 processes skipped ({skip})")
+    atomic_write_json(args.json, {"device": str(device), "device_name": device_name(device), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                                   "precision": precision, "native_bf16": native_bf16(device),
-                                  "archs": archs, "arch": args.arch, "bare_patches_per_s": bare,
+                                  "batch": args.batch, "patch": args.patch, "archs": archs, "arch": args.arch, "bare_patches_per_s": bare,
                                   "trainer_patches_per_s": trained, "trainer_over_bare": trained / bare,
                                   "one_process_patches_per_s": one, "two_processes_patches_per_s": two})
     print(f"wrote {args.json}")
