@@ -26,6 +26,22 @@ from .artifacts import DEPLOY_DIR, artifact_for
 # (height, width, batch): 256² and 512² at batch 1 and 4, a LIVE1-sized image (768x512 landscape)
 SHAPES = [(256, 256, 1), (256, 256, 4), (512, 512, 1), (512, 512, 4), (512, 768, 1)]
 QUICK_SHAPES = [(256, 256, 1), (512, 512, 1)]
+GPU_SHAPES = [(256, 256, 1), (256, 256, 8), (512, 512, 1), (512, 512, 8), (1024, 1024, 1), (1024, 1024, 8)]
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """'512x512x8,1024x1024x1' -> [(512, 512, 8), (1024, 1024, 1)] (height x width x batch)."""
+    try:
+        shapes = [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+        raise ValueError(f"--shapes takes HxWxB items separated by commas, e.g. 512x512x1,512x512x8; got {text!r}")
+    return shapes
+
+
+def default_shapes(device: str, quick: bool = False) -> list[tuple[int, int, int]]:
+    return QUICK_SHAPES if quick else GPU_SHAPES if device.startswith("cuda") else SHAPES
 
 
 def time_runner(runner, x: torch.Tensor, warmup: int, iters: int) -> tuple[float, list[float]]:

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from data_pipeline.errors import command  # noqa: E402
 from data_pipeline.images import atomic_write_bytes, jpeg_roundtrip  # noqa: E402
 from export.artifacts import DEPLOY_DIR, engine_path, ensure_onnx  # noqa: E402
-from export.latency import QUICK_SHAPES, SHAPES, report, run_benchmark  # noqa: E402
+from export.latency import default_shapes, parse_shapes, report, run_benchmark  # noqa: E402
 from export.onnx_export import check_parity  # noqa: E402
 from export.parity import parity_images  # noqa: E402
 from runtime.artifacts import file_sha256, write_meta  # noqa: E402
@@ -95,10 +95,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=DEPLOY_DIR, help="ONNX, engines, timing cache, latency table")
     ap.add_argument("--data-root", help="for parity on LIVE1 (default: $JPEG_RESTORE_DATA_ROOT)")
     ap.add_argument("--quick", action="store_true", help="benchmark 256² and 512² at batch 1 only")
+    ap.add_argument("--shapes", help="HxWxB,... (default: 256² and 512² at batch 1 and 4 and 512x768 on CPU; "
+                    "256², 512², 1024² at batch 1 and 8 on GPU)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--backends", default=",".join(names), help="comma-separated subset of " + ",".join(names))
     ap.add_argument("--no-mlflow", action="store_true")
     args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        shapes = parse_shapes(args.shapes) if args.shapes else default_shapes(device, args.quick)
+    except ValueError as exc:
+        ap.error(str(exc))
     _, meta = load_model(args.checkpoint)
     out = args.out
     onnx_path = ensure_onnx(args.checkpoint, out)
@@ -117,8 +124,7 @@ def main(argv=None) -> int:
                                 sidecar)
             e = engine_parity(args.checkpoint, path, args.data_root)
             print(f"TensorRT {precision} engine {path}: max abs diff {e['max_abs_diff']:.2e}, PSNR diff {e['max_psnr_diff']:.4f} dB")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = run_benchmark(args.checkpoint, device, QUICK_SHAPES if args.quick else SHAPES, iters=args.iters,
+    result = run_benchmark(args.checkpoint, device, shapes, iters=args.iters,
                            backends=args.backends.split(","), deploy_dir=out)
     result["onnx_parity"] = p
     print(report(result, out, meta.get("mlflow_run_id"), not args.no_mlflow))

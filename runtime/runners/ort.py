@@ -29,13 +29,19 @@ class OrtRunner(Runner):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         available = ort.get_available_providers()
-        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"] if device.startswith("cuda") else []
+        wanted = ["CUDAExecutionProvider"] if device.startswith("cuda") else []
+        if wanted and importlib.util.find_spec("tensorrt"):  # onnxruntime-gpu lists it even without TensorRT's libraries
+            wanted.insert(0, "TensorrtExecutionProvider")
+        if wanted and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels torch brought
         providers = [p for p in wanted if p in available] + ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
         self.provider = self.session.get_providers()[0]
         self.device = torch.device("cuda" if self.provider != "CPUExecutionProvider" else "cpu")
         self.input_name, self.output_name = self.session.get_inputs()[0].name, self.session.get_outputs()[0].name
         self.dtype = torch.float16 if "float16" in self.session.get_inputs()[0].type else torch.float32
+        planes = self.session.get_outputs()[0].shape[1]
+        self.out_planes = planes if isinstance(planes, int) else None  # None: as many as the input has
         self.tile = meta.get("tile", 0) if tile is None else tile
         self.overlap = meta.get("overlap", 16) if overlap is None else overlap
         self.threads = opts.intra_op_num_threads
@@ -63,7 +69,7 @@ class OrtRunner(Runner):
         import numpy as np
 
         x = x.to(self.device, self.dtype).contiguous()
-        y = torch.empty_like(x)
+        y = x.new_empty((x.shape[0], self.out_planes or x.shape[1], *x.shape[2:]))  # a quality plane goes in, not out
         element = np.float16 if self.dtype == torch.float16 else np.float32
         binding = self.session.io_binding()
         binding.bind_input(self.input_name, "cuda", self.device.index or 0, element, tuple(x.shape), x.data_ptr())

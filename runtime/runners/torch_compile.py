@@ -1,8 +1,13 @@
-"""torch.compile (inductor); a compile failure becomes RunnerUnavailable with the reason."""
+"""torch.compile (inductor); a compile failure becomes RunnerUnavailable with the reason.
+
+`mode="reduce-overhead"` adds CUDA graphs on GPU: one graph replay per call instead of one launch
+per kernel (what batch-1 latency on a GPU is made of). Each input shape compiles once, in the
+latency table's first call, which is reported apart."""
 from __future__ import annotations
 
 import torch
 
+from ..device import native_bf16
 from . import RunnerUnavailable, register_runner
 from .torch_eager import TorchRunner
 
@@ -11,16 +16,28 @@ from .torch_eager import TorchRunner
 class CompiledRunner(TorchRunner):
     order = 1
 
-    def __init__(self, model, device="cpu", precision="fp32", channels_last=False):
+    def __init__(self, model, device="cpu", precision="fp32", channels_last=False, mode="default"):
         super().__init__(model, device, precision, channels_last)
-        self.model = torch.compile(self.model, dynamic=False)
+        self.mode = mode
+        self.model = torch.compile(self.model, dynamic=False, mode=None if mode == "default" else mode)
 
     @classmethod
     def variants(cls, device):
-        return [("torch.compile fp32", {})]
+        out = [("torch.compile fp32", {})]
+        if native_bf16(torch.device(device)):
+            out.append(("torch.compile bf16 NHWC", {"precision": "bf16", "channels_last": True}))
+        if device.startswith("cuda"):  # half outputs are copied by .float(): no graph buffer escapes
+            out += [("torch.compile fp16 NHWC CUDA graphs", {"precision": "fp16", "channels_last": True, "mode": "reduce-overhead"}),
+                    ("torch.compile bf16 NHWC CUDA graphs", {"precision": "bf16", "channels_last": True, "mode": "reduce-overhead"})]
+        return out
 
     def __call__(self, x):
+        if self.mode != "default":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs may be overwritten
         try:
             return super().__call__(x)
         except Exception as exc:  # noqa: BLE001 - inductor errors have many types
             raise RunnerUnavailable(f"torch.compile failed: {str(exc).strip().splitlines()[0][:160]}") from None
+
+    def describe(self):
+        return {**super().describe(), "compile_mode": self.mode}

@@ -96,6 +96,9 @@ class TrainConfig:
     GPUs and fp32 on CPUs (emulated bf16 is several times slower than fp32)."""
     channels_last: bool = True
     """NHWC memory format (faster convolutions on CPU and tensor cores)."""
+    compile: bool = False
+    """torch.compile the training forward (inductor; fixed patch shape, so one compile). Pays on
+    GPUs once the run is longer than the compile (tens of seconds); validation stays eager."""
     val_every: int = 500
     """Validate every this many steps (and at the end)."""
     ckpt_every: int = 500

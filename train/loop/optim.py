@@ -15,11 +15,13 @@ SCHEDULES = ("cosine", "step", "plateau", "constant")
 
 
 def build_optimizer(cfg, params) -> torch.optim.Optimizer:
-    o = cfg.optim
+    """Adam/AdamW are fused (one kernel for all parameters) on CUDA."""
+    o, params = cfg.optim, list(params)
+    fused = {"fused": True} if params and params[0].is_cuda else {}
     if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
     if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     raise ValueError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {o.name!r}")

@@ -102,6 +102,7 @@ class Trainer:
 
         self.ddp_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
             if info.distributed else self.model
+        self.step_model = torch.compile(self.ddp_model) if cfg.train.compile else self.ddp_model
 
         self.tracker = make_tracker(info.is_main and cfg.tracking.enabled, self.out, cfg.tracking.offline,
                                     experiment=cfg.tracking.experiment,
@@ -148,7 +149,7 @@ class Trainer:
         if self.cfg.train.channels_last:
             inp, target = inp.contiguous(memory_format=torch.channels_last), target.contiguous(memory_format=torch.channels_last)
         with autocast_for(self.cfg.train.precision, self.device):
-            out = self.ddp_model(inp)
+            out = self.step_model(inp)
         loss = self.loss_fn(out.float(), target)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
