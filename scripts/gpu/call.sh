@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# One call of the lent GPU machine: bash scripts/gpu/call.sh "STEP ARGS" ["STEP ARGS" ...]
+# Steps (scripts/gpu/README.md has the call sequence): env, loaders, e2e [compile], archs,
+# install-dali, install-ort, dali, train NAME MINUTES CONFIG [--set k=v ...], eval NAME, latency [NAME] [SHAPES], pack NAME.
+# Runs, results and installed wheels live under $WORK (/tmp/jr), which stays while the machine is
+# warm (30 s after a call); carried data and wheel parts stay in .gpu/. Every call ends by packing
+# $WORK/results (JSON, tables) into $OUT. GPU_DRY_RUN=1 rehearses every step on a CPU with tiny settings.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:?set by the device tool: results come back from there}
+WORK=${GPU_WORK:-/tmp/jr}
+DATA=$PWD/.gpu/data
+mkdir -p "$WORK/runs" "$WORK/results" "$OUT"
+exec > >(tee -a "$OUT/log") 2>&1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PWD
+PY=python3
+if [ "${GPU_DRY_RUN:-0}" = 1 ]; then
+    KW="{width = 8, levels = 2}"; WORKERS=2; BATCH=8; PATCH=32; STEPS=4; DEVICE=cpu
+    TRAIN_LIMIT=(--set train.max_steps=6 --set train.val_every=3 --set train.ckpt_every=3 --set data.limit=12)
+    SHAPES=64x64x1,64x64x2
+else
+    KW="{width = 64, levels = 3}"; WORKERS=14; BATCH=64; PATCH=128; STEPS=50; DEVICE=cuda
+    TRAIN_LIMIT=(); SHAPES=512x512x1,512x512x8
+fi
+has_dali() { $PY -c "import nvidia.dali" 2>/dev/null; }
+log() { echo "== $(date +%T) $*"; }
+
+step_env() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+    $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+    du -sh "$DATA"/* .gpu/parts 2>/dev/null
+    git rev-parse HEAD 2>/dev/null || true
+}
+step_loaders() {  # every backend's patches/s beside the U-Net w64/l3 training step
+    local modes=gray; [ -d "$DATA/train_color" ] && modes=gray,rgb
+    $PY -m train.benchmark --loaders --modes $modes --arch unet --kwargs "$KW" --workers $WORKERS \
+        --data-root "$DATA" --json "$WORK/results/loaders$(has_dali && echo _dali).json"
+}
+step_e2e() {  # Trainer on BSDS luma against the bare loop, U-Net w64/l3, batch 64 x 128^2
+    local backends=resident,torch extra=() name=e2e
+    has_dali && backends=resident,dali,torch
+    [ "${1:-}" = compile ] && extra=(--compile) && name=e2e_compile
+    $PY -m train.benchmark --end-to-end --arch unet --kwargs "$KW" --batch $BATCH --patch $PATCH --steps $STEPS \
+        --dataset train_color --backends $backends --workers $WORKERS --data-root "$DATA" "${extra[@]}" \
+        --json "$WORK/results/$name.json"
+}
+step_archs() {  # every architecture's bare training step and MFU at the training shape
+    $PY -m train.benchmark --steps $((STEPS / 2 + 2)) --batch $BATCH --patch $PATCH --json "$WORK/results/archs.json"
+}
+step_install-dali() {
+    cat .gpu/parts/dali.tar.* | tar xf - -C /tmp || return 1
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/wheels/*.whl || return 1
+    export PYTHONPATH=/tmp/site:$PWD
+    $PY -c "import nvidia.dali as d; print('DALI', d.__version__)"
+}
+step_install-ort() {  # onnxruntime-gpu over the image's CPU onnxruntime (first on PYTHONPATH)
+    cat .gpu/parts/ortgpu.tar.* | tar xf - -C /tmp || return 1
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/wheels-ort/*.whl || return 1
+    export PYTHONPATH=/tmp/site:$PWD
+    $PY -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+}
+step_dali() {  # nvJPEG and the GPU JPEG imitation against Pillow/libjpeg, gray and color
+    $PY -m data_pipeline.decoder_check --data-root "$DATA" --dataset live1_gray --device $DEVICE --json "$WORK/results/decoder_gray.json"
+    [ -d "$DATA/live1_color" ] && $PY -m data_pipeline.decoder_check --data-root "$DATA" --dataset live1_color \
+        --device $DEVICE --json "$WORK/results/decoder_color.json"
+}
+step_train() {  # NAME MINUTES CONFIG [--set k=v ...]: resumes NAME; SIGTERM at MINUTES saves the state
+    local name=$1 minutes=$2 config=$3; shift 3
+    timeout -s TERM -k 120 "${minutes}m" $PY train/main.py --config "$config" --data-root "$DATA" --out "$WORK/runs/$name" \
+        --resume --set tracking.offline=true --set "tracking.run_name=$name" "${TRAIN_LIMIT[@]}" "$@"
+    local rc=$?; [ $rc = 124 ] && rc=0  # stopped by the time limit, state saved
+    return $rc
+}
+step_eval() {  # LIVE1 (the test set) of a run's best checkpoint, gray or color by its mode
+    local ckpt="$WORK/runs/$1/image_compression_model.pth" set=live1_gray
+    $PY -c "import torch,sys; sys.exit(torch.load('$ckpt', weights_only=True)['mode'] != 'rgb')" && set=live1_color
+    $PY -m train.evaluate --checkpoint "$ckpt" --data-root "$DATA" --dataset $set --device $DEVICE --precision auto \
+        --json "$WORK/results/eval_$1_$set.json"
+}
+step_latency() {  # [NAME|shipped] [SHAPES]: every runner; AOTInductor and torch.compile compile per shape
+    local ckpt=image_compression_model.pth
+    [ -n "${1:-}" ] && [ "$1" != shipped ] && ckpt="$WORK/runs/$1/image_compression_model.pth"
+    $PY export/to_trt.py --checkpoint "$ckpt" --out "$WORK/deploy" --data-root "$DATA" --no-mlflow --shapes "${2:-$SHAPES}" \
+        && cp "$WORK"/deploy/latency.* "$WORK/results/"
+}
+step_pack() {  # a run without its training states and prepared data, in 15 MiB parts: cat NAME.tgz.* | tar xzf - (here)
+    tar czf - -C "$WORK/runs" --exclude checkpoints --exclude prepared "$1" | split -b 15M - "$OUT/$1.tgz."
+    ls -l "$OUT/$1".tgz.*
+}
+
+status=0
+for step in "$@"; do
+    read -r -a words <<< "$step"
+    log "${words[*]}"
+    if declare -F "step_${words[0]}" > /dev/null; then
+        "step_${words[0]}" "${words[@]:1}" || { status=1; log "FAILED: ${words[*]}"; }
+    else
+        log "unknown step ${words[0]}"; status=2
+    fi
+done
+tar czf "$OUT/results.tgz" -C "$WORK" results
+log "done (status $status)"
+exit $status

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Stage what a GPU-machine session carries, into .gpu/ (ignored through .git/info/exclude). Run here,
+# once per checkout: bash scripts/gpu/stage.sh [DATA_ROOT] (ORT_GPU=1 also stages onnxruntime-gpu). What each call carries: scripts/gpu/README.md.
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+DATA=${1:-../shared/data}
+PART_MB=${PART_MB:-44}  # the checkout itself travels too (~17 MB): 64 MiB a call in all
+grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+mkdir -p .gpu/data .gpu/wheels .gpu/parts
+for d in train400 live1_gray train_color live1_color; do
+    [ -d ".gpu/data/$d" ] || cp -r "$DATA/$d" .gpu/data/
+done
+# DALI for Python 3.12 and what the GPU machine's image lacks (its pip list: scripts/gpu/README.md)
+WHEELS="nvidia-dali-cuda130==2.4.0 nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-libnvcomp-cu13==5.3.0.16 nvidia-nvjpeg==13.3.2.43
+        astunparse==1.6.3 gast==0.7.0 optree==0.20.0 nvtx==0.2.17 makefun==1.16.0 libcst==1.9.0"
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d .gpu/wheels $WHEELS 2>&1 | grep -v "^WARNING: Location" || true
+if [ ! -e .gpu/parts/dali.tar.00 ]; then
+    tar cf - -C .gpu wheels | split -d -b "${PART_MB}M" - .gpu/parts/dali.tar.
+fi
+if [ "${ORT_GPU:-0}" = 1 ] && [ ! -e .gpu/parts/ortgpu.tar.00 ]; then  # onnxruntime-gpu (CUDA 13 build), 256 MB
+    mkdir -p .gpu/wheels-ort
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 -d .gpu/wheels-ort onnxruntime-gpu==1.31.1 2>&1 | grep -v "^WARNING: Location" || true
+    tar cf - -C .gpu wheels-ort | split -d -b "${PART_MB}M" - .gpu/parts/ortgpu.tar.
+fi
+du -sh .gpu/data/* .gpu/parts/* | sed 's/^/  /'
+echo "staged; carry one line of scripts/gpu/README.md per call"
