@@ -206,3 +206,14 @@ def test_aoti_package_runs_without_the_model_code_and_matches_pytorch(tmp_path, 
     ref = make_runner("torch", path).restore(x)
     out = make_runner("aoti", tmp_path / "unet.cpu.pt2").restore(x)
     assert out.shape == x.shape and float((ref - out).abs().max()) <= 1e-4
+
+
+def test_latency_shapes_parse_and_default_per_device():
+    from export.latency import GPU_SHAPES, SHAPES, default_shapes, parse_shapes
+
+    assert parse_shapes("512x512x1,1024x768x8") == [(512, 512, 1), (1024, 768, 8)]
+    for bad in ("512x512", "512x512x0", "big", ""):
+        with pytest.raises(ValueError, match="HxWxB"):
+            parse_shapes(bad)
+    assert default_shapes("cpu") == SHAPES and default_shapes("cuda:0") == GPU_SHAPES
+    assert (1024, 1024, 8) in GPU_SHAPES and (512, 512, 8) in GPU_SHAPES

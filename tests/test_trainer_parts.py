@@ -168,3 +168,23 @@ def test_tiles_and_self_ensemble_take_a_quality_plane_in_and_give_the_image_out(
         assert restore_tensor(net, x, tile=32, overlap=8).shape == whole.shape == (1, 1, 40, 70)
         assert restore_tensor(net, x, tile=32, overlap=8, ensemble=True).shape == (1, 1, 40, 70)
         assert torch.allclose(restore_tensor(net, x, tile=128), whole)
+
+
+@pytest.mark.slow
+def test_compiled_training_steps_and_saves_plain_weights(tmp_path):
+    """train.compile wraps the training forward in torch.compile; the saved model is the plain module."""
+    from train.loop.distributed import DistInfo
+    from train.loop.trainer import Trainer
+
+    cfg = load_config(None, ["model.arch=unet", "model.kwargs={width = 4, levels = 1}", "data.backend=synthetic", "data.batch_size=2",
+                             "data.patch_size=16", "train.max_steps=3", "train.log_every=1", "train.precision=fp32",
+                             "train.compile=true", "tracking.enabled=false"])
+    trainer = Trainer(cfg, tmp_path, DistInfo(0, 0, 1, torch.device("cpu")))
+    try:
+        assert isinstance(trainer.step_model, torch._dynamo.eval_frame.OptimizedModule)
+        trainer.fit()
+    finally:
+        trainer.close()
+    assert trainer.step == 3 and all(math.isfinite(v) for v in trainer.history["loss"])
+    state = torch.load(latest_state(tmp_path / "checkpoints"), weights_only=True, map_location="cpu")
+    assert not any(k.startswith("_orig_mod") for k in state["model"])
