@@ -47,6 +47,16 @@ def input_channels(meta: dict) -> int:
     return meta["channels"] + meta.get("kwargs", {}).get("cond_channels", 0)
 
 
+def trained_qualities(meta: dict) -> tuple[int, int] | None:
+    """(lowest, highest) JPEG quality a checkpoint's model was trained on, from its saved config;
+    None when the checkpoint does not say."""
+    data = meta.get("config", {}).get("data")
+    if not data:
+        return None
+    qualities = data["online_quality_range"] if data.get("online") else data["qualities"]
+    return min(qualities), max(qualities)
+
+
 def with_quality(x: torch.Tensor, quality: int | None) -> torch.Tensor:
     """x with the quality plane appended: the JPEG quality / 255 everywhere, 0 when unknown (blind),
     as the loaders make it from uint8 (quality) / 255."""

@@ -5,7 +5,9 @@
 Any size (tiled above 512 px with overlap, so memory stays bounded), gray or color. A gray
 model on a color image restores the luma (Y of JPEG's own YCbCr) and keeps the chroma; an RGB
 model restores all three channels. Writes <name>.png into the output folder; inputs with the same
-name get <name>-2.png, <name>-3.png, ... It never writes over an input, and never over a file it
+name get <name>-2.png, <name>-3.png, ... A JPEG saved at a quality above the highest the model was
+trained on (read from the file's own tables) is left as it is and reported: a model trained on
+q10-40 makes a q90 photo worse, not better; --max-quality sets that bound. It never writes over an input, and never over a file it
 did not create in this run unless --overwrite is given. The default model is
 image_compression_model.pth in the repository (gray) and, for color images,
 image_compression_model_color.pth next to it when it exists.
@@ -28,7 +30,7 @@ from data_pipeline.images import BadImage, atomic_write_bytes, list_images, png_
 from data_pipeline.jpeg_tables import jpeg_quality
 from export.artifacts import DEPLOY_DIR, artifact_for
 from runtime.checkpoint import load_model
-from runtime.inference import SHIPPED_GRAY, image_to_tensor, in_model_mode, input_channels, shipped_model, to_uint8, with_quality
+from runtime.inference import SHIPPED_GRAY, image_to_tensor, in_model_mode, input_channels, shipped_model, to_uint8, trained_qualities, with_quality
 from runtime.runners import make_runner, runners
 from runtime.tiling import tile_count
 
@@ -53,6 +55,19 @@ def restore_array(runner, meta: dict, img: np.ndarray, ensemble: bool = False, t
             return to_uint8(y.clamp(0, 1)[0])
 
     return in_model_mode(restore, meta["mode"], img)
+
+
+def above_range(quality: int | None, meta: dict, max_quality: int | None) -> str | None:
+    """Why a JPEG of this quality is left as it is (None: restore it): above --max-quality, or by
+    default above the highest quality the model was trained on."""
+    trained = trained_qualities(meta)
+    bound = max_quality or (trained and trained[1])
+    if quality is None or bound is None or quality <= bound:
+        return None
+    if max_quality:
+        return f"JPEG q{quality} is above --max-quality {max_quality}"
+    return (f"JPEG q{quality} is above the q{trained[0]}-{trained[1]} the model was trained on, where it "
+            f"would lose detail (--max-quality 100 restores it anyway)")
 
 
 def peak_memory(device: str) -> str:
@@ -116,10 +131,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tiles-per-call", type=int, help="512-px tiles of a large image per model call (default: 4 on GPU, 1 on CPU)")
     ap.add_argument("--self-ensemble", action="store_true",
                     help="average the model over the 8 rotations and flips of each image (8x the time, a little sharper)")
+    ap.add_argument("--max-quality", type=int, help="restore JPEGs saved at up to this quality, leave the others "
+                    "(default: the highest quality the model was trained on; 100 restores every JPEG)")
     args = ap.parse_args(argv)
     tiles_per_call = args.tiles_per_call or (4 if args.device.startswith("cuda") else 1)
     if tiles_per_call < 1:
         raise UserError(f"--tiles-per-call must be positive, got {tiles_per_call}")
+    if args.max_quality is not None and not 1 <= args.max_quality <= 100:
+        raise UserError(f"--max-quality must be a JPEG quality in 1..100, got {args.max_quality}")
     files = inputs_of(args.inputs)
     check_output_folder(args.out)
     gray_ckpt = args.checkpoint or SHIPPED_GRAY
@@ -127,7 +146,7 @@ def main(argv=None) -> int:
     loaded = {"gray": open_runner(gray_ckpt, args.backend, args.device, args.deploy_dir)}
     loaded["color"] = loaded["gray"] if color_ckpt == gray_ckpt else open_runner(color_ckpt, args.backend, args.device, args.deploy_dir)
     resolved_inputs = {f.resolve() for f in files}
-    failed = 0
+    failed = kept = 0
     for f, target in zip(files, plan_outputs(files, args.out)):
         if target.resolve() in resolved_inputs:
             print(f"skipped {f}: the output {target} would overwrite an input", file=sys.stderr)
@@ -146,13 +165,20 @@ def main(argv=None) -> int:
         runner, meta = loaded["color" if img.ndim == 3 else "gray"]
         tiles = tile_count(*img.shape[:2])
         quality = jpeg_quality(f)  # (q, exact) from the file's tables; None: not a JPEG
+        why = above_range(quality and quality[0], meta, args.max_quality)
+        if why:
+            print(f"left {f} as it is: {why}", file=sys.stderr)
+            kept += 1
+            continue
         with tqdm(total=tiles, unit="tile", desc=f.name, leave=False, disable=tiles < 8, file=sys.stderr) as bar:
             restored = restore_array(runner, meta, img, args.self_ensemble, tiles_per_call, bar.update, quality and quality[0])
         atomic_write_bytes(target, png_bytes(restored))
         how = "luma only" if img.ndim == 3 and meta["mode"] == "gray" else meta["mode"]
         saved = "no JPEG tables" if quality is None else f"JPEG q{quality[0]}" + ("" if quality[1] else " (nearest IJG table)")
         print(f"{f} -> {target} ({img.shape[1]}x{img.shape[0]}, {saved}, {meta['arch']} {how}, {args.backend})")
-    print(f"restored {len(files) - failed} of {len(files)} images into {args.out}; peak memory {peak_memory(args.device)}")
+    left = f", {kept} left as they are (quality above the model's)" if kept else ""
+    print(f"restored {len(files) - failed - kept} of {len(files)} images into {args.out}{left}; "
+          f"peak memory {peak_memory(args.device)}")
     return 1 if failed else 0
 
 

@@ -24,9 +24,9 @@ from train.loop.state import OutputLock, remove_partial_writes
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_unet(path: Path) -> Path:
+def tiny_unet(path: Path, config: dict | None = None) -> Path:
     model = build_model("unet", channels=1, **tiny_kwargs("unet"))
-    ckpt.save(ckpt.model_checkpoint(model, "unet", tiny_kwargs("unet"), "gray", {}, {}, 0), path)
+    ckpt.save(ckpt.model_checkpoint(model, "unet", tiny_kwargs("unet"), "gray", config or {}, {}, 0), path)
     return path
 
 
@@ -66,6 +66,27 @@ def test_restore_gives_same_stem_inputs_distinct_outputs(jpegs, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["photo-2.png", "photo-3.png", "photo.png"]
     assert "restored 3 of 3" in proc.stdout
     assert proc.stdout.count("JPEG q10,") == 3  # the quality read from each file's own tables
+
+
+def test_restore_leaves_jpegs_above_the_models_training_qualities(tmp_path, photo_pair):
+    """The shipped model (q10-40) makes a q90 photo worse: such a file is reported and left alone."""
+    model = tiny_unet(tmp_path / "m.pth", {"data": {"qualities": [10, 20, 30, 40], "online": False}})
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for q in (10, 40, 90):
+        (inp / f"q{q}.jpg").write_bytes(jpeg_bytes(photo_pair[0][:96, :128], q))
+    proc = restore(inp, "-o", tmp_path / "out", "--checkpoint", model)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["q10.png", "q40.png"]
+    assert proc.stderr.strip() == (f"left {inp / 'q90.jpg'} as it is: JPEG q90 is above the q10-40 the model was trained "
+                                   "on, where it would lose detail (--max-quality 100 restores it anyway)")
+    assert "restored 2 of 3 images" in proc.stdout and "1 left as they are" in proc.stdout
+    proc = restore(inp, "-o", tmp_path / "all", "--checkpoint", model, "--max-quality", "100")
+    assert proc.returncode == 0 and "restored 3 of 3" in proc.stdout
+    proc = restore(inp, "-o", tmp_path / "low", "--checkpoint", model, "--max-quality", "20")
+    assert proc.returncode == 0 and "restored 1 of 3" in proc.stdout and "above --max-quality 20" in proc.stderr
+    proc = restore(inp, "-o", tmp_path / "bad", "--checkpoint", model, "--max-quality", "0")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --max-quality must be a JPEG quality in 1..100, got 0"
 
 
 def test_restore_checks_its_output_folder_before_running_the_model(jpegs, tmp_path):
