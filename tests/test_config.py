@@ -1,11 +1,14 @@
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from runtime.models import build_model
 from train.loop.config import ConfigError, load_config
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.toml") if p.stem not in ("sweep", "ablations"))
+TOMLS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+SWEEPS = [p for p in TOMLS if "configs" in tomllib.loads(p.read_text())]  # sweep files list the configs they run
+CONFIGS = [p for p in TOMLS if p not in SWEEPS]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -13,6 +16,13 @@ def test_every_config_loads_and_builds_its_model(path):
     cfg = load_config(path)
     assert path.stem.startswith(cfg.model.arch)  # unet.toml, unet_color.toml, ...
     build_model(cfg.model.arch, channels=cfg.data.channels, **cfg.model.kwargs)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_every_sweep_file_expands_into_loadable_tasks(path):
+    from train.sweep import load_sweep, tasks
+
+    assert len(tasks(load_sweep(path))) >= 2  # each task's config is loaded and checked on the way
 
 
 def test_dotted_overrides_are_typed():
