@@ -5,11 +5,11 @@
 Any size (tiled above 512 px with overlap, so memory stays bounded), gray or color. A gray
 model on a color image restores the luma (Y of JPEG's own YCbCr) and keeps the chroma; an RGB
 model restores all three channels. Writes <name>.png into the output folder; inputs with the same
-name get <name>-2.png, <name>-3.png, ... A JPEG saved at a quality above the highest the model was
-trained on (read from the file's own tables) is left as it is and reported: a model trained on
-q10-40 makes a q90 photo worse, not better; --max-quality sets that bound. It never writes over an input, and never over a file it
-did not create in this run unless --overwrite is given. The default model is
-image_compression_model.pth in the repository (gray) and, for color images,
+name get <name>-2.png, <name>-3.png, ... It never writes over an input, and never over a file it
+did not create in this run unless --overwrite is given. A JPEG saved at a quality above the
+highest the model was trained on (read from the file's own tables) is left as it is and reported:
+a model trained on q10-40 makes a q90 photo worse; --max-quality moves that bound. The default
+model is image_compression_model.pth in the repository (gray) and, for color images,
 image_compression_model_color.pth next to it when it exists.
 """
 from __future__ import annotations
