@@ -67,3 +67,17 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
     atomic_write_bytes(target, b"b" * 3)
     assert target.read_bytes() == b"bbb"
     assert [p.name for p in target.parent.iterdir()] == ["f.bin"]
+
+
+def test_skimage_testset_writes_lossless_gray_and_color_folders(tmp_path):
+    from data_pipeline.skimage_testset import COLOR_PHOTOS, GRAY_PHOTOS, main
+
+    assert main([str(tmp_path)]) == 0
+    gray = sorted(p.stem for p in (tmp_path / "gray").glob("*.png"))
+    color = sorted(p.stem for p in (tmp_path / "color").glob("*.png"))
+    assert gray == sorted(COLOR_PHOTOS + GRAY_PHOTOS) and color == sorted(COLOR_PHOTOS)
+    for name in COLOR_PHOTOS:  # lossless: the color file is the source, the gray one its luma
+        rgb = read_image(tmp_path / "color" / f"{name}.png", None)
+        assert np.array_equal(rgb, read_image(skimage_dir() / f"{name}.png", "rgb"))
+        assert np.array_equal(read_image(tmp_path / "gray" / f"{name}.png", None), rgb_to_luma(rgb))
+    assert read_image(tmp_path / "gray" / "camera.png", None).ndim == 2
