@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline.errors import UserError, command
@@ -68,6 +69,17 @@ def above_range(quality: int | None, meta: dict, max_quality: int | None) -> str
         return f"JPEG q{quality} is above --max-quality {max_quality}"
     return (f"JPEG q{quality} is above the q{trained[0]}-{trained[1]} the model was trained on, where it "
             f"would lose detail (--max-quality 100 restores it anyway)")
+
+
+def read_header(path: Path) -> tuple[str, tuple[int, bool] | None] | None:
+    """("gray" or "color", the JPEG quality from its tables or None) from the file's header alone;
+    None where Pillow cannot open it (read_image then says why)."""
+    try:
+        with Image.open(path) as im:
+            kind = "gray" if im.mode == "L" else "color"
+        return kind, jpeg_quality(path)
+    except Exception:  # Pillow raises many types for broken files
+        return None
 
 
 def peak_memory(device: str) -> str:
@@ -156,6 +168,12 @@ def main(argv=None) -> int:
             print(f"skipped {f}: {target} already exists (--overwrite replaces it)", file=sys.stderr)
             failed += 1
             continue
+        header = read_header(f)  # JPEGs above the model's range are left before any decoding
+        why = header and above_range(header[1] and header[1][0], loaded[header[0]][1], args.max_quality)
+        if why:
+            print(f"left {f} as it is: {why}", file=sys.stderr)
+            kept += 1
+            continue
         try:
             img = read_image(f, None, min_size=8)
         except (BadImage, OSError) as exc:
@@ -164,12 +182,7 @@ def main(argv=None) -> int:
             continue
         runner, meta = loaded["color" if img.ndim == 3 else "gray"]
         tiles = tile_count(*img.shape[:2])
-        quality = jpeg_quality(f)  # (q, exact) from the file's tables; None: not a JPEG
-        why = above_range(quality and quality[0], meta, args.max_quality)
-        if why:
-            print(f"left {f} as it is: {why}", file=sys.stderr)
-            kept += 1
-            continue
+        quality = header and header[1]  # (q, exact) from the file's tables; None: not a JPEG
         with tqdm(total=tiles, unit="tile", desc=f.name, leave=False, disable=tiles < 8, file=sys.stderr) as bar:
             restored = restore_array(runner, meta, img, args.self_ensemble, tiles_per_call, bar.update, quality and quality[0])
         atomic_write_bytes(target, png_bytes(restored))
