@@ -17,10 +17,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import atomic_write_bytes, png_bytes, rgb_to_luma
+from data_pipeline.images import atomic_write_bytes, png_bytes, read_image, rgb_to_luma
 from data_pipeline.sources import skimage_dir
 
 COLOR_PHOTOS = ("astronaut", "chelsea", "coffee", "ihc", "motorcycle_left")
@@ -31,7 +30,7 @@ def load(name: str) -> np.ndarray:
     path = skimage_dir() / f"{name}.png"
     if not path.is_file():
         raise UserError(f"{path} is missing: this scikit-image does not ship it")
-    return np.asarray(Image.open(path))
+    return read_image(path, None)
 
 
 def write_testset(out: Path) -> dict[str, list[Path]]:
