@@ -1,6 +1,7 @@
 """A second test set from outside the data root: the lossless natural photos and textures that ship
 inside scikit-image, written as PNG folders that `train.evaluate --dataset` reads. It checks that
-gains measured on LIVE1 hold on images no model was chosen on.
+gains measured on LIVE1 hold on images no shipped model was trained or chosen on (only the
+quick-start demo trains on them).
 
     python -m data_pipeline.skimage_testset outputs/skimage_test
     python -m train.evaluate --dataset outputs/skimage_test/gray
