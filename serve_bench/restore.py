@@ -168,8 +168,8 @@ def main(argv=None) -> int:
             print(f"skipped {f}: {target} already exists (--overwrite replaces it)", file=sys.stderr)
             failed += 1
             continue
-        header = read_header(f)  # JPEGs above the model's range are left before any decoding
-        why = header and above_range(header[1] and header[1][0], loaded[header[0]][1], args.max_quality)
+        kind, quality = read_header(f) or (None, None)  # quality: (q, exact) from the tables; None: not a JPEG
+        why = kind and above_range(quality and quality[0], loaded[kind][1], args.max_quality)  # before decoding
         if why:
             print(f"left {f} as it is: {why}", file=sys.stderr)
             kept += 1
@@ -182,7 +182,6 @@ def main(argv=None) -> int:
             continue
         runner, meta = loaded["color" if img.ndim == 3 else "gray"]
         tiles = tile_count(*img.shape[:2])
-        quality = header and header[1]  # (q, exact) from the file's tables; None: not a JPEG
         with tqdm(total=tiles, unit="tile", desc=f.name, leave=False, disable=tiles < 8, file=sys.stderr) as bar:
             restored = restore_array(runner, meta, img, args.self_ensemble, tiles_per_call, bar.update, quality and quality[0])
         atomic_write_bytes(target, png_bytes(restored))
