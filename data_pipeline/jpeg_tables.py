@@ -22,11 +22,13 @@ def _ijg_luma_tables() -> np.ndarray:
     return np.array(tables, dtype=np.int64)
 
 
-def luma_table(path: Path | str) -> np.ndarray | None:
-    """The file's first (luma) quantization table, 64 values; None for files without one."""
-    with Image.open(path) as im:
-        tables = getattr(im, "quantization", None)
-        return np.array(tables[0], dtype=np.int64) if tables else None
+def luma_table(source: Path | str | Image.Image) -> np.ndarray | None:
+    """The first (luma) quantization table of a file or an opened image, 64 values; None without one."""
+    if not isinstance(source, Image.Image):
+        with Image.open(source) as im:
+            return luma_table(im)
+    tables = getattr(source, "quantization", None)
+    return np.array(tables[0], dtype=np.int64) if tables else None
 
 
 def estimate_quality(table: np.ndarray | None) -> tuple[int, bool] | None:
@@ -38,5 +40,5 @@ def estimate_quality(table: np.ndarray | None) -> tuple[int, bool] | None:
     return q + 1, bool(err[q] == 0)
 
 
-def jpeg_quality(path: Path | str) -> tuple[int, bool] | None:
-    return estimate_quality(luma_table(path))
+def jpeg_quality(source: Path | str | Image.Image) -> tuple[int, bool] | None:
+    return estimate_quality(luma_table(source))

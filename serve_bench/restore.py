@@ -76,8 +76,7 @@ def read_header(path: Path) -> tuple[str, tuple[int, bool] | None] | None:
     None where Pillow cannot open it (read_image then says why)."""
     try:
         with Image.open(path) as im:
-            kind = "gray" if im.mode == "L" else "color"
-        return kind, jpeg_quality(path)
+            return "gray" if im.mode == "L" else "color", jpeg_quality(im)
     except Exception:  # Pillow raises many types for broken files
         return None
 
