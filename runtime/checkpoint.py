@@ -4,6 +4,7 @@ validation metrics; enough to rebuild the model anywhere (export, restore, evalu
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import torch
@@ -30,11 +31,15 @@ def save(obj: dict, path: Path | str) -> None:
 
 def _reason(exc: Exception) -> str:
     text = " ".join(str(exc).split())
-    if "weights_only" in text or "Weights only load failed" in text:
-        return ("it holds objects that a weights-only load refuses (unpickling them could run code); load it only if "
-                "you trust its source, passing weights_only=False to torch.load, and re-save its plain tensors")
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return first
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsafe:
+        return (f"it holds a pickled {unsafe.group(1)}, which a weights-only load refuses (unpickling it could run "
+                "code); load it only if you trust its source, passing weights_only=False to torch.load, and re-save "
+                "its plain tensors")
+    garbage = re.search(r"WeightsUnpickler error: (.+?)(?: Check the documentation|$)", text)
+    if garbage:
+        return f"not a pickle torch can read ({garbage.group(1).strip()})"
+    return text.split(". ")[0] if text else type(exc).__name__
 
 
 def load(path: Path | str, map_location="cpu") -> dict:

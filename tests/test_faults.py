@@ -161,6 +161,15 @@ def test_checkpoint_errors_keep_torchs_trust_warning(tmp_path):
     with pytest.raises(ckpt.CheckpointError) as err:
         ckpt.load_model(path)
     assert "only if you trust its source" in str(err.value) and "\n" not in str(err.value)
+    assert "Payload" in str(err.value)
+
+
+def test_a_garbage_checkpoint_is_not_called_unsafe(tmp_path):
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(b"x")
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load_model(path)
+    assert "not a pickle torch can read" in str(err.value) and "trust" not in str(err.value)
 
 
 @pytest.mark.parametrize("change, message", [
