@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data_pipeline.errors import UserError
 from data_pipeline.images import jpeg_roundtrip, read_image, rgb_to_luma
 from runtime.figures import label_height
 from runtime.inference import SHIPPED_COLOR, SHIPPED_GRAY, Restorer, shipped_model
@@ -89,3 +90,31 @@ def test_figure_shows_every_model_on_two_images(data_root, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "train.figure", str(SHIPPED_GRAY), "--data-root", str(data_root),
                           "--images", "nope", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: no image nope.png in")
+
+
+def test_shipped_files_fit_the_40_mb_cap():
+    for path in (SHIPPED_GRAY, SHIPPED_COLOR):
+        assert path.stat().st_size <= 40e6, path
+
+
+def test_ship_stores_fp16_over_the_cap_and_replaces_only_a_worse_model(photos, tmp_path):
+    from train.ship import ship
+    out = tmp_path / "shipped.pth"
+    report = ship(SHIPPED_GRAY, out, max_mb=5.0)  # the 7.7 MB fp32 gray U-Net
+    assert "fp16 weights" in report and out.stat().st_size < 5e6
+    assert all(v.dtype in (torch.float16, torch.int64) for v in torch.load(out, weights_only=True)["state_dict"].values())
+    gray = rgb_to_luma(photos["coffee"])[:160, :224]
+    jpeg = jpeg_roundtrip(gray, 10)
+    fp32, fp16 = Restorer(SHIPPED_GRAY)(jpeg), Restorer(out)(jpeg)
+    assert psnr(fp32, fp16) > 45 and psnr(gray, fp16) > psnr(gray, jpeg) + 0.5
+
+    with pytest.raises(UserError, match="no better than"):  # same validation PSNR
+        ship(SHIPPED_GRAY, out)
+    with pytest.raises(UserError, match="not comparable"):  # an RGB model validated on RGB
+        ship(SHIPPED_COLOR, out)
+    with pytest.raises(UserError, match="over the 1 MB cap"):
+        ship(SHIPPED_GRAY, out, max_mb=1.0, force=True)
+    assert "7.7 MB" in ship(SHIPPED_GRAY, out, force=True)
+    r = subprocess.run([sys.executable, "-m", "train.ship", str(tmp_path / "missing.pth"), "--out", str(out)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "not found" in r.stderr

@@ -1,0 +1,98 @@
+"""Ship a trained model: a run's best checkpoint becomes the default model of restore and evaluate
+(`image_compression_model.pth` for gray, `image_compression_model_color.pth` for RGB, by the
+checkpoint's mode), weights only and within the size cap: when the fp32 file would be larger, the
+float weights are stored as fp16 (they load back into fp32 models; the output change is reported).
+
+    python -m train.ship runs/unet-gpu/image_compression_model.pth
+
+It replaces the shipped model only when the new one validated better on the same held-out images
+(same dataset, channel mode, qualities and split); --force ships it anyway.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.errors import UserError, command
+from data_pipeline.images import jpeg_roundtrip, rgb_to_luma
+from runtime import checkpoint as ckpt
+from runtime.inference import SHIPPED_COLOR, SHIPPED_GRAY, Restorer
+from runtime.metrics.psnr import psnr
+
+MAX_MB = 40.0
+WEIGHT_KEYS = ("format", "arch", "kwargs", "mode", "channels", "state_dict", "config", "metrics", "step", "mlflow_run_id")
+
+
+def validation_set(blob: dict) -> str:
+    """Which held-out images the checkpoint's validation PSNR comes from."""
+    data = blob.get("config", {}).get("data", {})
+    return ", ".join(f"{k} {data.get(k)}" for k in ("dataset", "mode", "qualities", "val_fraction", "limit", "min_size"))
+
+
+def file_mb(blob: dict) -> float:
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    return buf.tell() / 1e6
+
+
+def fp16_storage(blob: dict) -> dict:
+    state = {k: v.half() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
+    return {**blob, "state_dict": state, "weights_dtype": "float16"}
+
+
+def output_change_db(fp32_file: Path, fp16_file: Path, mode: str) -> float:
+    """PSNR between the two files' restorations of a real photo at q10 (inf: identical)."""
+    import skimage.data
+    photo = skimage.data.astronaut()[:256, :256]
+    photo = rgb_to_luma(photo) if mode == "gray" else photo
+    jpeg = jpeg_roundtrip(photo, 10)
+    a, b = Restorer(fp32_file)(jpeg, 10), Restorer(fp16_file)(jpeg, 10)
+    return float("inf") if np.array_equal(a, b) else psnr(a, b)
+
+
+def ship(source: Path, out: Path | None = None, max_mb: float = MAX_MB, force: bool = False) -> str:
+    ckpt.load_model(source)  # a model checkpoint that rebuilds, or a one-line error
+    blob = {k: v for k, v in ckpt.load(source).items() if k in WEIGHT_KEYS}
+    out = out or (SHIPPED_COLOR if blob["mode"] == "rgb" else SHIPPED_GRAY)
+    new_psnr = blob.get("metrics", {}).get("val_psnr", float("nan"))
+    if out.exists() and not force:
+        old = ckpt.load(out)
+        old_psnr = old.get("metrics", {}).get("val_psnr", float("nan"))
+        if validation_set(old) != validation_set(blob):
+            raise UserError(f"{out} was validated on ({validation_set(old)}), {source} on ({validation_set(blob)}): "
+                            "not comparable; --force to ship anyway")
+        if not new_psnr > old_psnr:
+            raise UserError(f"{source} validated at {new_psnr:.3f} dB, no better than {out} ({old_psnr:.3f} dB); "
+                            "--force to ship anyway")
+    report = f"{source} -> {out}: {blob['arch']} {blob['mode']}, validation PSNR {new_psnr:.3f} dB"
+    size = file_mb(blob)
+    if size > max_mb:
+        half = fp16_storage(blob)
+        if file_mb(half) > max_mb:
+            raise UserError(f"{source}: {size:.1f} MB in fp32, {file_mb(half):.1f} MB in fp16, over the {max_mb:g} MB cap")
+        ckpt.save(half, out)
+        change = output_change_db(source, out, blob["mode"])
+        return f"{report}, fp16 weights ({size:.1f} MB in fp32 is over {max_mb:g}): {file_mb(half):.1f} MB, " \
+               f"output {change:.1f} dB PSNR from the fp32 weights' on a q10 photo"
+    ckpt.save(blob, out)
+    return f"{report}, {size:.1f} MB"
+
+
+@command
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", type=Path, help="a run's image_compression_model.pth")
+    ap.add_argument("--out", type=Path, help="default: the shipped gray or color model of the repository")
+    ap.add_argument("--max-mb", type=float, default=MAX_MB, help="size cap of the shipped file (MB)")
+    ap.add_argument("--force", action="store_true", help="replace the shipped model even when not better on validation")
+    args = ap.parse_args(argv)
+    print(ship(args.checkpoint, args.out, args.max_mb, args.force))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
