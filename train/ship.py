@@ -72,12 +72,13 @@ def ship(source: Path, out: Path | None = None, max_mb: float = MAX_MB, force: b
     size = file_mb(blob)
     if size > max_mb:
         half = fp16_storage(blob)
-        if file_mb(half) > max_mb:
-            raise UserError(f"{source}: {size:.1f} MB in fp32, {file_mb(half):.1f} MB in fp16, over the {max_mb:g} MB cap")
+        half_mb = file_mb(half)
+        if half_mb > max_mb:
+            raise UserError(f"{source}: {size:.1f} MB in fp32, {half_mb:.1f} MB in fp16, over the {max_mb:g} MB cap")
         ckpt.save(half, out)
         change = output_change_db(source, out, blob["mode"])
         same = "the same output as" if change == float("inf") else f"output {change:.1f} dB PSNR from"
-        return f"{report}, fp16 weights ({size:.1f} MB in fp32 is over {max_mb:g}): {file_mb(half):.1f} MB, " \
+        return f"{report}, fp16 weights ({size:.1f} MB in fp32 is over {max_mb:g}): {half_mb:.1f} MB, " \
                f"{same} the fp32 weights' on a q10 photo"
     ckpt.save(blob, out)
     return f"{report}, {size:.1f} MB"
