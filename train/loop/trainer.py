@@ -83,7 +83,7 @@ class Trainer:
         run_id = state = None
         found = load_latest(self.ckpt_dir, self.device) if resume else None
         if resume and found is None:
-            log.info("--resume: no training state in %s, starting from scratch", self.ckpt_dir)
+            log.info("--resume: no training state in %s, starting at step 0", self.ckpt_dir)
         if found is None and cfg.train.init_from:
             self.init_weights(cfg.train.init_from)
         if found is not None:
