@@ -97,8 +97,9 @@ class TrainConfig:
     channels_last: bool = True
     """NHWC memory format (faster convolutions on CPU and tensor cores)."""
     compile: bool = False
-    """torch.compile the training forward (inductor; fixed patch shape, so one compile). Pays on
-    GPUs once the run is longer than the compile (tens of seconds); validation stays eager."""
+    """torch.compile the training forward (inductor; fixed patch shape, so one compile). Pays once
+    the run is longer than the compile: on GPUs, and on CPUs for models of many small ops (the
+    small NAFNet: 1.6x the eager step on a 2-core CPU, after 71 s); validation stays eager."""
     val_every: int = 500
     """Validate every this many steps (and at the end)."""
     ckpt_every: int = 500
