@@ -17,6 +17,7 @@ from .models import build_model, check_kwargs
 
 FORMAT = "jpeg-restore-model/1"
 MODES = {"gray": 1, "rgb": 3}
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # BT.601
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -107,3 +108,23 @@ def load_weights(model: nn.Module, state_dict: dict, path) -> None:
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise CheckpointError(f"{path}: weights do not fit {type(model).__name__} ({' '.join(lines[1:3])})") from None
+
+
+def fold_rgb_to_gray(state_dict: dict, model: nn.Module, path) -> dict:
+    """An RGB model's weights for the same network in gray: the layer reading the 3 input channels
+    reads R = G = B = Y (its kernels summed over them) and the layer writing the 3 output channels
+    writes their BT.601 luma, so the gray model computes the luma of the RGB model's output for a
+    gray image exactly. Any other shape mismatch is an error."""
+    luma, want, folded = torch.tensor(LUMA_WEIGHTS), model.state_dict(), {}
+    for key, value in state_dict.items():
+        target = want.get(key)
+        if target is None or target.shape == value.shape:
+            folded[key] = value
+        elif value.dim() >= 2 and value.shape[1] == 3 and target.shape == (value.shape[0], 1, *value.shape[2:]):
+            folded[key] = value.sum(1, keepdim=True)
+        elif value.shape[0] == 3 and target.shape == (1, *value.shape[1:]):
+            folded[key] = torch.tensordot(luma.to(value), value, dims=1)[None]
+        else:
+            raise CheckpointError(f"{path}: cannot fold the RGB weights into gray: {key} is {tuple(value.shape)}, "
+                                  f"the gray model wants {tuple(target.shape)}")
+    return folded

@@ -112,3 +112,26 @@ def test_a_quality_plane_is_an_extra_input_and_the_output_keeps_the_image_channe
     with torch.no_grad():
         a, b = net(x), net(torch.cat([x[:, :3], torch.zeros_like(x[:, 3:])], 1))
     assert a.shape == (2, 3, 24, 40) and not torch.allclose(a, b)  # the plane reaches the output
+
+
+@pytest.mark.parametrize("arch", architectures())
+def test_an_rgb_model_folds_into_the_gray_model_that_restores_its_luma(arch):
+    """train.init_from of an RGB model in a gray run: the gray network computes, for a gray image,
+    the BT.601 luma of what the RGB network makes of that image (R = G = B)."""
+    from runtime.checkpoint import CheckpointError, fold_rgb_to_gray
+
+    torch.manual_seed(0)
+    rgb, gray = (build_model(arch, channels=c, **TINY[arch]).eval() for c in (3, 1))
+    with torch.no_grad():
+        for p in rgb.parameters():  # leave the zero-initialised last layers' identity start
+            p.add_(0.05 * torch.randn_like(p))
+    try:
+        gray.load_state_dict(fold_rgb_to_gray(rgb.state_dict(), gray, "rgb.pth"))
+    except CheckpointError as exc:
+        assert arch == "autoencoder" and "cannot fold" in str(exc)  # dense layers over flattened tiles
+        return
+    y = torch.rand(2, 1, 32, 48)
+    with torch.no_grad():
+        expected = torch.tensordot(torch.tensor([0.299, 0.587, 0.114]), rgb(y.expand(-1, 3, -1, -1)), dims=([0], [1]))
+        assert torch.allclose(gray(y)[:, 0], expected, atol=1e-5)
+        assert not torch.allclose(gray(y), y, atol=1e-3)  # the check is not the identity's

@@ -114,7 +114,8 @@ class TrainConfig:
     """A rank that waits longer than this on the others fails the job instead of hanging."""
     init_from: str = ""
     """A model checkpoint whose weights start this run (an earlier run's best model: same arch,
-    kwargs and mode); the optimizer and schedule start fresh. Ignored when --resume finds a state."""
+    kwargs and mode, or an RGB model for a gray run: its first and last layers are folded to luma);
+    the optimizer and schedule start fresh. Ignored when --resume finds a state."""
 
     def __post_init__(self):
         _choice("train.loss", self.loss, tuple(LOSSES))

@@ -223,15 +223,19 @@ class Trainer:
         self.history = {**self.history, **state["history"]}
 
     def init_weights(self, path: str) -> None:
-        """Start from the weights of a model checkpoint of the same architecture."""
+        """Start from the weights of a model checkpoint of the same architecture (a gray run may
+        start from an RGB model: its first and last layers are folded to luma)."""
         blob = ckpt.load(path, self.device)
         want = (self.cfg.model.arch, dict(self.cfg.model.kwargs), self.cfg.data.mode)
         have = (blob.get("arch"), blob.get("kwargs"), blob.get("mode"))
-        if want != have or "state_dict" not in blob:
+        from_rgb = have == (*want[:2], "rgb") and want[2] == "gray"
+        if (want != have and not from_rgb) or "state_dict" not in blob:
             raise ckpt.CheckpointError(f"train.init_from {path} holds a {have[0]} {have[2]} model {have[1]}, "
                                        f"the config asks for {want[0]} {want[2]} {want[1]}")
-        ckpt.load_weights(self.model, blob["state_dict"], path)
-        log.info("initialised the weights from %s (step %s of its run)", path, blob.get("step"))
+        state = ckpt.fold_rgb_to_gray(blob["state_dict"], self.model, path) if from_rgb else blob["state_dict"]
+        ckpt.load_weights(self.model, state, path)
+        log.info("initialised the weights from %s (step %s of its run%s)", path, blob.get("step"),
+                 "; RGB folded to luma" if from_rgb else "")
 
     def save_state(self) -> None:
         rng = gather_objects(torch.get_rng_state(), self.info)  # every rank's generator
