@@ -188,3 +188,24 @@ def test_compiled_training_steps_and_saves_plain_weights(tmp_path):
     assert trainer.step == 3 and all(math.isfinite(v) for v in trainer.history["loss"])
     state = torch.load(latest_state(tmp_path / "checkpoints"), weights_only=True, map_location="cpu")
     assert not any(k.startswith("_orig_mod") for k in state["model"])
+
+
+def test_a_gray_run_starts_from_an_rgb_model_folded_to_luma_and_not_the_reverse(tmp_path):
+    from train.loop.distributed import DistInfo
+    from train.loop.trainer import Trainer
+
+    kwargs = {"width": 4, "levels": 1}
+    rgb = build_model("unet", channels=3, **kwargs)
+    ckpt.save(ckpt.model_checkpoint(rgb, "unet", kwargs, "rgb", {}, {}, 7), tmp_path / "rgb.pth")
+    base = ["model.arch=unet", "model.kwargs={width = 4, levels = 1}", "data.backend=synthetic", "data.patch_size=16",
+            "tracking.enabled=false"]
+    cpu = DistInfo(0, 0, 1, torch.device("cpu"))
+    trainer = Trainer(load_config(None, [*base, "data.mode=gray", f"train.init_from={tmp_path / 'rgb.pth'}"]), tmp_path / "gray", cpu)
+    try:
+        folded = ckpt.fold_rgb_to_gray(rgb.state_dict(), trainer.model, "rgb.pth")
+        assert all(torch.equal(v, folded[k]) for k, v in trainer.model.state_dict().items())
+    finally:
+        trainer.close()
+    ckpt.save(ckpt.model_checkpoint(trainer.model, "unet", kwargs, "gray", {}, {}, 0), tmp_path / "gray.pth")
+    with pytest.raises(ckpt.CheckpointError, match="holds a unet gray model"):
+        Trainer(load_config(None, [*base, "data.mode=rgb", f"train.init_from={tmp_path / 'gray.pth'}"]), tmp_path / "rgb", cpu)
