@@ -41,21 +41,25 @@ SHAPES = ((32, 64), (64, 128))  # (batch, patch)
 DATASETS = {"gray": "train400", "rgb": "train_color"}
 
 
-def variants(workers: int = 2) -> list[tuple[str, int]]:
-    """(backend, workers) for every available backend; the torch backend with 1 and `workers` workers."""
+def variants(workers: int = 2, only: list[str] | None = None) -> list[tuple[str, int]]:
+    """(backend, workers) for every available backend (or those of `only`); the torch backend with 1
+    and `workers` workers."""
+    unknown = set(only or ()) - set(backends())
+    if unknown:
+        raise ValueError(f"unknown loader backend(s) {', '.join(sorted(unknown))}: choose from {', '.join(backends())}")
     out = []
     for name, cls in backends().items():
-        if cls.unavailable() is None:
+        if cls.unavailable() is None and (only is None or name in only):
             torch_workers = sorted({1, workers})
             out += [(name, w) for w in (torch_workers if name == "torch" else (workers,) if name == "dali" else (0,))]
     return out
 
 
 def measure(prepared: Path, batches: int, device: torch.device, shapes=SHAPES, workers: int = 2, mode: str = "gray",
-            qualities=(10, 20, 30, 40)) -> list[dict]:
+            qualities=(10, 20, 30, 40), only: list[str] | None = None) -> list[dict]:
     rows = []
     for batch, patch in shapes:
-        for backend, w in variants(workers):
+        for backend, w in variants(workers, only):
             cfg = DataConfig(backend=backend, prepared_dir=str(prepared), mode=mode, patch_size=patch, batch_size=batch,
                              workers=w, qualities=list(qualities))
             rows.append({"backend": backend, "workers": w, "mode": mode, "batch": batch, "patch": patch,
@@ -77,6 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="gray", help="gray (Train400) and/or rgb (train_color), comma-separated")
     ap.add_argument("--workers", type=int, default=2, help="torch workers / DALI threads (the torch backend also runs with 1)")
     ap.add_argument("--batches", type=int, default=40)
+    ap.add_argument("--backends", help="comma-separated backends to measure (default: every available one)")
     ap.add_argument("--json", type=Path, default=Path("outputs/loader_bench.json"))
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
@@ -84,7 +89,9 @@ def main(argv=None) -> int:
         raise ValueError(f"--modes takes {', '.join(DATASETS)}, got {args.modes!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    rows = [r for mode in modes for r in measure(prepare_dataset(args.data_root, mode), args.batches, device, workers=args.workers, mode=mode)]
+    only = args.backends.split(",") if args.backends else None
+    rows = [r for mode in modes for r in measure(prepare_dataset(args.data_root, mode), args.batches, device, workers=args.workers,
+                                                 mode=mode, only=only)]
     print(f"{name} ({device}), {os.cpu_count()} cores, torch {torch.__version__}, q10-40")
     print(f"{'backend':<12} {'workers':>7} {'mode':>5} {'batch':>5} {'patch':>5} {'patches/s':>10}")
     for r in rows:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call of the lent GPU machine: bash scripts/gpu/call.sh "STEP ARGS" ["STEP ARGS" ...]
 # Steps (scripts/gpu/README.md has the call sequence): env, loaders, e2e [compile], archs,
-# install-dali, install-ort, dali, train NAME MINUTES CONFIG [--set k=v ...], eval NAME, latency [NAME] [SHAPES], pack NAME.
+# install-dali, install-ort, dali, dali-loaders, train NAME MINUTES CONFIG [--set k=v ...],
+# bgtrain NAME SECONDS CONFIG [--set k=v ...], progress, waittrain, eval NAME, latency [NAME] [SHAPES], pack NAME.
 # Runs, results and installed wheels live under $WORK (/tmp/jr), which stays while the machine is
 # warm (30 s after a call); carried data and wheel parts stay in .gpu/. Every call ends by packing
 # $WORK/results (JSON, tables) into $OUT. GPU_DRY_RUN=1 rehearses every step on a CPU with tiny settings.
@@ -37,10 +38,15 @@ step_loaders() {  # every backend's patches/s beside the U-Net w64/l3 training s
     $PY -m train.benchmark --loaders --modes $modes --arch unet --kwargs "$KW" --workers $WORKERS \
         --data-root "$DATA" --json "$WORK/results/loaders$(has_dali && echo _dali).json"
 }
-step_e2e() {  # Trainer on BSDS luma against the bare loop, U-Net w64/l3, batch 64 x 128^2
+step_dali-loaders() {  # the dali backend alone (after install-dali; the other backends ran in `loaders`)
+    $PY -m data_pipeline.benchmark --backends dali --modes gray,rgb --workers $WORKERS --data-root "$DATA" \
+        --json "$WORK/results/loaders_dali_only.json"
+}
+step_e2e() {  # [compile] [BACKENDS]: Trainer on BSDS luma against the bare loop, U-Net w64/l3, batch 64 x 128^2
     local backends=resident,torch extra=() name=e2e
     has_dali && backends=resident,dali,torch
-    [ "${1:-}" = compile ] && extra=(--compile) && name=e2e_compile
+    [ "${1:-}" = compile ] && extra=(--compile) && name=e2e_compile && shift
+    [ -n "${1:-}" ] && backends=$1 && name=${name}_${1//,/_}
     $PY -m train.benchmark --end-to-end --arch unet --kwargs "$KW" --batch $BATCH --patch $PATCH --steps $STEPS \
         --dataset train_color --backends $backends --workers $WORKERS --data-root "$DATA" "${extra[@]}" \
         --json "$WORK/results/$name.json"
@@ -48,9 +54,8 @@ step_e2e() {  # Trainer on BSDS luma against the bare loop, U-Net w64/l3, batch 
 step_archs() {  # every architecture's bare training step and MFU at the training shape
     $PY -m train.benchmark --steps $((STEPS / 2 + 2)) --batch $BATCH --patch $PATCH --json "$WORK/results/archs.json"
 }
-step_install-dali() {
-    cat .gpu/parts/dali.tar.* | tar xf - -C /tmp || return 1
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/wheels/*.whl || return 1
+step_install-dali() {  # the unpacked DALI wheels (stage.sh), xz parts carried one per call
+    mkdir -p /tmp/site && cat .gpu/parts/dalisite.txz.* | xz -dc -T0 | tar xf - -C /tmp/site || return 1
     export PYTHONPATH=/tmp/site:$PWD
     $PY -c "import nvidia.dali as d; print('DALI', d.__version__)"
 }
@@ -72,6 +77,27 @@ step_train() {  # NAME MINUTES CONFIG [--set k=v ...]: resumes NAME; SIGTERM at 
     local rc=$?; [ $rc = 124 ] && rc=0  # stopped by the time limit, state saved
     return $rc
 }
+step_bgtrain() {  # NAME SECONDS CONFIG [--set k=v ...]: in the background, max_steps fitted to SECONDS less a
+                 # minute for data preparation and compiling; later calls' steps run while it trains
+    local name=$1 seconds=$2 config=$3; shift 3
+    local steps; steps=$($PY scripts/gpu/steps_for.py $((seconds - 60)) "$config" "$@" "${TRAIN_LIMIT[@]}" \
+        --json "$WORK/results/steps_for_$name.json" | tee /dev/stderr | tail -1) || return 1
+    [ "${GPU_DRY_RUN:-0}" = 1 ] && steps=6
+    setsid bash -c "timeout -s TERM -k 120 $seconds $PY train/main.py --config $config --data-root $DATA \
+        --out $WORK/runs/$name --resume --set tracking.offline=true --set tracking.run_name=$name $* ${TRAIN_LIMIT[*]} \
+        --set train.max_steps=$steps > $WORK/results/train_$name.log 2>&1; echo \$? > $WORK/results/train_$name.rc" \
+        < /dev/null > /dev/null 2>&1 &  # its own session: it outlives this call
+    log "training $name in the background: $steps steps, at most $seconds s (log: results/train_$name.log)"
+}
+step_progress() {  # the carried parts and the background training's last lines
+    du -sh .gpu/parts/* 2>/dev/null
+    tail -n 2 "$WORK"/results/train_*.log 2>/dev/null
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null || true
+}
+step_waittrain() {  # until the background training has ended (its own timeout bounds it)
+    while pgrep -f "train/main.py" > /dev/null; do sleep 5; done
+    tail -n 4 "$WORK"/results/train_*.log
+}
 step_eval() {  # LIVE1 (the test set) of a run's best checkpoint, gray or color by its mode
     local ckpt="$WORK/runs/$1/image_compression_model.pth" set=live1_gray
     $PY -c "import torch,sys; sys.exit(torch.load('$ckpt', weights_only=True)['mode'] != 'rgb')" && set=live1_color
@@ -81,7 +107,7 @@ step_eval() {  # LIVE1 (the test set) of a run's best checkpoint, gray or color 
 step_latency() {  # [NAME|shipped] [SHAPES]: every runner; AOTInductor and torch.compile compile per shape
     local ckpt=image_compression_model.pth
     [ -n "${1:-}" ] && [ "$1" != shipped ] && ckpt="$WORK/runs/$1/image_compression_model.pth"
-    $PY export/to_trt.py --checkpoint "$ckpt" --out "$WORK/deploy" --data-root "$DATA" --no-mlflow --shapes "${2:-$SHAPES}" \
+    timeout -k 10 "${LATENCY_LIMIT:-300}" $PY export/to_trt.py --checkpoint "$ckpt" --out "$WORK/deploy" --data-root "$DATA" --no-mlflow --shapes "${2:-$SHAPES}" \
         && cp "$WORK"/deploy/latency.* "$WORK/results/"
 }
 step_pack() {  # a run without its training states and prepared data, in 15 MiB parts: cat NAME.tgz.* | tar xzf - (here)

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 DATA=${1:-../shared/data}
-PART_MB=${PART_MB:-44}  # the checkout itself travels too (~17 MB): 64 MiB a call in all
+PART_MB=${PART_MB:-40}  # the checkout itself travels too (~22 MB): 64 MiB a call in all
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 mkdir -p .gpu/data .gpu/wheels .gpu/parts
 for d in train400 live1_gray train_color live1_color; do
@@ -16,8 +16,13 @@ WHEELS="nvidia-dali-cuda130==2.4.0 nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-libnv
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .gpu/wheels $WHEELS 2>&1 | grep -v "^WARNING: Location" || true
-if [ ! -e .gpu/parts/dali.tar.00 ]; then
-    tar cf - -C .gpu wheels | split -d -b "${PART_MB}M" - .gpu/parts/dali.tar.
+if [ ! -e .gpu/parts/dalisite.txz.00 ]; then  # the wheels unpacked (installing a wheel is unzipping it), without
+    site=$(mktemp -d)                          # other Pythons' extension modules, headers and tools: 160 MiB in xz, 4 parts
+    for w in .gpu/wheels/*.whl; do unzip -q -o "$w" -d "$site"; done
+    find "$site" -name '*cpython-3*.so' ! -name '*cpython-312-*' -delete
+    rm -rf "$site"/nvidia/dali/include "$site"/nvidia/libnvcomp/bin "$site"/nvidia/libnvcomp/include "$site"/nvidia/nvimgcodec/include
+    tar cf - -C "$site" . | xz -9e -T0 > .gpu/dalisite.txz
+    split -d -b "${PART_MB}M" .gpu/dalisite.txz .gpu/parts/dalisite.txz. && rm -rf "$site" .gpu/dalisite.txz .gpu/parts/dali.tar.*
 fi
 if [ "${ORT_GPU:-0}" = 1 ] && [ ! -e .gpu/parts/ortgpu.tar.00 ]; then  # onnxruntime-gpu (CUDA 13 build), 256 MB
     mkdir -p .gpu/wheels-ort
