@@ -186,6 +186,15 @@ def test_loader_benchmark_measures_every_available_backend(tiles_prepared):
     assert all(r["patches_per_s"] > 0 and (r["batch"], r["patch"], r["mode"]) == (8, 32, "gray") for r in rows)
 
 
+def test_loader_benchmark_measures_only_the_backends_asked_for(tiles_prepared):
+    from data_pipeline import benchmark
+
+    rows = benchmark.measure(tiles_prepared, 2, torch.device("cpu"), shapes=((8, 32),), workers=2, qualities=[10], only=["resident"])
+    assert [(r["backend"], r["workers"]) for r in rows] == [("resident", 0)]
+    with pytest.raises(ValueError, match="unknown loader backend.*nvjpeg"):
+        benchmark.variants(2, ["resident", "nvjpeg"])
+
+
 @needs_dali
 @pytest.mark.parametrize("mode", ["gray", "rgb"])
 def test_dali_cpu_decodes_and_distorts_like_pillow(photo_pair, mode):

@@ -3,15 +3,19 @@
 # Steps (scripts/gpu/README.md has the call sequence): env, loaders, e2e [compile], archs,
 # install-dali, install-ort, dali, dali-loaders, train NAME MINUTES CONFIG [--set k=v ...],
 # bgtrain NAME SECONDS CONFIG [--set k=v ...], progress, waittrain, eval NAME, latency [NAME] [SHAPES], pack NAME.
-# Runs, results and installed wheels live under $WORK (/tmp/jr), which stays while the machine is
-# warm (30 s after a call); carried data and wheel parts stay in .gpu/. Every call ends by packing
+# Runs, results, installed wheels, and the data and wheel parts carried in .gpu/ (gone there at the
+# next call: copied to $WORK first) live under $WORK (/tmp/jr), which stays while the machine is
+# warm (30 s after a call). Every call ends by packing
 # $WORK/results (JSON, tables) into $OUT. GPU_DRY_RUN=1 rehearses every step on a CPU with tiny settings.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:?set by the device tool: results come back from there}
 WORK=${GPU_WORK:-/tmp/jr}
-DATA=$PWD/.gpu/data
-mkdir -p "$WORK/runs" "$WORK/results" "$OUT"
+DATA=$WORK/data
+mkdir -p "$WORK/runs" "$WORK/results" "$WORK/data" "$WORK/parts" "$OUT"
+# A call's carried paths are gone in the next call: keep what this one carried under $WORK
+[ -d .gpu/data ] && cp -rn .gpu/data/. "$DATA/" 2>/dev/null  # -n: never overwrite
+[ -d .gpu/parts ] && cp -n .gpu/parts/* "$WORK/parts/" 2>/dev/null
 exec > >(tee -a "$OUT/log") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PWD
@@ -55,20 +59,19 @@ step_archs() {  # every architecture's bare training step and MFU at the trainin
     $PY -m train.benchmark --steps $((STEPS / 2 + 2)) --batch $BATCH --patch $PATCH --json "$WORK/results/archs.json"
 }
 step_install-dali() {  # the unpacked DALI wheels (stage.sh), xz parts carried one per call
-    mkdir -p /tmp/site && cat .gpu/parts/dalisite.txz.* | xz -dc -T0 | tar xf - -C /tmp/site || return 1
+    mkdir -p /tmp/site && cat "$WORK"/parts/dalisite.txz.* | xz -dc -T0 | tar xf - -C /tmp/site || return 1
     export PYTHONPATH=/tmp/site:$PWD
     $PY -c "import nvidia.dali as d; print('DALI', d.__version__)"
 }
-step_install-ort() {  # onnxruntime-gpu over the image's CPU onnxruntime (first on PYTHONPATH)
-    cat .gpu/parts/ortgpu.tar.* | tar xf - -C /tmp || return 1
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/wheels-ort/*.whl || return 1
+step_install-ort() {  # onnxruntime-gpu, unpacked (stage.sh), ahead of the image's CPU onnxruntime on PYTHONPATH
+    mkdir -p /tmp/site && cat "$WORK"/parts/ortsite.txz.* | xz -dc -T0 | tar xf - -C /tmp/site || return 1
     export PYTHONPATH=/tmp/site:$PWD
     $PY -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
 }
 step_dali() {  # nvJPEG and the GPU JPEG imitation against Pillow/libjpeg, gray and color
     $PY -m data_pipeline.decoder_check --data-root "$DATA" --dataset live1_gray --device $DEVICE --json "$WORK/results/decoder_gray.json"
-    [ -d "$DATA/live1_color" ] && $PY -m data_pipeline.decoder_check --data-root "$DATA" --dataset live1_color \
-        --device $DEVICE --json "$WORK/results/decoder_color.json"
+    [ ! -d "$DATA/live1_color" ] && log "no live1_color carried: gray only" && return 0
+    $PY -m data_pipeline.decoder_check --data-root "$DATA" --dataset live1_color --device $DEVICE --json "$WORK/results/decoder_color.json"
 }
 step_train() {  # NAME MINUTES CONFIG [--set k=v ...]: resumes NAME; SIGTERM at MINUTES saves the state
     local name=$1 minutes=$2 config=$3; shift 3
@@ -90,7 +93,7 @@ step_bgtrain() {  # NAME SECONDS CONFIG [--set k=v ...]: in the background, max_
     log "training $name in the background: $steps steps, at most $seconds s (log: results/train_$name.log)"
 }
 step_progress() {  # the carried parts and the background training's last lines
-    du -sh .gpu/parts/* 2>/dev/null
+    du -sh "$WORK"/parts/* "$DATA"/* 2>/dev/null
     tail -n 2 "$WORK"/results/train_*.log 2>/dev/null
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null || true
 }

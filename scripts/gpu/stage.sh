@@ -24,11 +24,14 @@ if [ ! -e .gpu/parts/dalisite.txz.00 ]; then  # the wheels unpacked (installing 
     tar cf - -C "$site" . | xz -9e -T0 > .gpu/dalisite.txz
     split -d -b "${PART_MB}M" .gpu/dalisite.txz .gpu/parts/dalisite.txz. && rm -rf "$site" .gpu/dalisite.txz .gpu/parts/dali.tar.*
 fi
-if [ "${ORT_GPU:-0}" = 1 ] && [ ! -e .gpu/parts/ortgpu.tar.00 ]; then  # onnxruntime-gpu (CUDA 13 build), 256 MB
+if [ "${ORT_GPU:-0}" = 1 ] && [ ! -e .gpu/parts/ortsite.txz.00 ]; then  # onnxruntime-gpu (CUDA 13 build), unpacked
     mkdir -p .gpu/wheels-ort
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 -d .gpu/wheels-ort onnxruntime-gpu==1.31.1 2>&1 | grep -v "^WARNING: Location" || true
-    tar cf - -C .gpu wheels-ort | split -d -b "${PART_MB}M" - .gpu/parts/ortgpu.tar.
+    site=$(mktemp -d)
+    unzip -q -o .gpu/wheels-ort/onnxruntime_gpu-*.whl -d "$site"
+    tar cf - -C "$site" . | xz -9e -T0 > .gpu/ortsite.txz
+    split -d -b "${PART_MB}M" .gpu/ortsite.txz .gpu/parts/ortsite.txz. && rm -rf "$site" .gpu/ortsite.txz
 fi
 du -sh .gpu/data/* .gpu/parts/* | sed 's/^/  /'
 echo "staged; carry one line of scripts/gpu/README.md per call"
