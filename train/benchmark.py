@@ -75,7 +75,8 @@ def _synthetic_overrides(arch: str, steps: int, precision: str) -> list[str]:
 
 def trainer_rate(arch: str, steps: int, device: torch.device, out: Path, precision: str, extra: list[str] = (),
                  data_root: str | None = None) -> float:
-    """Patches/s of Trainer.fit: mean of its logged windows after the first (warm-up) one."""
+    """Patches/s of Trainer.fit over its logged windows after the first (warm-up) one: their harmonic
+    mean, the aggregate rate of equal-step windows (the arithmetic mean overstates it)."""
     cfg = load_config(None, _synthetic_overrides(arch, steps, precision) + list(extra))
     trainer = Trainer(cfg, out, DistInfo(0, 0, 1, device), data_root=data_root)
     try:
@@ -83,7 +84,7 @@ def trainer_rate(arch: str, steps: int, device: torch.device, out: Path, precisi
     finally:
         trainer.close()
     rates = trainer.history["images_per_s"][1:]
-    return sum(rates) / len(rates)
+    return len(rates) / sum(1 / r for r in rates)
 
 
 def processes_rate(arch: str, steps: int, nproc: int, out: Path, precision: str) -> float:
