@@ -126,7 +126,7 @@ def _final_weights(out: Path) -> dict:
 def test_sigterm_then_resume_matches_an_uninterrupted_run(tiles_dir, tmp_path):
     env = env_for(tmp_path)
     args = [sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "train.max_steps=12", "--set", "train.ckpt_every=100",
-            "--set", "train.val_every=12"]  # validation does not touch the weights: once, at the end
+            "--set", "train.val_every=4"]  # validation does not touch the weights
     ref = run(args + ["--out", str(tmp_path / "ref")], env)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
@@ -142,6 +142,11 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tiles_dir, tmp_path):
     stopped = int(latest_state(tmp_path / "cut" / "checkpoints").stem.split("_")[1])
     assert 4 <= stopped < 12, "".join(lines)[-2000:]
     assert any("stopped by SIGTERM" in line for line in lines)
+    # the stopped run (a time-boxed GPU chunk) already holds its best model and curves
+    run_id = torch.load(tmp_path / "cut" / "image_compression_model.pth", weights_only=True)["mlflow_run_id"]
+    r = mlflow_run(env, run_id)
+    assert r.info.status == "KILLED" and r.data.tags["stopped_at_step"] == str(stopped)
+    assert {"image_compression_model.pth", "curves.png"} <= {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
 
     resumed = run(args + ["--out", str(tmp_path / "cut"), "--resume"], env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -152,7 +157,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tiles_dir, tmp_path):
     for k in ref_w:
         assert torch.equal(ref_w[k], cut_w[k]), k
     # one MLflow run, stopped then finished
-    run_id = torch.load(tmp_path / "cut" / "image_compression_model.pth", weights_only=True)["mlflow_run_id"]
+    assert torch.load(tmp_path / "cut" / "image_compression_model.pth", weights_only=True)["mlflow_run_id"] == run_id
     r = mlflow_run(env, run_id)
     assert r.info.status == "FINISHED" and r.data.tags["stopped_by"] == "SIGTERM"
 

@@ -294,10 +294,12 @@ class Trainer:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.wall_time, self.session_start = self.elapsed(), None
         progress.close()
-        if stopped:
+        if stopped and self.step < t.max_steps:  # a stop on the last step is a finished run
             self.save_state()
             log.warning("stopped by %s at step %d; resume with --resume", self.stop_signal, self.step)
-            self.tracker.set_tags({"stopped_by": self.stop_signal, "stopped_at_step": self.step})
+            if self.info.is_main:  # a time-boxed chunk (GPU calls) keeps its best model and curves in the run
+                self.tracker.set_tags({"stopped_by": self.stop_signal, "stopped_at_step": self.step})
+                self._log_outputs()
             return
         if self.step % t.ckpt_every:
             self.save_state()
@@ -370,15 +372,19 @@ class Trainer:
         if self.info.is_main:
             self.tracker.log_metrics({"total_wall_time_s": self.wall_time, "best_val_psnr": self.best_psnr}, self.step)
             self.tracker.set_tags({"weights_in_sync": str(in_sync).lower(), "best_checkpoint": str(self.best_path)})
-            for path, where in ((self.best_path, None), (self.out / "curves.png", None), (self.out / "val_images", None)):
-                if path.is_dir():
-                    for p in sorted(path.iterdir()):
-                        self.tracker.log_artifact(p, "val_images")
-                else:
-                    self.tracker.log_artifact(path, where)
+            self._log_outputs()
             log.info("done: %d steps in %.0f s, best validation PSNR %.3f dB, weights in sync on %d ranks -> %s",
                      self.step, self.wall_time, self.best_psnr, self.info.world_size, self.best_path)
         self.finished = True
+
+    def _log_outputs(self) -> None:
+        """The best checkpoint, the curves and the validation images as artifacts of the MLflow run."""
+        for path in (self.best_path, self.out / "curves.png"):
+            if path.is_file():
+                self.tracker.log_artifact(path)
+        if (self.out / "val_images").is_dir():
+            for p in sorted((self.out / "val_images").iterdir()):
+                self.tracker.log_artifact(p, "val_images")
 
     def close(self) -> None:
         """Ends the MLflow run: FINISHED after a complete run, KILLED when stopped, FAILED on error."""
