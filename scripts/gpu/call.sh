@@ -22,7 +22,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 PY=python3
 if [ "${GPU_DRY_RUN:-0}" = 1 ]; then
     KW="{width = 8, levels = 2}"; WORKERS=2; BATCH=8; PATCH=32; STEPS=4; DEVICE=cpu
-    TRAIN_LIMIT=(--set train.max_steps=6 --set train.val_every=3 --set train.ckpt_every=3 --set data.limit=12)
+    TRAIN_LIMIT=(--set train.max_steps=6 --set train.val_every=3 --set train.ckpt_every=3 --set data.limit=12
+                 --set data.batch_size=8 --set data.patch_size=32 --set model.kwargs.width=8)
     SHAPES=64x64x1,64x64x2
 else
     KW="{width = 64, levels = 3}"; WORKERS=14; BATCH=64; PATCH=128; STEPS=50; DEVICE=cuda
