@@ -1,5 +1,5 @@
-"""How many training steps of a config fit in SECONDS on this device: the compiled bare loop's rate
-(also its MFU against the measured matmul peak), less a margin for the Trainer's validation and
+"""How many training steps of a config fit in SECONDS on this device: the bare loop's rate (compiled
+when the config compiles; also its MFU against the measured matmul peak), less a margin for the Trainer's validation and
 checkpoints. Prints one integer on the last line, for --set train.max_steps, so the cosine schedule
 ends inside the time box instead of being cut off at a high learning rate.
 
