@@ -38,6 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 BATCH, PATCH = 32, 64
 
 
+def training_tflops(patches_per_s: float, patch: int, macs_per_pixel: float) -> float:
+    """Achieved TFLOP/s of a training step: forward + backward count 6 FLOP per MAC."""
+    return patches_per_s * patch**2 * 6 * macs_per_pixel / 1e12
+
+
 def bare_loop_rate(arch: str, steps: int, device: torch.device, batch: int = BATCH, patch: int = PATCH,
                    kwargs: dict | None = None, precision: str = "auto", compile: bool = False, channels: int = 1) -> float:
     """Patches/s of the minimal loop: forward under autocast (`precision`), L1, backward, AdamW step
@@ -194,7 +199,7 @@ def main(argv=None) -> int:
         row = {"arch": arch, "params": sum(p.numel() for p in model.parameters()),
                "macs_per_pixel": macs_per_pixel(model, 1),
                "bare_patches_per_s": bare_loop_rate(arch, args.steps, device, args.batch, args.patch, precision=precision)}
-        row["tflops"] = row["bare_patches_per_s"] * args.patch**2 * 6 * row["macs_per_pixel"] / 1e12  # fwd + bwd: 6 FLOP/MAC
+        row["tflops"] = training_tflops(row["bare_patches_per_s"], args.patch, row["macs_per_pixel"])
         row["mfu"] = row["tflops"] * 1e12 / peak
         archs.append(row)
         print(f"{arch:<12} {row['params'] / 1e6:7.3f} M params {row['macs_per_pixel'] / 1e3:8.1f} k MACs/px "

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from runtime.device import matmul_peak, resolve_precision  # noqa: E402
 from runtime.models import build_model, macs_per_pixel  # noqa: E402
-from train.benchmark import bare_loop_rate  # noqa: E402
+from train.benchmark import bare_loop_rate, training_tflops  # noqa: E402
 from train.loop.config import load_config  # noqa: E402
 
 MARGIN = 0.85  # the Trainer's share of the bare rate, with validation and checkpoints
@@ -38,7 +38,7 @@ def main() -> int:
     batch, patch = cfg.data.batch_size, cfg.data.patch_size
     rate = bare_loop_rate(cfg.model.arch, 30, device, batch, patch, cfg.model.kwargs, precision, cfg.train.compile, channels)
     macs = macs_per_pixel(build_model(cfg.model.arch, channels=channels, **cfg.model.kwargs), channels)
-    tflops = rate * patch**2 * 6 * macs / 1e12  # forward + backward: 6 FLOP per MAC
+    tflops = training_tflops(rate, patch, macs)
     peak = matmul_peak(str(device))["bf16" if precision in ("bf16", "fp16") else "fp32"] / 1e3
     steps = int(args.seconds * MARGIN * rate / batch)
     row = {"arch": cfg.model.arch, "kwargs": cfg.model.kwargs, "mode": cfg.data.mode, "batch": batch, "patch": patch,
