@@ -172,6 +172,22 @@ def test_fp16_with_grad_scaler_runs_and_saves_scaler_state(tiles_dir, tmp_path):
     assert state["scaler"]["scale"] > 0 and state["step"] == 6
 
 
+def test_a_time_budget_fits_the_step_count_so_the_schedule_ends_with_the_time(tiles_dir, tmp_path):
+    env, out = env_for(tmp_path), tmp_path / "out"
+    budget = ["--set", "train.time_budget_s=4", "--set", "train.max_steps=100000", "--set", "train.log_every=2",
+              "--set", "train.val_every=100000", "--set", "train.ckpt_every=100000", "--set", "tracking.enabled=false",
+              "--set", "schedule.warmup_steps=4"]
+    proc = run([sys.executable, MAIN, *smoke_args(tiles_dir), *budget, "--out", str(out)], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(latest_state(out / "checkpoints"), weights_only=True)
+    assert 10 < state["step"] == state["max_steps"] < 100000, (state["step"], state["max_steps"])
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-6)  # the cosine ran to its end
+    assert state["wall_time"] < 4 + 20  # the budget, the final validation and a loaded CI machine's slack
+    again = run([sys.executable, MAIN, *smoke_args(tiles_dir), *budget, "--resume", "--out", str(out)], env)
+    assert again.returncode == 0 and f"at step {state['step']}" in again.stderr, again.stderr[-2000:]
+    assert torch.load(latest_state(out / "checkpoints"), weights_only=True)["step"] == state["step"]  # nothing left to do
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--set", "train.bogus=1"], "unknown config key train.bogus"),
     (["--set", "optim.lr=fast"], "optim.lr must be of type float"),

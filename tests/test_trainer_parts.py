@@ -8,6 +8,7 @@ from runtime import checkpoint as ckpt
 from runtime.device import autocast_for, native_bf16, resolve_precision
 from runtime.models import build_model, macs_per_pixel
 from runtime.tiling import restore_tensor, self_ensemble
+from train.loop.budget import TimeBudget, set_total_steps
 from train.loop.config import load_config
 from train.loop.optim import LOSSES, build_optimizer, build_scheduler
 from train.loop.state import latest_state, prune_states, state_path
@@ -209,3 +210,28 @@ def test_a_gray_run_starts_from_an_rgb_model_folded_to_luma_and_not_the_reverse(
     ckpt.save(ckpt.model_checkpoint(trainer.model, "unet", kwargs, "gray", {}, {}, 0), tmp_path / "gray.pth")
     with pytest.raises(ckpt.CheckpointError, match="holds a unet gray model"):
         Trainer(load_config(None, [*base, "data.mode=rgb", f"train.init_from={tmp_path / 'gray.pth'}"]), tmp_path / "rgb", cpu)
+
+
+def test_time_budget_waits_for_a_measured_rate_then_fits_the_remaining_time():
+    budget = TimeBudget(seconds=100.0, max_steps=10_000)
+    assert budget.fit(step=50, elapsed=30.0) is None  # the first window holds the compile
+    assert budget.fit(step=100, elapsed=35.0, reserve=5.0) == 100 + 60 * 10  # 10 steps/s, 60 s left
+    assert budget.fit(step=600, elapsed=85.0, reserve=5.0) == 600 + 10 * 10
+    assert budget.fit(step=700, elapsed=96.0, reserve=5.0) == 700  # out of time: stop now
+    capped = TimeBudget(1e6, max_steps=800)
+    assert capped.fit(50, 1.0) is None and capped.fit(100, 2.0) == 800  # max_steps stays the bound
+
+
+def test_a_cosine_end_moved_while_running_still_ends_at_min_lr():
+    cfg = load_config(None, ["optim.lr=1e-3", "train.max_steps=100000", "schedule.warmup_steps=10", "schedule.min_lr=1e-5"])
+    opt = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
+    sched = build_scheduler(cfg, opt)
+    ends = {5: 400, 50: 300, 120: 260, 200: 250}  # refits at these steps, as a time budget makes them
+    for step in range(1, 251):
+        opt.step()
+        sched.step()
+        if step in ends:
+            set_total_steps(sched, ends[step], warmup_steps=10)
+        if step == 100:
+            assert 1e-4 < opt.param_groups[0]["lr"] < 1e-3
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-5)

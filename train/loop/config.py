@@ -87,7 +87,11 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 10000
-    """Optimizer steps in total."""
+    """Optimizer steps in total (with time_budget_s: at most)."""
+    time_budget_s: float = 0.0
+    """Train for this many seconds (steps, validations and checkpoints; the compile included, data
+    preparation not) instead of max_steps steps: the step count is refitted from the measured rate
+    at every log window so the schedule ends with the budget (train/loop/budget.py). 0: max_steps."""
     loss: str = "l1"
     """'mse', 'l1' or 'charbonnier'."""
     precision: str = "auto"
@@ -120,7 +124,8 @@ class TrainConfig:
     def __post_init__(self):
         _choice("train.loss", self.loss, tuple(LOSSES))
         _choice("train.precision", self.precision, PRECISIONS)
-        _positive("train", self, ("max_steps", "val_every", "ckpt_every", "log_every", "ddp_timeout_s", "seed"), ("seed",))
+        _positive("train", self, ("max_steps", "time_budget_s", "val_every", "ckpt_every", "log_every", "ddp_timeout_s", "seed"),
+                  ("seed", "time_budget_s"))
 
 
 @dataclass

@@ -34,6 +34,12 @@ class Progress:
                  step, self.total, m["train_loss"], m["lr"], m["images_per_s"], m["data_wait_s"], self.last_psnr,
                  time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?")
 
+    def set_total(self, total: int) -> None:
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def validated(self, step: int, m: dict) -> None:
         self.last_psnr = m["val_psnr"]
         if self.enabled:

@@ -33,6 +33,7 @@ from runtime.metrics import metrics as registered_metrics
 from runtime.models import build_model, macs_per_pixel
 from runtime.tiling import restore_tensor
 
+from .budget import TimeBudget, set_total_steps
 from .config import Config, to_dict, to_toml
 from .distributed import DistInfo, all_reduce_sum, any_rank, barrier, gather_objects
 from .optim import LOSSES, build_optimizer, build_scheduler
@@ -78,6 +79,8 @@ class Trainer:
         self.step = self.epoch = self.step_in_epoch = 0
         self.best_psnr = -math.inf
         self.wall_time = 0.0  # training seconds of the finished sessions of this run
+        self.last_val_s = 0.0  # duration of the last validation (kept back by a time budget)
+        self.budget = TimeBudget(cfg.train.time_budget_s, cfg.train.max_steps) if cfg.train.time_budget_s else None
         self.session_start: float | None = None
         self.history: dict[str, list] = {"step": [], "loss": [], "images_per_s": [], "val_step": [], "val_psnr": []}
         run_id = state = None
@@ -201,6 +204,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "best_psnr": self.best_psnr, "wall_time": self.elapsed(), "history": self.history,
+                "max_steps": self.cfg.train.max_steps,
                 "arch": self.cfg.model.arch, "kwargs": dict(self.cfg.model.kwargs), "mode": self.cfg.data.mode,
                 "mlflow_run_id": getattr(self, "tracker", None) and self.tracker.run_id}
 
@@ -221,6 +225,8 @@ class Trainer:
         for key in ("step", "epoch", "step_in_epoch", "best_psnr", "wall_time"):
             setattr(self, key, state[key])
         self.history = {**self.history, **state["history"]}
+        if self.budget and "max_steps" in state:  # the step count fitted to the time budget so far
+            self.cfg.train.max_steps = min(state["max_steps"], self.budget.max_steps)
 
     def init_weights(self, path: str) -> None:
         """Start from the weights of a model checkpoint of the same architecture (a gray run may
@@ -280,6 +286,8 @@ class Trainer:
                 self.step_in_epoch += 1
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     self._log_window(window, progress)
+                if self.budget and self.step % t.log_every == 0:
+                    self._fit_to_budget(progress)
                 pause = time.perf_counter()
                 if self.step % t.val_every == 0 or self.step == t.max_steps:
                     self._validate_and_track(progress)
@@ -321,10 +329,30 @@ class Trainer:
         progress.update(self.step, metrics)
         window.update(loss=torch.zeros((), device=self.device), n=0, data=0.0, start=time.perf_counter())
 
+    def _fit_to_budget(self, progress: "Progress") -> None:
+        """train.max_steps (and the end of the cosine schedule) refitted to the time budget."""
+        total = self.budget.fit(self.step, self.elapsed(), reserve=self.last_val_s)
+        if total is None:  # the session's first window: the rate is measured from here
+            return
+        if self.info.distributed:  # the same count on every rank
+            total = all_reduce_sum(torch.tensor(float(total), dtype=torch.float64, device=self.device), self.info)
+            total = int(total.item() / self.info.world_size)
+        total = max(total, self.step)
+        if total < self.cfg.schedule.warmup_steps and self.cfg.train.max_steps >= self.cfg.schedule.warmup_steps:
+            log.warning("the time budget fits %d steps, fewer than the %d warm-up steps: the schedule will not "
+                        "reach its end (lower schedule.warmup_steps)", total, self.cfg.schedule.warmup_steps)
+        if total != self.cfg.train.max_steps:
+            self.cfg.train.max_steps = total
+            set_total_steps(self.scheduler, total, self.cfg.schedule.warmup_steps)
+            progress.set_total(total)
+        self.tracker.log_metrics({"planned_steps": total}, self.step)
+
     def _validate_and_track(self, progress: "Progress") -> None:
         if not self.val_items:
             return  # synthetic data: nothing to validate on
+        started = time.perf_counter()
         metrics = self.validate()
+        self.last_val_s = time.perf_counter() - started
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(metrics["val_psnr"])
         self.history["val_step"].append(self.step)
