@@ -155,12 +155,19 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def report(result: dict, out_dir: Path, run_id: str | None, log_mlflow: bool = True) -> str:
+def latency_metric(row: dict) -> str:
+    """The MLflow name of a row's p50, e.g. latency_p50_ms_torch_fp32_1x512x512 (CPU) or
+    latency_p50_ms_cuda_torch_fp32_1x512x512."""
+    backend = row["backend"].replace(" ", "_").replace(".", "_")
+    return f"latency_p50_ms_{'cuda_' if row['device'] == 'cuda' else ''}{backend}_{row['batch']}x{row['height']}x{row['width']}"
+
+
+def report(result: dict, out_dir: Path, run_id: str | None, log_mlflow: bool = True, record_dir: Path | None = None) -> str:
     table = markdown_table(result)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "latency.json", result)
     atomic_write_bytes(out_dir / "latency.md", (table + "\n").encode())
-    metrics = {f"latency_p50_ms_{r['backend'].replace(' ', '_').replace('.', '_')}_{r['batch']}x{r['height']}x{r['width']}": r["p50_ms"]
-               for r in result["rows"]}
-    msg = log_to_run(run_id, metrics, [out_dir / "latency.json", out_dir / "latency.md"], "latency") if log_mlflow else ""
+    metrics = {latency_metric(r): r["p50_ms"] for r in result["rows"]}
+    msg = log_to_run(run_id, metrics, [out_dir / "latency.json", out_dir / "latency.md"], "latency",
+                     record_dir) if log_mlflow else ""
     return table + f"\n\nwrote {out_dir / 'latency.json'} and {out_dir / 'latency.md'}" + (f"; {msg}" if msg else "")

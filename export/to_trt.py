@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     result = run_benchmark(args.checkpoint, device, shapes, iters=args.iters,
                            backends=args.backends.split(","), deploy_dir=out)
     result["onnx_parity"] = p
-    print(report(result, out, meta.get("mlflow_run_id"), not args.no_mlflow))
+    print(report(result, out, meta.get("mlflow_run_id"), not args.no_mlflow, record_dir=Path(args.checkpoint).parent))
     return 0 if p["ok"] else 1
 
 

@@ -4,6 +4,8 @@ evaluation and the latency benchmark; concurrent writers (a sweep) are serialise
 from __future__ import annotations
 
 import fcntl
+import importlib.util
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -11,6 +13,8 @@ from pathlib import Path
 
 DEFAULT_DIR = Path("mlruns")
 
+
+RECORD = "mlflow_record.jsonl"  # a run recorded without MLflow (train.loop.tracking.RecordTracker)
 
 def default_tracking_uri(directory: Path = DEFAULT_DIR) -> str:
     directory = directory.resolve()
@@ -69,11 +73,36 @@ def run_for(offline_run_id: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def log_to_run(run_id: str | None, metrics: dict[str, float], files: list[Path] = (), artifact_path: str | None = None) -> str:
+def append_to_record(out: Path, run_id: str, metrics: dict[str, float]) -> str | None:
+    """Metrics added to the offline record of run `run_id` in folder `out`, as the run's own
+    tracker writes them: they go into the store with the record (train.import_run). None when
+    `out` holds no record of that run."""
+    path = Path(out) / RECORD
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        if json.loads(f.readline() or "{}").get("start", {}).get("run_id") != run_id:
+            return None
+    with open(path, "a") as f:
+        f.write(json.dumps({"metrics": {k: float(v) for k, v in metrics.items()}, "step": 0, "time": time.time()}) + "\n")
+    return f"recorded {len(metrics)} metrics to {path} (run {run_id}; python -m train.import_run {out})"
+
+
+def log_to_run(run_id: str | None, metrics: dict[str, float], files: list[Path] = (), artifact_path: str | None = None,
+               record_dir: Path | None = None) -> str:
     """Metrics (and files) added to an existing run, e.g. the checkpoint's training run; returns
-    what happened, in one line (a store without that run is said, not raised)."""
+    what happened, in one line (a store without that run is said, not raised). A run recorded
+    offline and not imported yet (a GPU machine without MLflow) gets the metrics in its record in
+    `record_dir` (the checkpoint's folder), the files staying where they are."""
     if not run_id:
         return "not logged to MLflow: the checkpoint names no run"
+    has_mlflow = importlib.util.find_spec("mlflow") is not None
+    if run_id.startswith("offline-") and record_dir is not None and not (has_mlflow and run_for(run_id)):
+        recorded = append_to_record(record_dir, run_id, metrics)
+        if recorded:
+            return recorded
+    if not has_mlflow:
+        return "not logged to MLflow: it is not installed"
     import mlflow
 
     mlflow.set_tracking_uri(resolve_tracking_uri())

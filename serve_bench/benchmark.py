@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     _, meta = load_model(args.checkpoint)
     result = run_benchmark(args.checkpoint, args.device, shapes, iters=args.iters,
                            backends=backends, deploy_dir=args.deploy_dir)
-    print(report(result, args.out, meta.get("mlflow_run_id"), not args.no_mlflow))
+    print(report(result, args.out, meta.get("mlflow_run_id"), not args.no_mlflow, record_dir=Path(args.checkpoint).parent))
     return 0
 
 

@@ -251,17 +251,21 @@ def test_a_run_recorded_without_mlflow_is_imported_and_continued(tiles_dir, tmp_
     assert (out / "mlflow_record.jsonl").is_file()
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     assert not mlflow.search_runs(search_all_experiments=True, output_format="list")  # nothing in the store yet
+    evaluate = [sys.executable, "-m", "train.evaluate", "--checkpoint", str(out / "image_compression_model.pth"),
+                "--dataset", str(tiles), "--qualities", "10", "--log-mlflow"]
+    before = run(evaluate, env)  # evaluated on the GPU machine, before the import: added to the record
+    assert before.returncode == 0 and f"to {out / 'mlflow_record.jsonl'}" in before.stdout, before.stdout[-2000:] + before.stderr[-2000:]
     imported = run([sys.executable, "-m", "train.import_run", str(out), "--tag", "gpu=none (test)"], env)
     assert imported.returncode == 0, imported.stderr[-2000:]
     (r,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert r.info.status == "FINISHED" and r.data.tags["gpu"] == "none (test)" and r.info.run_name == "dncnn-gpu-run"
     assert r.data.params["train.max_steps"] == "6" and "val_psnr" in r.data.metrics
+    assert min(r.data.metrics[f"{tiles.name}_{kind}_psnr_q10"] for kind in ("model", "jpeg")) > 20  # the record's evaluation
     assert [m.step for m in mlflow.MlflowClient().get_metric_history(r.info.run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
     assert {"config.toml", "image_compression_model.pth", "curves.png"} <= {a.path for a in mlflow.MlflowClient().list_artifacts(r.info.run_id)}
     again = run([sys.executable, "-m", "train.import_run", str(out)], env)
     assert again.returncode == 2 and "already in the store" in again.stderr
-    evaluated = run([sys.executable, "-m", "train.evaluate", "--checkpoint", str(out / "image_compression_model.pth"),
-                     "--dataset", str(tiles), "--qualities", "10", "--log-mlflow"], env)
+    evaluated = run(evaluate, env)
     assert evaluated.returncode == 0 and f"to MLflow run {r.info.run_id}" in evaluated.stdout, evaluated.stderr[-2000:]
     best = out / "image_compression_model.pth"
     cont = run([sys.executable, MAIN, *smoke_args(tiles), "--set", f"train.init_from={best}", "--set", "tracking.enabled=false",

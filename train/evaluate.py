@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         name = Path(args.dataset).name + ("_x8" if args.self_ensemble else "")
         logged = {f"{name}_{kind}_{m}_q{q}": v for q, r in results.items() for kind, ms in r.items() for m, v in ms.items()}
         logged[f"{name}_eval_time_s"] = time.perf_counter() - start
-        print(log_to_run(restorer.meta.get("mlflow_run_id"), logged))
+        print(log_to_run(restorer.meta.get("mlflow_run_id"), logged, record_dir=args.checkpoint.parent))
     return 0
 
 

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 from runtime.device import device_name
-from runtime.mlflow_store import artifact_location, resolve_tracking_uri, retry, store_lock
+from runtime.mlflow_store import RECORD, artifact_location, resolve_tracking_uri, retry, store_lock
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,6 @@ def system_tags(device, world_size: int, precision: str) -> dict[str, str]:
         except ImportError:
             pass
     return tags
-
-
-RECORD = "mlflow_record.jsonl"
 
 
 def make_tracker(enabled: bool, out: Path, offline: bool = False, **kwargs) -> "Tracker | RecordTracker":
