@@ -51,7 +51,10 @@ def collect(experiment: str, dataset: str = "live1_gray") -> tuple[list[dict], d
                "macs_per_pixel_k": float(p["macs_per_pixel"]) / 1e3 if "macs_per_pixel" in p else None,
                "train_time_min": m["total_wall_time_s"] / 60 if "total_wall_time_s" in m else None,
                "images_per_s": sum(h.value for h in rate) / len(rate) if rate else None,
-               "world_size": t.get("world_size"), "best_val_psnr": best_psnr, "best_val_ssim": best_ssim, "curve": curve}
+               "world_size": t.get("world_size"), "best_val_psnr": best_psnr, "best_val_ssim": best_ssim, "curve": curve,
+               # serve_bench / to_trt logged on the checkpoint: torch eager fp32, one 512x512 image
+               "cpu_ms_512": m.get("latency_p50_ms_torch_fp32_1x512x512"),
+               "gpu_ms_512": m.get("latency_p50_ms_cuda_torch_fp32_1x512x512"), "device_name": t.get("device_name", "")}
         for q in QUALITIES:
             for metric in (m.name for m in metrics()):
                 row[f"{metric}_q{q}"] = m.get(f"{dataset}_model_{metric}_q{q}")
@@ -68,6 +71,9 @@ def _fmt(v, digits=2) -> str:
 def markdown(rows: list[dict], jpeg: dict, dataset: str) -> str:
     qs = [q for q in QUALITIES if any(r[f"psnr_q{q}"] is not None for r in rows) or f"psnr_q{q}" in jpeg]
     head = ["run", "arch", "status", "params (M)", "MACs/px (k)", "train min", "img/s", "val PSNR", "val SSIM"]
+    latency = [(k, label) for k, label in (("cpu_ms_512", "CPU ms 512²"), ("gpu_ms_512", "GPU ms 512²"))
+               if any(r[k] is not None for r in rows)]
+    head += [label for _, label in latency]
     ms = metrics()
     head += [f"{dataset} q{q} " + " / ".join(m.label for m in ms) for q in qs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -76,10 +82,11 @@ def markdown(rows: list[dict], jpeg: dict, dataset: str) -> str:
         return " / ".join(_fmt(values.get(f"{m.name}_q{q}"), m.digits) for m in ms)
 
     if jpeg:
-        lines.append("| JPEG | - | - | - | - | - | - | - | - | " + " | ".join(cell(jpeg, q) for q in qs) + " |")
+        lines.append("| JPEG |" + " - |" * (8 + len(latency)) + " " + " | ".join(cell(jpeg, q) for q in qs) + " |")
     for r in rows:
         cells = [r["run"], r["arch"], r["status"], _fmt(r["params_m"], 3), _fmt(r["macs_per_pixel_k"], 1), _fmt(r["train_time_min"], 1),
                  _fmt(r["images_per_s"], 1), _fmt(r["best_val_psnr"]), _fmt(r["best_val_ssim"], 4)]
+        cells += [_fmt(r[k], 1) for k, _ in latency]
         cells += [cell(r, q) for q in qs]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
