@@ -2,7 +2,8 @@
 # One call of the lent GPU machine: bash scripts/gpu/call.sh "STEP ARGS" ["STEP ARGS" ...]
 # Steps (scripts/gpu/README.md has the call sequence): env, loaders, e2e [compile], archs,
 # install-dali, install-ort, dali, dali-loaders, train NAME MINUTES CONFIG [--set k=v ...],
-# bgtrain NAME SECONDS CONFIG [--set k=v ...], progress, waittrain, eval NAME, latency [NAME] [SHAPES], pack NAME.
+# bgtrain NAME SECONDS CONFIG [--set k=v ...], bgsweep SWEEP_FILE, progress, waittrain, eval NAME,
+# latency [NAME] [SHAPES], restore12mp, pack NAME [nomodel].
 # Runs, results, installed wheels, and the data and wheel parts carried in .gpu/ (gone there at the
 # next call: copied to $WORK first) live under $WORK (/tmp/jr), which stays while the machine is
 # warm (30 s after a call). Every call ends by packing
@@ -24,10 +25,11 @@ if [ "${GPU_DRY_RUN:-0}" = 1 ]; then
     KW="{width = 8, levels = 2}"; WORKERS=2; BATCH=8; PATCH=32; STEPS=4; DEVICE=cpu
     TRAIN_LIMIT=(--set train.max_steps=6 --set train.val_every=3 --set train.ckpt_every=3 --set data.limit=12
                  --set data.batch_size=8 --set data.patch_size=32 --set model.kwargs.width=8)
+    SWEEP_LIMIT=(--set train.time_budget_s=4 --set train.log_every=2 --set data.limit=4 --set data.batch_size=4 --set data.patch_size=32)
     SHAPES=64x64x1,64x64x2
 else
     KW="{width = 64, levels = 3}"; WORKERS=14; BATCH=64; PATCH=128; STEPS=50; DEVICE=cuda
-    TRAIN_LIMIT=(); SHAPES=512x512x1,512x512x8
+    TRAIN_LIMIT=(); SWEEP_LIMIT=(); SHAPES=512x512x1,512x512x8
 fi
 has_dali() { $PY -c "import nvidia.dali" 2>/dev/null; }
 log() { echo "== $(date +%T) $*"; }
@@ -81,26 +83,36 @@ step_train() {  # NAME MINUTES CONFIG [--set k=v ...]: resumes NAME; SIGTERM at 
     local rc=$?; [ $rc = 124 ] && rc=0  # stopped by the time limit, state saved
     return $rc
 }
-step_bgtrain() {  # NAME SECONDS CONFIG [--set k=v ...]: in the background, max_steps fitted to SECONDS less a
-                 # minute for data preparation and compiling; later calls' steps run while it trains
+step_bgtrain() {  # NAME SECONDS CONFIG [--set k=v ...]: trains for SECONDS in the background (data preparation
+                 # not counted), the step count fitted to the time (train.time_budget_s); later calls run meanwhile
     local name=$1 seconds=$2 config=$3; shift 3
-    local steps; steps=$($PY scripts/gpu/steps_for.py $((seconds - 60)) "$config" "$@" "${TRAIN_LIMIT[@]}" \
-        --json "$WORK/results/steps_for_$name.json" | tee /dev/stderr | tail -1) || return 1
-    [ "${GPU_DRY_RUN:-0}" = 1 ] && steps=6
-    setsid bash -c "timeout -s TERM -k 120 $seconds $PY train/main.py --config $config --data-root $DATA \
-        --out $WORK/runs/$name --resume --set tracking.offline=true --set tracking.run_name=$name $* ${TRAIN_LIMIT[*]} \
-        --set train.max_steps=$steps > $WORK/results/train_$name.log 2>&1; echo \$? > $WORK/results/train_$name.rc" \
+    setsid bash -c "timeout -s TERM -k 60 $((seconds + 300)) $PY train/main.py --config $config --data-root $DATA \
+        --out $WORK/runs/$name --resume --set tracking.offline=true --set tracking.run_name=$name \
+        --set train.time_budget_s=$seconds --set train.max_steps=10000000 $* ${TRAIN_LIMIT[*]} \
+        > $WORK/results/train_$name.log 2>&1; echo \$? > $WORK/results/train_$name.rc" \
         < /dev/null > /dev/null 2>&1 &  # its own session: it outlives this call
-    log "training $name in the background: $steps steps, at most $seconds s (log: results/train_$name.log)"
+    log "training $name in the background for $seconds s (log: results/train_$name.log)"
+}
+step_bgsweep() {  # SWEEP_FILE: its tasks trained one after another in the background, each for the file's time
+                  # budget, then evaluated on LIVE1 gray (scripts/gpu/sweep.sh); `pack NAME nomodel` brings them back
+    local name; name=$(basename "$1" .toml)
+    local eval=(EVAL_DEVICE=$DEVICE)
+    if [ "${GPU_DRY_RUN:-0}" = 1 ]; then  # two test images
+        mkdir -p "$DATA/live1_dry" && cp -n $(ls "$DATA"/live1_gray/*.* | head -n 2) "$DATA/live1_dry/"
+        eval+=(EVAL_DATASET=live1_dry LATENCY_SHAPES=64x64x1)
+    fi
+    setsid env PY=$PY "${eval[@]}" bash scripts/gpu/sweep.sh "$1" "$DATA" "$WORK" "${SWEEP_LIMIT[@]}" \
+        > "$WORK/results/sweep_$name.log" 2>&1 < /dev/null &
+    log "sweep $name in the background (log: results/sweep_$name.log; runs: runs/$name)"
 }
 step_progress() {  # the carried parts and the background training's last lines
     du -sh "$WORK"/parts/* "$DATA"/* 2>/dev/null
-    tail -n 2 "$WORK"/results/train_*.log 2>/dev/null
+    tail -n 2 "$WORK"/results/train_*.log "$WORK"/results/sweep_*.log 2>/dev/null
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null || true
 }
 step_waittrain() {  # until the background training has ended (its own timeout bounds it)
-    while pgrep -f "train/main.py" > /dev/null; do sleep 5; done
-    tail -n 4 "$WORK"/results/train_*.log
+    while pgrep -f "train/main.py|scripts/gpu/sweep.sh" > /dev/null; do sleep 5; done
+    tail -n 4 $(ls "$WORK"/results/train_*.log "$WORK"/results/sweep_*.log 2>/dev/null) /dev/null
 }
 step_eval() {  # LIVE1 (the test set) of a run's best checkpoint, gray or color by its mode
     local ckpt="$WORK/runs/$1/image_compression_model.pth" set=live1_gray
@@ -114,8 +126,25 @@ step_latency() {  # [NAME|shipped] [SHAPES]: every runner; AOTInductor and torch
     timeout -k 10 "${LATENCY_LIMIT:-300}" $PY export/to_trt.py --checkpoint "$ckpt" --out "$WORK/deploy" --data-root "$DATA" --no-mlflow --shapes "${2:-$SHAPES}" \
         && cp "$WORK"/deploy/latency.* "$WORK/results/"
 }
-step_pack() {  # a run without its training states and prepared data, in 15 MiB parts: cat NAME.tgz.* | tar xzf - (here)
-    tar czf - -C "$WORK/runs" --exclude checkpoints --exclude prepared "$1" | split -b 15M - "$OUT/$1.tgz."
+step_restore12mp() {  # a 12-megapixel color JPEG (a LIVE1 photo resized to 4000x3000, q30) through restore on the
+                     # GPU, gray (luma) and RGB models: time, peak host and GPU memory (restore reports them)
+    local big=$WORK/big12mp
+    mkdir -p "$big/in"
+    $PY -c "from PIL import Image; import sys, glob; f = sorted(glob.glob(sys.argv[1] + '/*.*'))[0]; \
+Image.open(f).convert('RGB').resize((4000, 3000), Image.BICUBIC).save(sys.argv[2], quality=30)" \
+        "$DATA/live1_color" "$big/in/big.jpg" || return 1
+    for model in gray rgb; do
+        local args=(--device $DEVICE -o "$big/$model" --overwrite)
+        [ $model = gray ] && args+=(--checkpoint image_compression_model.pth)  # the luma of the color photo
+        /usr/bin/time -f "restore $model: %e s wall, peak RSS %M KiB" $PY -m serve_bench.restore "$big/in/big.jpg" "${args[@]}" \
+            2>&1 | tail -n 4 | tee -a "$WORK/results/restore12mp.txt"
+    done
+}
+step_pack() {  # NAME [nomodel]: a run (or a sweep's runs) without training states and prepared data, in 15 MiB
+              # parts: cat NAME.tgz.* | tar xzf - (here); nomodel leaves the model files out too
+    local skip=(--exclude checkpoints --exclude prepared)
+    [ "${2:-}" = nomodel ] && skip+=(--exclude "*.pth")
+    tar czf - -C "$WORK/runs" "${skip[@]}" "$1" | split -b 15M - "$OUT/$1.tgz."
     ls -l "$OUT/$1".tgz.*
 }
 
