@@ -215,9 +215,9 @@ def test_a_gray_run_starts_from_an_rgb_model_folded_to_luma_and_not_the_reverse(
 def test_time_budget_waits_for_a_measured_rate_then_fits_the_remaining_time():
     budget = TimeBudget(seconds=100.0, max_steps=10_000)
     assert budget.fit(step=50, elapsed=30.0) is None  # the first window holds the compile
-    assert budget.fit(step=100, elapsed=35.0, reserve=5.0) == 100 + 60 * 10  # 10 steps/s, 60 s left
-    assert budget.fit(step=600, elapsed=85.0, reserve=5.0) == 600 + 10 * 10
-    assert budget.fit(step=700, elapsed=96.0, reserve=5.0) == 700  # out of time: stop now
+    assert budget.fit(step=100, elapsed=35.0) == 100 + 65 * 10  # 10 steps/s, 65 s left
+    assert budget.fit(step=600, elapsed=85.0) == 600 + 15 * 10
+    assert budget.fit(step=700, elapsed=101.0) == 700  # out of time: stop now
     capped = TimeBudget(1e6, max_steps=800)
     assert capped.fit(50, 1.0) is None and capped.fit(100, 2.0) == 800  # max_steps stays the bound
 

@@ -1,10 +1,10 @@
 """Training for a time budget instead of a step count (`train.time_budget_s`): the step count is
 refitted from the measured step rate as the run goes, so the learning-rate schedule ends when the
-time does. This is how architectures are compared at equal GPU- or CPU-minutes.
+time does. This is how architectures are compared at equal GPU- or CPU-minutes of training.
 
-The first fit waits for a second log window of the session: the first one holds start-up and the
-compile. The rate is averaged from there on, validations and checkpoints included, and the time of
-the last validation is kept back for the final one.
+The time counted is the time in training steps (data waits and the compile included; validations
+and checkpoints not, so an architecture that is slow to validate is not charged for it). The
+first fit waits for a second log window of the session: the first one holds the compile.
 """
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ class TimeBudget:
         self.seconds, self.max_steps = seconds, max_steps
         self.anchor: tuple[int, float] | None = None  # (step, elapsed) where this session's rate is measured from
 
-    def fit(self, step: int, elapsed: float, reserve: float = 0.0) -> int | None:
+    def fit(self, step: int, elapsed: float) -> int | None:
         """The total step count that ends the run inside the budget (at least `step`, at most
-        max_steps), or None while the rate is not measured yet. `elapsed`: training seconds of the
-        run so far; `reserve`: seconds kept back (the final validation)."""
+        max_steps), or None while the rate is not measured yet. `elapsed`: seconds in training
+        steps so far."""
         if self.anchor is None or step <= self.anchor[0]:  # decided by the step alone: the same on every rank
             self.anchor = self.anchor or (step, elapsed)
             return None
-        remaining = self.seconds - elapsed - reserve
+        remaining = self.seconds - elapsed
         if remaining <= 0:
             return step
         rate = (step - self.anchor[0]) / max(elapsed - self.anchor[1], 1e-9)

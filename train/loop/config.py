@@ -89,9 +89,10 @@ class TrainConfig:
     max_steps: int = 10000
     """Optimizer steps in total (with time_budget_s: at most)."""
     time_budget_s: float = 0.0
-    """Train for this many seconds (steps, validations and checkpoints; the compile included, data
-    preparation not) instead of max_steps steps: the step count is refitted from the measured rate
-    at every log window so the schedule ends with the budget (train/loop/budget.py). 0: max_steps."""
+    """Train for this many seconds of training steps (the compile and data waits included;
+    validations, checkpoints and data preparation not) instead of max_steps steps: the step count is
+    refitted from the measured rate at every log window so the schedule ends with the budget
+    (train/loop/budget.py). 0: max_steps."""
     loss: str = "l1"
     """'mse', 'l1' or 'charbonnier'."""
     precision: str = "auto"

@@ -78,8 +78,9 @@ class Trainer:
         self.loss_fn = LOSSES[cfg.train.loss]
         self.step = self.epoch = self.step_in_epoch = 0
         self.best_psnr = -math.inf
-        self.wall_time = 0.0  # training seconds of the finished sessions of this run
-        self.last_val_s = 0.0  # duration of the last validation (kept back by a time budget)
+        self.wall_time = 0.0  # seconds of the finished sessions of this run
+        self.step_time = 0.0  # of which in training steps (not validations and checkpoints)
+        self.paused = 0.0  # validation and checkpoint seconds of the current session
         self.budget = TimeBudget(cfg.train.time_budget_s, cfg.train.max_steps) if cfg.train.time_budget_s else None
         self.session_start: float | None = None
         self.history: dict[str, list] = {"step": [], "loss": [], "images_per_s": [], "val_step": [], "val_psnr": []}
@@ -203,7 +204,8 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "best_psnr": self.best_psnr, "wall_time": self.elapsed(), "history": self.history,
+                "best_psnr": self.best_psnr, "wall_time": self.elapsed(), "step_time": self.elapsed_steps(),
+                "history": self.history,
                 "max_steps": self.cfg.train.max_steps,
                 "arch": self.cfg.model.arch, "kwargs": dict(self.cfg.model.kwargs), "mode": self.cfg.data.mode,
                 "mlflow_run_id": getattr(self, "tracker", None) and self.tracker.run_id}
@@ -211,6 +213,10 @@ class Trainer:
     def elapsed(self) -> float:
         """Training seconds over all sessions, the current one included."""
         return self.wall_time + (time.perf_counter() - self.session_start if self.session_start else 0.0)
+
+    def elapsed_steps(self) -> float:
+        """The part of elapsed() spent in training steps (data waits and the compile included)."""
+        return self.step_time + (time.perf_counter() - self.session_start - self.paused if self.session_start else 0.0)
 
     def load_state_dict(self, state: dict, source="state") -> None:
         want = (self.cfg.model.arch, dict(self.cfg.model.kwargs), self.cfg.data.mode)
@@ -224,6 +230,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         for key in ("step", "epoch", "step_in_epoch", "best_psnr", "wall_time"):
             setattr(self, key, state[key])
+        self.step_time = state.get("step_time", self.wall_time)  # states of older versions: all of it
         self.history = {**self.history, **state["history"]}
         if self.budget and "max_steps" in state:  # the step count fitted to the time budget so far
             self.cfg.train.max_steps = min(state["max_steps"], self.budget.max_steps)
@@ -293,14 +300,17 @@ class Trainer:
                     self._validate_and_track(progress)
                 if self.step % t.ckpt_every == 0:
                     self.save_state()
-                window["start"] += time.perf_counter() - pause  # throughput counts training only
+                paused = time.perf_counter() - pause
+                window["start"] += paused  # throughput and the time budget count training steps only
+                self.paused += paused
                 stopped = self._should_stop()
                 if stopped or self.step >= t.max_steps:
                     break
             else:  # the epoch ran to its end
                 self.tracker.log_metrics({"epoch_time_s": time.perf_counter() - epoch_start, "epoch": self.epoch}, self.step)
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        self.wall_time, self.session_start = self.elapsed(), None
+        self.wall_time, self.step_time = self.elapsed(), self.elapsed_steps()
+        self.session_start, self.paused = None, 0.0
         progress.close()
         if stopped and self.step < t.max_steps:  # a stop on the last step is a finished run
             self.save_state()
@@ -331,7 +341,7 @@ class Trainer:
 
     def _fit_to_budget(self, progress: "Progress") -> None:
         """train.max_steps (and the end of the cosine schedule) refitted to the time budget."""
-        total = self.budget.fit(self.step, self.elapsed(), reserve=self.last_val_s)
+        total = self.budget.fit(self.step, self.elapsed_steps())
         if total is None:  # the session's first window: the rate is measured from here
             return
         if self.info.distributed:  # the same count on every rank
@@ -350,9 +360,7 @@ class Trainer:
     def _validate_and_track(self, progress: "Progress") -> None:
         if not self.val_items:
             return  # synthetic data: nothing to validate on
-        started = time.perf_counter()
         metrics = self.validate()
-        self.last_val_s = time.perf_counter() - started
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(metrics["val_psnr"])
         self.history["val_step"].append(self.step)
@@ -398,7 +406,8 @@ class Trainer:
         if not in_sync:
             raise RuntimeError("ranks ended with different weights (DDP out of sync)")
         if self.info.is_main:
-            self.tracker.log_metrics({"total_wall_time_s": self.wall_time, "best_val_psnr": self.best_psnr}, self.step)
+            self.tracker.log_metrics({"total_wall_time_s": self.wall_time, "total_step_time_s": self.step_time,
+                                      "best_val_psnr": self.best_psnr}, self.step)
             self.tracker.set_tags({"weights_in_sync": str(in_sync).lower(), "best_checkpoint": str(self.best_path)})
             self._log_outputs()
             log.info("done: %d steps in %.0f s, best validation PSNR %.3f dB, weights in sync on %d ranks -> %s",
