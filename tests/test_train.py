@@ -182,7 +182,7 @@ def test_a_time_budget_fits_the_step_count_so_the_schedule_ends_with_the_time(ti
     state = torch.load(latest_state(out / "checkpoints"), weights_only=True)
     assert 10 < state["step"] == state["max_steps"] < 100000, (state["step"], state["max_steps"])
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-6)  # the cosine ran to its end
-    assert state["wall_time"] < 4 + 20  # the budget, the final validation and a loaded CI machine's slack
+    assert 2 < state["step_time"] < 4 + 10 and state["wall_time"] > state["step_time"]  # + a loaded CI machine's slack
     again = run([sys.executable, MAIN, *smoke_args(tiles_dir), *budget, "--resume", "--out", str(out)], env)
     assert again.returncode == 0 and f"at step {state['step']}" in again.stderr, again.stderr[-2000:]
     assert torch.load(latest_state(out / "checkpoints"), weights_only=True)["step"] == state["step"]  # nothing left to do
@@ -251,8 +251,12 @@ def test_a_run_recorded_without_mlflow_is_imported_and_continued(tiles_dir, tmp_
     assert (out / "mlflow_record.jsonl").is_file()
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     assert not mlflow.search_runs(search_all_experiments=True, output_format="list")  # nothing in the store yet
+    few = tmp_path / "few"  # three test images are enough to see the figures travel
+    few.mkdir()
+    for tile in sorted(tiles.glob("*.png"))[:3]:
+        shutil.copy(tile, few)
     evaluate = [sys.executable, "-m", "train.evaluate", "--checkpoint", str(out / "image_compression_model.pth"),
-                "--dataset", str(tiles), "--qualities", "10", "--log-mlflow"]
+                "--dataset", str(few), "--qualities", "10", "--log-mlflow"]
     before = run(evaluate, env)  # evaluated on the GPU machine, before the import: added to the record
     assert before.returncode == 0 and f"to {out / 'mlflow_record.jsonl'}" in before.stdout, before.stdout[-2000:] + before.stderr[-2000:]
     imported = run([sys.executable, "-m", "train.import_run", str(out), "--tag", "gpu=none (test)"], env)
@@ -260,7 +264,7 @@ def test_a_run_recorded_without_mlflow_is_imported_and_continued(tiles_dir, tmp_
     (r,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert r.info.status == "FINISHED" and r.data.tags["gpu"] == "none (test)" and r.info.run_name == "dncnn-gpu-run"
     assert r.data.params["train.max_steps"] == "6" and "val_psnr" in r.data.metrics
-    assert min(r.data.metrics[f"{tiles.name}_{kind}_psnr_q10"] for kind in ("model", "jpeg")) > 20  # the record's evaluation
+    assert min(r.data.metrics[f"few_{kind}_psnr_q10"] for kind in ("model", "jpeg")) > 20  # the record's evaluation
     assert [m.step for m in mlflow.MlflowClient().get_metric_history(r.info.run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
     assert {"config.toml", "image_compression_model.pth", "curves.png"} <= {a.path for a in mlflow.MlflowClient().list_artifacts(r.info.run_id)}
     again = run([sys.executable, "-m", "train.import_run", str(out)], env)
