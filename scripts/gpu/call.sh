@@ -101,7 +101,7 @@ step_bgsweep() {  # SWEEP_FILE: its tasks trained one after another in the backg
         mkdir -p "$DATA/live1_dry" && cp -n $(ls "$DATA"/live1_gray/*.* | head -n 2) "$DATA/live1_dry/"
         eval+=(EVAL_DATASET=live1_dry LATENCY_SHAPES=64x64x1)
     fi
-    setsid env PY=$PY "${eval[@]}" bash scripts/gpu/sweep.sh "$1" "$DATA" "$WORK" "${SWEEP_LIMIT[@]}" \
+    setsid env PY=$PY "${eval[@]}" bash scripts/gpu/sweep.sh "$1" "$DATA" "$WORK" --set tracking.offline=true "${SWEEP_LIMIT[@]}" \
         > "$WORK/results/sweep_$name.log" 2>&1 < /dev/null &
     log "sweep $name in the background (log: results/sweep_$name.log; runs: runs/$name)"
 }
