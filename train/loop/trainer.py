@@ -211,7 +211,8 @@ class Trainer:
                 "mlflow_run_id": getattr(self, "tracker", None) and self.tracker.run_id}
 
     def elapsed(self) -> float:
-        """Training seconds over all sessions, the current one included."""
+        """Seconds of this run over all its sessions, the current one included (validations and
+        checkpoints too; elapsed_steps() is the training steps' part)."""
         return self.wall_time + (time.perf_counter() - self.session_start if self.session_start else 0.0)
 
     def elapsed_steps(self) -> float:
