@@ -12,9 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DEFAULT_DIR = Path("mlruns")
-
-
 RECORD = "mlflow_record.jsonl"  # a run recorded without MLflow (train.loop.tracking.RecordTracker)
+
 
 def default_tracking_uri(directory: Path = DEFAULT_DIR) -> str:
     directory = directory.resolve()
