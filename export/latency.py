@@ -17,7 +17,7 @@ from data_pipeline.images import atomic_write_bytes, atomic_write_json
 from runtime.checkpoint import load_model
 from runtime.device import cpu_model, matmul_peak
 from runtime.inference import input_channels
-from runtime.mlflow_store import log_to_run
+from runtime.mlflow_store import latency_metric, log_to_run
 from runtime.models import macs_per_pixel
 from runtime.runners import RunnerUnavailable, make_runner, runners
 
@@ -155,19 +155,12 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def latency_metric(row: dict) -> str:
-    """The MLflow name of a row's p50, e.g. latency_p50_ms_torch_fp32_1x512x512 (CPU) or
-    latency_p50_ms_cuda_torch_fp32_1x512x512."""
-    backend = row["backend"].replace(" ", "_").replace(".", "_")
-    return f"latency_p50_ms_{'cuda_' if row['device'] == 'cuda' else ''}{backend}_{row['batch']}x{row['height']}x{row['width']}"
-
-
 def report(result: dict, out_dir: Path, run_id: str | None, log_mlflow: bool = True, record_dir: Path | None = None) -> str:
     table = markdown_table(result)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "latency.json", result)
     atomic_write_bytes(out_dir / "latency.md", (table + "\n").encode())
-    metrics = {latency_metric(r): r["p50_ms"] for r in result["rows"]}
+    metrics = {latency_metric(r["backend"], r["device"], r["batch"], r["height"], r["width"]): r["p50_ms"] for r in result["rows"]}
     msg = log_to_run(run_id, metrics, [out_dir / "latency.json", out_dir / "latency.md"], "latency",
                      record_dir) if log_mlflow else ""
     return table + f"\n\nwrote {out_dir / 'latency.json'} and {out_dir / 'latency.md'}" + (f"; {msg}" if msg else "")

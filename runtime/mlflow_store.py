@@ -72,6 +72,13 @@ def run_for(offline_run_id: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
+def latency_metric(backend: str, device: str, batch: int, height: int, width: int) -> str:
+    """The MLflow name of a latency p50 (export/latency.py writes it, train.compare reads it), e.g.
+    latency_p50_ms_torch_fp32_1x512x512 on CPU, latency_p50_ms_cuda_torch_fp32_1x512x512 on GPU."""
+    name = backend.replace(" ", "_").replace(".", "_")
+    return f"latency_p50_ms_{'cuda_' if device == 'cuda' else ''}{name}_{batch}x{height}x{width}"
+
+
 def append_to_record(out: Path, run_id: str, metrics: dict[str, float]) -> str | None:
     """Metrics added to the offline record of run `run_id` in folder `out`, as the run's own
     tracker writes them: they go into the store with the record (train.import_run). None when

@@ -16,7 +16,7 @@ from pathlib import Path
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import atomic_write_bytes
 from runtime.metrics import metrics
-from runtime.mlflow_store import resolve_tracking_uri
+from runtime.mlflow_store import latency_metric, resolve_tracking_uri
 
 QUALITIES = (10, 20, 30, 40)
 
@@ -53,8 +53,8 @@ def collect(experiment: str, dataset: str = "live1_gray") -> tuple[list[dict], d
                "images_per_s": sum(h.value for h in rate) / len(rate) if rate else None,
                "world_size": t.get("world_size"), "best_val_psnr": best_psnr, "best_val_ssim": best_ssim, "curve": curve,
                # serve_bench / to_trt logged on the checkpoint: torch eager fp32, one 512x512 image
-               "cpu_ms_512": m.get("latency_p50_ms_torch_fp32_1x512x512"),
-               "gpu_ms_512": m.get("latency_p50_ms_cuda_torch_fp32_1x512x512"), "device_name": t.get("device_name", "")}
+               "cpu_ms_512": m.get(latency_metric("torch fp32", "cpu", 1, 512, 512)),
+               "gpu_ms_512": m.get(latency_metric("torch fp32", "cuda", 1, 512, 512)), "device_name": t.get("device_name", "")}
         for q in QUALITIES:
             for metric in (m.name for m in metrics()):
                 row[f"{metric}_q{q}"] = m.get(f"{dataset}_model_{metric}_q{q}")
