@@ -29,10 +29,14 @@ INDEX=${SLURM_ARRAY_TASK_ID:-0}
 OUT=${SWEEP_OUT:-outputs/sweep}/$SWEEP_ID/task_$INDEX
 GPUS=${SLURM_GPUS_ON_NODE:-0}  # GPUs allocated to this job on this node
 NPROC=${NPROC_PER_NODE:-$(( GPUS > 0 ? GPUS : ${CPU_PROCS:-1} ))}
+# Threads per process: the task's CPUs shared among its processes (without this, tasks sharing a node
+# each start one thread per core of the node and oversubscribe it).
+CPUS=${SLURM_CPUS_PER_TASK:-$(nproc)}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CPUS / NPROC > 0 ? CPUS / NPROC : 1 ))}
 
 ARGS_TEXT=$(python -m train.sweep args "$INDEX" --sweep "$SWEEP_FILE" --sweep-id "$SWEEP_ID")
 mapfile -t TASK_ARGS <<< "$ARGS_TEXT"
-echo "sweep $SWEEP_ID task $INDEX (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname): $NPROC processes -> $OUT"
+echo "sweep $SWEEP_ID task $INDEX (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname): $NPROC processes x $OMP_NUM_THREADS threads -> $OUT"
 
 srun --kill-on-bad-exit=1 python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
     train/main.py "${TASK_ARGS[@]}" --out "$OUT" --resume "$@" &
