@@ -118,15 +118,16 @@ def test_two_process_torchrun_trains_in_sync(tiles_dir, tmp_path):
     assert {"val_psnr", "images_per_s", "train_loss"} <= set(r.data.metrics)
 
 
-def _final_weights(out: Path) -> dict:
-    return torch.load(latest_state(out / "checkpoints"), weights_only=True)["model"]
+def _final_weights(out: Path, part: str = "model") -> dict:
+    return torch.load(latest_state(out / "checkpoints"), weights_only=True)[part]
 
 
 @pytest.mark.slow
 def test_sigterm_then_resume_matches_an_uninterrupted_run(tiles_dir, tmp_path):
     env = env_for(tmp_path)
     args = [sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "train.max_steps=12", "--set", "train.ckpt_every=100",
-            "--set", "train.val_every=4"]  # validation does not touch the weights
+            "--set", "train.val_every=4",  # validation does not touch the weights
+            "--set", "train.ema_decay=0.9"]  # nor the weight average, which resumes too
     ref = run(args + ["--out", str(tmp_path / "ref")], env)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
@@ -152,10 +153,11 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tiles_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and f"at step {stopped}" in resumed.stderr
     assert f"step {stopped + 1}/12" in resumed.stderr and f"step {stopped}/12" not in resumed.stderr
-    ref_w, cut_w = _final_weights(tmp_path / "ref"), _final_weights(tmp_path / "cut")
-    assert ref_w.keys() == cut_w.keys()
-    for k in ref_w:
-        assert torch.equal(ref_w[k], cut_w[k]), k
+    for part in ("model", "ema"):
+        ref_w, cut_w = _final_weights(tmp_path / "ref", part), _final_weights(tmp_path / "cut", part)
+        assert ref_w.keys() == cut_w.keys()
+        for k in ref_w:
+            assert torch.equal(ref_w[k], cut_w[k]), (part, k)
     # one MLflow run, stopped then finished
     assert torch.load(tmp_path / "cut" / "image_compression_model.pth", weights_only=True)["mlflow_run_id"] == run_id
     r = mlflow_run(env, run_id)

@@ -235,3 +235,43 @@ def test_a_cosine_end_moved_while_running_still_ends_at_min_lr():
         if step == 100:
             assert 1e-4 < opt.param_groups[0]["lr"] < 1e-3
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-5)
+
+
+def test_weight_ema_averages_weights_and_batchnorm_statistics_and_copies_counters():
+    from train.loop.ema import WeightEMA
+
+    model = build_model("unet", channels=1, width=4, levels=1, batch_norm=True)
+    ema = WeightEMA(model, decay=0.75)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.rand(2, 1, 8, 8)).square().mean().backward()  # moves the BatchNorm statistics too
+    opt.step()
+    ema.update()
+    after = model.state_dict()
+    for k, v in ema.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, 0.75 * before[k] + 0.25 * after[k], atol=1e-7), k
+        else:
+            assert torch.equal(v, after[k]), k  # num_batches_tracked
+    assert any(not torch.equal(before[k], after[k]) for k in after if k.endswith("running_mean"))
+    assert not any(p.requires_grad for p in ema.module.parameters()) and not ema.module.training
+
+
+def test_with_a_weight_average_the_best_model_is_the_average(tmp_path, tiles_dir):
+    from train.loop.distributed import DistInfo
+    from train.loop.trainer import SMOKE_OVERRIDES, Trainer
+
+    cfg = load_config(None, [*SMOKE_OVERRIDES, "model.arch=unet", "model.kwargs={width = 4, levels = 1}", "data.backend=torch",
+                             f"data.dataset={tiles_dir}", "train.max_steps=2", "train.val_every=2", "train.ema_decay=0.5",
+                             "train.precision=fp32", "tracking.enabled=false"])
+    trainer = Trainer(cfg, tmp_path, DistInfo(0, 0, 1, torch.device("cpu")))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    best = torch.load(tmp_path / "image_compression_model.pth", weights_only=True)["state_dict"]
+    average, raw = trainer.ema.state_dict(), trainer.model.state_dict()
+    assert all(torch.equal(v, average[k]) for k, v in best.items())
+    assert not all(torch.equal(v, raw[k]) for k, v in best.items())
+    state = torch.load(latest_state(tmp_path / "checkpoints"), weights_only=True)
+    assert all(torch.equal(v, average[k]) for k, v in state["ema"].items())

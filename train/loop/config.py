@@ -121,12 +121,17 @@ class TrainConfig:
     """A model checkpoint whose weights start this run (an earlier run's best model: same arch,
     kwargs and mode, or an RGB model for a gray run: its first and last layers are folded to luma);
     the optimizer and schedule start fresh. Ignored when --resume finds a state."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights (e.g. 0.999: about the last 1000 steps)
+    and validate, save and ship it instead of the raw weights (train/loop/ema.py). 0: off."""
 
     def __post_init__(self):
         _choice("train.loss", self.loss, tuple(LOSSES))
         _choice("train.precision", self.precision, PRECISIONS)
         _positive("train", self, ("max_steps", "time_budget_s", "val_every", "ckpt_every", "log_every", "ddp_timeout_s", "seed"),
                   ("seed", "time_budget_s"))
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass

@@ -36,6 +36,7 @@ from runtime.tiling import restore_tensor
 from .budget import TimeBudget, set_total_steps
 from .config import Config, to_dict, to_toml
 from .distributed import DistInfo, all_reduce_sum, any_rank, barrier, gather_objects
+from .ema import WeightEMA
 from .optim import LOSSES, build_optimizer, build_scheduler
 from .progress import Progress
 from .state import OutputLock, load_latest, prune_states, remove_partial_writes, state_path
@@ -95,6 +96,12 @@ class Trainer:
             run_id = state.get("mlflow_run_id")
             self.load_state_dict(state, state_file)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", state_file, self.step, self.epoch, self.step_in_epoch)
+        self.ema = WeightEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None  # from the weights as they start
+        if self.ema and state is not None:
+            if "ema" in state:
+                self.ema.load_state_dict(state["ema"])
+            else:
+                log.info("the state has no weight average: it starts from the weights at step %d", self.step)
 
         self.data_root = data_root or cfg.data.data_root or None
         self.data_cfg = self._prepare_data(self.data_root)
@@ -164,14 +171,21 @@ class Trainer:
         self.scaler.update()
         if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step()
+        if self.ema:
+            self.ema.update()
         return loss.detach()
 
     # ---- validation ----
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What is validated and saved as the best model: the weight average where there is one."""
+        return self.ema.module if self.ema else self.model
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Whole held-out images at every configured quality, sharded over ranks; every registered
         metric, mean per quality and over all: val_<metric>, val_<metric>_q<q>, val_loss."""
-        self.model.eval()
+        net = self.eval_model.eval()
         qualities, names = self.data_cfg.qualities, [m.name for m in registered_metrics()]
         sums = torch.zeros(len(qualities), 2 + len(names), dtype=torch.float64)  # count, loss, metrics...
         self.val_figures = []
@@ -181,7 +195,7 @@ class Trainer:
             if self.data_cfg.quality_plane:
                 x = with_quality(x, q)
             with autocast_for(self.cfg.train.precision, self.device):
-                y = restore_tensor(self.model, x).float().clamp(0, 1)
+                y = restore_tensor(net, x).float().clamp(0, 1)
             restored = to_uint8(y[0])
             m = image_metrics(original, restored)
             loss = float(self.loss_fn(y, image_to_tensor(original, self.device)))
@@ -208,7 +222,8 @@ class Trainer:
                 "history": self.history,
                 "max_steps": self.cfg.train.max_steps,
                 "arch": self.cfg.model.arch, "kwargs": dict(self.cfg.model.kwargs), "mode": self.cfg.data.mode,
-                "mlflow_run_id": getattr(self, "tracker", None) and self.tracker.run_id}
+                "mlflow_run_id": getattr(self, "tracker", None) and self.tracker.run_id,
+                **({"ema": self.ema.state_dict()} if self.ema else {})}
 
     def elapsed(self) -> float:
         """Seconds of this run over all its sessions, the current one included (validations and
@@ -261,7 +276,7 @@ class Trainer:
             log.info("saved training state at step %d", self.step)
 
     def _save_best(self, metrics: dict) -> None:
-        blob = ckpt.model_checkpoint(self.model, self.cfg.model.arch, self.cfg.model.kwargs, self.cfg.data.mode,
+        blob = ckpt.model_checkpoint(self.eval_model, self.cfg.model.arch, self.cfg.model.kwargs, self.cfg.data.mode,
                                      to_dict(self.cfg), metrics, self.step)
         blob["mlflow_run_id"] = self.tracker.run_id
         ckpt.save(blob, self.best_path)

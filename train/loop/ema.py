@@ -1,0 +1,38 @@
+"""An exponential moving average of the model's weights (BasicSR's `net_g_ema`): updated after every
+optimizer step, validated, saved as the best model and shipped instead of the raw weights. It
+averages over about 1 / (1 - decay) steps and does not change the training itself.
+
+By hand rather than torch.optim.swa_utils.AveragedModel: that one compares its step counter on
+the host and copies it to the GPU at every update, a host sync per training step."""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+from torch import nn
+
+
+class WeightEMA:
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        pairs = list(zip(itertools.chain(self.module.parameters(), self.module.buffers()),
+                         itertools.chain(model.parameters(), model.buffers()), strict=True))
+        # floating tensors (weights, BatchNorm statistics) are averaged; counters are copied
+        self._avg = [list(t) for t in zip(*[p for p in pairs if p[0].is_floating_point()])] or [[], []]
+        self._copy = [p for p in pairs if not p[0].is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        ema, current = self._avg
+        if ema:
+            torch._foreach_lerp_(ema, current, 1 - self.decay)
+        for mine, theirs in self._copy:
+            mine.copy_(theirs)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)
