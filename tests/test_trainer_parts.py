@@ -242,11 +242,12 @@ def test_weight_ema_averages_weights_and_batchnorm_statistics_and_copies_counter
 
     model = build_model("unet", channels=1, width=4, levels=1, batch_norm=True)
     ema = WeightEMA(model, decay=0.75)
+    assert ema.decay_at(0) == 0.1 and ema.decay_at(10) == 0.55 and ema.decay_at(1000) == 0.75  # warm-up, then the decay
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model(torch.rand(2, 1, 8, 8)).square().mean().backward()  # moves the BatchNorm statistics too
     opt.step()
-    ema.update()
+    ema.update(step=1000)
     after = model.state_dict()
     for k, v in ema.state_dict().items():
         if v.is_floating_point():

@@ -122,8 +122,9 @@ class TrainConfig:
     kwargs and mode, or an RGB model for a gray run: its first and last layers are folded to luma);
     the optimizer and schedule start fresh. Ignored when --resume finds a state."""
     ema_decay: float = 0.0
-    """Keep an exponential moving average of the weights (e.g. 0.999: about the last 1000 steps)
-    and validate, save and ship it instead of the raw weights (train/loop/ema.py). 0: off."""
+    """Keep an exponential moving average of the weights (e.g. 0.999: about the last 1000 steps,
+    fewer early in the run) and validate, save and ship it instead of the raw weights
+    (train/loop/ema.py). 0: off."""
 
     def __post_init__(self):
         _choice("train.loss", self.loss, tuple(LOSSES))

@@ -1,6 +1,10 @@
 """An exponential moving average of the model's weights (BasicSR's `net_g_ema`): updated after every
 optimizer step, validated, saved as the best model and shipped instead of the raw weights. It
-averages over about 1 / (1 - decay) steps and does not change the training itself.
+averages over about 1 / (1 - decay) steps and does not change the training itself. Early on the
+decay is min(decay, (1 + step) / (10 + step)) (TensorFlow's ExponentialMovingAverage with
+num_updates): a fixed 0.999 from the first step still held 5% of the initial weights after 3000
+steps, and of BatchNorm's initial running variance (1, where the data's is about 0.01), which
+cost 1 dB of validation PSNR in a 3000-step run.
 
 By hand rather than torch.optim.swa_utils.AveragedModel: that one compares its step counter on
 the host and copies it to the GPU at every update, a host sync per training step."""
@@ -23,11 +27,15 @@ class WeightEMA:
         self._avg = [list(t) for t in zip(*[p for p in pairs if p[0].is_floating_point()])] or [[], []]
         self._copy = [p for p in pairs if not p[0].is_floating_point()]
 
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int) -> None:
+        """After optimizer step `step` (0 for the first)."""
         ema, current = self._avg
         if ema:
-            torch._foreach_lerp_(ema, current, 1 - self.decay)
+            torch._foreach_lerp_(ema, current, 1 - self.decay_at(step))
         for mine, theirs in self._copy:
             mine.copy_(theirs)
 

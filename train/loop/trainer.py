@@ -172,7 +172,7 @@ class Trainer:
         if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step()
         if self.ema:
-            self.ema.update()
+            self.ema.update(self.step)
         return loss.detach()
 
     # ---- validation ----
