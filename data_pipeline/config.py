@@ -11,7 +11,8 @@ class DataConfig:
     backend: str = "auto"
     """Loader (data_pipeline/backends/): 'resident' (the decoded dataset on the training device),
     'dali' (GPU JPEG decoding; CPU without a GPU), 'torch', 'synthetic', or 'auto': resident when
-    the prepared data fits data.resident_mb, else the first available of dali, torch."""
+    the prepared data fits data.resident_mb, else the first available of dali (gray only: its GPU
+    RGB decode is not libjpeg's), torch."""
     data_root: str = ""
     """Folder holding the datasets; empty means $JPEG_RESTORE_DATA_ROOT."""
     dataset: str = "train400"

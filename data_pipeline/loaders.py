@@ -30,7 +30,7 @@ def backend_choices() -> list[str]:
 
 def resolve_backend(name: str, pairs=(), cfg=None) -> str:
     """'auto' -> the first available backend that suits the pairs: resident when the prepared data
-    fits data.resident_mb, else dali, else torch. Others are checked."""
+    fits data.resident_mb, else dali (gray only), else torch. Others are checked."""
     found = backends()
     if name == "auto":
         for n, cls in found.items():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from data_pipeline.config import DataConfig
-from data_pipeline.loaders import build_loader, dali_available
+from data_pipeline.loaders import build_loader, dali_available, resolve_backend, training_pairs
 from data_pipeline.prepare import load_manifest
 from data_pipeline.sources import DataError
 
@@ -175,6 +175,9 @@ def test_auto_takes_resident_when_the_prepared_data_fits(tiles_prepared):
     fallback = "dali" if dali_available() else "torch"
     assert build_loader(DataConfig(resident_mb=0, **cfg)).backend == fallback
     assert build_loader(DataConfig(online=True, **cfg)).backend == fallback
+    # nvJPEG's RGB decode differs from libjpeg's: auto never takes DALI for RGB
+    pairs = training_pairs(DataConfig(**cfg))
+    assert resolve_backend("auto", pairs, DataConfig(resident_mb=0, mode="rgb", **cfg)) == "torch"
 
 
 def test_loader_benchmark_measures_every_available_backend(tiles_prepared):
