@@ -105,6 +105,15 @@ def test_sweep_variants_change_one_setting_of_the_base_each(tmp_path):
     cfg = load_config(args[1], [a for a in args[2:] if a != "--set"])
     assert cfg.model.kwargs == {"width": 8, "levels": 2, "skips": False} and cfg.train.max_steps == 7
     assert cfg.optim.lr == 3e-4 and cfg.train.loss == "l1" and cfg.tracking.tags["grid_point"] == "flat,optim.lr=0.0003"
+    sweep.write_text('configs = ["dncnn", "unet"]\n[base]\n"optim.lr" = 1e-3\n[overrides.dncnn]\n"optim.lr" = 1e-4\n'
+                     '[variants]\nmse = { "train.loss" = "mse" }\n')
+    for i, lr in ((0, 1e-4), (1, 1e-3)):  # a config's own settings go over the base, under the variants
+        args = task_args(load_sweep(sweep), i, "9")
+        cfg = load_config(args[1], [a for a in args[2:] if a != "--set"])
+        assert cfg.optim.lr == lr and cfg.train.loss == "mse"
+    sweep.write_text('configs = ["unet"]\n[overrides.dncnn]\n"optim.lr" = 1e-4\n')
+    with pytest.raises(ConfigError, match="overrides for dncnn, which is not one of its configs"):
+        load_sweep(sweep)
     sweep.write_text('configs = ["unet"]\n[variants]\nbad = { "model.kwargs" = { widht = 8 } }\n')
     with pytest.raises(ConfigError, match="model.kwargs.widht is not an argument of unet"):
         tasks(load_sweep(sweep))

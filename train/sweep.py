@@ -1,6 +1,6 @@
 """The tasks of a sweep: every config of a sweep file crossed with its named variants (one-factor
 changes, e.g. configs/ablations.toml) and its grid (every combination of the listed values), with
-the file's `base` settings under both. slurm/sweep.sh asks for one task's training arguments by
+the file's `base` settings under both and a config's own settings (`[overrides.<config>]`) between. slurm/sweep.sh asks for one task's training arguments by
 array index.
 
     python -m train.sweep count [--sweep configs/sweep.toml]
@@ -24,12 +24,15 @@ DEFAULT_SWEEP = REPO / "configs" / "sweep.toml"
 
 def load_sweep(path: Path | str = DEFAULT_SWEEP) -> dict:
     sweep = read_toml(path, "sweep file")
-    unknown = set(sweep) - {"experiment", "configs", "base", "variants", "grid"}
+    unknown = set(sweep) - {"experiment", "configs", "base", "overrides", "variants", "grid"}
     if unknown:
         raise ConfigError(f"unknown key {sorted(unknown)[0]} in sweep file {path} "
-                          "(known: experiment, configs, base, variants, grid)")
+                          "(known: experiment, configs, base, overrides, variants, grid)")
     if not sweep.get("configs"):
         raise ConfigError(f"sweep file {path} lists no configs")
+    stray = set(sweep.get("overrides", {})) - set(sweep["configs"])
+    if stray:
+        raise ConfigError(f"sweep file {path} has overrides for {sorted(stray)[0]}, which is not one of its configs")
     return sweep
 
 
@@ -44,7 +47,7 @@ def tasks(sweep: dict) -> list[dict]:
         config = REPO / "configs" / f"{name}.toml"
         for variant, changes in variants.items():
             for point in points:
-                settings = {**sweep.get("base", {}), **changes, **point}
+                settings = {**sweep.get("base", {}), **sweep.get("overrides", {}).get(name, {}), **changes, **point}
                 overrides = [f"{k}={toml_value(v)}" for k, v in settings.items()]
                 load_config(config, overrides)  # fail now, not in the array task
                 label = ",".join(([variant] if variant else []) + [f"{k}={v}" for k, v in point.items()])

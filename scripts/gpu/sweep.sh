@@ -5,7 +5,8 @@
 # run's record.
 #   bash scripts/gpu/sweep.sh SWEEP_FILE DATA WORK [--set k=v ...]   (extra settings go to every task)
 # Environment: PY (python3), EVAL_DEVICE (cuda), EVAL_DATASET (live1_gray), EVAL_QUALITIES (10,20,30,40),
-# EVAL_PRECISION (fp32), LATENCY_SHAPES (512x512x1), LATENCY_ITERS (10), TASK_TIMEOUT (900 s). On a CPU: EVAL_DEVICE=cpu.
+# EVAL_PRECISION (fp32), LATENCY_SHAPES (512x512x1), LATENCY_ITERS (10), TASK_TIMEOUT (900 s), TASKS (the
+# array indices to run, e.g. "2 5 6 7"; default all). On a CPU: EVAL_DEVICE=cpu.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 sweep=$1 data=$2 work=$3; shift 3
@@ -20,7 +21,7 @@ prepared=$work/prepared/$dataset-$mode
 $PY -m data_pipeline.prepare "$dataset" --data-root "$data" --out "$prepared" --mode "$mode" --qualities "$qualities" \
     2>&1 | tail -n 1 || exit 2
 n=$($PY -m train.sweep count --sweep "$sweep") || exit 2
-for i in $(seq 0 $((n - 1))); do
+for i in ${TASKS:-$(seq 0 $((n - 1)))}; do
     mapfile -t args < <($PY -m train.sweep args "$i" --sweep "$sweep" --sweep-id "$name")
     out=$runs/$i
     echo "== $(date +%T) task $i: ${args[*]:0:2}"
