@@ -91,7 +91,7 @@ def test_sweep_trains_every_architecture(cluster, sweep_env, tmp_path):
 def test_sigterm_checkpoints_requeues_and_resumes(cluster, sweep_env, tmp_path):
     unet = [t["name"] for t in tasks(load_sweep())].index("unet")
     env = {**sweep_env, "SWEEP_EVAL": "0"}
-    job = cluster.run("sbatch", "--parsable", f"--array={unet}", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%A_%a.out",
+    job = cluster.run("sbatch", "--parsable", f"--array={unet}", "--cpus-per-task=2", f"--output={tmp_path}/slurm-%A_%a.out",
                       "slurm/sweep.sh", "--smoke", "--set", "data.backend=torch", *data_args(env),
                       "--set", "train.max_steps=60",
                       "--set", "train.ckpt_every=1000", "--set", "train.val_every=1000", cwd=REPO, env=env)
