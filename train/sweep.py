@@ -1,7 +1,7 @@
 """The tasks of a sweep: every config of a sweep file crossed with its named variants (one-factor
 changes, e.g. configs/ablations.toml) and its grid (every combination of the listed values), with
-the file's `base` settings under both and a config's own settings (`[overrides.<config>]`) between. slurm/sweep.sh asks for one task's training arguments by
-array index.
+the file's `base` settings under both and a config's own settings (`[overrides.<config>]`) between.
+slurm/sweep.sh asks for one task's training arguments by array index.
 
     python -m train.sweep count [--sweep configs/sweep.toml]
     python -m train.sweep args INDEX [--sweep configs/sweep.toml] [--sweep-id ID]

@@ -99,7 +99,7 @@ class DaliSource(Backend):
     def __init__(self, pairs, cfg, rank: int, world_size: int, device: torch.device):
         self.pairs, self.cfg, self.rank, self.world_size, self.device = pairs, cfg, rank, world_size, device
         self.iterator = None
-        if device.type == "cuda" and cfg.mode == "rgb" and not cfg.online and rank == 0:
+        if device.type == "cuda" and cfg.mode == "rgb" and rank == 0:  # online: its GPU JPEG shifts as much
             log.warning("data.backend=dali in RGB: %s; the resident and torch backends decode with libjpeg", RGB_DECODE_SHIFT)
 
     def _build(self, seed: int):
