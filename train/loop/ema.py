@@ -24,8 +24,9 @@ class WeightEMA:
         pairs = list(zip(itertools.chain(self.module.parameters(), self.module.buffers()),
                          itertools.chain(model.parameters(), model.buffers()), strict=True))
         # floating tensors (weights, BatchNorm statistics) are averaged; counters are copied
-        self._avg = [list(t) for t in zip(*[p for p in pairs if p[0].is_floating_point()])] or [[], []]
-        self._copy = [p for p in pairs if not p[0].is_floating_point()]
+        self._averaged = [mine for mine, _ in pairs if mine.is_floating_point()]
+        self._current = [theirs for mine, theirs in pairs if mine.is_floating_point()]
+        self._copied = [(mine, theirs) for mine, theirs in pairs if not mine.is_floating_point()]
 
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1 + step) / (10 + step))
@@ -33,10 +34,9 @@ class WeightEMA:
     @torch.no_grad()
     def update(self, step: int) -> None:
         """After optimizer step `step` (0 for the first)."""
-        ema, current = self._avg
-        if ema:
-            torch._foreach_lerp_(ema, current, 1 - self.decay_at(step))
-        for mine, theirs in self._copy:
+        if self._averaged:
+            torch._foreach_lerp_(self._averaged, self._current, 1 - self.decay_at(step))
+        for mine, theirs in self._copied:
             mine.copy_(theirs)
 
     def state_dict(self) -> dict:
