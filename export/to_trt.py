@@ -25,17 +25,15 @@ if __package__ in (None, ""):  # `python export/to_trt.py`
 import torch  # noqa: E402
 
 from data_pipeline.errors import command  # noqa: E402
-from data_pipeline.images import atomic_write_bytes, jpeg_roundtrip  # noqa: E402
+from data_pipeline.images import atomic_write_bytes  # noqa: E402
 from export.artifacts import DEPLOY_DIR, engine_path, ensure_onnx  # noqa: E402
 from export.latency import default_shapes, parse_shapes, report, run_benchmark  # noqa: E402
 from export.onnx_export import check_parity  # noqa: E402
-from export.parity import parity_images  # noqa: E402
+from export.parity import parity, parity_report  # noqa: E402
 from runtime.artifacts import file_sha256, write_meta  # noqa: E402
 from runtime.checkpoint import load_model  # noqa: E402
-from runtime.inference import image_to_tensor, input_channels, to_uint8, with_quality  # noqa: E402
-from runtime.metrics.psnr import psnr  # noqa: E402
+from runtime.inference import input_channels  # noqa: E402
 from runtime.runners import make_runner, runners  # noqa: E402
-from runtime.runners.torch_eager import TorchRunner  # noqa: E402
 
 MIN_SIDE, OPT_SIDE, MAX_SIDE, MAX_BATCH = 64, 512, 1024, 4
 
@@ -73,18 +71,16 @@ def build_engine(onnx_path: Path, engine_path: Path, fp16: bool, channels: int, 
     return engine_path
 
 
-def engine_parity(checkpoint: Path, engine_path: Path, data_root: str | None, quality: int = 10) -> dict:
-    model, meta = load_model(checkpoint)
-    ref, trt_runner = TorchRunner(model, device="cuda"), make_runner("tensorrt", engine_path, "cuda")
-    source, images = parity_images(meta["mode"], data_root)
-    diffs, dpsnr = [], []
-    for _, original in images:
-        x = image_to_tensor(jpeg_roundtrip(original, quality), "cuda")
-        x = with_quality(x, quality) if input_channels(meta) > meta["channels"] else x
-        a, b = ref.restore(x).clamp(0, 1), trt_runner.restore(x).clamp(0, 1)
-        diffs.append(float((a - b).abs().max()))
-        dpsnr.append(abs(psnr(original, to_uint8(a[0])) - psnr(original, to_uint8(b[0]))))
-    return {"source": source, "max_abs_diff": max(diffs), "max_psnr_diff": max(dpsnr)}
+def ort_cuda_parity(checkpoint: Path, deploy_dir: Path, data_root: str | None) -> list[dict]:
+    """ONNX Runtime's CUDA provider (IO binding) on the fp32 and fp16 graphs against PyTorch; [] without it."""
+    checks = []
+    for fp16 in (False, True):
+        runner = make_runner("onnxruntime", ensure_onnx(checkpoint, deploy_dir, fp16), "cuda")
+        if runner.provider == "CPUExecutionProvider":
+            return []
+        checks.append({**parity(checkpoint, runner, data_root, fp16=fp16), "provider": runner.provider,
+                       "graph": "fp16" if fp16 else "fp32"})
+    return checks
 
 
 @command
@@ -122,13 +118,18 @@ def main(argv=None) -> int:
             path = build_engine(onnx_path, engine_path(args.checkpoint, precision, out), precision == "fp16", input_channels(meta),
                                 meta["kwargs"].get("tile", 0) if meta["arch"] == "autoencoder" else 0, out / "timing.cache",
                                 sidecar)
-            e = engine_parity(args.checkpoint, path, args.data_root)
-            print(f"TensorRT {precision} engine {path}: max abs diff {e['max_abs_diff']:.2e}, PSNR diff {e['max_psnr_diff']:.4f} dB")
+            e = parity(args.checkpoint, make_runner("tensorrt", path, "cuda"), args.data_root, fp16=precision == "fp16")
+            print(f"TensorRT {precision} engine {path}: " + parity_report(e, "trt").splitlines()[-1])
+    gpu_checks = ort_cuda_parity(args.checkpoint, out, args.data_root) if device == "cuda" else []
+    for g in gpu_checks:
+        print(f"ONNX Runtime {g['provider']} {g['graph']} graph: " + parity_report(g, "ort").splitlines()[-1])
+    if device == "cuda" and not gpu_checks:
+        print("ONNX Runtime on CUDA: not checked: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
     result = run_benchmark(args.checkpoint, device, shapes, iters=args.iters,
                            backends=args.backends.split(","), deploy_dir=out)
-    result["onnx_parity"] = p
+    result["onnx_parity"], result["onnx_cuda_parity"] = p, gpu_checks
     print(report(result, out, meta.get("mlflow_run_id"), not args.no_mlflow, record_dir=Path(args.checkpoint).parent))
-    return 0 if p["ok"] else 1
+    return 0 if p["ok"] and all(g["ok"] for g in gpu_checks) else 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from data_pipeline.images import jpeg_bytes, jpeg_roundtrip, read_image
 from export.latency import markdown_table, run_benchmark
 from export.onnx_export import check_parity, export_onnx
+from export.parity import parity
 from runtime import checkpoint as ckpt
 from runtime.device import native_bf16
 from runtime.inference import image_to_tensor
@@ -142,14 +143,14 @@ def test_to_trt_cli_without_gpu_still_exports_and_benchmarks(trained, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(TRT_WHY is not None, reason=f"TensorRT cannot run here: {TRT_WHY}")
 def test_tensorrt_engine_matches_pytorch(trained, tmp_path):
-    from export.to_trt import build_engine, engine_parity
+    from export.to_trt import build_engine
 
     path, _ = trained
     export_onnx(path, tmp_path / "m.onnx")
     for precision, tol in (("fp32", 1e-3), ("fp16", 0.05)):
         engine = build_engine(tmp_path / "m.onnx", tmp_path / f"m.{precision}.engine", precision == "fp16", 1,
                               timing_cache=tmp_path / "timing.cache")
-        p = engine_parity(path, engine, None)
+        p = parity(path, make_runner("tensorrt", engine, "cuda"), None, fp16=precision == "fp16")
         assert p["max_psnr_diff"] <= tol
 
 
