@@ -120,11 +120,17 @@ step_eval() {  # LIVE1 (the test set) of a run's best checkpoint, gray or color 
     $PY -m train.evaluate --checkpoint "$ckpt" --data-root "$DATA" --dataset $set --device $DEVICE --precision auto \
         --json "$WORK/results/eval_$1_$set.json"
 }
-step_latency() {  # [NAME|shipped] [SHAPES]: every runner; AOTInductor and torch.compile compile per shape
-    local ckpt=image_compression_model.pth
-    [ -n "${1:-}" ] && [ "$1" != shipped ] && ckpt="$WORK/runs/$1/image_compression_model.pth"
-    timeout -k 10 "${LATENCY_LIMIT:-300}" $PY export/to_trt.py --checkpoint "$ckpt" --out "$WORK/deploy" --data-root "$DATA" --no-mlflow --shapes "${2:-$SHAPES}" \
-        && cp "$WORK"/deploy/latency.* "$WORK/results/"
+step_latency() {  # [NAME|shipped] [SHAPES]: every runner (exports kept in deploy/ for the next latency step);
+                 # torch.compile compiles per shape; results/latency_NAME_SHAPES.{json,md}
+    local ckpt=image_compression_model.pth name=${1:-shipped} shapes=${2:-$SHAPES}
+    [ "$name" != shipped ] && ckpt="$WORK/runs/$name/image_compression_model.pth"
+    timeout -k 10 "${LATENCY_LIMIT:-300}" $PY export/to_trt.py --checkpoint "$ckpt" --out "$WORK/deploy" --data-root "$DATA" --no-mlflow --shapes "$shapes" \
+        ${LATENCY_BACKENDS:+--backends $LATENCY_BACKENDS}
+    local rc=$?
+    for f in "$WORK"/deploy/latency.json "$WORK"/deploy/latency.md; do
+        [ -f "$f" ] && mv "$f" "$WORK/results/latency_${name}_${shapes//,/_}.${f##*.}"
+    done
+    return $rc
 }
 step_restore12mp() {  # a 12-megapixel color JPEG (a LIVE1 photo resized to 4000x3000, q30) through restore on the
                      # GPU, gray (luma) and RGB models: time, peak host and GPU memory (restore reports them)
