@@ -128,3 +128,22 @@ def fold_rgb_to_gray(state_dict: dict, model: nn.Module, path) -> dict:
             raise CheckpointError(f"{path}: cannot fold the RGB weights into gray: {key} is {tuple(value.shape)}, "
                                   f"the gray model wants {tuple(target.shape)}")
     return folded
+
+
+def add_quality_planes(state_dict: dict, model: nn.Module, path) -> dict:
+    """A blind model's weights for the same network told the quality (cond_channels): the layer
+    reading the input gets zero kernels for the extra planes, so the conditioned model starts as
+    exactly the blind one and learns from there what the quality is worth."""
+    want, widened = model.state_dict(), {}
+    for key, value in state_dict.items():
+        target = want.get(key)
+        if target is None or target.shape == value.shape:
+            widened[key] = value
+        elif value.dim() >= 2 and target.shape[0] == value.shape[0] and target.shape[2:] == value.shape[2:] \
+                and target.shape[1] > value.shape[1]:
+            widened[key] = torch.cat([value, value.new_zeros(value.shape[0], target.shape[1] - value.shape[1], *value.shape[2:])], 1)
+        else:
+            raise CheckpointError(f"{path}: cannot add quality planes to the blind weights: {key} is {tuple(value.shape)}, "
+                                  f"the conditioned model wants {tuple(target.shape)}")
+    return widened
+

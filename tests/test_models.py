@@ -114,6 +114,28 @@ def test_a_quality_plane_is_an_extra_input_and_the_output_keeps_the_image_channe
     assert a.shape == (2, 3, 24, 40) and not torch.allclose(a, b)  # the plane reaches the output
 
 
+@pytest.mark.parametrize("arch", ["unet", "drunet", "nafnet", "dncnn"])
+def test_a_blind_model_widened_for_the_quality_plane_starts_as_the_blind_model(arch):
+    """train.init_from of a blind model in a run told the quality: whatever the plane says, the
+    widened network computes what the blind one did, until training gives the plane weight."""
+    from runtime.checkpoint import CheckpointError, add_quality_planes
+
+    torch.manual_seed(0)
+    blind = build_model(arch, channels=3, **tiny_kwargs(arch)).eval()
+    told = build_model(arch, channels=3, cond_channels=1, **tiny_kwargs(arch)).eval()
+    with torch.no_grad():
+        for p in blind.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    told.load_state_dict(add_quality_planes(blind.state_dict(), told, "blind.pth"))
+    x = torch.rand(2, 3, 24, 40)
+    with torch.no_grad():
+        assert not torch.allclose(blind(x), x, atol=1e-3)  # not the identity's check
+        for q in (0.0, 0.04, 0.16):
+            assert torch.allclose(told(torch.cat([x, torch.full_like(x[:, :1], q)], 1)), blind(x), atol=1e-6)
+    with pytest.raises(CheckpointError, match="cannot add quality planes"):
+        add_quality_planes(blind.state_dict(), build_model(arch, channels=1, cond_channels=1, **tiny_kwargs(arch)), "blind.pth")
+
+
 @pytest.mark.parametrize("arch", architectures())
 def test_an_rgb_model_folds_into_the_gray_model_that_restores_its_luma(arch):
     """train.init_from of an RGB model in a gray run: the gray network computes, for a gray image,

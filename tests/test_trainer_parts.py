@@ -212,6 +212,28 @@ def test_a_gray_run_starts_from_an_rgb_model_folded_to_luma_and_not_the_reverse(
         Trainer(load_config(None, [*base, "data.mode=rgb", f"train.init_from={tmp_path / 'gray.pth'}"]), tmp_path / "rgb", cpu)
 
 
+def test_a_run_told_the_quality_starts_from_a_blind_model(tmp_path):
+    from train.loop.distributed import DistInfo
+    from train.loop.trainer import Trainer
+
+    kwargs = {"width": 4, "levels": 1}
+    blind = build_model("unet", channels=1, **kwargs)
+    ckpt.save(ckpt.model_checkpoint(blind, "unet", kwargs, "gray", {}, {}, 7), tmp_path / "blind.pth")
+    base = ["model.arch=unet", "data.backend=synthetic", "data.patch_size=16", "tracking.enabled=false",
+            f"train.init_from={tmp_path / 'blind.pth'}"]
+    cpu = DistInfo(0, 0, 1, torch.device("cpu"))
+    trainer = Trainer(load_config(None, [*base, "model.kwargs={width = 4, levels = 1, cond_channels = 1}",
+                                         "data.quality_plane=true"]), tmp_path / "told", cpu)
+    try:
+        widened = ckpt.add_quality_planes(blind.state_dict(), trainer.model, "blind.pth")
+        assert all(torch.equal(v, widened[k]) for k, v in trainer.model.state_dict().items())
+    finally:
+        trainer.close()
+    with pytest.raises(ckpt.CheckpointError, match="holds a unet gray model"):  # another width is not a blind twin
+        Trainer(load_config(None, [*base, "model.kwargs={width = 8, levels = 1, cond_channels = 1}",
+                                   "data.quality_plane=true"]), tmp_path / "other", cpu)
+
+
 def test_time_budget_waits_for_a_measured_rate_then_fits_the_remaining_time():
     budget = TimeBudget(seconds=100.0, max_steps=10_000)
     assert budget.fit(step=50, elapsed=30.0) is None  # the first window holds the compile

@@ -253,18 +253,26 @@ class Trainer:
 
     def init_weights(self, path: str) -> None:
         """Start from the weights of a model checkpoint of the same architecture (a gray run may
-        start from an RGB model: its first and last layers are folded to luma)."""
+        start from an RGB model: its first and last layers are folded to luma; a run told the
+        quality may start from a blind model: the quality plane's kernels start at zero)."""
         blob = ckpt.load(path, self.device)
         want = (self.cfg.model.arch, dict(self.cfg.model.kwargs), self.cfg.data.mode)
         have = (blob.get("arch"), blob.get("kwargs"), blob.get("mode"))
         from_rgb = have == (*want[:2], "rgb") and want[2] == "gray"
-        if (want != have and not from_rgb) or "state_dict" not in blob:
+        blind = {k: v for k, v in want[1].items() if k != "cond_channels"}
+        from_blind = (want[1].get("cond_channels", 0) > 0 and isinstance(have[1], dict) and not have[1].get("cond_channels")
+                      and (have[0], {k: v for k, v in have[1].items() if k != "cond_channels"}, have[2]) == (want[0], blind, want[2]))
+        if (want != have and not from_rgb and not from_blind) or "state_dict" not in blob:
             raise ckpt.CheckpointError(f"train.init_from {path} holds a {have[0]} {have[2]} model {have[1]}, "
                                        f"the config asks for {want[0]} {want[2]} {want[1]}")
-        state = ckpt.fold_rgb_to_gray(blob["state_dict"], self.model, path) if from_rgb else blob["state_dict"]
+        state = blob["state_dict"]
+        if from_rgb:
+            state = ckpt.fold_rgb_to_gray(state, self.model, path)
+        if from_blind:
+            state = ckpt.add_quality_planes(state, self.model, path)
         ckpt.load_weights(self.model, state, path)
         log.info("initialised the weights from %s (step %s of its run%s)", path, blob.get("step"),
-                 "; RGB folded to luma" if from_rgb else "")
+                 "; RGB folded to luma" if from_rgb else "; zero kernels for the quality plane" if from_blind else "")
 
     def save_state(self) -> None:
         rng = gather_objects(torch.get_rng_state(), self.info)  # every rank's generator
