@@ -146,4 +146,3 @@ def add_quality_planes(state_dict: dict, model: nn.Module, path) -> dict:
             raise CheckpointError(f"{path}: cannot add quality planes to the blind weights: {key} is {tuple(value.shape)}, "
                                   f"the conditioned model wants {tuple(target.shape)}")
     return widened
-
