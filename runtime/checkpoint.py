@@ -133,8 +133,10 @@ def fold_rgb_to_gray(state_dict: dict, model: nn.Module, path) -> dict:
 def add_quality_planes(state_dict: dict, model: nn.Module, path) -> dict:
     """A blind model's weights for the same network told the quality (cond_channels): the layer
     reading the input gets zero kernels for the extra planes, so the conditioned model starts as
-    exactly the blind one and learns from there what the quality is worth."""
-    want, widened = model.state_dict(), {}
+    exactly the blind one and learns from there what the quality is worth; FiLM layers, which the
+    blind network lacks, keep their initialisation (the identity)."""
+    want = model.state_dict()
+    widened = {key: value for key, value in want.items() if key.startswith("film.") and key not in state_dict}
     for key, value in state_dict.items():
         target = want.get(key)
         if target is None or target.shape == value.shape:

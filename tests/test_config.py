@@ -117,3 +117,10 @@ def test_sweep_variants_change_one_setting_of_the_base_each(tmp_path):
     sweep.write_text('configs = ["unet"]\n[variants]\nbad = { "model.kwargs" = { widht = 8 } }\n')
     with pytest.raises(ConfigError, match="model.kwargs.widht is not an argument of unet"):
         tasks(load_sweep(sweep))
+
+
+def test_film_without_the_quality_plane_is_rejected_in_one_line():
+    with pytest.raises(ConfigError, match="film = true modulates by the quality: it needs data.quality_plane = true"):
+        load_config(None, ["model.arch=unet", "model.kwargs={film=true}"])
+    cfg = load_config(None, ["model.arch=unet", "model.kwargs={cond_channels=1, film=true}", "data.quality_plane=true"])
+    assert cfg.model.kwargs["film"] is True

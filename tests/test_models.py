@@ -137,6 +137,42 @@ def test_a_blind_model_widened_for_the_quality_plane_starts_as_the_blind_model(a
         add_quality_planes(blind.state_dict(), build_model(arch, channels=1, cond_channels=1, **tiny_kwargs(arch)), "blind.pth")
 
 
+def test_a_film_unet_reads_the_quality_from_the_plane_and_starts_as_its_blind_twin(tmp_path):
+    """film = true: the quality modulates every block instead of entering as pixels; widened from a
+    blind model it computes what that model did, whatever the quality, until training moves FiLM."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from export.onnx_export import export_onnx
+    from runtime import checkpoint as ckpt
+
+    with pytest.raises(ValueError, match="needs cond_channels"):
+        build_model("unet", film=True)
+    torch.manual_seed(0)
+    kwargs = {"width": 8, "levels": 2, "batch_norm": True}
+    blind = build_model("unet", **kwargs).eval()
+    film = build_model("unet", cond_channels=1, film=True, **kwargs).eval()
+    with torch.no_grad():
+        for p in blind.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    film.load_state_dict(ckpt.add_quality_planes(blind.state_dict(), film, "blind.pth"))
+    x = torch.rand(2, 1, 24, 40)
+    told = {q: torch.cat([x, torch.full_like(x, q)], 1) for q in (0.0, 0.04, 0.16)}
+    with torch.no_grad():
+        assert not torch.allclose(blind(x), x, atol=1e-3)
+        assert all(torch.allclose(film(t), blind(x), atol=1e-6) for t in told.values())
+        for p in film.film.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        assert not torch.allclose(film(told[0.04]), film(told[0.16]), atol=1e-4)
+    kwargs = {**kwargs, "cond_channels": 1, "film": True}
+    ckpt.save(ckpt.model_checkpoint(film, "unet", kwargs, "gray", {}, {}, 0), tmp_path / "film.pth")
+    export_onnx(tmp_path / "film.pth", tmp_path / "film.onnx")  # the plane stays part of the input
+    session = ort.InferenceSession(str(tmp_path / "film.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = film(told[0.16]).numpy()
+    assert np.abs(session.run(None, {"input": told[0.16].numpy()})[0] - want).max() < 1e-4
+
+
 @pytest.mark.parametrize("arch", architectures())
 def test_an_rgb_model_folds_into_the_gray_model_that_restores_its_luma(arch):
     """train.init_from of an RGB model in a gray run: the gray network computes, for a gray image,

@@ -212,7 +212,8 @@ def test_a_gray_run_starts_from_an_rgb_model_folded_to_luma_and_not_the_reverse(
         Trainer(load_config(None, [*base, "data.mode=rgb", f"train.init_from={tmp_path / 'gray.pth'}"]), tmp_path / "rgb", cpu)
 
 
-def test_a_run_told_the_quality_starts_from_a_blind_model(tmp_path):
+@pytest.mark.parametrize("film", ["", ", film = true"])
+def test_a_run_told_the_quality_starts_from_a_blind_model(tmp_path, film):
     from train.loop.distributed import DistInfo
     from train.loop.trainer import Trainer
 
@@ -222,7 +223,7 @@ def test_a_run_told_the_quality_starts_from_a_blind_model(tmp_path):
     base = ["model.arch=unet", "data.backend=synthetic", "data.patch_size=16", "tracking.enabled=false",
             f"train.init_from={tmp_path / 'blind.pth'}"]
     cpu = DistInfo(0, 0, 1, torch.device("cpu"))
-    trainer = Trainer(load_config(None, [*base, "model.kwargs={width = 4, levels = 1, cond_channels = 1}",
+    trainer = Trainer(load_config(None, [*base, f"model.kwargs={{width = 4, levels = 1, cond_channels = 1{film}}}",
                                          "data.quality_plane=true"]), tmp_path / "told", cpu)
     try:
         widened = ckpt.add_quality_planes(blind.state_dict(), trainer.model, "blind.pth")

@@ -1,4 +1,5 @@
-"""Helpers shared by architectures: padding to a multiple, activations, zero-initialised residual branches."""
+"""Helpers shared by architectures: padding to a multiple, activations, zero-initialised residual branches,
+FiLM conditioning on the JPEG quality."""
 from __future__ import annotations
 
 import torch
@@ -31,3 +32,20 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
         mode = "reflect" if ph < h and pw < w else "replicate"
         x = F.pad(x, (0, pw, 0, ph), mode=mode)
     return x, (h, w)
+
+
+class FiLM(nn.Module):
+    """Feature-wise modulation by the quality (Perez et al., 2018): a small MLP maps the quality
+    vector to a per-channel scale and shift, y * (1 + scale) + shift. Its last layer starts at
+    zero, so an untrained FiLM is the identity (and a blind model's weights start as themselves).
+    The quality plane holds q/255 (q10-40: 0.04-0.16): ten times that spreads it over the MLP's
+    unit range, where its first layer tells the qualities apart from the start."""
+
+    def __init__(self, cond_channels: int, channels: int, hidden: int = 32, input_gain: float = 10.0):
+        super().__init__()
+        self.input_gain = input_gain
+        self.mlp = nn.Sequential(nn.Linear(cond_channels, hidden), nn.SiLU(), zero_init_(nn.Linear(hidden, 2 * channels)))
+
+    def forward(self, y: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.mlp(self.input_gain * quality).to(y.dtype)[:, :, None, None].chunk(2, dim=1)
+        return y * (1 + scale) + shift

@@ -1,12 +1,14 @@
 """U-Net: encoder-decoder with skip connections (concatenation) and a global residual
-(`skips=False`, `residual=False` and `dropout` exist for ablations)."""
+(`skips=False`, `residual=False` and `dropout` exist for ablations). Told the quality
+(`cond_channels`), it reads the quality planes as extra input channels, or with `film=True` as a
+FiLM modulation of every block's output (the planes are constant: their mean is the quality)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from . import register
-from .common import activation, pad_to_multiple, zero_init_
+from .common import FiLM, activation, pad_to_multiple, zero_init_
 
 
 def _block(c_in: int, c_out: int, act: str, batch_norm: bool) -> nn.Sequential:
@@ -21,11 +23,14 @@ def _block(c_in: int, c_out: int, act: str, batch_norm: bool) -> nn.Sequential:
 @register("unet", tiny={"width": 8, "levels": 2})
 class UNet(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, levels: int = 3, batch_norm: bool = False, act: str = "relu",
-                 skips: bool = True, residual: bool = True, dropout: float = 0.0, cond_channels: int = 0):
+                 skips: bool = True, residual: bool = True, dropout: float = 0.0, cond_channels: int = 0, film: bool = False):
         super().__init__()
+        if film and not cond_channels:
+            raise ValueError("film = true modulates by the quality: it needs cond_channels >= 1")
         self.levels, self.skips, self.residual, self.channels = levels, skips, residual, channels
         widths = [width * 2**i for i in range(levels + 1)]
-        self.down = nn.ModuleList([_block(channels + cond_channels if i == 0 else widths[i - 1], widths[i], act, batch_norm)
+        c_in = channels + (0 if film else cond_channels)
+        self.down = nn.ModuleList([_block(c_in if i == 0 else widths[i - 1], widths[i], act, batch_norm)
                                    for i in range(levels)])
         self.pool = nn.MaxPool2d(2)
         self.bottom = _block(widths[levels - 1], widths[levels], act, batch_norm)
@@ -34,6 +39,9 @@ class UNet(nn.Module):
         self.merge = nn.ModuleList([_block((2 if skips else 1) * widths[i], widths[i], act, batch_norm)
                                     for i in reversed(range(levels))])
         self.head = nn.Conv2d(width, channels, 1)
+        # one FiLM per block, in the order forward runs them: down blocks, bottom, merges
+        self.film = nn.ModuleList([FiLM(cond_channels, c) for c in widths[:levels] + [widths[levels]] + widths[levels - 1::-1]]
+                                  ) if film else None
         if residual:
             zero_init_(self.head)
 
@@ -42,14 +50,20 @@ class UNet(nn.Module):
         """Height and width are padded to a multiple of this inside forward (compiled exports take it as given)."""
         return 2**self.levels
 
+    def _film(self, i: int, y: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
+        return y if quality is None else self.film[i](y, quality)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xp, (h, w) = pad_to_multiple(x, 2**self.levels)
-        skips, y = [], xp
-        for block in self.down:
-            y = block(y)
+        y, quality = xp, None
+        if self.film is not None:
+            y, quality = xp[:, :self.channels], xp[:, self.channels:].mean((2, 3))
+        skips = []
+        for i, block in enumerate(self.down):
+            y = self._film(i, block(y), quality)
             skips.append(y)
             y = self.pool(y)
-        y = self.dropout(self.bottom(y))
-        for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
-            y = merge(torch.cat([up(y), skip], dim=1) if self.skips else up(y))
+        y = self.dropout(self._film(self.levels, self.bottom(y), quality))
+        for i, (up, merge, skip) in enumerate(zip(self.up, self.merge, reversed(skips))):
+            y = self._film(self.levels + 1 + i, merge(torch.cat([up(y), skip], dim=1) if self.skips else up(y)), quality)
         return ((xp[:, :self.channels] if self.residual else 0) + self.head(y))[..., :h, :w]

@@ -235,6 +235,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if cfg.data.quality_plane != (planes == 1):
         raise ConfigError(f"data.quality_plane = {str(cfg.data.quality_plane).lower()} needs model.kwargs.cond_channels = "
                           f"{1 if cfg.data.quality_plane else 0} (the quality plane is one extra input), got {planes}")
+    if cfg.model.kwargs.get("film") and not cfg.data.quality_plane:
+        raise ConfigError("model.kwargs.film = true modulates by the quality: it needs data.quality_plane = true "
+                          "and model.kwargs.cond_channels = 1")
     return cfg
 
 

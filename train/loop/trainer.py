@@ -259,9 +259,10 @@ class Trainer:
         want = (self.cfg.model.arch, dict(self.cfg.model.kwargs), self.cfg.data.mode)
         have = (blob.get("arch"), blob.get("kwargs"), blob.get("mode"))
         from_rgb = have == (*want[:2], "rgb") and want[2] == "gray"
-        blind = {k: v for k, v in want[1].items() if k != "cond_channels"}
+        def blind(kwargs: dict) -> dict:
+            return {k: v for k, v in kwargs.items() if k not in ("cond_channels", "film")}
         from_blind = (want[1].get("cond_channels", 0) > 0 and isinstance(have[1], dict) and not have[1].get("cond_channels")
-                      and (have[0], {k: v for k, v in have[1].items() if k != "cond_channels"}, have[2]) == (want[0], blind, want[2]))
+                      and (have[0], blind(have[1]), have[2]) == (want[0], blind(want[1]), want[2]))
         if (want != have and not from_rgb and not from_blind) or "state_dict" not in blob:
             raise ckpt.CheckpointError(f"train.init_from {path} holds a {have[0]} {have[2]} model {have[1]}, "
                                        f"the config asks for {want[0]} {want[2]} {want[1]}")
@@ -272,7 +273,7 @@ class Trainer:
             state = ckpt.add_quality_planes(state, self.model, path)
         ckpt.load_weights(self.model, state, path)
         log.info("initialised the weights from %s (step %s of its run%s)", path, blob.get("step"),
-                 "; RGB folded to luma" if from_rgb else "; zero kernels for the quality plane" if from_blind else "")
+                 "; RGB folded to luma" if from_rgb else "; the quality starts unused (zero kernels, identity FiLM)" if from_blind else "")
 
     def save_state(self) -> None:
         rng = gather_objects(torch.get_rng_state(), self.info)  # every rank's generator
