@@ -137,7 +137,9 @@ def test_a_blind_model_widened_for_the_quality_plane_starts_as_the_blind_model(a
         add_quality_planes(blind.state_dict(), build_model(arch, channels=1, cond_channels=1, **tiny_kwargs(arch)), "blind.pth")
 
 
-def test_a_film_unet_reads_the_quality_from_the_plane_and_starts_as_its_blind_twin(tmp_path):
+@pytest.mark.parametrize("arch,kwargs", [("unet", {"width": 8, "levels": 2, "batch_norm": True}),
+                                         ("nafnet", {"width": 8, "enc_blocks": [1, 1], "middle_blocks": 1})])
+def test_a_film_model_reads_the_quality_from_the_plane_and_starts_as_its_blind_twin(tmp_path, arch, kwargs):
     """film = true: the quality modulates every block instead of entering as pixels; widened from a
     blind model it computes what that model did, whatever the quality, until training moves FiLM."""
     import numpy as np
@@ -147,11 +149,10 @@ def test_a_film_unet_reads_the_quality_from_the_plane_and_starts_as_its_blind_tw
     from runtime import checkpoint as ckpt
 
     with pytest.raises(ValueError, match="needs cond_channels"):
-        build_model("unet", film=True)
+        build_model(arch, film=True)
     torch.manual_seed(0)
-    kwargs = {"width": 8, "levels": 2, "batch_norm": True}
-    blind = build_model("unet", **kwargs).eval()
-    film = build_model("unet", cond_channels=1, film=True, **kwargs).eval()
+    blind = build_model(arch, **kwargs).eval()
+    film = build_model(arch, cond_channels=1, film=True, **kwargs).eval()
     with torch.no_grad():
         for p in blind.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -165,7 +166,7 @@ def test_a_film_unet_reads_the_quality_from_the_plane_and_starts_as_its_blind_tw
             torch.nn.init.normal_(p, std=0.1)
         assert not torch.allclose(film(told[0.04]), film(told[0.16]), atol=1e-4)
     kwargs = {**kwargs, "cond_channels": 1, "film": True}
-    ckpt.save(ckpt.model_checkpoint(film, "unet", kwargs, "gray", {}, {}, 0), tmp_path / "film.pth")
+    ckpt.save(ckpt.model_checkpoint(film, arch, kwargs, "gray", {}, {}, 0), tmp_path / "film.pth")
     export_onnx(tmp_path / "film.pth", tmp_path / "film.onnx")  # the plane stays part of the input
     session = ort.InferenceSession(str(tmp_path / "film.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():

@@ -1,14 +1,16 @@
 """NAFNet (Chen et al., ECCV 2022, "Simple Baselines for Image Restoration"): a U-Net of
 nonlinear-activation-free blocks (LayerNorm, depthwise conv, SimpleGate, simplified channel
 attention, gated FFN, learned residual scales), strided-conv down, pixel-shuffle up, global
-residual. Defaults: the paper's width-32 denoising model (SIDD)."""
+residual. Defaults: the paper's width-32 denoising model (SIDD). Told the quality (`cond_channels`),
+it reads the planes as extra input channels, or with `film=True` as a FiLM modulation of every
+encoder group, the middle and every decoder group (as the U-Net does)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from . import register
-from .common import pad_to_multiple, zero_init_
+from .common import FiLM, pad_to_multiple, zero_init_
 
 
 class LayerNorm2d(nn.Module):
@@ -49,14 +51,16 @@ class NAFBlock(nn.Module):
 @register("nafnet", tiny={"width": 8, "enc_blocks": [1, 1], "middle_blocks": 1})
 class NAFNet(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, enc_blocks: list = (2, 2, 4, 8), middle_blocks: int = 12,
-                 dec_blocks: list | None = None, cond_channels: int = 0):
+                 dec_blocks: list | None = None, cond_channels: int = 0, film: bool = False):
         super().__init__()
+        if film and not cond_channels:
+            raise ValueError("film = true modulates by the quality: it needs cond_channels >= 1")
         self.channels = channels
         enc_blocks = list(enc_blocks)
         dec_blocks = list(dec_blocks) if dec_blocks is not None else [1] * len(enc_blocks)
         if len(dec_blocks) != len(enc_blocks):
             raise ValueError(f"nafnet: dec_blocks needs {len(enc_blocks)} entries like enc_blocks, got {len(dec_blocks)}")
-        self.intro = nn.Conv2d(channels + cond_channels, width, 3, padding=1)
+        self.intro = nn.Conv2d(channels + (0 if film else cond_channels), width, 3, padding=1)
         self.encoders, self.downs, self.ups, self.decoders = nn.ModuleList(), nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         c = width
         for n in enc_blocks:
@@ -70,15 +74,24 @@ class NAFNet(nn.Module):
             self.decoders.append(nn.Sequential(*[NAFBlock(c) for _ in range(n)]))
         self.ending = zero_init_(nn.Conv2d(width, channels, 3, padding=1))
         self.size_multiple = 2 ** len(enc_blocks)
+        # one FiLM per group of blocks, in the order forward runs them: encoders, middle, decoders
+        widths = [width * 2**i for i in range(len(enc_blocks) + 1)]
+        self.film = nn.ModuleList([FiLM(cond_channels, c) for c in widths + widths[-2::-1]]) if film else None
+
+    def _film(self, i: int, y: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
+        return y if quality is None else self.film[i](y, quality)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xp, (h, w) = pad_to_multiple(x, self.size_multiple)
-        y, skips = self.intro(xp), []
-        for enc, down in zip(self.encoders, self.downs):
-            y = enc(y)
+        y, quality = xp, None
+        if self.film is not None:
+            y, quality = xp[:, :self.channels], xp[:, self.channels:].mean((2, 3))
+        y, skips, levels = self.intro(y), [], len(self.encoders)
+        for i, (enc, down) in enumerate(zip(self.encoders, self.downs)):
+            y = self._film(i, enc(y), quality)
             skips.append(y)
             y = down(y)
-        y = self.middle(y)
-        for up, dec, skip in zip(self.ups, self.decoders, reversed(skips)):
-            y = dec(up(y) + skip)
+        y = self._film(levels, self.middle(y), quality)
+        for i, (up, dec, skip) in enumerate(zip(self.ups, self.decoders, reversed(skips))):
+            y = self._film(levels + 1 + i, dec(up(y) + skip), quality)
         return (xp[:, :self.channels] + self.ending(y))[..., :h, :w]
