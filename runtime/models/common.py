@@ -49,3 +49,23 @@ class FiLM(nn.Module):
     def forward(self, y: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
         scale, shift = self.mlp(self.input_gain * quality).to(y.dtype)[:, :, None, None].chunk(2, dim=1)
         return y * (1 + scale) + shift
+
+
+class FiLMStack(nn.ModuleList):
+    """One FiLM per stage of a network told the quality, indexed in the order its forward runs the
+    stages. The quality planes follow the image channels in the input; their mean is the quality."""
+
+    def __init__(self, cond_channels: int, widths: list[int]):
+        if not cond_channels:
+            raise ValueError("film = true modulates by the quality: it needs cond_channels >= 1")
+        super().__init__(FiLM(cond_channels, c) for c in widths)
+
+    @staticmethod
+    def split(x: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image channels, quality vector) of an input whose planes follow the image."""
+        return x[:, :channels], x[:, channels:].mean((2, 3))
+
+
+def modulate(film: FiLMStack | None, i: int, y: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
+    """Stage i's FiLM applied to y, or y itself in a blind network."""
+    return y if film is None else film[i](y, quality)

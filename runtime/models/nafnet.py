@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import register
-from .common import FiLM, pad_to_multiple, zero_init_
+from .common import FiLMStack, modulate, pad_to_multiple, zero_init_
 
 
 class LayerNorm2d(nn.Module):
@@ -53,8 +53,6 @@ class NAFNet(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, enc_blocks: list = (2, 2, 4, 8), middle_blocks: int = 12,
                  dec_blocks: list | None = None, cond_channels: int = 0, film: bool = False):
         super().__init__()
-        if film and not cond_channels:
-            raise ValueError("film = true modulates by the quality: it needs cond_channels >= 1")
         self.channels = channels
         enc_blocks = list(enc_blocks)
         dec_blocks = list(dec_blocks) if dec_blocks is not None else [1] * len(enc_blocks)
@@ -76,22 +74,17 @@ class NAFNet(nn.Module):
         self.size_multiple = 2 ** len(enc_blocks)
         # one FiLM per group of blocks, in the order forward runs them: encoders, middle, decoders
         widths = [width * 2**i for i in range(len(enc_blocks) + 1)]
-        self.film = nn.ModuleList([FiLM(cond_channels, c) for c in widths + widths[-2::-1]]) if film else None
-
-    def _film(self, i: int, y: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
-        return y if quality is None else self.film[i](y, quality)
+        self.film = FiLMStack(cond_channels, widths + widths[-2::-1]) if film else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xp, (h, w) = pad_to_multiple(x, self.size_multiple)
-        y, quality = xp, None
-        if self.film is not None:
-            y, quality = xp[:, :self.channels], xp[:, self.channels:].mean((2, 3))
+        y, quality = FiLMStack.split(xp, self.channels) if self.film is not None else (xp, None)
         y, skips, levels = self.intro(y), [], len(self.encoders)
         for i, (enc, down) in enumerate(zip(self.encoders, self.downs)):
-            y = self._film(i, enc(y), quality)
+            y = modulate(self.film, i, enc(y), quality)
             skips.append(y)
             y = down(y)
-        y = self._film(levels, self.middle(y), quality)
+        y = modulate(self.film, levels, self.middle(y), quality)
         for i, (up, dec, skip) in enumerate(zip(self.ups, self.decoders, reversed(skips))):
-            y = self._film(levels + 1 + i, dec(up(y) + skip), quality)
+            y = modulate(self.film, levels + 1 + i, dec(up(y) + skip), quality)
         return (xp[:, :self.channels] + self.ending(y))[..., :h, :w]

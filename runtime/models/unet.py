@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import register
-from .common import FiLM, activation, pad_to_multiple, zero_init_
+from .common import FiLMStack, activation, modulate, pad_to_multiple, zero_init_
 
 
 def _block(c_in: int, c_out: int, act: str, batch_norm: bool) -> nn.Sequential:
@@ -25,8 +25,6 @@ class UNet(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, levels: int = 3, batch_norm: bool = False, act: str = "relu",
                  skips: bool = True, residual: bool = True, dropout: float = 0.0, cond_channels: int = 0, film: bool = False):
         super().__init__()
-        if film and not cond_channels:
-            raise ValueError("film = true modulates by the quality: it needs cond_channels >= 1")
         self.levels, self.skips, self.residual, self.channels = levels, skips, residual, channels
         widths = [width * 2**i for i in range(levels + 1)]
         c_in = channels + (0 if film else cond_channels)
@@ -40,8 +38,7 @@ class UNet(nn.Module):
                                     for i in reversed(range(levels))])
         self.head = nn.Conv2d(width, channels, 1)
         # one FiLM per block, in the order forward runs them: down blocks, bottom, merges
-        self.film = nn.ModuleList([FiLM(cond_channels, c) for c in widths[:levels] + [widths[levels]] + widths[levels - 1::-1]]
-                                  ) if film else None
+        self.film = FiLMStack(cond_channels, widths + widths[levels - 1::-1]) if film else None
         if residual:
             zero_init_(self.head)
 
@@ -50,20 +47,15 @@ class UNet(nn.Module):
         """Height and width are padded to a multiple of this inside forward (compiled exports take it as given)."""
         return 2**self.levels
 
-    def _film(self, i: int, y: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
-        return y if quality is None else self.film[i](y, quality)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xp, (h, w) = pad_to_multiple(x, 2**self.levels)
-        y, quality = xp, None
-        if self.film is not None:
-            y, quality = xp[:, :self.channels], xp[:, self.channels:].mean((2, 3))
+        y, quality = FiLMStack.split(xp, self.channels) if self.film is not None else (xp, None)
         skips = []
         for i, block in enumerate(self.down):
-            y = self._film(i, block(y), quality)
+            y = modulate(self.film, i, block(y), quality)
             skips.append(y)
             y = self.pool(y)
-        y = self.dropout(self._film(self.levels, self.bottom(y), quality))
+        y = self.dropout(modulate(self.film, self.levels, self.bottom(y), quality))
         for i, (up, merge, skip) in enumerate(zip(self.up, self.merge, reversed(skips))):
-            y = self._film(self.levels + 1 + i, merge(torch.cat([up(y), skip], dim=1) if self.skips else up(y)), quality)
+            y = modulate(self.film, self.levels + 1 + i, merge(torch.cat([up(y), skip], dim=1) if self.skips else up(y)), quality)
         return ((xp[:, :self.channels] if self.residual else 0) + self.head(y))[..., :h, :w]
