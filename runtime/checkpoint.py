@@ -148,3 +148,24 @@ def add_quality_planes(state_dict: dict, model: nn.Module, path) -> dict:
             raise CheckpointError(f"{path}: cannot add quality planes to the blind weights: {key} is {tuple(value.shape)}, "
                                   f"the conditioned model wants {tuple(target.shape)}")
     return widened
+
+
+def starting_weights(blob: dict, model: nn.Module, arch: str, kwargs: dict, mode: str, path) -> tuple[dict, str]:
+    """The weights of a model checkpoint for a run of (arch, kwargs, mode) to start from, and how they
+    were adapted: the same model as is; an RGB model of the same network for a gray run, folded to
+    luma; a blind model of the same network for a run told the quality, its planes added unused."""
+    want, have = (arch, dict(kwargs), mode), (blob.get("arch"), blob.get("kwargs"), blob.get("mode"))
+
+    def blind(k: dict) -> dict:
+        return {key: v for key, v in k.items() if key not in ("cond_channels", "film")}
+
+    from_rgb = have == (*want[:2], "rgb") and mode == "gray"
+    from_blind = (kwargs.get("cond_channels", 0) > 0 and isinstance(have[1], dict) and not have[1].get("cond_channels")
+                  and (have[0], blind(have[1]), have[2]) == (arch, blind(kwargs), mode))
+    if (want != have and not from_rgb and not from_blind) or "state_dict" not in blob:
+        raise CheckpointError(f"{path} holds a {have[0]} {have[2]} model {have[1]}, the config asks for {arch} {mode} {kwargs}")
+    if from_rgb:
+        return fold_rgb_to_gray(blob["state_dict"], model, path), "RGB folded to luma"
+    if from_blind:
+        return add_quality_planes(blob["state_dict"], model, path), "the quality starts unused (zero kernels, identity FiLM)"
+    return blob["state_dict"], ""

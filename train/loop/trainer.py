@@ -16,22 +16,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data_pipeline.images import atomic_write_bytes, jpeg_roundtrip, read_image
+from data_pipeline.images import atomic_write_bytes
 from data_pipeline.loaders import build_loader
-from data_pipeline.prepare import load_manifest, prepare
-from data_pipeline.sources import DataError, dataset_dir
+from data_pipeline.prepare import prepare
+from data_pipeline.sources import dataset_dir
 from runtime import checkpoint as ckpt
 from runtime.device import autocast_for, native_bf16, resolve_precision
 from runtime.figures import side_by_side
-from runtime.inference import image_to_tensor, to_uint8, with_quality
-from runtime.metrics import image_metrics
-from runtime.metrics import metrics as registered_metrics
 from runtime.models import build_model, macs_per_pixel
-from runtime.tiling import restore_tensor
 
 from .budget import TimeBudget, set_total_steps
 from .config import Config, to_dict, to_toml
@@ -41,6 +36,7 @@ from .optim import LOSSES, build_optimizer, build_scheduler
 from .progress import Progress
 from .state import OutputLock, load_latest, prune_states, remove_partial_writes, state_path
 from .tracking import flatten, make_tracker, system_tags
+from .validation import Validator
 
 log = logging.getLogger(__name__)
 STOP_CHECK_EVERY = 10  # steps between the (collective) checks for a stop signal under DDP
@@ -106,7 +102,8 @@ class Trainer:
         self.data_root = data_root or cfg.data.data_root or None
         self.data_cfg = self._prepare_data(self.data_root)
         self.loader = build_loader(self.data_cfg, info.rank, info.world_size, self.device)
-        self.val_items = self._validation_items() if self.data_cfg.backend != "synthetic" else []
+        self.validator = Validator(self.data_cfg, cfg.train.precision, self.loss_fn, info) \
+            if self.data_cfg.backend != "synthetic" else None  # synthetic data: nothing to validate on
         torch.manual_seed(cfg.train.seed + 1 + info.rank)  # dropout etc. differ between ranks
         if state is not None and "rng" in state:
             torch.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)].cpu())
@@ -143,18 +140,6 @@ class Trainer:
         barrier(self.info)
         return replace(d, prepared_dir=str(prepared))
 
-    def _validation_items(self) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
-        """(name, quality, JPEG input, original) for the held-out images, JPEG made per the protocol."""
-        root = Path(self.data_cfg.prepared_dir)
-        files = [f for f in load_manifest(root)["files"] if f["split"] == "val"][:self.data_cfg.limit or None]
-        if not files:
-            raise DataError(f"{root}: no validation images (raise data.val_fraction)")
-        items = []
-        for f in files:
-            original = read_image(root / f["original"]["path"], self.data_cfg.mode)
-            items += [(f["name"], q, jpeg_roundtrip(original, q), original) for q in self.data_cfg.qualities]
-        return items
-
     # ---- one step ----
     def train_step(self, inp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.cfg.train.channels_last:
@@ -180,38 +165,6 @@ class Trainer:
     def eval_model(self) -> torch.nn.Module:
         """What is validated and saved as the best model: the weight average where there is one."""
         return self.ema.module if self.ema else self.model
-
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Whole held-out images at every configured quality, sharded over ranks; every registered
-        metric, mean per quality and over all: val_<metric>, val_<metric>_q<q>, val_loss."""
-        net = self.eval_model.eval()
-        qualities, names = self.data_cfg.qualities, [m.name for m in registered_metrics()]
-        sums = torch.zeros(len(qualities), 2 + len(names), dtype=torch.float64)  # count, loss, metrics...
-        self.val_figures = []
-        for i in range(self.info.rank, len(self.val_items), self.info.world_size):
-            name, q, jpeg, original = self.val_items[i]
-            x = image_to_tensor(jpeg, self.device)
-            if self.data_cfg.quality_plane:
-                x = with_quality(x, q)
-            with autocast_for(self.cfg.train.precision, self.device):
-                y = restore_tensor(net, x).float().clamp(0, 1)
-            restored = to_uint8(y[0])
-            m = image_metrics(original, restored)
-            loss = float(self.loss_fn(y, image_to_tensor(original, self.device)))
-            sums[qualities.index(q)] += torch.tensor([1, loss] + [m[n] for n in names], dtype=torch.float64)
-            if q == qualities[0] and len(self.val_figures) < 2:
-                self.val_figures.append((name, q, original, jpeg, restored))
-        self.model.train()
-        sums = all_reduce_sum(sums.to(self.device), self.info).cpu()
-        means = sums[:, 1:] / sums[:, :1]
-        result = {}
-        for q, row in zip(qualities, means.tolist()):
-            result.update({f"val_{n}_q{q}": v for n, v in zip(names, row[1:])})
-        overall = means.mean(0).tolist()
-        result["val_loss"] = overall[0]
-        result.update({f"val_{n}": v for n, v in zip(names, overall[1:])})
-        return result
 
     # ---- checkpoints ----
     def state_dict(self) -> dict:
@@ -256,24 +209,13 @@ class Trainer:
         start from an RGB model: its first and last layers are folded to luma; a run told the
         quality may start from a blind model: the quality plane's kernels start at zero)."""
         blob = ckpt.load(path, self.device)
-        want = (self.cfg.model.arch, dict(self.cfg.model.kwargs), self.cfg.data.mode)
-        have = (blob.get("arch"), blob.get("kwargs"), blob.get("mode"))
-        from_rgb = have == (*want[:2], "rgb") and want[2] == "gray"
-        def blind(kwargs: dict) -> dict:
-            return {k: v for k, v in kwargs.items() if k not in ("cond_channels", "film")}
-        from_blind = (want[1].get("cond_channels", 0) > 0 and isinstance(have[1], dict) and not have[1].get("cond_channels")
-                      and (have[0], blind(have[1]), have[2]) == (want[0], blind(want[1]), want[2]))
-        if (want != have and not from_rgb and not from_blind) or "state_dict" not in blob:
-            raise ckpt.CheckpointError(f"train.init_from {path} holds a {have[0]} {have[2]} model {have[1]}, "
-                                       f"the config asks for {want[0]} {want[2]} {want[1]}")
-        state = blob["state_dict"]
-        if from_rgb:
-            state = ckpt.fold_rgb_to_gray(state, self.model, path)
-        if from_blind:
-            state = ckpt.add_quality_planes(state, self.model, path)
+        try:
+            state, adapted = ckpt.starting_weights(blob, self.model, self.cfg.model.arch, self.cfg.model.kwargs,
+                                                   self.cfg.data.mode, path)
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"train.init_from {e}") from None
         ckpt.load_weights(self.model, state, path)
-        log.info("initialised the weights from %s (step %s of its run%s)", path, blob.get("step"),
-                 "; RGB folded to luma" if from_rgb else "; the quality starts unused (zero kernels, identity FiLM)" if from_blind else "")
+        log.info("initialised the weights from %s (step %s of its run%s)", path, blob.get("step"), adapted and f"; {adapted}")
 
     def save_state(self) -> None:
         rng = gather_objects(torch.get_rng_state(), self.info)  # every rank's generator
@@ -383,9 +325,10 @@ class Trainer:
         self.tracker.log_metrics({"planned_steps": total}, self.step)
 
     def _validate_and_track(self, progress: "Progress") -> None:
-        if not self.val_items:
-            return  # synthetic data: nothing to validate on
-        metrics = self.validate()
+        if self.validator is None:
+            return
+        metrics = self.validator(self.eval_model)
+        self.model.train()
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(metrics["val_psnr"])
         self.history["val_step"].append(self.step)
@@ -397,7 +340,7 @@ class Trainer:
         if metrics["val_psnr"] > self.best_psnr:
             self.best_psnr = metrics["val_psnr"]
             self._save_best(metrics)
-            for name, q, original, jpeg, restored in self.val_figures:
+            for name, q, original, jpeg, restored in self.validator.figures:
                 atomic_write_bytes(self.out / "val_images" / f"{name}_q{q}.png",
                                    side_by_side(original, jpeg, restored, f"{name} q{q} step {self.step}"))
         self._write_curves()

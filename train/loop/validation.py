@@ -1,0 +1,73 @@
+"""Validation on the held-out split of the training data (never LIVE1): whole images, the protocol's
+JPEG at every configured quality, every registered metric; the images are sharded over ranks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.config import DataConfig
+from data_pipeline.images import jpeg_roundtrip, read_image
+from data_pipeline.prepare import load_manifest
+from data_pipeline.sources import DataError
+from runtime.device import autocast_for
+from runtime.inference import image_to_tensor, to_uint8, with_quality
+from runtime.metrics import image_metrics
+from runtime.metrics import metrics as registered_metrics
+from runtime.tiling import restore_tensor
+
+from .distributed import DistInfo, all_reduce_sum
+
+FIGURES = 2  # side-by-side images kept per validation (the first quality's first images)
+
+
+def held_out_items(data: DataConfig) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
+    """(name, quality, JPEG input, original) for the held-out images, the JPEG made per the protocol."""
+    root = Path(data.prepared_dir)
+    files = [f for f in load_manifest(root)["files"] if f["split"] == "val"][:data.limit or None]
+    if not files:
+        raise DataError(f"{root}: no validation images (raise data.val_fraction)")
+    items = []
+    for f in files:
+        original = read_image(root / f["original"]["path"], data.mode)
+        items += [(f["name"], q, jpeg_roundtrip(original, q), original) for q in data.qualities]
+    return items
+
+
+class Validator:
+    def __init__(self, data: DataConfig, precision: str, loss_fn, info: DistInfo):
+        self.data, self.precision, self.loss_fn, self.info = data, precision, loss_fn, info
+        self.items = held_out_items(data)
+        self.figures: list[tuple] = []  # (name, quality, original, JPEG, restored) of the last validation
+
+    @torch.no_grad()
+    def __call__(self, net: torch.nn.Module) -> dict[str, float]:
+        """Mean per quality and over all of every metric: val_<metric>, val_<metric>_q<q>, val_loss.
+        The caller puts the net back in training mode."""
+        net.eval()
+        device, qualities = self.info.device, self.data.qualities
+        names = [m.name for m in registered_metrics()]
+        sums = torch.zeros(len(qualities), 2 + len(names), dtype=torch.float64)  # count, loss, metrics...
+        self.figures = []
+        for name, q, jpeg, original in self.items[self.info.rank::self.info.world_size]:
+            x = image_to_tensor(jpeg, device)
+            if self.data.quality_plane:
+                x = with_quality(x, q)
+            with autocast_for(self.precision, device):
+                y = restore_tensor(net, x).float().clamp(0, 1)
+            restored = to_uint8(y[0])
+            m = image_metrics(original, restored)
+            loss = float(self.loss_fn(y, image_to_tensor(original, device)))
+            sums[qualities.index(q)] += torch.tensor([1, loss] + [m[n] for n in names], dtype=torch.float64)
+            if q == qualities[0] and len(self.figures) < FIGURES:
+                self.figures.append((name, q, original, jpeg, restored))
+        sums = all_reduce_sum(sums.to(device), self.info).cpu()
+        means = sums[:, 1:] / sums[:, :1]
+        result = {}
+        for q, row in zip(qualities, means.tolist()):
+            result.update({f"val_{n}_q{q}": v for n, v in zip(names, row[1:])})
+        overall = means.mean(0).tolist()
+        result["val_loss"] = overall[0]
+        result.update({f"val_{n}": v for n, v in zip(names, overall[1:])})
+        return result
