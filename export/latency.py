@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.errors import UserError
 from data_pipeline.images import atomic_write_bytes, atomic_write_json
 from runtime.checkpoint import load_model
 from runtime.device import cpu_model, matmul_peak
@@ -42,6 +43,33 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
 
 def default_shapes(device: str, quick: bool = False) -> list[tuple[int, int, int]]:
     return QUICK_SHAPES if quick else GPU_SHAPES if device.startswith("cuda") else SHAPES
+
+
+def add_benchmark_args(ap) -> None:
+    """The latency table's options, shared by `serve_bench.benchmark` and `export/to_trt.py`."""
+    names = ",".join(runners())
+    ap.add_argument("--quick", action="store_true", help="256² and 512² at batch 1 only")
+    ap.add_argument("--shapes", help="HxWxB,... (default: 256² and 512² at batch 1 and 4 and 512x768 on CPU; "
+                    "256², 512², 1024² at batch 1 and 8 on GPU)")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--backends", default=names, help="comma-separated subset of " + names)
+    ap.add_argument("--no-mlflow", action="store_true")
+
+
+def benchmark_choices(args, device: str) -> tuple[list[tuple[int, int, int]], list[str]]:
+    """(shapes, backends) asked for by add_benchmark_args' options; a bad one is a one-line UserError."""
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = sorted(set(backends) - set(runners()))
+    if unknown or not backends:
+        raise UserError((f"unknown backend {unknown[0]!r}" if unknown else "--backends names none")
+                        + f"; known: {', '.join(runners())}")
+    if args.iters < 1:
+        raise UserError(f"--iters must be at least 1, got {args.iters}")
+    try:
+        shapes = parse_shapes(args.shapes) if args.shapes else default_shapes(device, args.quick)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return shapes, backends
 
 
 def time_runner(runner, x: torch.Tensor, warmup: int, iters: int) -> tuple[float, list[float]]:

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from data_pipeline.errors import command  # noqa: E402
 from data_pipeline.images import atomic_write_bytes  # noqa: E402
 from export.artifacts import DEPLOY_DIR, engine_path, ensure_onnx  # noqa: E402
-from export.latency import default_shapes, parse_shapes, report, run_benchmark  # noqa: E402
+from export.latency import add_benchmark_args, benchmark_choices, report, run_benchmark  # noqa: E402
 from export.onnx_export import check_parity  # noqa: E402
 from export.parity import parity, parity_report  # noqa: E402
 from runtime.artifacts import file_sha256, write_meta  # noqa: E402
@@ -85,23 +85,14 @@ def ort_cuda_parity(checkpoint: Path, deploy_dir: Path, data_root: str | None) -
 
 @command
 def main(argv=None) -> int:
-    names = list(runners())
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=Path("image_compression_model.pth"))
     ap.add_argument("--out", type=Path, default=DEPLOY_DIR, help="ONNX, engines, timing cache, latency table")
     ap.add_argument("--data-root", help="for parity on LIVE1 (default: $JPEG_RESTORE_DATA_ROOT)")
-    ap.add_argument("--quick", action="store_true", help="benchmark 256² and 512² at batch 1 only")
-    ap.add_argument("--shapes", help="HxWxB,... (default: 256² and 512² at batch 1 and 4 and 512x768 on CPU; "
-                    "256², 512², 1024² at batch 1 and 8 on GPU)")
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--backends", default=",".join(names), help="comma-separated subset of " + ",".join(names))
-    ap.add_argument("--no-mlflow", action="store_true")
+    add_benchmark_args(ap)
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        shapes = parse_shapes(args.shapes) if args.shapes else default_shapes(device, args.quick)
-    except ValueError as exc:
-        ap.error(str(exc))
+    shapes, backends = benchmark_choices(args, device)
     _, meta = load_model(args.checkpoint)
     out = args.out
     onnx_path = ensure_onnx(args.checkpoint, out)
@@ -126,7 +117,7 @@ def main(argv=None) -> int:
     if device == "cuda" and not gpu_checks:
         print("ONNX Runtime on CUDA: not checked: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
     result = run_benchmark(args.checkpoint, device, shapes, iters=args.iters,
-                           backends=args.backends.split(","), deploy_dir=out)
+                           backends=backends, deploy_dir=out)
     result["onnx_parity"], result["onnx_cuda_parity"] = p, gpu_checks
     print(report(result, out, meta.get("mlflow_run_id"), not args.no_mlflow, record_dir=Path(args.checkpoint).parent))
     return 0 if p["ok"] and all(g["ok"] for g in gpu_checks) else 1

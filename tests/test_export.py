@@ -218,3 +218,15 @@ def test_latency_shapes_parse_and_default_per_device():
             parse_shapes(bad)
     assert default_shapes("cpu") == SHAPES and default_shapes("cuda:0") == GPU_SHAPES
     assert (1024, 1024, 8) in GPU_SHAPES and (512, 512, 8) in GPU_SHAPES
+
+
+@pytest.mark.parametrize("module", ["serve_bench.benchmark", "export.to_trt"])
+@pytest.mark.parametrize("args, message", [(["--backends", "torch,tensorrtt"], "error: unknown backend 'tensorrtt'; known: "),
+                                           (["--shapes", "512x512"], "error: --shapes takes HxWxB items"),
+                                           (["--iters", "0"], "error: --iters must be at least 1, got 0")])
+def test_latency_commands_reject_bad_options_in_one_line_before_any_work(tmp_path, module, args, message):
+    """Both latency commands share their options; a bad one stops them before the checkpoint is read."""
+    proc = subprocess.run([sys.executable, "-m", module, "--checkpoint", str(tmp_path / "missing.pth"), *args,
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
