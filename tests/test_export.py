@@ -3,6 +3,7 @@ photographs with real ONNX Runtime. A small DnCNN is trained for real (about 15 
 on tiles of the embedded photographs (camera and coffee held out for the restore test)."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -224,9 +225,10 @@ def test_latency_shapes_parse_and_default_per_device():
 @pytest.mark.parametrize("args, message", [(["--backends", "torch,tensorrtt"], "error: unknown backend 'tensorrtt'; known: "),
                                            (["--shapes", "512x512"], "error: --shapes takes HxWxB items"),
                                            (["--iters", "0"], "error: --iters must be at least 1, got 0")])
-def test_latency_commands_reject_bad_options_in_one_line_before_any_work(tmp_path, module, args, message):
+def test_latency_commands_reject_bad_options_in_one_line_before_any_work(tmp_path, capsys, module, args, message):
     """Both latency commands share their options; a bad one stops them before the checkpoint is read."""
-    proc = subprocess.run([sys.executable, "-m", module, "--checkpoint", str(tmp_path / "missing.pth"), *args,
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1
+    main = importlib.import_module(module).main
+    assert main(["--checkpoint", str(tmp_path / "missing.pth"), *args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
