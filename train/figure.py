@@ -61,6 +61,10 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", type=int, default=2, help="enlargement of the crops")
     ap.add_argument("--out", type=Path, required=True, help="PNG to write")
     args = ap.parse_args(argv)
+    if not 1 <= args.quality <= 100:
+        raise UserError(f"--quality must be a JPEG quality in 1..100, got {args.quality}")
+    if args.crop < 8 or args.scale < 1:
+        raise UserError(f"--crop must be at least 8 pixels and --scale at least 1, got {args.crop} and {args.scale}")
     folder = dataset_dir(args.dataset, args.data_root)
     images = {}
     for name in args.images.split(","):
