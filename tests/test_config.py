@@ -1,7 +1,7 @@
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from runtime.models import build_model
 from train.loop.config import ConfigError, load_config

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import UserError
