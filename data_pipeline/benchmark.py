@@ -19,7 +19,7 @@ import torch
 
 from .backends import backends
 from .config import DataConfig
-from .errors import command
+from .errors import UserError, command
 from .images import atomic_write_json
 from .loaders import build_loader
 from .prepare import prepare
@@ -86,10 +86,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
     if not set(modes) <= set(DATASETS):
-        raise ValueError(f"--modes takes {', '.join(DATASETS)}, got {args.modes!r}")
+        raise UserError(f"--modes takes {', '.join(DATASETS)}, got {args.modes!r}")
+    if args.workers < 1 or args.batches < 1:
+        raise UserError(f"--workers and --batches must be at least 1, got {args.workers} and {args.batches}")
+    only = args.backends.split(",") if args.backends else None
+    try:
+        variants(args.workers, only)  # unknown backend names fail here, before any data is prepared
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    only = args.backends.split(",") if args.backends else None
     rows = [r for mode in modes for r in measure(prepare_dataset(args.data_root, mode), args.batches, device, workers=args.workers,
                                                  mode=mode, only=only)]
     print(f"{name} ({device}), {os.cpu_count()} cores, torch {torch.__version__}, q10-40")

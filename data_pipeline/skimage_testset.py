@@ -55,7 +55,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, help="folder to write gray/ and color/ into")
     args = ap.parse_args(argv)
-    for kind, paths in write_testset(args.out).items():
+    try:
+        written = write_testset(args.out)
+    except OSError as exc:
+        raise UserError(f"cannot write the test set into {args.out}: {exc.strerror or exc}") from None
+    for kind, paths in written.items():
         print(f"{len(paths)} {kind} images -> {args.out / kind}")
     return 0
 

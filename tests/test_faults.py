@@ -212,3 +212,26 @@ def test_restore_takes_a_12_megapixel_photo_in_batched_tiles_with_progress(tmp_p
     assert n == 63 and f"{n}/{n}" in proc.stderr and "tile/s" in proc.stderr  # the progress bar over 9 x 7 tiles
     rss = int(proc.stdout.split("peak memory ")[1].split(" MiB host")[0])
     assert rss < 2048  # bounded: tiles, not the whole 12-megapixel image through the model at once
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("train.benchmark", ["--arch", "nope"], "error: unknown architecture 'nope'; known: arcnn,"),
+    ("train.benchmark", ["--steps", "0"], "error: --steps, --batch, --patch and --workers must be at least 1"),
+    ("train.benchmark", ["--loaders", "--modes", "grey"], "error: --modes takes gray, rgb, got 'grey'"),
+    ("train.benchmark", ["--end-to-end", "--backends", "resident,nope"], "error: unknown loader backend(s) nope: choose from"),
+    ("train.benchmark", ["--end-to-end", "--kwargs", "{width=}"], "error: --kwargs must be a TOML inline table"),
+    ("train.benchmark", ["--end-to-end", "--kwargs", "{foo = 1}"], "error: --kwargs: foo is not an argument of dncnn"),
+    ("data_pipeline.benchmark", ["--workers", "0"], "error: --workers and --batches must be at least 1, got 0 and 40"),
+    ("data_pipeline.benchmark", ["--modes", "grey"], "error: --modes takes gray, rgb, got 'grey'"),
+    ("data_pipeline.benchmark", ["--backends", "nope"], "error: unknown loader backend(s) nope: choose from"),
+    ("data_pipeline.skimage_testset", ["/proc/jpeg-restore-testset"], "error: cannot write the test set into /proc/"),
+])
+def test_benchmark_and_testset_commands_reject_bad_options_in_one_line(tmp_path, capsys, module, args, message):
+    """Before any measurement starts (a bad --arch used to fail only after every architecture had been timed)."""
+    import importlib
+
+    json_args = [] if module.endswith("skimage_testset") else ["--json", str(tmp_path / "bench.json")]
+    assert importlib.import_module(module).main([*args, *json_args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "bench.json").exists()

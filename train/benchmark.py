@@ -19,16 +19,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from data_pipeline import benchmark as loader_bench
-from data_pipeline.errors import command
+from data_pipeline.backends import backends
+from data_pipeline.errors import UserError, command
 from data_pipeline.images import atomic_write_json
 from runtime.device import autocast_for, device_name, matmul_peak, native_bf16, resolve_precision
-from runtime.models import architectures, build_model, macs_per_pixel
+from runtime.models import architectures, build_model, check_kwargs, macs_per_pixel
 
 from .loop.config import load_config
 from .loop.distributed import DistInfo
@@ -112,11 +114,24 @@ def processes_rate(arch: str, steps: int, nproc: int, out: Path, precision: str)
     return sum(rates) / len(rates)
 
 
+def model_kwargs(text: str, arch: str) -> dict:
+    """--kwargs, a TOML inline table of the architecture's arguments, as a dict; anything else is a
+    one-line error."""
+    try:
+        kwargs = tomllib.loads(f"k = {text}")["k"]
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"--kwargs must be a TOML inline table like \"{{width = 64, levels = 3}}\": {exc}") from None
+    if not isinstance(kwargs, dict):
+        raise UserError(f"--kwargs must be a TOML inline table like \"{{width = 64, levels = 3}}\", got {text!r}")
+    problem = check_kwargs(arch, kwargs)
+    if problem:
+        raise UserError(f"--kwargs: {problem}")
+    return kwargs
+
+
 def loaders_against_training(args, device: torch.device, precision: str) -> int:
     """Each loader's patches/s and its headroom over what a bare `--arch` training step consumes."""
-    import tomllib
-
-    kwargs = tomllib.loads(f"k = {args.kwargs}")["k"]
+    kwargs = model_kwargs(args.kwargs, args.arch)
     print(f"{device_name(device)}, {os.cpu_count()} cores, q10-40, {args.arch} {kwargs} step in {precision}")
     print(f"{'backend':<28} {'workers':>7} {'mode':>5} {'batch':>5} {'patch':>5} {'patches/s':>10} {'x training':>10}")
     rows, steps = [], []
@@ -141,9 +156,7 @@ def loaders_against_training(args, device: torch.device, precision: str) -> int:
 def end_to_end(args, device: torch.device, precision: str) -> int:
     """The Trainer on real data with each loader backend against the bare loop of the same model,
     batch and patch: how much of the GPU (or CPU) the data path leaves idle."""
-    import tomllib
-
-    kwargs = tomllib.loads(f"k = {args.kwargs}")["k"]
+    kwargs = model_kwargs(args.kwargs, args.arch)
     shape = [f"model.kwargs={args.kwargs}", f"data.batch_size={args.batch}", f"data.patch_size={args.patch}"]
     if args.compile:
         shape.append("train.compile=true")
@@ -183,6 +196,16 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="with --end-to-end: torch.compile the bare loop and the Trainer")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="torch workers / DALI threads")
     args = ap.parse_args(argv)
+    if args.arch not in architectures():
+        raise UserError(f"unknown architecture {args.arch!r}; known: {', '.join(architectures())}")
+    if min(args.steps, args.batch, args.patch, args.workers) < 1:
+        raise UserError(f"--steps, --batch, --patch and --workers must be at least 1, got "
+                        f"{args.steps}, {args.batch}, {args.patch} and {args.workers}")
+    if not set(args.modes.split(",")) <= set(loader_bench.DATASETS):
+        raise UserError(f"--modes takes {', '.join(loader_bench.DATASETS)}, got {args.modes!r}")
+    unknown = set(args.backends.split(",")) - set(backends())
+    if unknown:
+        raise UserError(f"unknown loader backend(s) {', '.join(sorted(unknown))}: choose from {', '.join(backends())}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(args.precision, device)
     if args.loaders:
