@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.artifacts import file_sha256, write_meta
+from runtime.artifacts import check_replaceable, file_sha256, write_meta
 from runtime.checkpoint import load_model
 from runtime.inference import input_channels
 
@@ -23,6 +23,7 @@ MAX_SIDE = 8192
 def export_aoti(checkpoint: Path | str, out: Path | str, device: str = "cpu") -> dict:
     """Compiles the checkpoint's model for `device` into the package `out` (atomically) and its
     sidecar; returns the sidecar (compile seconds included)."""
+    check_replaceable(out)
     model, meta = load_model(checkpoint, device)
     model = model.to(device)
     c, tile = input_channels(meta), getattr(model, "tile", 0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.images import atomic_write_bytes
-from runtime.artifacts import file_sha256, write_meta
+from runtime.artifacts import check_replaceable, file_sha256, write_meta
 from runtime.checkpoint import load_model
 from runtime.inference import input_channels
 from runtime.runners import make_runner
@@ -32,6 +32,7 @@ class FixedTile(torch.nn.Module):
 
 def export_onnx(checkpoint: Path | str, out: Path | str, fp16: bool = False) -> dict:
     """Writes the ONNX file atomically; returns what runners need to know (tile size, channels)."""
+    check_replaceable(out)
     model, meta = load_model(checkpoint)
     tile = getattr(model, "tile", 0)
     c = input_channels(meta)

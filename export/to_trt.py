@@ -30,7 +30,7 @@ from export.artifacts import DEPLOY_DIR, engine_path, ensure_onnx  # noqa: E402
 from export.latency import add_benchmark_args, benchmark_choices, report, run_benchmark  # noqa: E402
 from export.onnx_export import check_parity  # noqa: E402
 from export.parity import parity, parity_report  # noqa: E402
-from runtime.artifacts import file_sha256, write_meta  # noqa: E402
+from runtime.artifacts import check_replaceable, file_sha256, write_meta  # noqa: E402
 from runtime.checkpoint import load_model  # noqa: E402
 from runtime.inference import input_channels  # noqa: E402
 from runtime.runners import make_runner, runners  # noqa: E402
@@ -43,6 +43,7 @@ def build_engine(onnx_path: Path, engine_path: Path, fp16: bool, channels: int, 
     """TensorRT 10 engine with one optimisation profile over batch, H and W (fixed at the tile size
     for the autoencoder); TF32 off in FP32 so that FP32 parity is meaningful; a timing cache file
     shared by builds."""
+    check_replaceable(engine_path)
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)

@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from data_pipeline.errors import UserError
 from data_pipeline.images import atomic_write_json
 
 
@@ -19,6 +20,15 @@ def read_meta(artifact: Path | str) -> dict:
         return json.loads(meta_path(artifact).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def check_replaceable(artifact: Path | str) -> None:
+    """An export may write `artifact` where nothing is, or over an earlier export (its sidecar is
+    beside it); any other file at that path is the user's and stays."""
+    path = Path(artifact)
+    if path.exists() and not (path.is_file() and meta_path(path).is_file()):
+        raise UserError(f"{path} exists and is not a file exported by this project (no {meta_path(path).name} "
+                        "beside it): choose another --out or move it away")
 
 
 def write_meta(artifact: Path | str, meta: dict) -> None:

@@ -103,6 +103,23 @@ def test_parity_numbers_on_real_images(trained, tmp_path, monkeypatch):
     assert p["max_abs_diff"] <= 1e-4 and p["max_psnr_diff"] <= 0.01 and p["ok"]
 
 
+def test_export_replaces_its_own_files_but_not_the_users(trained, tmp_path):
+    from data_pipeline.errors import UserError
+    from export.aoti_export import export_aoti
+
+    path, _ = trained
+    export_onnx(path, tmp_path / "m.onnx")
+    export_onnx(path, tmp_path / "m.onnx")  # an earlier export (its sidecar beside it) is replaced
+    users = tmp_path / "notes.onnx"
+    users.write_text("the user's")
+    with pytest.raises(UserError, match="notes.onnx exists and is not a file exported by this project"):
+        export_onnx(path, users)
+    (tmp_path / "folder.pt2").mkdir()
+    with pytest.raises(UserError, match="folder.pt2 exists and is not a file exported by this project"):
+        export_aoti(path, tmp_path / "folder.pt2")
+    assert users.read_text() == "the user's" and not (tmp_path / "notes.onnx.json").exists()
+
+
 def test_benchmark_measures_torch_and_onnxruntime_and_says_why_not_tensorrt(trained, tmp_path):
     path, _ = trained
     result = run_benchmark(path, shapes=[(64, 64, 1), (64, 64, 2)], warmup=1, iters=3,
