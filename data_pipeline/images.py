@@ -118,3 +118,16 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
 
 def atomic_write_json(path: Path | str, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def check_output_folder(out: Path) -> None:
+    """The output folder exists (or is made) and takes files: commands check it before any work."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"cannot write into output folder {out}: {exc.strerror or exc}") from None

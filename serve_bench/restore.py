@@ -15,10 +15,8 @@ image_compression_model_color.pth next to it when it exists.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import BadImage, atomic_write_bytes, list_images, png_bytes, read_image
+from data_pipeline.images import BadImage, atomic_write_bytes, check_output_folder, list_images, png_bytes, read_image
 from data_pipeline.jpeg_tables import jpeg_quality
 from export.artifacts import DEPLOY_DIR, artifact_for
 from runtime.checkpoint import load_model
@@ -99,19 +97,6 @@ def inputs_of(paths: list[Path]) -> list[Path]:
         else:
             raise UserError(f"{p} does not exist")
     return files
-
-
-def check_output_folder(out: Path) -> None:
-    """The output folder exists (or is made) and takes files: checked before any model runs."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".restore-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserError(f"cannot write into output folder {out}: {exc.strerror or exc}") from None
 
 
 def plan_outputs(files: list[Path], out: Path) -> list[Path]:

@@ -235,3 +235,23 @@ def test_benchmark_and_testset_commands_reject_bad_options_in_one_line(tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and len(err.splitlines()) == 1, err
     assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("train.main", ["--smoke", "--out", "{file}"], "error: output {file} exists and is not a folder"),
+    ("train.evaluate", ["--json", "{file}/results.json"], "error: output {file} exists and is not a folder"),
+    ("train.evaluate", ["--json", "{tmp}"], "error: --json {tmp} is a folder: name the file to write"),
+    ("train.evaluate", ["--side-by-side", "{file}"], "error: output {file} exists and is not a folder"),
+    ("train.figure", [str(REPO / "image_compression_model.pth"), "--out", "{file}/fig.png"],
+     "error: output {file} exists and is not a folder"),
+])
+def test_commands_check_where_they_write_before_any_work(tmp_path, capsys, module, args, message):
+    """A file where an output folder should be: one line at once, not a traceback after the work."""
+    import importlib
+
+    file = tmp_path / "a_file"
+    file.write_text("the user's")
+    fill = {"file": str(file), "tmp": str(tmp_path)}
+    assert importlib.import_module(module).main([a.format(**fill) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == message.format(**fill) and file.read_text() == "the user's"

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, jpeg_roundtrip, list_images, read_image
+from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, jpeg_roundtrip, list_images, read_image
 from data_pipeline.sources import DataError, dataset_dir
 from runtime.figures import side_by_side
 from runtime.inference import Restorer, shipped_model
@@ -135,6 +135,11 @@ def main(argv=None) -> int:
         raise UserError(f"--qualities must be comma-separated integers, got {args.qualities!r}") from None
     if not all(1 <= q <= 100 for q in qualities):
         raise UserError(f"--qualities must be JPEG qualities in 1..100, got {args.qualities!r}")
+    if args.json and args.json.is_dir():
+        raise UserError(f"--json {args.json} is a folder: name the file to write")
+    for folder in (args.json and args.json.parent, args.side_by_side):  # before minutes of evaluation
+        if folder:
+            check_output_folder(folder)
     images, skipped = load_test_images(dataset_dir(args.dataset, args.data_root))
     if not args.jpeg_only:
         color = any(img.ndim == 3 for img in images.values())

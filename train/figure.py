@@ -15,7 +15,7 @@ from PIL import Image
 from scipy.ndimage import uniform_filter
 
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import atomic_write_bytes, jpeg_roundtrip, png_bytes, read_image
+from data_pipeline.images import atomic_write_bytes, check_output_folder, jpeg_roundtrip, png_bytes, read_image
 from data_pipeline.sources import DataError, dataset_dir
 from runtime.figures import panel_strip
 from runtime.inference import Restorer
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
         raise UserError(f"--quality must be a JPEG quality in 1..100, got {args.quality}")
     if args.crop < 8 or args.scale < 1:
         raise UserError(f"--crop must be at least 8 pixels and --scale at least 1, got {args.crop} and {args.scale}")
+    check_output_folder(args.out.parent)
     folder = dataset_dir(args.dataset, args.data_root)
     images = {}
     for name in args.images.split(","):

@@ -11,6 +11,7 @@ import socket
 import time
 from pathlib import Path
 
+from data_pipeline.images import check_output_folder
 from runtime import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class OutputLock:
         self.file = None
 
     def acquire(self) -> "OutputLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_output_folder(self.path.parent)
         f = open(self.path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
