@@ -14,6 +14,10 @@ class UserError(Exception):
     """A problem the user can fix; the message says what and, where it can, how."""
 
 
+class WriteError(UserError, OSError):
+    """A file could not be written where the user pointed (a file in the way, no permission, a full disk)."""
+
+
 def command(main):
     """Wraps a command's main(argv) -> int: one `error:` line and exit 2 on a UserError."""
     @functools.wraps(main)

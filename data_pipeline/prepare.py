@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import command
-from .images import MODES, BadImage, atomic_write_bytes, atomic_write_json, jpeg_bytes, png_bytes, read_image
+from .images import MODES, BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, jpeg_bytes, png_bytes, read_image
 from .sources import DataError, dataset_dir, is_archive, source_images
 
 MANIFEST = "manifest.json"
@@ -184,6 +184,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = ap.parse_args(argv)
     qualities = parse_qualities(args.qualities)
+    check_output_folder(args.out)
     src = Path(args.source)
     if not (is_archive(src) or src.is_dir()):
         src = dataset_dir(args.source, args.data_root)

@@ -244,6 +244,9 @@ def test_benchmark_and_testset_commands_reject_bad_options_in_one_line(tmp_path,
     ("train.evaluate", ["--side-by-side", "{file}"], "error: output {file} exists and is not a folder"),
     ("train.figure", [str(REPO / "image_compression_model.pth"), "--out", "{file}/fig.png"],
      "error: output {file} exists and is not a folder"),
+    ("data_pipeline.prepare", ["train400", "--out", "{file}"], "error: output {file} exists and is not a folder"),
+    ("train.compare", ["--out", "{file}"], "error: output {file} exists and is not a folder"),
+    ("data_pipeline.decoder_check", ["--json", "{file}/check.json"], "error: output {file} exists and is not a folder"),
 ])
 def test_commands_check_where_they_write_before_any_work(tmp_path, capsys, module, args, message):
     """A file where an output folder should be: one line at once, not a traceback after the work."""
@@ -255,3 +258,12 @@ def test_commands_check_where_they_write_before_any_work(tmp_path, capsys, modul
     assert importlib.import_module(module).main([a.format(**fill) for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert err == message.format(**fill) and file.read_text() == "the user's"
+
+
+def test_an_atomic_write_that_cannot_happen_is_one_user_error(tmp_path):
+    from data_pipeline.errors import UserError
+
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match=f"cannot write {tmp_path}/a_file/sub/x.json: Not a directory"):
+        atomic_write_bytes(tmp_path / "a_file" / "sub" / "x.json", b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

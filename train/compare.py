@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import atomic_write_bytes
+from data_pipeline.images import atomic_write_bytes, check_output_folder
 from runtime.metrics import metrics
 from runtime.mlflow_store import latency_metric, resolve_tracking_uri
 
@@ -157,6 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset", default="live1_gray", help="evaluation dataset whose logged metrics to show")
     ap.add_argument("--out", type=Path, default=Path("outputs/compare"))
     args = ap.parse_args(argv)
+    check_output_folder(args.out)
     rows, jpeg = collect(args.experiment, args.dataset)
     if not rows:
         raise UserError(f"experiment {args.experiment!r} has no runs")
