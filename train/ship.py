@@ -58,6 +58,10 @@ def ship(source: Path, out: Path | None = None, max_mb: float = MAX_MB, force: b
     ckpt.load_model(source)  # a model checkpoint that rebuilds, or a one-line error
     blob = {k: v for k, v in ckpt.load(source).items() if k in WEIGHT_KEYS}
     out = out or (SHIPPED_COLOR if blob["mode"] == "rgb" else SHIPPED_GRAY)
+    if out.exists() and out.resolve() == Path(source).resolve():
+        raise UserError(f"{source} is {out} itself: ship a run's checkpoint, not the shipped file")
+    if not max_mb > 0:
+        raise UserError(f"--max-mb must be positive, got {max_mb:g}")
     new_psnr = blob.get("metrics", {}).get("val_psnr", float("nan"))
     if out.exists() and not force:
         old = ckpt.load(out)
