@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,17 +31,24 @@ def save(obj: dict, path: Path | str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _reason(exc: Exception) -> str:
+def _reason(path: Path, exc: Exception) -> str:
     text = " ".join(str(exc).split())
     unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if unsafe:
         return (f"it holds a pickled {unsafe.group(1)}, which a weights-only load refuses (unpickling it could run "
                 "code); load it only if you trust its source, passing weights_only=False to torch.load, and re-save "
                 "its plain tensors")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "an empty file (0 bytes)"
+    if head == b"PK\x03\x04":  # torch's zip format, cut short or another program's zip
+        detail = re.sub(r"^\[enforce fail at [^]]*\]\s*\.?\s*", "", text).split(". ")[0]
+        return f"a zip archive torch cannot read as a checkpoint ({detail or type(exc).__name__})"
+    if not head.startswith(b"\x80"):  # every pickle from protocol 2 on starts with PROTO
+        return f"neither torch's zip format nor a pickle (starts with {head!r})"
     garbage = re.search(r"WeightsUnpickler error: (.+?)(?: Check the documentation|$)", text)
-    if garbage:
-        return f"not a pickle torch can read ({garbage.group(1).strip()})"
-    return text.split(". ")[0] if text else type(exc).__name__
+    return f"not a pickle torch can read ({garbage.group(1).strip() if garbage else text.split('. ')[0] or type(exc).__name__})"
 
 
 def load(path: Path | str, map_location="cpu") -> dict:
@@ -48,9 +56,11 @@ def load(path: Path | str, map_location="cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # an old-protocol pickle warns before it fails
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many kinds for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint: {_reason(exc)}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint: {_reason(path, exc)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a checkpoint dict")
     return obj

@@ -3,9 +3,11 @@ overwritten, one-line errors (the defects of the fault battery, each with its te
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 import tracemalloc
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -164,12 +166,30 @@ def test_checkpoint_errors_keep_torchs_trust_warning(tmp_path):
     assert "Payload" in str(err.value)
 
 
-def test_a_garbage_checkpoint_is_not_called_unsafe(tmp_path):
+def _half_a_checkpoint(path):
+    path.write_bytes(tiny_unet(path).read_bytes()[:2000])
+
+
+def _foreign_zip(path):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("notes.txt", "not a model")
+
+
+@pytest.mark.parametrize("write, reason", [
+    (lambda p: p.write_bytes(b""), "an empty file (0 bytes)"),
+    (lambda p: p.write_text("hello"), "neither torch's zip format nor a pickle (starts with b'hell')"),
+    (_half_a_checkpoint, "a zip archive torch cannot read as a checkpoint (PytorchStreamReader failed"),
+    (_foreign_zip, "a zip archive torch cannot read as a checkpoint (file in archive is not in a subdirectory"),
+    (lambda p: p.write_bytes(pickle.dumps({"a": 1}, protocol=4)), "not a pickle torch can read"),
+])
+def test_a_garbage_checkpoint_gets_one_line_saying_what_it_is(tmp_path, recwarn, write, reason):
     path = tmp_path / "garbage.pth"
-    path.write_bytes(b"x")
+    write(path)
     with pytest.raises(ckpt.CheckpointError) as err:
         ckpt.load_model(path)
-    assert "not a pickle torch can read" in str(err.value) and "trust" not in str(err.value)
+    message = str(err.value)
+    assert message.startswith(f"checkpoint {path} is corrupt or not a torch checkpoint: {reason}"), message
+    assert "\n" not in message and "trust" not in message and not recwarn.list
 
 
 @pytest.mark.parametrize("change, message", [
