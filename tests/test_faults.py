@@ -19,7 +19,7 @@ from data_pipeline.images import atomic_write_bytes, jpeg_bytes, rgb_to_luma
 from data_pipeline.prepare import load_manifest, prepare
 from data_pipeline.sources import DataError
 from runtime import checkpoint as ckpt
-from runtime.models import build_model, tiny_kwargs
+from runtime.models import build_model, build_problem, tiny_kwargs
 from runtime.tiling import tile_count
 from train.loop.state import OutputLock, remove_partial_writes
 
@@ -196,12 +196,16 @@ def test_a_garbage_checkpoint_gets_one_line_saying_what_it_is(tmp_path, recwarn,
     ({"kwargs": {**tiny_kwargs("unet"), "width": 20000}}, "weights do not fit unet"),
     ({"mode": "cmyk"}, "channel mode 'cmyk'"),
     ({"kwargs": {"width": "wide"}}, "width must be of type int"),
+    ({"kwargs": {**tiny_kwargs("unet"), "width": -4}}, "width must be 0 or more, got -4"),
+    ({"kwargs": {**tiny_kwargs("unet"), "levels": 0}}, r"cannot rebuild unet\(.*\): unet\(.*levels=0.*\) cannot be built"),
+    ({"arch": "vgg"}, "unknown architecture 'vgg'"),
 ])
 def test_hostile_checkpoints_are_refused_before_building(tmp_path, change, message):
     path = tiny_unet(tmp_path / "m.pth")
     blob = torch.load(path, weights_only=True)
     blob.update(change)
     ckpt.save(blob, path)
+    build_problem("unet", tiny_kwargs("unet"))  # torch's one-time imports for meta kernels (64 MB) before measuring
     tracemalloc.start()
     with pytest.raises(ckpt.CheckpointError, match=message):
         ckpt.load_model(path)
@@ -241,6 +245,12 @@ def test_restore_takes_a_12_megapixel_photo_in_batched_tiles_with_progress(tmp_p
     ("train.benchmark", ["--end-to-end", "--backends", "resident,nope"], "error: unknown loader backend(s) nope: choose from"),
     ("train.benchmark", ["--end-to-end", "--kwargs", "{width=}"], "error: --kwargs must be a TOML inline table"),
     ("train.benchmark", ["--end-to-end", "--kwargs", "{foo = 1}"], "error: --kwargs: foo is not an argument of dncnn"),
+    ("train.benchmark", ["--end-to-end", "--kwargs", "{width = -8}"], "error: --kwargs: width must be 0 or more, got -8"),
+    ("train.benchmark", ["--end-to-end", "--arch", "drunet", "--kwargs", "{levels = 0}"],
+     "error: --kwargs: drunet(levels=0) cannot be built: drunet: levels must be at least 1, got 0"),
+    ("train.benchmark", ["--kwargs", "{width = 8}"], "error: --kwargs does nothing in the default benchmark"),
+    ("train.benchmark", ["--loaders", "--batch", "8", "--compile"], "error: --compile and --batch do nothing in --loaders"),
+    ("train.benchmark", ["--loaders", "--end-to-end"], "error: --loaders and --end-to-end are two benchmarks"),
     ("data_pipeline.benchmark", ["--workers", "0"], "error: --workers and --batches must be at least 1, got 0 and 40"),
     ("data_pipeline.benchmark", ["--modes", "grey"], "error: --modes takes gray, rgb, got 'grey'"),
     ("data_pipeline.benchmark", ["--backends", "nope"], "error: unknown loader backend(s) nope: choose from"),

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from runtime.models import TINY, architectures, build_model, check_kwargs, tiny_kwargs
+from runtime.models import TINY, architectures, build_model, build_problem, check_kwargs, tiny_kwargs
 
 
 def test_registry_lists_and_rejects():
@@ -81,6 +81,16 @@ def test_kwargs_are_checked_against_the_signature():
     assert "depthh is not an argument of dncnn" in check_kwargs("dncnn", {"depthh": 3})
     assert check_kwargs("arcnn", {"widths": [8, 8, 4]}) is None  # a TOML list for a tuple default
     assert check_kwargs("unet", {"dropout": 1}) is None  # an int where a float is expected
+    assert check_kwargs("nafnet", {"enc_blocks": [2, -1]}) == "enc_blocks must be 0 or more, got [2, -1]"
+
+
+def test_impossible_kwargs_are_found_on_the_meta_device():
+    assert build_problem("unet", {"width": 8}, channels=3) is None
+    assert build_problem("unet", {"width": 20000, "levels": 6}) is None  # nothing allocated
+    assert build_problem("restormer", {"width": 50, "heads": 4}).startswith(
+        "restormer(width=50, heads=4) cannot be built: restormer: heads must be at least 1 and divide the width 50, got 4")
+    assert build_problem("drunet", {"levels": 0}) == "drunet(levels=0) cannot be built: drunet: levels must be at least 1, got 0"
+    assert build_problem("unet", {"width": 0}).endswith("layer down.0.0.weight would be empty (a width or count of 0)")
 
 
 @pytest.mark.parametrize("arch", ["drunet", "nafnet", "restormer"])

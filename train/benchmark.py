@@ -30,7 +30,7 @@ from data_pipeline.backends import backends
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import atomic_write_json
 from runtime.device import autocast_for, device_name, matmul_peak, native_bf16, resolve_precision
-from runtime.models import architectures, build_model, check_kwargs, macs_per_pixel
+from runtime.models import architectures, build_model, build_problem, check_kwargs, macs_per_pixel
 
 from .loop.config import load_config
 from .loop.distributed import DistInfo
@@ -123,7 +123,7 @@ def model_kwargs(text: str, arch: str) -> dict:
         raise UserError(f"--kwargs must be a TOML inline table like \"{{width = 64, levels = 3}}\": {exc}") from None
     if not isinstance(kwargs, dict):
         raise UserError(f"--kwargs must be a TOML inline table like \"{{width = 64, levels = 3}}\", got {text!r}")
-    problem = check_kwargs(arch, kwargs)
+    problem = check_kwargs(arch, kwargs) or build_problem(arch, kwargs)
     if problem:
         raise UserError(f"--kwargs: {problem}")
     return kwargs
@@ -177,6 +177,13 @@ def end_to_end(args, device: torch.device, precision: str) -> int:
     return 0
 
 
+# options that only some benchmarks read; given elsewhere they would be silently ignored
+ONLY_WITH = {"kwargs": ("--loaders", "--end-to-end"), "data_root": ("--loaders", "--end-to-end"),
+             "workers": ("--loaders", "--end-to-end"), "dataset": ("--end-to-end",), "backends": ("--end-to-end",),
+             "compile": ("--end-to-end",), "modes": ("--loaders",), "batch": ("the default benchmark", "--end-to-end"),
+             "patch": ("the default benchmark", "--end-to-end"), "steps": ("the default benchmark", "--end-to-end")}
+
+
 @command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -187,7 +194,7 @@ def main(argv=None) -> int:
     ap.add_argument("--loaders", action="store_true", help="loader patches/s (Train400) beside what a training step consumes")
     ap.add_argument("--data-root", help="with --loaders / --end-to-end (default: $JPEG_RESTORE_DATA_ROOT)")
     ap.add_argument("--end-to-end", action="store_true", help="the Trainer on real data per loader backend vs the bare loop")
-    ap.add_argument("--kwargs", default="{}", help="with --end-to-end: model kwargs as a TOML inline table")
+    ap.add_argument("--kwargs", default="{}", help="with --loaders / --end-to-end: model kwargs as a TOML inline table")
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--patch", type=int, default=PATCH)
     ap.add_argument("--dataset", default="train400", help="with --end-to-end: training dataset (gray luma of color sets)")
@@ -196,6 +203,13 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="with --end-to-end: torch.compile the bare loop and the Trainer")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="torch workers / DALI threads")
     args = ap.parse_args(argv)
+    if args.loaders and args.end_to_end:
+        raise UserError("--loaders and --end-to-end are two benchmarks: run one at a time")
+    mode = "--loaders" if args.loaders else "--end-to-end" if args.end_to_end else "the default benchmark"
+    ignored = [f"--{name.replace('_', '-')}" for name, modes in ONLY_WITH.items()
+               if getattr(args, name) != ap.get_default(name) and mode not in modes]
+    if ignored:
+        raise UserError(f"{' and '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} nothing in {mode}; --help says where each applies")
     if args.arch not in architectures():
         raise UserError(f"unknown architecture {args.arch!r}; known: {', '.join(architectures())}")
     if min(args.steps, args.batch, args.patch, args.workers) < 1:

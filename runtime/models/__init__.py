@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import warnings
 
 from torch import nn
 
@@ -67,6 +68,27 @@ def check_kwargs(arch: str, kwargs: dict) -> str | None:
             isinstance(value, want) and (want is bool or not isinstance(value, bool))
         if not ok:
             return f"{key} must be of type {want.__name__} like its default {default!r}, got {value!r}"
+        counts = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(n, int) and not isinstance(n, bool) and n < 0 for n in counts):
+            return f"{key} must be 0 or more, got {value!r}"
+    return None
+
+
+def build_problem(arch: str, kwargs: dict, channels: int = 1) -> str | None:
+    """None if the architecture builds from `kwargs` with no empty layer, tried on the meta device
+    (nothing allocated, a width of 20000 included); else why, in one line."""
+    import torch
+
+    text = f"{arch}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zero-sized layers warn
+            model = build_model(arch, channels=channels, **kwargs)
+    except Exception as exc:  # constructors fail in many ways on impossible sizes
+        return f"{text} cannot be built: {' '.join(str(exc).split()) or type(exc).__name__}"
+    empty = next((name for name, p in model.named_parameters() if p.numel() == 0), None)
+    if empty:
+        return f"{text} cannot be built: layer {empty} would be empty (a width or count of 0)"
     return None
 
 

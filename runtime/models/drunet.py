@@ -23,6 +23,8 @@ class ResBlock(nn.Module):
 class DRUNet(nn.Module):
     def __init__(self, channels: int = 1, width: int = 64, levels: int = 4, blocks: int = 4, cond_channels: int = 0):
         super().__init__()
+        if levels < 1:
+            raise ValueError(f"drunet: levels must be at least 1, got {levels}")
         self.levels, self.channels = levels, channels
         widths = [width * 2 ** min(i, 3) for i in range(levels)]
         self.head = nn.Conv2d(channels + cond_channels, widths[0], 3, padding=1)

@@ -15,8 +15,8 @@ from .nafnet import LayerNorm2d
 class TransposedAttention(nn.Module):
     def __init__(self, c: int, heads: int):
         super().__init__()
-        if c % heads:
-            raise ValueError(f"restormer: width {c} must be a multiple of heads {heads}")
+        if heads < 1 or c % heads:
+            raise ValueError(f"restormer: heads must be at least 1 and divide the width {c}, got {heads}")
         self.heads = heads
         self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
         self.qkv = nn.Sequential(nn.Conv2d(c, 3 * c, 1), nn.Conv2d(3 * c, 3 * c, 3, padding=1, groups=3 * c))

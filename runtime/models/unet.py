@@ -25,6 +25,8 @@ class UNet(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, levels: int = 3, batch_norm: bool = False, act: str = "relu",
                  skips: bool = True, residual: bool = True, dropout: float = 0.0, cond_channels: int = 0, film: bool = False):
         super().__init__()
+        if levels < 1:
+            raise ValueError(f"unet: levels must be at least 1, got {levels}")
         self.levels, self.skips, self.residual, self.channels = levels, skips, residual, channels
         widths = [width * 2**i for i in range(levels + 1)]
         c_in = channels + (0 if film else cond_channels)

@@ -14,7 +14,7 @@ from pathlib import Path
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import UserError
 from runtime.device import PRECISIONS
-from runtime.models import architectures, check_kwargs
+from runtime.models import architectures, build_problem, check_kwargs
 
 from .optim import LOSSES, OPTIMIZERS, SCHEDULES
 
@@ -237,6 +237,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if cfg.model.kwargs.get("film") and not cfg.data.quality_plane:
         raise ConfigError("model.kwargs.film = true modulates by the quality: it needs data.quality_plane = true "
                           "and model.kwargs.cond_channels = 1")
+    bad = build_problem(cfg.model.arch, cfg.model.kwargs, cfg.data.channels)
+    if bad:
+        raise ConfigError(f"model.kwargs: {bad}")
     return cfg
 
 
