@@ -13,7 +13,7 @@ import torch
 
 from .backends import backends
 from .prepare import load_manifest
-from .sources import DataError
+from .sources import DataError, refuse_test_set
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def training_pairs(cfg, split: str = "train") -> list[Pair]:
     manifest = load_manifest(root)
     if manifest["mode"] != cfg.mode:
         raise DataError(f"{root} was prepared in {manifest['mode']} mode, the config asks for {cfg.mode}")
+    refuse_test_set([Path(f["original"]["path"]) for f in manifest["files"]], root)
     files = [f for f in manifest["files"] if f["split"] == split][:cfg.limit or None]
     if not files:
         raise DataError(f"{root}: the {split!r} split is empty (raise data.val_fraction or add images)")

@@ -26,6 +26,11 @@ SKIMAGE_NATURAL = [
     "motorcycle_left.png", "motorcycle_right.png", "page.png", "retina.jpg", "rocket.jpg", "text.png",
 ]
 
+# LIVE1's 29 images (file stems), the test set: never trained on or used to pick a model.
+LIVE1_NAMES = frozenset("""bikes building2 buildings caps carnivaldolls cemetry churchandcapitol coinsinfountain dancers
+    flowersonih35 house lighthouse2 lighthouse3 manfishing monarch ocean paintedhouse parrots plane rapids sailing1
+    sailing2 sailing3 sailing4 statue stream studentsculpture woman womanhat""".split())
+
 
 class DataError(UserError, RuntimeError):
     """A problem with the user's data that stops the job; the message says what to do."""
@@ -122,3 +127,12 @@ def source_images(source: Path, scratch: Path) -> list[Path]:
     if not files:
         raise DataError(f"source {source} holds no images")
     return files
+
+
+def refuse_test_set(files: list[Path], source: Path) -> None:
+    """Training data must not hold LIVE1: five or more of its image names (a folder of one's own
+    photos may hold a house.jpg) stop the job."""
+    found = sorted({f.stem.lower() for f in files} & LIVE1_NAMES)
+    if len(found) >= 5:
+        raise DataError(f"source {source} holds {len(found)} of LIVE1's 29 images ({', '.join(found[:3])}, ...): LIVE1 is "
+                        "the test set, never trained on or used to pick a model; train on train400 or train_color")

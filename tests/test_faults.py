@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tracemalloc
@@ -297,3 +298,32 @@ def test_an_atomic_write_that_cannot_happen_is_one_user_error(tmp_path):
     with pytest.raises(UserError, match=f"cannot write {tmp_path}/a_file/sub/x.json: Not a directory"):
         atomic_write_bytes(tmp_path / "a_file" / "sub" / "x.json", b"{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_training_refuses_the_test_set(data_root, tiles_dir, tmp_path, capsys):
+    """LIVE1 is test only: a run on it stops before preparing anything, and a prepared set that
+    holds five of its images (renamed copies, an archive) stops before the first batch."""
+    from data_pipeline.config import DataConfig
+    from data_pipeline.loaders import training_pairs
+    from train.main import main
+
+    run = tmp_path / "run"
+    assert main(["--smoke", "--data-root", str(data_root), "--set", "data.dataset=live1_gray", "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: source {data_root / 'live1_gray'} holds 29 of LIVE1's 29 images"), err
+    assert not (run / "prepared").exists()
+
+    tiles = sorted(tiles_dir.iterdir())
+    for n_live1 in (4, 5):
+        src = tmp_path / f"mixed{n_live1}"
+        src.mkdir()
+        names = ["bikes", "house", "monarch", "parrots", "woman"][:n_live1] + [f"own_{i}" for i in range(6)]
+        for tile, name in zip(tiles, names):
+            shutil.copy(tile, src / f"{name}.png")
+        prepare(src, tmp_path / f"prep{n_live1}", "gray", [10], progress=False)
+        cfg = DataConfig(prepared_dir=str(tmp_path / f"prep{n_live1}"), qualities=[10], patch_size=32)
+        if n_live1 == 4:  # a folder of one's own photos may hold a house.png
+            assert len(training_pairs(cfg)) > 0
+        else:
+            with pytest.raises(DataError, match="holds 5 of LIVE1's 29 images .*: LIVE1 is the test set"):
+                training_pairs(cfg)

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data_pipeline.images import atomic_write_bytes
 from data_pipeline.loaders import build_loader
 from data_pipeline.prepare import prepare
-from data_pipeline.sources import dataset_dir
+from data_pipeline.sources import dataset_dir, refuse_test_set
 from runtime import checkpoint as ckpt
 from runtime.device import autocast_for, native_bf16, resolve_precision
 from runtime.figures import side_by_side
@@ -136,6 +136,8 @@ class Trainer:
         prepared = self.out / "prepared" / f"{Path(d.dataset).name}-{d.mode}"
         if self.info.is_main:
             source = dataset_dir(d.dataset, data_root)
+            if source.is_dir():  # before preparing it (archives: training_pairs checks what they held)
+                refuse_test_set(list(source.iterdir()), source)
             prepare(source, prepared, d.mode, d.qualities, d.val_fraction, d.min_size, progress=sys.stderr.isatty())
         barrier(self.info)
         return replace(d, prepared_dir=str(prepared))
