@@ -145,6 +145,8 @@ def main(argv=None) -> int:
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: this machine has no usable CUDA GPU")
     mode = args.mode or ("rgb" if "color" in args.dataset else "gray")
     folder = dataset_dir(args.dataset, args.data_root)
     originals = [read_image(p, mode) for p in list_images(folder)]

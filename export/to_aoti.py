@@ -15,12 +15,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python export/to_aoti.py`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import torch  # noqa: E402
 
 from data_pipeline.errors import command  # noqa: E402
 from export.aoti_export import export_aoti  # noqa: E402
 from export.artifacts import pt2_path  # noqa: E402
 from export.parity import parity, parity_report  # noqa: E402
+from runtime.device import add_device_option, check_device  # noqa: E402
 from runtime.runners import make_runner  # noqa: E402
 
 
@@ -28,10 +28,11 @@ from runtime.runners import make_runner  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=Path("image_compression_model.pth"))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_option(ap)
     ap.add_argument("--out", type=Path, help="package (default: outputs/deploy/<checkpoint name>.<device>.pt2)")
     ap.add_argument("--data-root", help="for the parity check on LIVE1 (default: $JPEG_RESTORE_DATA_ROOT)")
     args = ap.parse_args(argv)
+    args.device = check_device(args.device)
     out = args.out or pt2_path(args.checkpoint, args.device)
     info = export_aoti(args.checkpoint, out, args.device)
     print(f"compiled {info['arch']} ({info['mode']}) for {info['device']} into {out} in {info['compile_s']:.1f} s: "

@@ -3,13 +3,36 @@ its measured matmul peak (the yardstick of MFU and of the latency table's GFLOP/
 from __future__ import annotations
 
 import platform
+import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from data_pipeline.errors import UserError
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def add_device_option(ap, default: str = "auto") -> None:
+    ap.add_argument("--device", default=default, help=f"auto (a GPU where there is one), cpu, cuda or cuda:N (default: {default})")
+
+
+def check_device(name: str) -> str:
+    """--device as torch names it: 'auto' -> cuda where this machine has a GPU, else cpu; an
+    unknown name or a GPU this machine lacks is one error line, not a traceback at first use."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if name != "cpu" and not match:
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if match and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise UserError(f"--device {name}: this machine has no usable CUDA GPU (torch {torch.__version__}, {build})")
+    if match and match.group(1) and int(match.group(1)) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
 
 
 def native_bf16(device: torch.device) -> bool:

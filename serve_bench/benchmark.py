@@ -12,12 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from data_pipeline.errors import command
 from export.artifacts import DEPLOY_DIR
 from export.latency import add_benchmark_args, benchmark_choices, report, run_benchmark
 from runtime.checkpoint import load_model
+from runtime.device import add_device_option, check_device
 
 
 @command
@@ -25,10 +24,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=Path("image_compression_model.pth"))
     ap.add_argument("--deploy-dir", type=Path, default=DEPLOY_DIR, help="exported ONNX files and TensorRT engines")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_option(ap)
     ap.add_argument("--out", type=Path, default=Path("outputs/latency"))
     add_benchmark_args(ap)
     args = ap.parse_args(argv)
+    args.device = check_device(args.device)
     shapes, backends = benchmark_choices(args, args.device)
     _, meta = load_model(args.checkpoint)
     result = run_benchmark(args.checkpoint, args.device, shapes, iters=args.iters,

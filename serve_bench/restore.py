@@ -29,6 +29,7 @@ from data_pipeline.images import BadImage, atomic_write_bytes, check_output_fold
 from data_pipeline.jpeg_tables import jpeg_quality
 from export.artifacts import DEPLOY_DIR, artifact_for
 from runtime.checkpoint import load_model
+from runtime.device import add_device_option, check_device
 from runtime.inference import SHIPPED_GRAY, image_to_tensor, in_model_mode, input_channels, shipped_model, to_uint8, trained_qualities, with_quality
 from runtime.runners import make_runner, runners
 from runtime.tiling import tile_count
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", type=Path, help="model for gray images (and color, unless --color-checkpoint)")
     ap.add_argument("--color-checkpoint", type=Path, help="RGB model for color images")
     ap.add_argument("--deploy-dir", type=Path, default=DEPLOY_DIR, help="exported ONNX files / TensorRT engines (python export/to_trt.py)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_option(ap)
     ap.add_argument("--overwrite", action="store_true", help="replace existing files in the output folder (never an input)")
     ap.add_argument("--tiles-per-call", type=int, help="512-px tiles of a large image per model call (default: 4 on GPU, 1 on CPU)")
     ap.add_argument("--self-ensemble", action="store_true",
@@ -130,6 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-quality", type=int, help="restore JPEGs saved at up to this quality, leave the others "
                     "(default: the highest quality the model was trained on; 100 restores every JPEG)")
     args = ap.parse_args(argv)
+    args.device = check_device(args.device)
     tiles_per_call = args.tiles_per_call or (4 if args.device.startswith("cuda") else 1)
     if tiles_per_call < 1:
         raise UserError(f"--tiles-per-call must be positive, got {tiles_per_call}")

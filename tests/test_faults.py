@@ -327,3 +327,18 @@ def test_training_refuses_the_test_set(data_root, tiles_dir, tmp_path, capsys):
         else:
             with pytest.raises(DataError, match="holds 5 of LIVE1's 29 images .*: LIVE1 is the test set"):
                 training_pairs(cfg)
+
+
+@pytest.mark.parametrize("module", ["serve_bench.restore", "serve_bench.benchmark", "export.to_aoti", "train.evaluate"])
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "error: --device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("cuda:99", "error: --device cuda:99: this machine has "),  # no GPU, or fewer than 100
+])
+def test_a_device_this_machine_lacks_is_one_line_before_any_work(tmp_path, capsys, module, device, message):
+    import importlib
+
+    inputs = [str(REPO / "docs" / "side_by_side_shipped_gray_q10.png"), "-o", str(tmp_path / "out")] if module.endswith("restore") else []
+    assert importlib.import_module(module).main([*inputs, "--device", device]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

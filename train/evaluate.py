@@ -23,6 +23,7 @@ import numpy as np
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, jpeg_roundtrip, list_images, read_image
 from data_pipeline.sources import DataError, dataset_dir
+from runtime.device import add_device_option, check_device
 from runtime.figures import side_by_side
 from runtime.inference import Restorer, shipped_model
 from runtime.metrics import image_metrics, metrics
@@ -122,12 +123,13 @@ def main(argv=None) -> int:
     ap.add_argument("--side-by-side-count", type=int, default=2)
     ap.add_argument("--checkpoint", type=Path, help="model checkpoint to evaluate (default: the shipped model)")
     ap.add_argument("--jpeg-only", action="store_true", help="only the JPEG baseline, no model")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_device_option(ap, default="cpu")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"], help="inference precision")
     ap.add_argument("--self-ensemble", action="store_true",
                     help="average the model over the 8 rotations and flips of each image (8x the time)")
     ap.add_argument("--log-mlflow", action="store_true", help="log the metrics to the checkpoint's MLflow run")
     args = ap.parse_args(argv)
+    args.device = check_device(args.device)
     restorer = None
     try:
         qualities = [int(q) for q in args.qualities.split(",")]

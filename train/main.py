@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # `python train/main.py` / `torchrun train/main.p
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from data_pipeline.errors import command  # noqa: E402
+from runtime.device import check_device  # noqa: E402
 from train.loop.config import load_config  # noqa: E402
 from train.loop.distributed import cleanup, init_distributed  # noqa: E402
 from train.loop.trainer import SMOKE_OVERRIDES, Trainer  # noqa: E402
@@ -33,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true", help="a few steps on a few images (seconds on CPU)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="dotted config override, e.g. --set optim.lr=2e-4 (repeatable)")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="cuda: each rank's GPU (LOCAL_RANK)")
     return ap.parse_args(argv)
 
 
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     trainer = None
     try:
         cfg = load_config(args.config, (SMOKE_OVERRIDES if args.smoke else []) + args.overrides)
-        info = init_distributed(cfg.train.ddp_timeout_s, args.device)
+        info = init_distributed(cfg.train.ddp_timeout_s, check_device(args.device))
         trainer = Trainer(cfg, args.out, info, resume=args.resume, data_root=args.data_root)
         trainer.fit()
         return 0
