@@ -11,20 +11,25 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from data_pipeline.errors import UserError
+
 DEFAULT_DIR = Path("mlruns")
 RECORD = "mlflow_record.jsonl"  # a run recorded without MLflow (train.loop.tracking.RecordTracker)
 
 
 def default_tracking_uri(directory: Path = DEFAULT_DIR) -> str:
-    directory = directory.resolve()
-    directory.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{directory / 'mlflow.db'}"
+    return f"sqlite:///{directory.resolve() / 'mlflow.db'}"
 
 
-def resolve_tracking_uri(configured: str = "") -> str:
+def resolve_tracking_uri(configured: str = "", create: bool = True) -> str:
+    """The store's URI; with create=False (readers) a SQLite store that does not exist yet is an
+    error instead of a new empty database."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        db = Path(uri[len("sqlite:///"):])
+        if not create and not db.is_file():
+            raise UserError(f"no MLflow store at {db} (train a model first, or point MLFLOW_TRACKING_URI at the store)")
+        db.parent.mkdir(parents=True, exist_ok=True)
     return uri
 
 

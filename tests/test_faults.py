@@ -342,3 +342,15 @@ def test_a_device_this_machine_lacks_is_one_line_before_any_work(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_without_a_store_says_so_and_creates_none(tmp_path, monkeypatch, capsys):
+    from train.compare import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["--experiment", "jpeg-sweep", "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: no MLflow store at {tmp_path / 'mlruns' / 'mlflow.db'} (train a model first, or point " \
+                  "MLFLOW_TRACKING_URI at the store)", err
+    assert not (tmp_path / "mlruns").exists()

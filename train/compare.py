@@ -35,7 +35,7 @@ def collect(experiment: str, dataset: str = "live1_gray") -> tuple[list[dict], d
     """Rows for the runs of `experiment` (newest first) and the JPEG baseline found on them."""
     import mlflow
 
-    mlflow.set_tracking_uri(resolve_tracking_uri())
+    mlflow.set_tracking_uri(resolve_tracking_uri(create=False))
     client = mlflow.MlflowClient()
     if client.get_experiment_by_name(experiment) is None:
         raise UserError(f"no MLflow experiment {experiment!r} in {mlflow.get_tracking_uri()}")
