@@ -2,7 +2,8 @@
 
     python -m serve_bench.restore photo.jpg scans/ -o restored/ [--backend torch|onnxruntime|tensorrt] [--overwrite]
 
-Any size (tiled above 512 px with overlap, so memory stays bounded), gray or color. A gray
+A folder gives its image files and anything else Pillow opens (WebP, GIF); other files are named
+once and passed over. Any size (tiled above 512 px with overlap, so memory stays bounded), gray or color. A gray
 model on a color image restores the luma (Y of JPEG's own YCbCr) and keeps the chroma; an RGB
 model restores all three channels. Writes <name>.png into the output folder; inputs with the same
 name get <name>-2.png, <name>-3.png, ... It never writes over an input, and never over a file it
@@ -25,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import BadImage, atomic_write_bytes, check_output_folder, list_images, png_bytes, read_image
+from data_pipeline.images import IMAGE_SUFFIXES, BadImage, atomic_write_bytes, check_output_folder, png_bytes, read_image
 from data_pipeline.jpeg_tables import jpeg_quality
 from export.artifacts import DEPLOY_DIR, artifact_for
 from runtime.checkpoint import load_model
@@ -88,16 +89,28 @@ def peak_memory(device: str) -> str:
     return text
 
 
-def inputs_of(paths: list[Path]) -> list[Path]:
-    files = []
+def inputs_of(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(the files to restore, the files of named folders that are not images at all). A folder
+    gives its visible image files (a broken one is reported) and any other file Pillow opens (WebP,
+    GIF); a file named is always tried."""
+    files, others = [], []
     for p in paths:
         if p.is_dir():
-            files += list_images(p)
+            for f in sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")):
+                (files if f.suffix.lower() in IMAGE_SUFFIXES or _opens_as_image(f) else others).append(f)
         elif p.exists():
             files.append(p)
         else:
             raise UserError(f"{p} does not exist")
-    return files
+    return files, others
+
+
+def _opens_as_image(path: Path) -> bool:
+    try:
+        with Image.open(path):  # reads the header only
+            return True
+    except (OSError, ValueError):  # UnidentifiedImageError is an OSError
+        return False
 
 
 def plan_outputs(files: list[Path], out: Path) -> list[Path]:
@@ -137,7 +150,10 @@ def main(argv=None) -> int:
         raise UserError(f"--tiles-per-call must be positive, got {tiles_per_call}")
     if args.max_quality is not None and not 1 <= args.max_quality <= 100:
         raise UserError(f"--max-quality must be a JPEG quality in 1..100, got {args.max_quality}")
-    files = inputs_of(args.inputs)
+    files, others = inputs_of(args.inputs)
+    if others:
+        shown = ", ".join(f.name for f in others[:3]) + (", ..." if len(others) > 3 else "")
+        print(f"passed over {len(others)} file(s) of the input folders that are not images ({shown})", file=sys.stderr)
     check_output_folder(args.out)
     gray_ckpt = args.checkpoint or SHIPPED_GRAY
     color_ckpt = args.color_checkpoint or args.checkpoint or shipped_model(color=True)

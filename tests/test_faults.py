@@ -71,6 +71,19 @@ def test_restore_gives_same_stem_inputs_distinct_outputs(jpegs, tmp_path):
     assert proc.stdout.count("JPEG q10,") == 3  # the quality read from each file's own tables
 
 
+def test_restore_of_a_folder_takes_what_pillow_opens_and_names_the_rest(jpegs, tmp_path, photo_pair):
+    model = tiny_unet(tmp_path / "m.pth")
+    folder = jpegs / "a"
+    Image.fromarray(photo_pair[0][:64, :64]).save(folder / "web.webp")
+    (folder / "notes.txt").write_text("not a picture")
+    (folder / ".hidden.jpg").write_bytes(b"editor's lock file")
+    proc = restore(folder, "-o", tmp_path / "out", "--checkpoint", model)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["photo-2.png", "photo.png", "web.png"]
+    assert "passed over 1 file(s) of the input folders that are not images (notes.txt)" in proc.stderr
+    assert ".hidden" not in proc.stderr and "restored 3 of 3 images" in proc.stdout
+
+
 def test_restore_leaves_jpegs_above_the_models_training_qualities(tmp_path, photo_pair):
     """The shipped model (q10-40) makes a q90 photo worse: such a file is reported and left alone."""
     model = tiny_unet(tmp_path / "m.pth", {"data": {"qualities": [10, 20, 30, 40], "online": False}})
