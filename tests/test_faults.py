@@ -367,3 +367,18 @@ def test_compare_without_a_store_says_so_and_creates_none(tmp_path, monkeypatch,
     assert err == f"error: no MLflow store at {tmp_path / 'mlruns' / 'mlflow.db'} (train a model first, or point " \
                   "MLFLOW_TRACKING_URI at the store)", err
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_new_run_never_writes_over_an_earlier_run(tiles_dir, tmp_path, capsys):
+    from train.main import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    best = tiny_unet(out / "image_compression_model.pth")
+    before = best.read_bytes()
+    args = ["--smoke", "--set", f"data.dataset={tiles_dir}", "--set", "tracking.enabled=false", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: {out} holds an earlier run (a best model {best}): --resume continues it, another --out "
+                   "starts a new run"), err
+    assert best.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["image_compression_model.pth"]

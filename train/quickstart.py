@@ -56,7 +56,7 @@ def train(prepared: Path, out: Path, steps: int) -> Path:
                                "data.batch_size=16", f"train.max_steps={steps}", f"train.val_every={max(steps // 2, 1)}",
                                f"train.ckpt_every={max(steps // 2, 1)}", f"train.log_every={max(steps // 20, 1)}",
                                "schedule.warmup_steps=0", "tracking.run_name=quickstart-unet"])
-    trainer = Trainer(cfg, out / "run", init_distributed(cfg.train.ddp_timeout_s))
+    trainer = Trainer(cfg, out / "run", init_distributed(cfg.train.ddp_timeout_s), resume=True)  # a rerun continues
     try:
         trainer.fit()
     finally:

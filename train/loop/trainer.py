@@ -34,7 +34,7 @@ from .distributed import DistInfo, all_reduce_sum, any_rank, barrier, gather_obj
 from .ema import WeightEMA
 from .optim import LOSSES, build_optimizer, build_scheduler
 from .progress import Progress
-from .state import OutputLock, load_latest, prune_states, remove_partial_writes, state_path
+from .state import OutputLock, latest_state, load_latest, prune_states, remove_partial_writes, state_path
 from .tracking import flatten, make_tracker, system_tags
 from .validation import Validator
 
@@ -59,6 +59,12 @@ class Trainer:
         self.best_path = Path(cfg.train.best_checkpoint) if cfg.train.best_checkpoint else self.out / "image_compression_model.pth"
         self.stop_signal: str | None = None
         self.finished = False
+        newest = latest_state(self.ckpt_dir)
+        earlier = [f"training states up to {newest.name}"] if newest else []
+        earlier += [f"a best model {self.best_path}"] if self.best_path.exists() else []
+        if earlier and not resume:  # a new run here would write over them
+            raise ckpt.CheckpointError(f"{self.out} holds an earlier run ({' and '.join(earlier)}): --resume continues it, "
+                                  "another --out starts a new run")
         self.lock = OutputLock(self.out).acquire() if info.is_main else None
         if info.is_main:
             remove_partial_writes(self.out, self.ckpt_dir)
