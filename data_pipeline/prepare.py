@@ -101,6 +101,7 @@ def prepare(source: Path | str, out: Path | str, mode: str = "gray", qualities=(
         raise DataError(f"JPEG qualities must be in 1..100, got {qualities}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    _refuse_another_preparation(out, source, mode)
     files = source_images(source, out / "extracted")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -144,6 +145,18 @@ def prepare(source: Path | str, out: Path | str, mode: str = "gray", qualities=(
     atomic_write_json(out / REPORT, report)
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def _refuse_another_preparation(out: Path, source: Path, mode: str) -> None:
+    """A folder holds one source in one mode: preparing another there would mix their files and
+    replace the manifest that earlier runs were trained from."""
+    try:
+        earlier = load_manifest(out)
+    except DataError:  # none yet, or unreadable: nothing to keep
+        return
+    if (Path(earlier["source"]).name, earlier["mode"]) != (source.name, mode):  # by name: a data root may move
+        raise DataError(f"{out} holds {earlier['source']} prepared in {earlier['mode']} mode: prepare {source} "
+                        f"({mode}) into another folder")
 
 
 def load_manifest(prepared: Path | str) -> dict:

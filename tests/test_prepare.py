@@ -55,6 +55,17 @@ def test_rerun_skips_done_files_and_redoes_changed_ones(real_images, tmp_path):
     assert json.loads((out / "report.json").read_text())["written"] == 6
 
 
+def test_a_prepared_folder_keeps_its_source_and_mode(real_images, color_tiles_dir, tmp_path):
+    out = tmp_path / "prep"
+    manifest = prepare(real_images, out, "gray", [10], progress=False)
+    for source, mode in ((real_images, "rgb"), (color_tiles_dir, "gray")):
+        with pytest.raises(DataError, match=f"{out} holds {real_images} prepared in gray mode: prepare {source} "
+                                            rf"\({mode}\) into another folder"):
+            prepare(source, out, mode, [10], progress=False)
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert sorted(p.name for p in (out / "original").iterdir()) == sorted(f["original"]["path"][9:] for f in manifest["files"])
+
+
 def test_split_is_deterministic_and_roughly_proportional():
     names = [f"img{i}" for i in range(2000)]
     val = [n for n in names if split_of(n, 0.1) == "val"]
