@@ -102,6 +102,9 @@ def build_checked(ckpt: dict, path) -> nn.Module:
 def load_model(path: Path | str, map_location="cpu", expect_arch: str | None = None) -> tuple[nn.Module, dict]:
     """Rebuild the model of a model checkpoint (eval mode); returns (model, checkpoint without weights)."""
     ckpt = load(path, map_location)
+    if {"model", "optimizer", "step"} <= ckpt.keys():  # a trainer's state (train/loop/state.py)
+        raise CheckpointError(f"{path} is a training state (step {ckpt['step']}) for --resume, not a model: by default its run's "
+                              f"model is {Path(path).parent.parent / 'image_compression_model.pth'}")
     if ckpt.get("format") != FORMAT or "arch" not in ckpt:
         raise CheckpointError(f"{path} is not a jpeg-restore model checkpoint (no {FORMAT!r} format tag)")
     if expect_arch and ckpt["arch"] != expect_arch:

@@ -206,6 +206,16 @@ def test_a_garbage_checkpoint_gets_one_line_saying_what_it_is(tmp_path, recwarn,
     assert "\n" not in message and "trust" not in message and not recwarn.list
 
 
+def test_a_training_state_given_as_a_model_is_named(tmp_path):
+    state = tmp_path / "run" / "checkpoints" / "step_00000012.pt"
+    state.parent.mkdir(parents=True)
+    ckpt.save({"model": {}, "optimizer": {}, "step": 12}, state)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load_model(state)
+    assert str(err.value) == (f"{state} is a training state (step 12) for --resume, not a model: by default its run's "
+                              f"model is {tmp_path / 'run' / 'image_compression_model.pth'}")
+
+
 @pytest.mark.parametrize("change, message", [
     ({"kwargs": {**tiny_kwargs("unet"), "width": 20000}}, "weights do not fit unet"),
     ({"mode": "cmyk"}, "channel mode 'cmyk'"),
