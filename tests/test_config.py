@@ -122,6 +122,24 @@ def test_sweep_variants_change_one_setting_of_the_base_each(tmp_path):
         tasks(load_sweep(sweep))
 
 
+@pytest.mark.parametrize("text, message", [
+    ('configs = "dncnn"', "configs must be a list of config names, got 'dncnn'"),
+    ('configs = ["dncnn"]\n[grid]\n"optim.lr" = 1e-3', "grid.optim.lr must be a non-empty list of values, got 0.001"),
+    ('configs = ["dncnn"]\n[grid]\n"optim.lr" = []', "grid.optim.lr must be a non-empty list of values, got []"),
+    ('configs = ["dncnn"]\ngrid = 3', "grid must be a table, got 3"),
+    ('configs = ["dncnn"]\nvariants = { a = 1 }', "variants.a must be a table of settings, got 1"),
+    ('experiment = 5\nconfigs = ["dncnn"]', "experiment must be a string, got 5"),
+])
+def test_a_misshapen_sweep_file_is_one_line(tmp_path, text, message):
+    from train.sweep import load_sweep
+
+    path = tmp_path / "sweep.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path)
+    assert str(err.value) == f"sweep file {path}: {message}"
+
+
 def test_film_without_the_quality_plane_is_rejected_in_one_line():
     with pytest.raises(ConfigError, match="film = true modulates by the quality: it needs data.quality_plane = true"):
         load_config(None, ["model.arch=unet", "model.kwargs={film=true}"])

@@ -30,10 +30,32 @@ def load_sweep(path: Path | str = DEFAULT_SWEEP) -> dict:
                           "(known: experiment, configs, base, overrides, variants, grid)")
     if not sweep.get("configs"):
         raise ConfigError(f"sweep file {path} lists no configs")
+    _check_shapes(sweep, path)
     stray = set(sweep.get("overrides", {})) - set(sweep["configs"])
     if stray:
         raise ConfigError(f"sweep file {path} has overrides for {sorted(stray)[0]}, which is not one of its configs")
     return sweep
+
+
+def _check_shapes(sweep: dict, path) -> None:
+    """Each section the type the task builder reads, so a slip is a line naming it, not a traceback."""
+    def bad(key: str, want: str, got) -> ConfigError:
+        return ConfigError(f"sweep file {path}: {key} must be {want}, got {got!r}")
+
+    if not isinstance(sweep.get("experiment", ""), str):
+        raise bad("experiment", "a string", sweep["experiment"])
+    if not isinstance(sweep["configs"], list) or not all(isinstance(c, str) for c in sweep["configs"]):
+        raise bad("configs", "a list of config names", sweep["configs"])
+    for section in ("base", "overrides", "variants", "grid"):
+        if not isinstance(sweep.get(section, {}), dict):
+            raise bad(section, "a table", sweep[section])
+    for key, value in sweep.get("grid", {}).items():
+        if not isinstance(value, list) or not value:
+            raise bad(f"grid.{key}", "a non-empty list of values", value)
+    for section in ("overrides", "variants"):
+        for name, table in sweep.get(section, {}).items():
+            if not isinstance(table, dict):
+                raise bad(f"{section}.{name}", "a table of settings", table)
 
 
 def tasks(sweep: dict) -> list[dict]:
