@@ -62,6 +62,8 @@ class DataConfig:
             raise ValueError(f"data.mode must be 'gray' or 'rgb', got {self.mode!r}")
         if not self.qualities or not all(1 <= q <= 100 for q in self.qualities):
             raise ValueError(f"data.qualities must be JPEG qualities in 1..100, got {self.qualities}")
+        if len(set(self.qualities)) < len(self.qualities):
+            raise ValueError(f"data.qualities must name each quality once, got {self.qualities}")
         lo, hi = self.online_quality_range
         if not 1 <= lo <= hi <= 100:
             raise ValueError(f"data.online_quality_range must be [min, max] in 1..100, got {self.online_quality_range}")

@@ -39,6 +39,7 @@ def test_dotted_overrides_are_typed():
     ("train.max_steps=1.5", "train.max_steps must be of type int"),
     ("data.backend=tf", "data.backend must be one of"),
     ("data.qualities=[0]", "data.qualities must be JPEG qualities"),
+    ("data.qualities=[10, 10]", "data.qualities must name each quality once, got [10, 10]"),
     ("model.arch=vgg", "model.arch must be one of arcnn, attention"),
     ("train.loss=huber", "train.loss must be one of l1, mse, charbonnier, got 'huber'"),
     ("optim.name=lion", "optim.name must be one of adam, adamw, sgd, got 'lion'"),

@@ -392,3 +392,18 @@ def test_a_new_run_never_writes_over_an_earlier_run(tiles_dir, tmp_path, capsys)
     assert err == (f"error: {out} holds an earlier run (a best model {best}): --resume continues it, another --out "
                    "starts a new run"), err
     assert best.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["image_compression_model.pth"]
+
+
+def test_a_diverging_run_stops_with_one_line(tiles_dir, tmp_path, capsys):
+    """A learning rate of 1e12 makes the loss NaN in three steps: the run stops there, not 10000 steps later."""
+    from train.main import main
+
+    out = tmp_path / "run"
+    args = ["--smoke", "--set", f"data.dataset={tiles_dir}", "--set", "tracking.enabled=false", "--set", "model.arch=unet",
+            "--set", "model.kwargs={width = 8, levels = 2}", "--set", "optim.name=sgd", "--set", "optim.lr=1e12",
+            "--set", "train.log_every=1", "--set", "train.max_steps=12", "--set", "train.precision=fp32", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: training diverged at step ") and ("loss is nan" in err or "loss is inf" in err), err
+    assert err.endswith("(lower optim.lr, set optim.grad_clip); nothing kept from before"), err
+    assert not (out / "image_compression_model.pth").exists()

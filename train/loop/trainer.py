@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from data_pipeline.errors import UserError
 from data_pipeline.images import atomic_write_bytes
 from data_pipeline.loaders import build_loader
 from data_pipeline.prepare import prepare
@@ -302,6 +303,8 @@ class Trainer:
         n = max(window["n"], 1)
         elapsed = time.perf_counter() - window["start"]
         loss = float(window["loss"]) / n  # the one host sync of the logging interval
+        if any_rank(not math.isfinite(loss), self.info):
+            self._diverged(f"the training loss is {loss} over the last {n} steps")
         images = n * self.cfg.data.batch_size * self.info.world_size
         metrics = {"train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": images / elapsed,
                    # forward 2 FLOP per MAC, backward about twice the forward: 6 FLOP per MAC and pixel
@@ -332,11 +335,21 @@ class Trainer:
             progress.set_total(total)
         self.tracker.log_metrics({"planned_steps": total}, self.step)
 
+    def _diverged(self, what: str) -> None:
+        newest = latest_state(self.ckpt_dir)
+        kept = [f"the newest state {newest}"] if newest else []
+        kept += [f"the best model {self.best_path}"] if self.best_path.exists() else []
+        remedies = "lower optim.lr, set optim.grad_clip" + (" or use train.precision=fp32" if self.cfg.train.precision != "fp32" else "")
+        raise TrainingDiverged(f"training diverged at step {self.step}: {what} ({remedies}); "
+                               f"{' and '.join(kept) or 'nothing'} kept from before")
+
     def _validate_and_track(self, progress: "Progress") -> None:
         if self.validator is None:
             return
         metrics = self.validator(self.eval_model)
         self.model.train()
+        if not math.isfinite(metrics["val_psnr"]):  # the same on every rank (summed over them)
+            self._diverged(f"the validation PSNR is {metrics['val_psnr']}")
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(metrics["val_psnr"])
         self.history["val_step"].append(self.step)
@@ -406,6 +419,10 @@ class Trainer:
             self.tracker.close("FINISHED" if self.finished else ("KILLED" if self.stop_signal and not failed else "FAILED"))
         if self.lock is not None:
             self.lock.release()
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss or the validation PSNR is no longer a number; the message says what is kept."""
 
 
 def _timed(loader, window: dict):
