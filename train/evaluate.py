@@ -137,6 +137,8 @@ def main(argv=None) -> int:
         raise UserError(f"--qualities must be comma-separated integers, got {args.qualities!r}") from None
     if not all(1 <= q <= 100 for q in qualities):
         raise UserError(f"--qualities must be JPEG qualities in 1..100, got {args.qualities!r}")
+    if args.side_by_side_count < 1:
+        raise UserError(f"--side-by-side-count must be at least 1, got {args.side_by_side_count}")
     if args.json and args.json.is_dir():
         raise UserError(f"--json {args.json} is a folder: name the file to write")
     for folder in (args.json and args.json.parent, args.side_by_side):  # before minutes of evaluation
