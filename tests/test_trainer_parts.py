@@ -299,3 +299,19 @@ def test_with_a_weight_average_the_best_model_is_the_average(tmp_path, tiles_dir
     assert not all(torch.equal(v, raw[k]) for k, v in best.items())
     state = torch.load(latest_state(tmp_path / "checkpoints"), weights_only=True)
     assert all(torch.equal(v, average[k]) for k, v in state["ema"].items())
+
+
+def test_validation_reports_the_gain_over_the_jpeg_inputs(tiles_prepared):
+    """The identity gains exactly 0 dB (what a dead network validates at); a smoothing filter does not."""
+    from data_pipeline.config import DataConfig
+    from train.loop.distributed import DistInfo
+    from train.loop.validation import Validator
+
+    data = DataConfig(prepared_dir=str(tiles_prepared), qualities=[10, 40], limit=3)
+    validator = Validator(data, "fp32", LOSSES["l1"], DistInfo(0, 0, 1, torch.device("cpu")))
+    identity = validator(torch.nn.Identity())
+    assert identity["val_psnr_gain"] == 0.0 and identity["val_psnr"] > 20
+    blur = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False, padding_mode="replicate")
+    torch.nn.init.constant_(blur.weight, 1 / 9)
+    blurred = validator(blur)
+    assert blurred["val_psnr_gain"] == pytest.approx(blurred["val_psnr"] - identity["val_psnr"]) and blurred["val_psnr_gain"] != 0

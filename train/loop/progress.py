@@ -44,7 +44,8 @@ class Progress:
         self.last_psnr = m["val_psnr"]
         if self.enabled:
             msg = f"validation at step {step}: " + " ".join(
-                f"{x.label} {m['val_' + x.name]:.{x.digits + 2}f}" for x in metrics()) + f" loss {m['val_loss']:.5f}"
+                f"{x.label} {m['val_' + x.name]:.{x.digits + 2}f}" for x in metrics()) + \
+                f" loss {m['val_loss']:.5f} ({m['val_psnr_gain']:+.3f} dB over the JPEG inputs)"
             (self.bar.write(msg) if self.bar is not None else log.info(msg))
 
     def close(self) -> None:

@@ -350,6 +350,9 @@ class Trainer:
         self.model.train()
         if not math.isfinite(metrics["val_psnr"]):  # the same on every rank (summed over them)
             self._diverged(f"the validation PSNR is {metrics['val_psnr']}")
+        if abs(metrics["val_psnr_gain"]) < 1e-3 and self.step >= 100 and self.info.is_main:
+            log.warning("step %d: the model's output still rounds to its JPEG input (%+.4f dB): dead activations? "
+                        "(docs/experiments.md: BatchNorm or a lower optim.lr)", self.step, metrics["val_psnr_gain"])
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(metrics["val_psnr"])
         self.history["val_step"].append(self.step)

@@ -15,6 +15,7 @@ from runtime.device import autocast_for
 from runtime.inference import image_to_tensor, to_uint8, with_quality
 from runtime.metrics import image_metrics
 from runtime.metrics import metrics as registered_metrics
+from runtime.metrics.psnr import psnr
 from runtime.tiling import restore_tensor
 
 from .distributed import DistInfo, all_reduce_sum
@@ -39,6 +40,8 @@ class Validator:
     def __init__(self, data: DataConfig, precision: str, loss_fn, info: DistInfo):
         self.data, self.precision, self.loss_fn, self.info = data, precision, loss_fn, info
         self.items = held_out_items(data)
+        # the JPEG inputs' own PSNR, once: each validation reports the model's gain over it
+        self.jpeg_psnr = [psnr(original, jpeg) for _, _, jpeg, original in self.items[info.rank::info.world_size]]
         self.figures: list[tuple] = []  # (name, quality, original, JPEG, restored) of the last validation
 
     @torch.no_grad()
@@ -48,9 +51,9 @@ class Validator:
         net.eval()
         device, qualities = self.info.device, self.data.qualities
         names = [m.name for m in registered_metrics()]
-        sums = torch.zeros(len(qualities), 2 + len(names), dtype=torch.float64)  # count, loss, metrics...
+        sums = torch.zeros(len(qualities), 3 + len(names), dtype=torch.float64)  # count, loss, JPEG PSNR, metrics...
         self.figures = []
-        for name, q, jpeg, original in self.items[self.info.rank::self.info.world_size]:
+        for (name, q, jpeg, original), jpeg_psnr in zip(self.items[self.info.rank::self.info.world_size], self.jpeg_psnr):
             x = image_to_tensor(jpeg, device)
             if self.data.quality_plane:
                 x = with_quality(x, q)
@@ -59,15 +62,16 @@ class Validator:
             restored = to_uint8(y[0])
             m = image_metrics(original, restored)
             loss = float(self.loss_fn(y, image_to_tensor(original, device)))
-            sums[qualities.index(q)] += torch.tensor([1, loss] + [m[n] for n in names], dtype=torch.float64)
+            sums[qualities.index(q)] += torch.tensor([1, loss, jpeg_psnr] + [m[n] for n in names], dtype=torch.float64)
             if q == qualities[0] and len(self.figures) < FIGURES:
                 self.figures.append((name, q, original, jpeg, restored))
         sums = all_reduce_sum(sums.to(device), self.info).cpu()
         means = sums[:, 1:] / sums[:, :1]
         result = {}
         for q, row in zip(qualities, means.tolist()):
-            result.update({f"val_{n}_q{q}": v for n, v in zip(names, row[1:])})
+            result.update({f"val_{n}_q{q}": v for n, v in zip(names, row[2:])})
         overall = means.mean(0).tolist()
         result["val_loss"] = overall[0]
-        result.update({f"val_{n}": v for n, v in zip(names, overall[1:])})
+        result.update({f"val_{n}": v for n, v in zip(names, overall[2:])})
+        result["val_psnr_gain"] = result["val_psnr"] - overall[1]  # over the JPEG inputs
         return result
