@@ -315,3 +315,21 @@ def test_validation_reports_the_gain_over_the_jpeg_inputs(tiles_prepared):
     torch.nn.init.constant_(blur.weight, 1 / 9)
     blurred = validator(blur)
     assert blurred["val_psnr_gain"] == pytest.approx(blurred["val_psnr"] - identity["val_psnr"]) and blurred["val_psnr_gain"] != 0
+
+
+def test_a_resumed_run_names_the_settings_it_changed(tmp_path, caplog):
+    from train.loop.distributed import DistInfo
+    from train.loop.trainer import Trainer
+
+    base = ["model.arch=unet", "model.kwargs={width = 4, levels = 1}", "data.backend=synthetic", "data.batch_size=2",
+            "data.patch_size=16", "train.log_every=1", "train.precision=fp32", "tracking.enabled=false"]
+    cpu = DistInfo(0, 0, 1, torch.device("cpu"))
+    caplog.set_level("INFO", logger="train.loop.trainer")
+    for steps, extra in ((2, []), (4, ["optim.lr=5e-4"])):
+        trainer = Trainer(load_config(None, base + [f"train.max_steps={steps}", *extra]), tmp_path, cpu, resume=True)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    assert trainer.step == 4 and trainer.resume_changes == "optim.lr: 0.001 -> 0.0005, train.max_steps: 2 -> 4"
+    assert "resumed with changed settings: optim.lr: 0.001 -> 0.0005, train.max_steps: 2 -> 4" in caplog.text

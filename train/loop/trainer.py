@@ -89,6 +89,7 @@ class Trainer:
         self.session_start: float | None = None
         self.history: dict[str, list] = {"step": [], "loss": [], "images_per_s": [], "val_step": [], "val_psnr": []}
         run_id = state = None
+        self.resume_changes = ""
         found = load_latest(self.ckpt_dir, self.device) if resume else None
         if resume and found is None:
             log.info("--resume: no training state in %s, starting at step 0", self.ckpt_dir)
@@ -99,6 +100,9 @@ class Trainer:
             run_id = state.get("mlflow_run_id")
             self.load_state_dict(state, state_file)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", state_file, self.step, self.epoch, self.step_in_epoch)
+            self.resume_changes = self._changed_settings(state.get("config"))
+            if self.resume_changes:
+                log.info("resumed with changed settings: %s", self.resume_changes)
         self.ema = WeightEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None  # from the weights as they start
         if self.ema and state is not None:
             if "ema" in state:
@@ -132,6 +136,8 @@ class Trainer:
             self.tracker.log_params({**flatten(to_dict(cfg)), "params": self.params, "out": str(self.out),
                                      "macs_per_pixel": round(self.macs_per_pixel)})
             self.tracker.log_artifact(self.out / "config.toml")
+            if self.resume_changes:  # MLflow keeps a run's first params
+                self.tracker.set_tags({f"changed_at_step_{self.step}": self.resume_changes})
             log.info("%s: %.3f M parameters, %d ranks on %s, %s, %d steps/epoch",
                      cfg.model.arch, self.params / 1e6, info.world_size, self.device, cfg.train.precision, len(self.loader))
 
@@ -182,7 +188,7 @@ class Trainer:
                 "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "best_psnr": self.best_psnr, "wall_time": self.elapsed(), "step_time": self.elapsed_steps(),
                 "history": self.history,
-                "max_steps": self.cfg.train.max_steps,
+                "max_steps": self.cfg.train.max_steps, "config": flatten(to_dict(self.cfg)),
                 "arch": self.cfg.model.arch, "kwargs": dict(self.cfg.model.kwargs), "mode": self.cfg.data.mode,
                 "mlflow_run_id": getattr(self, "tracker", None) and self.tracker.run_id,
                 **({"ema": self.ema.state_dict()} if self.ema else {})}
@@ -212,6 +218,14 @@ class Trainer:
         self.history = {**self.history, **state["history"]}
         if self.budget and "max_steps" in state:  # the step count fitted to the time budget so far
             self.cfg.train.max_steps = min(state["max_steps"], self.budget.max_steps)
+
+    def _changed_settings(self, saved: dict | None) -> str:
+        """'key: old -> new, ...' for the settings a resumed run changed (states from before this
+        record have none); the step count a time budget refits is left out."""
+        now = flatten(to_dict(self.cfg))
+        budget = {"train.max_steps"} if self.budget else set()
+        return ", ".join(f"{k}: {saved.get(k)} -> {v}" for k, v in now.items()
+                         if saved and k not in budget and str(saved.get(k)) != str(v))
 
     def init_weights(self, path: str) -> None:
         """Start from the weights of a model checkpoint of the same architecture (a gray run may
