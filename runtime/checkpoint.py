@@ -14,7 +14,7 @@ from torch import nn
 from data_pipeline.errors import UserError
 from data_pipeline.images import atomic_write_bytes
 
-from .models import architectures, build_model, build_problem, check_kwargs
+from .models import architectures, build_model, check_kwargs, meta_model
 
 FORMAT = "jpeg-restore-model/1"
 MODES = {"gray": 1, "rgb": 3}
@@ -82,11 +82,13 @@ def build_checked(ckpt: dict, path) -> nn.Module:
         raise CheckpointError(f"{path}: kwargs must be a dict, got {kwargs!r}")
     if arch not in architectures():
         raise CheckpointError(f"{path}: unknown architecture {arch!r}; known: {', '.join(architectures())}")
-    bad = check_kwargs(arch, kwargs) or build_problem(arch, kwargs, MODES[mode])
-    if bad:
-        raise CheckpointError(f"{path}: cannot rebuild {arch}({kwargs}): {bad}")
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in build_model(arch, channels=MODES[mode], **kwargs).state_dict().items()}
+    try:
+        bad = check_kwargs(arch, kwargs)
+        if bad:
+            raise ValueError(bad)
+        shapes = {k: tuple(v.shape) for k, v in meta_model(arch, kwargs, MODES[mode]).state_dict().items()}
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: cannot rebuild {arch}({kwargs}): {exc}") from None
     state = ckpt.get("state_dict", {})
     have = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
     wrong = sorted(k for k in shapes.keys() | have.keys() if shapes.get(k) != have.get(k))

@@ -74,9 +74,9 @@ def check_kwargs(arch: str, kwargs: dict) -> str | None:
     return None
 
 
-def build_problem(arch: str, kwargs: dict, channels: int = 1) -> str | None:
-    """None if the architecture builds from `kwargs` with no empty layer, tried on the meta device
-    (nothing allocated, a width of 20000 included); else why, in one line."""
+def meta_model(arch: str, kwargs: dict, channels: int = 1) -> nn.Module:
+    """The architecture built from `kwargs` on the meta device (nothing allocated, a width of 20000
+    included); ValueError saying why in one line when it cannot be built or has an empty layer."""
     import torch
 
     text = f"{arch}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
@@ -85,10 +85,19 @@ def build_problem(arch: str, kwargs: dict, channels: int = 1) -> str | None:
             warnings.simplefilter("ignore")  # zero-sized layers warn
             model = build_model(arch, channels=channels, **kwargs)
     except Exception as exc:  # constructors fail in many ways on impossible sizes
-        return f"{text} cannot be built: {' '.join(str(exc).split()) or type(exc).__name__}"
+        raise ValueError(f"{text} cannot be built: {' '.join(str(exc).split()) or type(exc).__name__}") from None
     empty = next((name for name, p in model.named_parameters() if p.numel() == 0), None)
     if empty:
-        return f"{text} cannot be built: layer {empty} would be empty (a width or count of 0)"
+        raise ValueError(f"{text} cannot be built: layer {empty} would be empty (a width or count of 0)")
+    return model
+
+
+def build_problem(arch: str, kwargs: dict, channels: int = 1) -> str | None:
+    """None if meta_model builds, else why."""
+    try:
+        meta_model(arch, kwargs, channels)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 

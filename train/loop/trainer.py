@@ -64,8 +64,8 @@ class Trainer:
         earlier = [f"training states up to {newest.name}"] if newest else []
         earlier += [f"a best model {self.best_path}"] if self.best_path.exists() else []
         if earlier and not resume:  # a new run here would write over them
-            raise ckpt.CheckpointError(f"{self.out} holds an earlier run ({' and '.join(earlier)}): --resume continues it, "
-                                  "another --out starts a new run")
+            raise ckpt.CheckpointError(f"{self.out} holds an earlier run ({' and '.join(earlier)}): --resume continues "
+                                       "it, another --out starts a new run")
         self.lock = OutputLock(self.out).acquire() if info.is_main else None
         if info.is_main:
             remove_partial_writes(self.out, self.ckpt_dir)
