@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import UserError, WriteError
 
@@ -89,10 +89,23 @@ def jpeg_roundtrip(img: np.ndarray, quality: int) -> np.ndarray:
     return decode_jpeg(jpeg_bytes(img, quality))
 
 
-def png_bytes(img: np.ndarray) -> bytes:
+def png_bytes(img: np.ndarray, icc_profile: bytes | None = None, exif: bytes | None = None) -> bytes:
+    """PNG of a uint8 image; a color profile and EXIF data given are stored with it."""
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    extra = {k: v for k, v in (("icc_profile", icc_profile), ("exif", exif)) if v}
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1, **extra)
     return buf.getvalue()
+
+
+def upright(img: np.ndarray, exif: bytes | None) -> tuple[np.ndarray, bytes | None]:
+    """(the image turned as its EXIF orientation tag says viewers show it, the EXIF without that
+    tag): a camera's JPEG is stored sideways and tagged, a PNG written from its pixels is not."""
+    if not exif:
+        return img, exif
+    im = Image.fromarray(img)
+    im.info["exif"] = exif
+    turned = ImageOps.exif_transpose(im)
+    return np.asarray(turned), turned.info.get("exif", exif)
 
 
 def _umask() -> int:

@@ -11,7 +11,9 @@ did not create in this run unless --overwrite is given. A JPEG saved at a qualit
 highest the model was trained on (read from the file's own tables) is left as it is and reported:
 a model trained on q10-40 makes a q90 photo worse; --max-quality moves that bound. The default
 model is image_compression_model.pth in the repository (gray) and, for color images,
-image_compression_model_color.pth next to it when it exists.
+image_compression_model_color.pth next to it when it exists. The PNG keeps the input's color
+profile and EXIF data, and stands as viewers show the input: a camera JPEG tagged with an EXIF
+orientation is restored as stored (on its 8x8 block grid), then turned.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import argparse
 import resource
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import IMAGE_SUFFIXES, BadImage, atomic_write_bytes, check_output_folder, png_bytes, read_image
+from data_pipeline.images import IMAGE_SUFFIXES, BadImage, atomic_write_bytes, check_output_folder, png_bytes, read_image, upright
 from data_pipeline.jpeg_tables import jpeg_quality
 from export.artifacts import DEPLOY_DIR, artifact_for
 from runtime.checkpoint import load_model
@@ -71,12 +74,19 @@ def above_range(quality: int | None, meta: dict, max_quality: int | None) -> str
             f"would lose detail (--max-quality 100 restores it anyway)")
 
 
-def read_header(path: Path) -> tuple[str, tuple[int, bool] | None] | None:
-    """("gray" or "color", the JPEG quality from its tables or None) from the file's header alone;
-    None where Pillow cannot open it (read_image then says why)."""
+class Header(NamedTuple):
+    kind: str | None  # "gray" or "color"
+    quality: tuple[int, bool] | None  # (q, exact) from the JPEG's tables; None: not a JPEG
+    icc_profile: bytes | None
+    exif: bytes | None
+
+
+def read_header(path: Path) -> Header | None:
+    """What the file's header says (None where Pillow cannot open it: read_image then says why)."""
     try:
         with Image.open(path) as im:
-            return "gray" if im.mode == "L" else "color", jpeg_quality(im)
+            return Header("gray" if im.mode == "L" else "color", jpeg_quality(im),
+                          im.info.get("icc_profile"), im.info.get("exif"))
     except Exception:  # Pillow raises many types for broken files
         return None
 
@@ -170,8 +180,9 @@ def main(argv=None) -> int:
             print(f"skipped {f}: {target} already exists (--overwrite replaces it)", file=sys.stderr)
             failed += 1
             continue
-        kind, quality = read_header(f) or (None, None)  # quality: (q, exact) from the tables; None: not a JPEG
-        why = kind and above_range(quality and quality[0], loaded[kind][1], args.max_quality)  # before decoding
+        header = read_header(f) or Header(None, None, None, None)
+        quality = header.quality
+        why = header.kind and above_range(quality and quality[0], loaded[header.kind][1], args.max_quality)  # before decoding
         if why:
             print(f"left {f} as it is: {why}", file=sys.stderr)
             kept += 1
@@ -186,10 +197,13 @@ def main(argv=None) -> int:
         tiles = tile_count(*img.shape[:2])
         with tqdm(total=tiles, unit="tile", desc=f.name, leave=False, disable=tiles < 8, file=sys.stderr) as bar:
             restored = restore_array(runner, meta, img, args.self_ensemble, tiles_per_call, bar.update, quality and quality[0])
-        atomic_write_bytes(target, png_bytes(restored))
+        # restored as stored (the 8x8 grid the JPEG's blocks sit on), then turned as viewers show the input
+        restored, exif = upright(restored, header.exif)
+        atomic_write_bytes(target, png_bytes(restored, header.icc_profile, exif))
         how = "luma only" if img.ndim == 3 and meta["mode"] == "gray" else meta["mode"]
         saved = "no JPEG tables" if quality is None else f"JPEG q{quality[0]}" + ("" if quality[1] else " (nearest IJG table)")
-        print(f"{f} -> {target} ({img.shape[1]}x{img.shape[0]}, {saved}, {meta['arch']} {how}, {args.backend})")
+        turned = ", turned as its EXIF orientation says" if exif != header.exif else ""
+        print(f"{f} -> {target} ({img.shape[1]}x{img.shape[0]}, {saved}, {meta['arch']} {how}, {args.backend}{turned})")
     left = f", {kept} left as they are (quality above the model's)" if kept else ""
     print(f"restored {len(files) - failed - kept} of {len(files)} images into {args.out}{left}; "
           f"peak memory {peak_memory(args.device)}")

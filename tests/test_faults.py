@@ -84,6 +84,29 @@ def test_restore_of_a_folder_takes_what_pillow_opens_and_names_the_rest(jpegs, t
     assert ".hidden" not in proc.stderr and "restored 3 of 3 images" in proc.stdout
 
 
+def test_restore_keeps_a_camera_jpegs_orientation_profile_and_exif(tmp_path, photo_pair, capsys):
+    """A phone stores its JPEG sideways with an EXIF orientation tag and a color profile: the PNG
+    stands as viewers showed the input (restored on the stored block grid, then turned) and keeps both."""
+    from serve_bench.restore import main
+
+    model = tiny_unet(tmp_path / "m.pth")
+    stored = photo_pair[1][:64, :96]  # color: the gray model restores its luma
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "PhoneCam"  # Orientation: shown turned 90 degrees clockwise; Make
+    icc = b"a color profile"  # Pillow stores the bytes as they are
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.fromarray(stored).save(inp / "tagged.jpg", quality=10, exif=exif.tobytes(), icc_profile=icc)
+    Image.fromarray(stored).save(inp / "plain.jpg", quality=10)
+    assert main([str(inp), "-o", str(tmp_path / "out"), "--checkpoint", str(model)]) == 0
+    assert "turned as its EXIF orientation says" in capsys.readouterr().out
+    with Image.open(tmp_path / "out" / "tagged.png") as tagged, Image.open(tmp_path / "out" / "plain.png") as plain:
+        assert tagged.size == (64, 96) and plain.size == (96, 64)
+        assert np.array_equal(np.asarray(tagged), np.rot90(np.asarray(plain), k=-1))
+        assert tagged.info["icc_profile"] == icc and "icc_profile" not in plain.info
+        assert dict(tagged.getexif()) == {0x010F: "PhoneCam"} and not plain.getexif()
+
+
 def test_restore_leaves_jpegs_above_the_models_training_qualities(tmp_path, photo_pair):
     """The shipped model (q10-40) makes a q90 photo worse: such a file is reported and left alone."""
     model = tiny_unet(tmp_path / "m.pth", {"data": {"qualities": [10, 20, 30, 40], "online": False}})
