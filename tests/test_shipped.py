@@ -91,10 +91,11 @@ def test_figure_shows_every_model_on_two_images(data_root, tmp_path):
                           "--images", "nope", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: no image nope.png in")
     for args, message in [(["--quality", "0"], "error: --quality must be a JPEG quality in 1..100, got 0"),
-                          (["--crop", "0"], "error: --crop must be at least 8 pixels and --scale at least 1, got 0 and 2")]:
-        bad = subprocess.run([sys.executable, "-m", "train.figure", str(SHIPPED_GRAY), *args, "--out", str(tmp_path / "bad.png")],
+                          (["--crop", "0"], "error: --crop must be at least 8 pixels and --scale at least 1, got 0 and 2"),
+                          (["--out", str(tmp_path / "bad.txt")], f"error: --out must name a .png file (the figure is a PNG), got {tmp_path / 'bad.txt'}")]:
+        bad = subprocess.run([sys.executable, "-m", "train.figure", str(SHIPPED_GRAY), "--out", str(tmp_path / "bad.png"), *args],
                              capture_output=True, text=True, cwd=REPO)
-        assert bad.returncode == 2 and bad.stderr.strip() == message and not (tmp_path / "bad.png").exists()
+        assert bad.returncode == 2 and bad.stderr.strip() == message and not list(tmp_path.glob("bad.*"))
 
 
 def test_shipped_files_fit_the_40_mb_cap():

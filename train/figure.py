@@ -65,6 +65,8 @@ def main(argv=None) -> int:
         raise UserError(f"--quality must be a JPEG quality in 1..100, got {args.quality}")
     if args.crop < 8 or args.scale < 1:
         raise UserError(f"--crop must be at least 8 pixels and --scale at least 1, got {args.crop} and {args.scale}")
+    if args.out.suffix.lower() != ".png":
+        raise UserError(f"--out must name a .png file (the figure is a PNG), got {args.out}")
     check_output_folder(args.out.parent)
     folder = dataset_dir(args.dataset, args.data_root)
     images = {}
