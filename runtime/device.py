@@ -54,6 +54,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp16" if device.type == "cuda" else "fp32"
 
 
+def emulated_bf16_warning(precision: str, device: torch.device) -> str | None:
+    """The warning for bf16 asked for where it is emulated (20-30x slower than fp32 on an AVX2 CPU);
+    None where the precision is fine."""
+    if resolve_precision(precision, device) != "bf16" or native_bf16(device):
+        return None
+    return (f"bf16 is emulated on this {device_name(device)} (no native bf16 kernels): expect it to be "
+            "many times slower than fp32 (precision auto picks what is fast here)")
+
+
 def autocast_for(precision: str, device: torch.device):
     precision = resolve_precision(precision, device)
     if precision == "fp32":

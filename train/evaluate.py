@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, jpeg_roundtrip, list_images, read_image
 from data_pipeline.sources import DataError, dataset_dir
-from runtime.device import add_device_option, check_device
+from runtime.device import add_device_option, check_device, emulated_bf16_warning
 from runtime.figures import side_by_side
 from runtime.inference import Restorer, shipped_model
 from runtime.metrics import image_metrics, metrics
@@ -130,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--log-mlflow", action="store_true", help="log the metrics to the checkpoint's MLflow run")
     args = ap.parse_args(argv)
     args.device = check_device(args.device)
+    if not args.jpeg_only and (slow := emulated_bf16_warning(args.precision, torch.device(args.device))):
+        print(f"warning: {slow}", file=sys.stderr)
     restorer = None
     try:
         qualities = [int(q) for q in args.qualities.split(",")]
