@@ -6,8 +6,9 @@
 
 Each original is JPEG-encoded with Pillow at each quality and decoded back; the table gives
 PSNR / SSIM / PSNR-B of that JPEG input and of the restored image. Without --checkpoint the
-shipped model restores (image_compression_model.pth; for color images the shipped color model
-when there is one). A gray model restores a color image's luma and keeps its chroma.
+shipped models restore, each image by the model of its kind as in restore
+(image_compression_model.pth; for color images the shipped color model when there is one). A gray
+model restores a color image's luma and keeps its chroma.
 """
 from __future__ import annotations
 
@@ -45,6 +46,23 @@ def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, n
     if not images:
         raise DataError(f"{folder} holds no readable images")
     return images, skipped
+
+
+def kind_of(img: np.ndarray) -> str:
+    return "color" if img.ndim == 3 else "gray"
+
+
+def load_models(images: dict[str, np.ndarray], checkpoint: Path | None, device: str, precision: str,
+                ensemble: bool) -> dict[str, tuple[Path, Restorer]]:
+    """{kind of image: (checkpoint, Restorer)} for the kinds in the folder: the checkpoint given, or
+    the shipped model of each kind (as restore picks them), each loaded once."""
+    paths = {k: checkpoint or shipped_model(k == "color") for k in sorted({kind_of(i) for i in images.values()})}
+    loaded = {c: Restorer(c, device, precision, ensemble=ensemble) for c in set(paths.values())}
+    return {k: (c, loaded[c]) for k, c in paths.items()}
+
+
+def by_kind(models: dict[str, tuple[Path, Restorer]]) -> RestoreFn:
+    return lambda img, q: models[kind_of(img)][1](img, q)
 
 
 def _jpeg_metrics(args):
@@ -148,31 +166,37 @@ def main(argv=None) -> int:
         if folder:
             check_output_folder(folder)
     images, skipped = load_test_images(dataset_dir(args.dataset, args.data_root))
-    if not args.jpeg_only:
-        color = any(img.ndim == 3 for img in images.values())
-        args.checkpoint = args.checkpoint or shipped_model(color)
-        restorer = Restorer(args.checkpoint, args.device, args.precision, ensemble=args.self_ensemble)
+    models = {} if args.jpeg_only else load_models(images, args.checkpoint, args.device, args.precision, args.self_ensemble)
+    one = len({c for c, _ in models.values()}) == 1  # else the shipped gray and color models, each on its kind
+    if args.log_mlflow and models and not one:
+        raise UserError("--log-mlflow logs to one model's run, and this folder's gray and color images take two "
+                        "(the shipped gray and color models): give --checkpoint")
+    restorer = by_kind(models) if models else None
     for s in skipped:
         print(f"skipped {s}", file=sys.stderr)
     keep = args.side_by_side_count if args.side_by_side else 0
     start = time.perf_counter()
     results, extra = evaluate(images, qualities, restore=restorer, keep=keep)
-    title = f"{args.dataset}: {len(images)} images" + (f", {restorer.meta['arch']} from {args.checkpoint}" if restorer else "") \
-        + (", x8 self-ensemble" if restorer and args.self_ensemble else "")
+    # one checkpoint and arch where one model restored every image, else one per kind of image
+    used = {k: {"checkpoint": str(c), "arch": r.meta["arch"]} for k, (c, r) in (list(models.items())[:1] if one else models.items())}
+    title = f"{args.dataset}: {len(images)} images" + "".join(
+        f", {m['arch']} from {m['checkpoint']}" + ("" if one else f" ({k} images)") for k, m in used.items()) \
+        + (", x8 self-ensemble" if models and args.self_ensemble else "")
     print(format_table(title, results))
     if args.json:
-        atomic_write_json(args.json, {"dataset": args.dataset, "images": len(images), "skipped": skipped,
-                                      "checkpoint": str(args.checkpoint) if restorer else None,
-                                      "arch": restorer.meta["arch"] if restorer else None,
-                                      "self_ensemble": bool(restorer and args.self_ensemble), "precision": args.precision,
+        fields = {f: (used[min(used)][f] if one else {k: m[f] for k, m in used.items()}) if used else None
+                  for f in ("checkpoint", "arch")}
+        atomic_write_json(args.json, {"dataset": args.dataset, "images": len(images), "skipped": skipped, **fields,
+                                      "self_ensemble": bool(models and args.self_ensemble), "precision": args.precision,
                                       "results": results, "per_image": extra["per_image"]})
     if args.side_by_side:
         write_side_by_side(extra["kept"], args.side_by_side)
-    if args.log_mlflow and restorer:
+    if args.log_mlflow and models:
+        checkpoint, model = next(iter(models.values()))
         name = Path(args.dataset).name + ("_x8" if args.self_ensemble else "")
         logged = {f"{name}_{kind}_{m}_q{q}": v for q, r in results.items() for kind, ms in r.items() for m, v in ms.items()}
         logged[f"{name}_eval_time_s"] = time.perf_counter() - start
-        print(log_to_run(restorer.meta.get("mlflow_run_id"), logged, record_dir=args.checkpoint.parent))
+        print(log_to_run(model.meta.get("mlflow_run_id"), logged, record_dir=checkpoint.parent))
     return 0
 
 
