@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 TILE, OVERLAP = 512, 32  # images larger than TILE run in overlapping tiles, one at a time
+BLOCK = 8  # JPEG's block: tile starts (multiples of TILE - OVERLAP) stay on its grid
 
 
 def _starts(size: int, tile: int, stride: int) -> list[int]:
@@ -21,7 +22,8 @@ def tile_count(h: int, w: int, tile: int = TILE, overlap: int = OVERLAP) -> int:
     """Tiles `restore_tensor` runs for an h x w image (1 when it fits in one tile)."""
     if max(h, w) <= tile:
         return 1
-    return len(_starts(max(h, tile), tile, tile - overlap)) * len(_starts(max(w, tile), tile, tile - overlap))
+    h, w = (max(-(-s // BLOCK) * BLOCK, tile) for s in (h, w))  # as tiled_forward pads
+    return len(_starts(h, tile, tile - overlap)) * len(_starts(w, tile, tile - overlap))
 
 
 def tiled_forward(fn, x: torch.Tensor, tile: int, overlap: int, max_tiles: int = 64,
@@ -31,7 +33,8 @@ def tiled_forward(fn, x: torch.Tensor, tile: int, overlap: int, max_tiles: int =
     is told how many tiles each call finished. The output may have fewer planes than the input
     (a quality plane goes in, only the image comes out)."""
     h, w = x.shape[-2:]
-    x = F.pad(x, (0, max(0, tile - w), 0, max(0, tile - h)), mode="replicate")  # images smaller than a tile
+    x = pad_to_blocks(x)  # the last tile's start, size - tile, then stays on the 8x8 grid
+    x = F.pad(x, (0, max(0, tile - x.shape[-1]), 0, max(0, tile - x.shape[-2])), mode="replicate")  # smaller than a tile
     n, _, H, W = x.shape
     ys, xs = _starts(H, tile, tile - overlap), _starts(W, tile, tile - overlap)
     ramp = torch.arange(tile, device=x.device, dtype=torch.float32)
@@ -67,15 +70,26 @@ def self_ensemble(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     return total / 8
 
 
+def pad_to_blocks(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """x padded at the bottom and right to whole JPEG blocks, repeating the edge as encoders do."""
+    h, w = x.shape[-2:]
+    return F.pad(x, (0, -w % block, 0, -h % block), mode="replicate")
+
+
 def restore_tensor(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int = TILE,
                    overlap: int = OVERLAP, ensemble: bool = False, tiles_per_call: int = 1,
                    progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """model(x) on an NCHW batch; images with a side above `tile` go in tiles, `tiles_per_call`
-    at a time (memory grows with it); `ensemble` averages over the 8 rotations and flips of every tile."""
+    at a time (memory grows with it); `ensemble` averages over the 8 rotations and flips of every tile.
+    Tiles and turned views see JPEG's 8x8 grid where the model learned it (crops on the grid)."""
     fn = (lambda t: self_ensemble(model, t)) if ensemble else model
-    if max(x.shape[-2:]) <= tile:
+    h, w = x.shape[-2:]
+    if max(h, w) <= tile and not ensemble:
         y = fn(x)
-        if progress is not None:
-            progress(1)
-        return y
-    return tiled_forward(fn, x, tile, overlap, max_tiles=tiles_per_call * x.shape[0], progress=progress)
+    elif max(h, w) <= tile:  # a flip of a width that is not whole blocks would move the grid
+        y = fn(pad_to_blocks(x))[..., :h, :w]
+    else:
+        return tiled_forward(fn, x, tile, overlap, max_tiles=tiles_per_call * x.shape[0], progress=progress)
+    if progress is not None:
+        progress(1)
+    return y

@@ -120,6 +120,21 @@ def test_self_ensemble_is_equivariant_and_averages_eight_views():
                               restore_tensor(sym, big, tile=32, overlap=8), atol=1e-5)
 
 
+def block_edges(t: torch.Tensor) -> torch.Tensor:
+    """A probe model: 1 on the rows and columns at the JPEG block edges of its own input, else 0."""
+    edge = [((torch.arange(n) % 8 == 0) | (torch.arange(n) % 8 == 7)).float() for n in t.shape[-2:]]
+    return torch.maximum(edge[0][:, None], edge[1][None, :]).expand(t.shape)
+
+
+@pytest.mark.parametrize("ensemble", [False, True])
+@pytest.mark.parametrize("h, w", [(70, 101), (20, 13), (64, 96)])
+def test_tiles_and_turned_views_keep_the_jpeg_block_grid(h, w, ensemble):
+    """A model trained on crops on the 8x8 grid must see it there: a last tile starting at
+    width - tile, or a flip of a width that is not whole blocks, moved it (5 of LIVE1's 29 images)."""
+    x = torch.rand(1, 1, h, w)
+    assert torch.allclose(restore_tensor(block_edges, x, tile=64, overlap=16, ensemble=ensemble), block_edges(x), atol=1e-6)
+
+
 def test_model_checkpoint_round_trip_and_mismatch(tmp_path):
     model = build_model("arcnn", channels=3)
     path = tmp_path / "m.pth"
