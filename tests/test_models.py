@@ -93,8 +93,8 @@ def test_impossible_kwargs_are_found_on_the_meta_device():
     assert build_problem("unet", {"width": 0}).endswith("layer down.0.0.weight would be empty (a width or count of 0)")
 
 
-@pytest.mark.parametrize("arch", ["drunet", "nafnet", "restormer"])
-def test_gpu_budget_architectures_learn_and_keep_odd_sizes(arch):
+@pytest.mark.parametrize("arch", architectures())
+def test_every_architecture_learns_and_keeps_odd_sizes(arch):
     """A few optimizer steps on a real-valued target move the output away from the identity."""
     torch.manual_seed(0)
     net = build_model(arch, channels=1, **tiny_kwargs(arch))
