@@ -244,10 +244,15 @@ def test_quickstart_runs_end_to_end_on_embedded_images(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_recorded_without_mlflow_is_imported_and_continued(tiles_dir, tmp_path):
+def test_a_run_recorded_without_mlflow_is_imported_and_continued(tiles_dir, tmp_path, monkeypatch, capsys):
     """The GPU machine has no MLflow: the run is recorded to a file, imported here, and a later
     call continues from its weights (train.init_from)."""
+    from train.evaluate import main as evaluate
+    from train.import_run import main as import_run
+
     tiles, env = tiles_dir, env_for(tmp_path)
+    for key in ("JPEG_RESTORE_DATA_ROOT", "MLFLOW_TRACKING_URI"):  # the in-process commands below read them too
+        monkeypatch.setenv(key, env[key])
     out = tmp_path / "gpu-run"
     proc = run([sys.executable, MAIN, *smoke_args(tiles), "--set", "tracking.offline=true", "--out", str(out)], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -258,22 +263,19 @@ def test_a_run_recorded_without_mlflow_is_imported_and_continued(tiles_dir, tmp_
     few.mkdir()
     for tile in sorted(tiles.glob("*.png"))[:3]:
         shutil.copy(tile, few)
-    evaluate = [sys.executable, "-m", "train.evaluate", "--checkpoint", str(out / "image_compression_model.pth"),
-                "--dataset", str(few), "--qualities", "10", "--log-mlflow"]
-    before = run(evaluate, env)  # evaluated on the GPU machine, before the import: added to the record
-    assert before.returncode == 0 and f"to {out / 'mlflow_record.jsonl'}" in before.stdout, before.stdout[-2000:] + before.stderr[-2000:]
-    imported = run([sys.executable, "-m", "train.import_run", str(out), "--tag", "gpu=none (test)"], env)
-    assert imported.returncode == 0, imported.stderr[-2000:]
+    eval_args = ["--checkpoint", str(out / "image_compression_model.pth"), "--dataset", str(few), "--qualities", "10", "--log-mlflow"]
+    assert evaluate(eval_args) == 0  # evaluated on the GPU machine, before the import: added to the record
+    assert f"to {out / 'mlflow_record.jsonl'}" in capsys.readouterr().out
+    assert import_run([str(out), "--tag", "gpu=none (test)"]) == 0
     (r,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert r.info.status == "FINISHED" and r.data.tags["gpu"] == "none (test)" and r.info.run_name == "dncnn-gpu-run"
     assert r.data.params["train.max_steps"] == "6" and "val_psnr" in r.data.metrics
     assert min(r.data.metrics[f"few_{kind}_psnr_q10"] for kind in ("model", "jpeg")) > 20  # the record's evaluation
     assert [m.step for m in mlflow.MlflowClient().get_metric_history(r.info.run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
     assert {"config.toml", "image_compression_model.pth", "curves.png"} <= {a.path for a in mlflow.MlflowClient().list_artifacts(r.info.run_id)}
-    again = run([sys.executable, "-m", "train.import_run", str(out)], env)
-    assert again.returncode == 2 and "already in the store" in again.stderr
-    evaluated = run(evaluate, env)
-    assert evaluated.returncode == 0 and f"to MLflow run {r.info.run_id}" in evaluated.stdout, evaluated.stderr[-2000:]
+    capsys.readouterr()
+    assert import_run([str(out)]) == 2 and "already in the store" in capsys.readouterr().err
+    assert evaluate(eval_args) == 0 and f"to MLflow run {r.info.run_id}" in capsys.readouterr().out
     best = out / "image_compression_model.pth"
     cont = run([sys.executable, MAIN, *smoke_args(tiles), "--set", f"train.init_from={best}", "--set", "tracking.enabled=false",
                 "--out", str(tmp_path / "next-call")], env)
