@@ -32,10 +32,10 @@ def test_shipped_gray_model_is_a_weights_only_deep_cnn():
 def test_evaluate_uses_the_shipped_model_by_default(data_root, tmp_path):
     for name in ("bikes", "monarch", "parrots"):
         shutil.copy(data_root / "live1_gray" / f"{name}.png", tmp_path / f"{name}.png")
+    from train.evaluate import main as evaluate
+
     out = tmp_path / "res.json"
-    r = subprocess.run([sys.executable, "-m", "train.evaluate", "--dataset", str(tmp_path), "--json", str(out)],
-                       capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 0, r.stderr
+    assert evaluate(["--dataset", str(tmp_path), "--qualities", "10,40", "--json", str(out)]) == 0  # the ends of the range
     res = json.loads(out.read_text())
     assert res["checkpoint"] == str(SHIPPED_GRAY)
     for q, r_q in res["results"].items():
@@ -99,23 +99,21 @@ def test_evaluate_takes_the_shipped_model_of_each_images_kind(photo_pair, tmp_pa
     assert "give --checkpoint" in capsys.readouterr().err
 
 
-def test_figure_shows_every_model_on_two_images(data_root, tmp_path):
+def test_figure_shows_every_model_on_two_images(data_root, tmp_path, capsys):
+    from train.figure import main as figure
+
     out = tmp_path / "fig.png"
-    r = subprocess.run([sys.executable, "-m", "train.figure", str(SHIPPED_GRAY), str(SHIPPED_GRAY), "--labels", "a,b",
-                        "--data-root", str(data_root), "--images", "bikes,monarch", "--crop", "96", "--out", str(out)],
-                       capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 0, r.stderr
+    assert figure([str(SHIPPED_GRAY), str(SHIPPED_GRAY), "--labels", "a,b", "--data-root", str(data_root),
+                   "--images", "bikes,monarch", "--crop", "96", "--out", str(out)]) == 0
     assert Image.open(out).size == (4 * 96 * 2, 2 * (96 * 2 + label_height(96 * 2)))
     assert label_height(512) >= 30  # a 1536-px strip of three panels keeps labels readable when previewed
-    bad = subprocess.run([sys.executable, "-m", "train.figure", str(SHIPPED_GRAY), "--data-root", str(data_root),
-                          "--images", "nope", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: no image nope.png in")
+    assert figure([str(SHIPPED_GRAY), "--data-root", str(data_root), "--images", "nope", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: no image nope.png in")
     for args, message in [(["--quality", "0"], "error: --quality must be a JPEG quality in 1..100, got 0"),
                           (["--crop", "0"], "error: --crop must be at least 8 pixels and --scale at least 1, got 0 and 2"),
                           (["--out", str(tmp_path / "bad.txt")], f"error: --out must name a .png file (the figure is a PNG), got {tmp_path / 'bad.txt'}")]:
-        bad = subprocess.run([sys.executable, "-m", "train.figure", str(SHIPPED_GRAY), "--out", str(tmp_path / "bad.png"), *args],
-                             capture_output=True, text=True, cwd=REPO)
-        assert bad.returncode == 2 and bad.stderr.strip() == message and not list(tmp_path.glob("bad.*"))
+        assert figure([str(SHIPPED_GRAY), "--out", str(tmp_path / "bad.png"), *args]) == 2
+        assert capsys.readouterr().err.strip() == message and not list(tmp_path.glob("bad.*"))
 
 
 def test_shipped_files_fit_the_40_mb_cap():
