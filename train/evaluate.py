@@ -65,6 +65,16 @@ def by_kind(models: dict[str, tuple[Path, Restorer]]) -> RestoreFn:
     return lambda img, q: models[kind_of(img)][1](img, q)
 
 
+def model_fields(models: dict[str, tuple[Path, Restorer]]) -> dict:
+    """The results' checkpoint and arch: one name where one model restored every image, else one per kind."""
+    if not models:
+        return {"checkpoint": None, "arch": None}
+    per_kind = {k: (str(c), r.meta["arch"]) for k, (c, r) in models.items()}
+    if len(set(per_kind.values())) == 1:
+        return dict(zip(("checkpoint", "arch"), next(iter(per_kind.values()))))
+    return {"checkpoint": {k: c for k, (c, _) in per_kind.items()}, "arch": {k: a for k, (_, a) in per_kind.items()}}
+
+
 def _jpeg_metrics(args):
     img, q = args
     jpeg = jpeg_roundtrip(img, q)
@@ -151,7 +161,6 @@ def main(argv=None) -> int:
     args.device = check_device(args.device)
     if not args.jpeg_only and (slow := emulated_bf16_warning(args.precision, torch.device(args.device))):
         print(f"warning: {slow}", file=sys.stderr)
-    restorer = None
     try:
         qualities = [int(q) for q in args.qualities.split(",")]
     except ValueError:
@@ -167,8 +176,7 @@ def main(argv=None) -> int:
             check_output_folder(folder)
     images, skipped = load_test_images(dataset_dir(args.dataset, args.data_root))
     models = {} if args.jpeg_only else load_models(images, args.checkpoint, args.device, args.precision, args.self_ensemble)
-    one = len({c for c, _ in models.values()}) == 1  # else the shipped gray and color models, each on its kind
-    if args.log_mlflow and models and not one:
+    if args.log_mlflow and len({c for c, _ in models.values()}) > 1:  # the shipped gray and color models
         raise UserError("--log-mlflow logs to one model's run, and this folder's gray and color images take two "
                         "(the shipped gray and color models): give --checkpoint")
     restorer = by_kind(models) if models else None
@@ -177,15 +185,14 @@ def main(argv=None) -> int:
     keep = args.side_by_side_count if args.side_by_side else 0
     start = time.perf_counter()
     results, extra = evaluate(images, qualities, restore=restorer, keep=keep)
-    # one checkpoint and arch where one model restored every image, else one per kind of image
-    used = {k: {"checkpoint": str(c), "arch": r.meta["arch"]} for k, (c, r) in (list(models.items())[:1] if one else models.items())}
-    title = f"{args.dataset}: {len(images)} images" + "".join(
-        f", {m['arch']} from {m['checkpoint']}" + ("" if one else f" ({k} images)") for k, m in used.items()) \
-        + (", x8 self-ensemble" if models and args.self_ensemble else "")
+    fields = model_fields(models)
+    if isinstance(fields["checkpoint"], dict):
+        used = "".join(f", {fields['arch'][k]} from {c} ({k} images)" for k, c in fields["checkpoint"].items())
+    else:
+        used = f", {fields['arch']} from {fields['checkpoint']}" if models else ""
+    title = f"{args.dataset}: {len(images)} images{used}" + (", x8 self-ensemble" if models and args.self_ensemble else "")
     print(format_table(title, results))
     if args.json:
-        fields = {f: (used[min(used)][f] if one else {k: m[f] for k, m in used.items()}) if used else None
-                  for f in ("checkpoint", "arch")}
         atomic_write_json(args.json, {"dataset": args.dataset, "images": len(images), "skipped": skipped, **fields,
                                       "self_ensemble": bool(models and args.self_ensemble), "precision": args.precision,
                                       "results": results, "per_image": extra["per_image"]})
