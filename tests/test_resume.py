@@ -1,0 +1,99 @@
+"""Runs that stop and continue: SIGTERM then --resume gives the uninterrupted run's weights bit for
+bit, and a run recorded without MLflow (as on the GPU machine) is imported and continued."""
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+from train_runs import MAIN, REPO, env_for, final_weights, mlflow_run, run, smoke_args
+
+from train.loop.state import latest_state
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_matches_an_uninterrupted_run(tiles_dir, tmp_path):
+    env = env_for(tmp_path)
+    args = [sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "train.max_steps=12", "--set", "train.ckpt_every=100",
+            "--set", "train.val_every=4",  # validation does not touch the weights
+            "--set", "train.ema_decay=0.9"]  # nor the weight average, which resumes too
+    ref = run(args + ["--out", str(tmp_path / "ref")], env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    proc = subprocess.Popen(args + ["--out", str(tmp_path / "cut")], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "step 4/12" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stderr.readlines()
+    assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
+    stopped = int(latest_state(tmp_path / "cut" / "checkpoints").stem.split("_")[1])
+    assert 4 <= stopped < 12, "".join(lines)[-2000:]
+    assert any("stopped by SIGTERM" in line for line in lines)
+    # the stopped run (a time-boxed GPU chunk) already holds its best model and curves
+    run_id = torch.load(tmp_path / "cut" / "image_compression_model.pth", weights_only=True)["mlflow_run_id"]
+    r = mlflow_run(env, run_id)
+    assert r.info.status == "KILLED" and r.data.tags["stopped_at_step"] == str(stopped)
+    assert {"image_compression_model.pth", "curves.png"} <= {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+
+    resumed = run(args + ["--out", str(tmp_path / "cut"), "--resume"], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and f"at step {stopped}" in resumed.stderr
+    assert f"step {stopped + 1}/12" in resumed.stderr and f"step {stopped}/12" not in resumed.stderr
+    for part in ("model", "ema"):
+        ref_w, cut_w = final_weights(tmp_path / "ref", part), final_weights(tmp_path / "cut", part)
+        assert ref_w.keys() == cut_w.keys()
+        for k in ref_w:
+            assert torch.equal(ref_w[k], cut_w[k]), (part, k)
+    # one MLflow run, stopped then finished
+    assert torch.load(tmp_path / "cut" / "image_compression_model.pth", weights_only=True)["mlflow_run_id"] == run_id
+    r = mlflow_run(env, run_id)
+    assert r.info.status == "FINISHED" and r.data.tags["stopped_by"] == "SIGTERM"
+
+
+@pytest.mark.slow
+def test_a_run_recorded_without_mlflow_is_imported_and_continued(tiles_dir, tmp_path, monkeypatch, capsys):
+    """The GPU machine has no MLflow: the run is recorded to a file, imported here, and a later
+    call continues from its weights (train.init_from)."""
+    from train.evaluate import main as evaluate
+    from train.import_run import main as import_run
+
+    tiles, env = tiles_dir, env_for(tmp_path)
+    for key in ("JPEG_RESTORE_DATA_ROOT", "MLFLOW_TRACKING_URI"):  # the in-process commands below read them too
+        monkeypatch.setenv(key, env[key])
+    out = tmp_path / "gpu-run"
+    proc = run([sys.executable, MAIN, *smoke_args(tiles), "--set", "tracking.offline=true", "--out", str(out)], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "mlflow_record.jsonl").is_file()
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")  # nothing in the store yet
+    few = tmp_path / "few"  # three test images are enough to see the figures travel
+    few.mkdir()
+    for tile in sorted(tiles.glob("*.png"))[:3]:
+        shutil.copy(tile, few)
+    eval_args = ["--checkpoint", str(out / "image_compression_model.pth"), "--dataset", str(few), "--qualities", "10", "--log-mlflow"]
+    assert evaluate(eval_args) == 0  # evaluated on the GPU machine, before the import: added to the record
+    assert f"to {out / 'mlflow_record.jsonl'}" in capsys.readouterr().out
+    assert import_run([str(out), "--tag", "gpu=none (test)"]) == 0
+    (r,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert r.info.status == "FINISHED" and r.data.tags["gpu"] == "none (test)" and r.info.run_name == "dncnn-gpu-run"
+    assert r.data.params["train.max_steps"] == "6" and "val_psnr" in r.data.metrics
+    assert min(r.data.metrics[f"few_{kind}_psnr_q10"] for kind in ("model", "jpeg")) > 20  # the record's evaluation
+    assert [m.step for m in mlflow.MlflowClient().get_metric_history(r.info.run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
+    assert {"config.toml", "image_compression_model.pth", "curves.png"} <= {a.path for a in mlflow.MlflowClient().list_artifacts(r.info.run_id)}
+    capsys.readouterr()
+    assert import_run([str(out)]) == 2 and "already in the store" in capsys.readouterr().err
+    assert evaluate(eval_args) == 0 and f"to MLflow run {r.info.run_id}" in capsys.readouterr().out
+    best = out / "image_compression_model.pth"
+    cont = run([sys.executable, MAIN, *smoke_args(tiles), "--set", f"train.init_from={best}", "--set", "tracking.enabled=false",
+                "--out", str(tmp_path / "next-call")], env)
+    assert cont.returncode == 0 and f"initialised the weights from {best}" in cont.stderr, cont.stderr[-2000:]
+    wrong = run([sys.executable, MAIN, "--config", str(REPO / "configs" / "unet.toml"), "--smoke", "--set", f"data.dataset={tiles}",
+                 "--set", f"train.init_from={best}", "--out", str(tmp_path / "wrong")], env)
+    assert wrong.returncode == 2 and "holds a dncnn gray model" in wrong.stderr

@@ -1,0 +1,39 @@
+"""Helpers for the tests that launch training as users do (train/main.py in a subprocess)."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+import torch
+
+from train.loop.state import latest_state
+
+REPO = Path(__file__).resolve().parents[1]
+MAIN = str(REPO / "train" / "main.py")
+SMOKE = ["--config", str(REPO / "configs" / "dncnn.toml"), "--smoke", "--set", "data.backend=torch"]
+
+
+def smoke_args(tiles: Path) -> list[str]:
+    """The smoke run on the photograph tiles instead of the config's Train400."""
+    return [*SMOKE, "--set", f"data.dataset={tiles}"]
+
+
+def env_for(tmp: Path) -> dict:
+    """An empty data root (nothing is read from it) and a private MLflow store."""
+    (tmp / "empty_root").mkdir(exist_ok=True)
+    return {**os.environ, "JPEG_RESTORE_DATA_ROOT": str(tmp / "empty_root"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+
+
+def run(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def mlflow_run(env: dict, run_id: str):
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    return mlflow.MlflowClient().get_run(run_id)
+
+
+def final_weights(out: Path, part: str = "model") -> dict:
+    return torch.load(latest_state(out / "checkpoints"), weights_only=True)[part]
