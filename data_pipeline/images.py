@@ -25,8 +25,25 @@ class BadImage(UserError, ValueError):
     """An input file that cannot be used; the message is the reason."""
 
 
+def image_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(the images of a folder, its other files), both sorted, hidden files left out: an image has
+    a known suffix or is any other file Pillow opens (PPM/PGM, WebP, GIF)."""
+    images, others = [], []
+    for f in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+        (images if f.suffix.lower() in IMAGE_SUFFIXES or _opens_as_image(f) else others).append(f)
+    return images, others
+
+
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return image_files(folder)[0]
+
+
+def _opens_as_image(path: Path) -> bool:
+    try:
+        with Image.open(path):  # reads the header only
+            return True
+    except (OSError, ValueError):  # UnidentifiedImageError is an OSError
+        return False
 
 
 def rgb_to_luma(rgb: np.ndarray, rows: int = 256) -> np.ndarray:
@@ -54,6 +71,10 @@ def read_image(path: Path | str, mode: str | None, min_size: int = 1) -> np.ndar
             src_mode = im.mode
             if src_mode == "P":
                 im = im.convert("RGB")
+            elif src_mode in ("RGBA", "LA"):  # an alpha channel that hides nothing is dropped
+                if im.getchannel("A").getextrema() != (255, 255):
+                    raise BadImage(f"has transparent pixels ({src_mode}); a restored image would lose them")
+                im = im.convert(src_mode[:-1])
             if im.mode not in ("L", "RGB"):
                 raise BadImage(f"unsupported pixel mode {src_mode} (need 8-bit gray or RGB)")
             arr = np.asarray(im)

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import IMAGE_SUFFIXES, BadImage, atomic_write_bytes, check_output_folder, png_bytes, read_image, upright
+from data_pipeline.images import BadImage, atomic_write_bytes, check_output_folder, image_files, png_bytes, read_image, upright
 from data_pipeline.jpeg_tables import jpeg_quality
 from export.artifacts import DEPLOY_DIR, artifact_for
 from runtime.checkpoint import load_model
@@ -106,21 +106,14 @@ def inputs_of(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     files, others = [], []
     for p in paths:
         if p.is_dir():
-            for f in sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")):
-                (files if f.suffix.lower() in IMAGE_SUFFIXES or _opens_as_image(f) else others).append(f)
+            images, rest = image_files(p)
+            files += images
+            others += rest
         elif p.exists():
             files.append(p)
         else:
             raise UserError(f"{p} does not exist")
     return files, others
-
-
-def _opens_as_image(path: Path) -> bool:
-    try:
-        with Image.open(path):  # reads the header only
-            return True
-    except (OSError, ValueError):  # UnidentifiedImageError is an OSError
-        return False
 
 
 def plan_outputs(files: list[Path], out: Path) -> list[Path]:

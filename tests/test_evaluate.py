@@ -2,7 +2,9 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from train.evaluate import evaluate, load_test_images
 
@@ -64,3 +66,14 @@ def test_unreadable_test_images_are_reported(tiles_dir, tmp_path):
     (tmp_path / "b.png").write_bytes(b"garbage")
     images, skipped = load_test_images(tmp_path)
     assert list(images) == ["a"] and len(skipped) == 1 and skipped[0].startswith("b.png: not a readable image")
+
+
+def test_a_test_set_in_other_formats_is_read_and_other_files_are_named(photo_pair, tmp_path):
+    gray, rgb = photo_pair  # PGM/PPM as classic test sets ship them, an RGBA PNG that hides nothing
+    Image.fromarray(gray).save(tmp_path / "a.pgm")
+    Image.fromarray(rgb).save(tmp_path / "b.ppm")
+    Image.fromarray(np.dstack([rgb, np.full(gray.shape, 255, np.uint8)])).save(tmp_path / "c.png")
+    (tmp_path / "notes.txt").write_text("where the images came from\n")
+    images, skipped = load_test_images(tmp_path)
+    assert np.array_equal(images["a"], gray) and np.array_equal(images["b"], rgb) and np.array_equal(images["c"], rgb)
+    assert skipped == ["notes.txt: not an image"]

@@ -28,6 +28,7 @@ def test_gray_mode_converts_rgb_files_to_luma(photo_pair):
     ("text", "not a readable image"),
     ("tiny", "too small"),
     ("deep", "unsupported pixel mode I;16"),
+    ("transparent", r"has transparent pixels \(LA\)"),
     ("gray_in_rgb", "grayscale image, but the dataset mode is rgb"),
 ])
 def test_bad_inputs_give_a_reason(tmp_path, photo_pair, kind, reason):
@@ -46,6 +47,10 @@ def test_bad_inputs_give_a_reason(tmp_path, photo_pair, kind, reason):
         Image.fromarray(gray[:16, :16]).save(path)
     elif kind == "deep":
         Image.fromarray(gray.astype(np.uint16) * 256).save(path)
+    elif kind == "transparent":
+        alpha = np.full_like(gray, 255)
+        alpha[:8] = 0
+        Image.fromarray(np.dstack([gray, alpha]), "LA").save(path)
     else:
         Image.fromarray(gray).save(path)
         mode = "rgb"

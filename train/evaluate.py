@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, jpeg_roundtrip, list_images, read_image
+from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, image_files, jpeg_roundtrip, read_image
 from data_pipeline.sources import DataError, dataset_dir
 from runtime.device import add_device_option, check_device, emulated_bf16_warning
 from runtime.figures import side_by_side
@@ -37,8 +37,9 @@ RestoreFn = Callable[[np.ndarray, int], np.ndarray]  # (uint8 JPEG-decoded image
 def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
     """Images of a test folder, by name; mode None keeps each file's own (L -> gray, RGB -> rgb).
     Returns the images and a list of 'file: reason' for the files skipped."""
-    images, skipped = {}, []
-    for path in list_images(folder):
+    paths, others = image_files(folder)
+    images, skipped = {}, [f"{p.name}: not an image" for p in others]
+    for path in paths:
         try:
             images[path.stem] = read_image(path, mode, min_size=8)
         except (BadImage, OSError) as exc:
@@ -145,7 +146,8 @@ def write_side_by_side(kept: dict, out_dir: Path) -> list[Path]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", help="data root (default: $JPEG_RESTORE_DATA_ROOT)")
-    ap.add_argument("--dataset", default="live1_gray", help="test folder in the data root, or a path")
+    ap.add_argument("--dataset", default="live1_gray", help="test folder in the data root, or a path: its images in any format Pillow reads "
+                    "(PNG, BMP, TIFF, PPM/PGM, WebP, JPEG); other files are named and passed over")
     ap.add_argument("--qualities", default="10,20,30,40")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--side-by-side", type=Path, help="write original | JPEG | restored PNGs here")
