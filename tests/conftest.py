@@ -26,6 +26,9 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.data)
         if "cluster" in names:
             item.add_marker(pytest.mark.slurm)
+    # files with slow tests first: the parallel workers (one file each at a time) then finish together
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: each file's order stays
 
 
 @pytest.fixture(scope="session")
