@@ -46,6 +46,12 @@ def _opens_as_image(path: Path) -> bool:
         return False
 
 
+def is_gray(img: np.ndarray) -> bool:
+    """One channel, or three equal ones: a gray photo stored as RGB (its JPEG decodes to equal
+    channels too), which the gray model restores."""
+    return img.ndim == 2 or bool((img[..., 0] == img[..., 1]).all() and (img[..., 1] == img[..., 2]).all())
+
+
 def rgb_to_luma(rgb: np.ndarray, rows: int = 256) -> np.ndarray:
     """BT.601 studio-range luma (16..235) of an HxWx3 uint8 image, as uint8; float64 arithmetic a
     band of `rows` rows at a time, so a 100-megapixel photo needs megabytes, not gigabytes."""

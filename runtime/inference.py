@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_pipeline.images import is_gray
+
 from .checkpoint import load_model
 from .device import autocast_for
 from .tiling import restore_tensor
@@ -25,8 +27,10 @@ def shipped_model(color: bool) -> Path:
 
 def in_model_mode(restore: Callable[[np.ndarray], np.ndarray], mode: str, img: np.ndarray) -> np.ndarray:
     """Run a gray or RGB `restore` on an image of either kind: a gray model restores a color
-    image's luma (Y of JPEG's own YCbCr) and keeps its chroma; an RGB model sees a gray image
-    as three equal channels."""
+    image's luma (Y of JPEG's own YCbCr) and keeps its chroma, and a gray image stored as RGB as
+    the gray image it is; an RGB model sees a gray image as three equal channels."""
+    if img.ndim == 3 and mode == "gray" and is_gray(img):  # exact, where YCbCr would round
+        return np.repeat(restore(np.ascontiguousarray(img[..., 0]))[..., None], 3, axis=2)
     if img.ndim == 3 and mode == "gray":
         ycbcr = np.asarray(Image.fromarray(img).convert("YCbCr")).copy()
         ycbcr[..., 0] = restore(ycbcr[..., 0])

@@ -5,7 +5,7 @@
 A folder gives its image files and anything else Pillow opens (WebP, GIF); other files are named
 once and passed over. Any size (tiled above 512 px with overlap, so memory stays bounded), gray or color. A gray
 model on a color image restores the luma (Y of JPEG's own YCbCr) and keeps the chroma; an RGB
-model restores all three channels. Writes <name>.png into the output folder; inputs with the same
+model restores all three channels. A gray photo stored as RGB (three equal channels) is gray. Writes <name>.png into the output folder; inputs with the same
 name get <name>-2.png, <name>-3.png, ... It never writes over an input, and never over a file it
 did not create in this run unless --overwrite is given. A JPEG saved at a quality above the
 highest the model was trained on (read from the file's own tables) is left as it is and reported:
@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import BadImage, atomic_write_bytes, check_output_folder, image_files, png_bytes, read_image, upright
+from data_pipeline.images import BadImage, atomic_write_bytes, check_output_folder, image_files, is_gray, png_bytes, read_image, upright
 from data_pipeline.jpeg_tables import jpeg_quality
 from export.artifacts import DEPLOY_DIR, artifact_for
 from runtime.checkpoint import load_model
@@ -186,14 +186,15 @@ def main(argv=None) -> int:
             print(f"skipped {f}: {exc}", file=sys.stderr)
             failed += 1
             continue
-        runner, meta = loaded["color" if img.ndim == 3 else "gray"]
+        gray = is_gray(img)
+        runner, meta = loaded["gray" if gray else "color"]
         tiles = tile_count(*img.shape[:2])
         with tqdm(total=tiles, unit="tile", desc=f.name, leave=False, disable=tiles < 8, file=sys.stderr) as bar:
             restored = restore_array(runner, meta, img, args.self_ensemble, tiles_per_call, bar.update, quality and quality[0])
         # restored as stored (the 8x8 grid the JPEG's blocks sit on), then turned as viewers show the input
         restored, exif = upright(restored, header.exif)
         atomic_write_bytes(target, png_bytes(restored, header.icc_profile, exif))
-        how = "luma only" if img.ndim == 3 and meta["mode"] == "gray" else meta["mode"]
+        how = meta["mode"] if img.ndim == 2 or meta["mode"] == "rgb" else "gray stored as RGB" if gray else "luma only"
         saved = "no JPEG tables" if quality is None else f"JPEG q{quality[0]}" + ("" if quality[1] else " (nearest IJG table)")
         turned = ", turned as its EXIF orientation says" if exif != header.exif else ""
         print(f"{f} -> {target} ({img.shape[1]}x{img.shape[0]}, {saved}, {meta['arch']} {how}, {args.backend}{turned})")

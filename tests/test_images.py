@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.images import BadImage, atomic_write_bytes, jpeg_roundtrip, read_image, rgb_to_luma
+from data_pipeline.images import BadImage, atomic_write_bytes, is_gray, jpeg_roundtrip, read_image, rgb_to_luma
 from data_pipeline.sources import skimage_dir
 
 
@@ -56,6 +56,14 @@ def test_bad_inputs_give_a_reason(tmp_path, photo_pair, kind, reason):
         mode = "rgb"
     with pytest.raises(BadImage, match=reason):
         read_image(path, mode, min_size=32)
+
+
+def test_a_gray_photo_stored_as_rgb_is_gray_and_stays_gray_through_jpeg(photo_pair):
+    gray, rgb = photo_pair
+    stored = np.repeat(gray[..., None], 3, axis=2)
+    assert is_gray(gray) and is_gray(stored) and not is_gray(rgb)
+    decoded = jpeg_roundtrip(stored, 10)  # libjpeg's luma weights sum to one: Y is the gray value, chroma flat
+    assert is_gray(decoded) and np.array_equal(decoded[..., 0], jpeg_roundtrip(gray, 10))
 
 
 def test_jpeg_roundtrip_loses_information_monotonically(photo_pair):

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from data_pipeline.errors import UserError
-from data_pipeline.images import jpeg_roundtrip, read_image, rgb_to_luma
+from data_pipeline.images import is_gray, jpeg_roundtrip, read_image, rgb_to_luma
 from runtime.figures import label_height
 from runtime.inference import SHIPPED_COLOR, SHIPPED_GRAY, Restorer, shipped_model
 from runtime.metrics.psnr import psnr
@@ -84,19 +84,44 @@ def test_evaluate_takes_the_shipped_model_of_each_images_kind(photo_pair, tmp_pa
     restore does (the RGB model on LIVE1 gray gave 28.91 dB at q10 against the gray U-Net's 29.33)."""
     from train.evaluate import main
 
-    gray, rgb = photo_pair[0][:64, :64], photo_pair[1][200:264, 200:264]
+    gray, rgb, gray2 = photo_pair[0][:64, :64], photo_pair[1][200:264, 200:264], photo_pair[0][64:128, :64]
     Image.fromarray(gray).save(tmp_path / "g.png")
     Image.fromarray(rgb).save(tmp_path / "c.png")
+    Image.fromarray(np.repeat(gray2[..., None], 3, axis=2)).save(tmp_path / "s.png")  # a gray photo stored as RGB
     out = tmp_path / "res.json"
     assert main(["--dataset", str(tmp_path), "--qualities", "10", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert SHIPPED_COLOR.is_file() and res["checkpoint"] == {"gray": str(SHIPPED_GRAY), "color": str(SHIPPED_COLOR)}
     per_image = res["per_image"]["10"]
-    for name, img, model in (("g", gray, SHIPPED_GRAY), ("c", rgb, SHIPPED_COLOR)):
+    for name, img, model in (("g", gray, SHIPPED_GRAY), ("c", rgb, SHIPPED_COLOR), ("s", gray2, SHIPPED_GRAY)):
         assert per_image[name]["model"]["psnr"] == pytest.approx(psnr(img, Restorer(model)(jpeg_roundtrip(img, 10), 10)), abs=1e-9)
     assert "(gray images)" in capsys.readouterr().out
     assert main(["--dataset", str(tmp_path), "--qualities", "10", "--log-mlflow"]) == 2
     assert "give --checkpoint" in capsys.readouterr().err
+
+
+def test_a_nearly_gray_photo_whose_jpeg_decodes_gray_keeps_the_color_model(photo_pair, tmp_path):
+    from train.evaluate import main
+
+    rgb = np.repeat(photo_pair[0][:64, :64, None], 3, axis=2)
+    rgb[..., 0] = np.clip(rgb[..., 0].astype(int) + 2, 0, 255)  # a faint red cast that q10 quantizes away
+    assert not is_gray(rgb) and is_gray(jpeg_roundtrip(rgb, 10))
+    Image.fromarray(rgb).save(tmp_path / "cast.png")
+    out = tmp_path / "res.json"
+    assert main(["--dataset", str(tmp_path), "--qualities", "10", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["checkpoint"] == str(SHIPPED_COLOR)
+
+
+def test_restore_gives_a_gray_photo_stored_as_rgb_to_the_gray_model(photo_pair, tmp_path, capsys):
+    from serve_bench.restore import main
+
+    gray = photo_pair[0][:96, :128]
+    Image.fromarray(np.repeat(gray[..., None], 3, axis=2)).save(tmp_path / "stored_rgb.jpg", quality=10)
+    Image.fromarray(gray).save(tmp_path / "gray.jpg", quality=10)
+    assert main([str(tmp_path / "stored_rgb.jpg"), str(tmp_path / "gray.jpg"), "-o", str(tmp_path / "out")]) == 0
+    assert "unet gray stored as RGB" in capsys.readouterr().out
+    stored, plain = (np.asarray(Image.open(tmp_path / "out" / f"{n}.png")) for n in ("stored_rgb", "gray"))
+    assert stored.shape == gray.shape + (3,) and all(np.array_equal(stored[..., c], plain) for c in range(3))
 
 
 def test_figure_shows_every_model_on_two_images(data_root, tmp_path, capsys):

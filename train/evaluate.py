@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, image_files, jpeg_roundtrip, read_image
+from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, image_files, is_gray, jpeg_roundtrip, read_image
 from data_pipeline.sources import DataError, dataset_dir
 from runtime.device import add_device_option, check_device, emulated_bf16_warning
 from runtime.figures import side_by_side
@@ -35,13 +35,15 @@ RestoreFn = Callable[[np.ndarray, int], np.ndarray]  # (uint8 JPEG-decoded image
 
 
 def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Images of a test folder, by name; mode None keeps each file's own (L -> gray, RGB -> rgb).
+    """Images of a test folder, by name; mode None keeps each file's own (L -> gray, RGB -> rgb; a
+    gray photo stored as RGB, three equal channels, is gray: the same JPEG, the gray model).
     Returns the images and a list of 'file: reason' for the files skipped."""
     paths, others = image_files(folder)
     images, skipped = {}, [f"{p.name}: not an image" for p in others]
     for path in paths:
         try:
-            images[path.stem] = read_image(path, mode, min_size=8)
+            img = read_image(path, mode, min_size=8)
+            images[path.stem] = img[..., 0].copy() if mode is None and img.ndim == 3 and is_gray(img) else img
         except (BadImage, OSError) as exc:
             skipped.append(f"{path.name}: {exc}")
     if not images:
@@ -50,6 +52,8 @@ def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, n
 
 
 def kind_of(img: np.ndarray) -> str:
+    """A test image's kind, and its JPEG's: a color original stays color even where a low quality
+    quantizes a faint tint away and the JPEG decodes to three equal channels."""
     return "color" if img.ndim == 3 else "gray"
 
 
