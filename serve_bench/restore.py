@@ -3,9 +3,10 @@
     python -m serve_bench.restore photo.jpg scans/ -o restored/ [--backend torch|onnxruntime|tensorrt] [--overwrite]
 
 A folder gives its image files and anything else Pillow opens (WebP, GIF); other files are named
-once and passed over. Any size (tiled above 512 px with overlap, so memory stays bounded), gray or color. A gray
-model on a color image restores the luma (Y of JPEG's own YCbCr) and keeps the chroma; an RGB
-model restores all three channels. A gray photo stored as RGB (three equal channels) is gray. Writes <name>.png into the output folder; inputs with the same
+once and passed over. Any size (tiled above 512 px with overlap, so memory stays bounded), gray or
+color. A gray model on a color image restores the luma (Y of JPEG's own YCbCr) and keeps the
+chroma; an RGB model restores all three channels; a gray photo stored as RGB (three equal
+channels) is gray. Writes <name>.png into the output folder; inputs with the same
 name get <name>-2.png, <name>-3.png, ... It never writes over an input, and never over a file it
 did not create in this run unless --overwrite is given. A JPEG saved at a quality above the
 highest the model was trained on (read from the file's own tables) is left as it is and reported:
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
         # restored as stored (the 8x8 grid the JPEG's blocks sit on), then turned as viewers show the input
         restored, exif = upright(restored, header.exif)
         atomic_write_bytes(target, png_bytes(restored, header.icc_profile, exif))
-        how = meta["mode"] if img.ndim == 2 or meta["mode"] == "rgb" else "gray stored as RGB" if gray else "luma only"
+        how = ("gray stored as RGB" if gray else "luma only") if img.ndim == 3 and meta["mode"] == "gray" else meta["mode"]
         saved = "no JPEG tables" if quality is None else f"JPEG q{quality[0]}" + ("" if quality[1] else " (nearest IJG table)")
         turned = ", turned as its EXIF orientation says" if exif != header.exif else ""
         print(f"{f} -> {target} ({img.shape[1]}x{img.shape[0]}, {saved}, {meta['arch']} {how}, {args.backend}{turned})")
