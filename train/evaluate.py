@@ -41,6 +41,9 @@ def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, n
     paths, others = image_files(folder)
     images, skipped = {}, [f"{p.name}: not an image" for p in others]
     for path in paths:
+        if path.stem in images:  # results are keyed by name
+            skipped.append(f"{path.name}: the set already has an image named {path.stem}")
+            continue
         try:
             img = read_image(path, mode, min_size=8)
             images[path.stem] = img[..., 0].copy() if mode is None and img.ndim == 3 and is_gray(img) else img
