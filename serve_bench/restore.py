@@ -147,13 +147,17 @@ def main(argv=None) -> int:
                     help="average the model over the 8 rotations and flips of each image (8x the time, a little sharper)")
     ap.add_argument("--max-quality", type=int, help="restore JPEGs saved at up to this quality, leave the others "
                     "(default: the highest quality the model was trained on; 100 restores every JPEG)")
+    ap.add_argument("--quality", type=int, help="the quality to tell a quality-conditioned model, for every input "
+                    "(default: each JPEG's, read from its tables; none for a file without tables, which runs it blind): "
+                    "for a PNG of a decoded JPEG, or a photo saved again at a higher quality")
     args = ap.parse_args(argv)
     args.device = check_device(args.device)
     tiles_per_call = args.tiles_per_call or (4 if args.device.startswith("cuda") else 1)
     if tiles_per_call < 1:
         raise UserError(f"--tiles-per-call must be positive, got {tiles_per_call}")
-    if args.max_quality is not None and not 1 <= args.max_quality <= 100:
-        raise UserError(f"--max-quality must be a JPEG quality in 1..100, got {args.max_quality}")
+    for name, value in (("--max-quality", args.max_quality), ("--quality", args.quality)):
+        if value is not None and not 1 <= value <= 100:
+            raise UserError(f"{name} must be a JPEG quality in 1..100, got {value}")
     files, others = inputs_of(args.inputs)
     if others:
         shown = ", ".join(f.name for f in others[:3]) + (", ..." if len(others) > 3 else "")
@@ -163,6 +167,10 @@ def main(argv=None) -> int:
     color_ckpt = args.color_checkpoint or args.checkpoint or shipped_model(color=True)
     loaded = {"gray": open_runner(gray_ckpt, args.backend, args.device, args.deploy_dir)}
     loaded["color"] = loaded["gray"] if color_ckpt == gray_ckpt else open_runner(color_ckpt, args.backend, args.device, args.deploy_dir)
+    blind = [c for c, kind in ((gray_ckpt, "gray"), (color_ckpt, "color")) if input_channels(loaded[kind][1]) == loaded[kind][1]["channels"]]
+    if args.quality and blind:
+        raise UserError(f"--quality is told to quality-conditioned models, and {blind[0]} is blind "
+                        "(trained without data.quality_plane): it reads no quality")
     resolved_inputs = {f.resolve() for f in files}
     failed = kept = 0
     for f, target in zip(files, plan_outputs(files, args.out)):
@@ -191,12 +199,14 @@ def main(argv=None) -> int:
         runner, meta = loaded["gray" if gray else "color"]
         tiles = tile_count(*img.shape[:2])
         with tqdm(total=tiles, unit="tile", desc=f.name, leave=False, disable=tiles < 8, file=sys.stderr) as bar:
-            restored = restore_array(runner, meta, img, args.self_ensemble, tiles_per_call, bar.update, quality and quality[0])
+            told = args.quality or (quality and quality[0])
+            restored = restore_array(runner, meta, img, args.self_ensemble, tiles_per_call, bar.update, told)
         # restored as stored (the 8x8 grid the JPEG's blocks sit on), then turned as viewers show the input
         restored, exif = upright(restored, header.exif)
         atomic_write_bytes(target, png_bytes(restored, header.icc_profile, exif))
         how = ("gray stored as RGB" if gray else "luma only") if img.ndim == 3 and meta["mode"] == "gray" else meta["mode"]
         saved = "no JPEG tables" if quality is None else f"JPEG q{quality[0]}" + ("" if quality[1] else " (nearest IJG table)")
+        saved += f", told q{args.quality}" if args.quality else ""
         turned = ", turned as its EXIF orientation says" if exif != header.exif else ""
         print(f"{f} -> {target} ({img.shape[1]}x{img.shape[0]}, {saved}, {meta['arch']} {how}, {args.backend}{turned})")
     left = f", {kept} left as they are (quality above the model's)" if kept else ""

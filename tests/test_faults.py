@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline.images import atomic_write_bytes, jpeg_bytes, rgb_to_luma
+from data_pipeline.images import atomic_write_bytes, jpeg_bytes, jpeg_roundtrip, rgb_to_luma
 from data_pipeline.prepare import load_manifest, prepare
 from data_pipeline.sources import DataError
 from runtime import checkpoint as ckpt
@@ -105,6 +105,34 @@ def test_restore_keeps_a_camera_jpegs_orientation_profile_and_exif(tmp_path, pho
         assert np.array_equal(np.asarray(tagged), np.rot90(np.asarray(plain), k=-1))
         assert tagged.info["icc_profile"] == icc and "icc_profile" not in plain.info
         assert dict(tagged.getexif()) == {0x010F: "PhoneCam"} and not plain.getexif()
+
+
+def test_restore_tells_a_conditioned_model_the_quality_given(tmp_path, photo_pair, capsys):
+    """--quality: for a PNG of a decoded JPEG (no tables, so blind by default) or a photo saved
+    again at a higher quality; a blind model refuses it."""
+    from runtime.inference import Restorer
+    from serve_bench.restore import main
+
+    torch.manual_seed(0)
+    kwargs = {**tiny_kwargs("unet"), "cond_channels": 1}
+    told_model = tmp_path / "told.pth"
+    model = build_model("unet", channels=1, **kwargs)
+    torch.nn.init.normal_(model.head.weight, std=0.3)  # a fresh residual U-Net returns its input (zero head)
+    ckpt.save(ckpt.model_checkpoint(model, "unet", kwargs, "gray", {}, {}, 0), told_model)
+    jpeg = jpeg_roundtrip(photo_pair[0][:64, :96], 10)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(jpeg).save(tmp_path / "in" / "decoded.png")
+    restored = {}
+    for told in (None, 10, 40):
+        assert main([str(tmp_path / "in"), "-o", str(tmp_path / f"out{told}"), "--checkpoint", str(told_model),
+                     *(["--quality", str(told)] if told else [])]) == 0
+        restored[told] = np.asarray(Image.open(tmp_path / f"out{told}" / "decoded.png"))
+    assert "no JPEG tables, told q40" in capsys.readouterr().out
+    assert np.array_equal(restored[10], Restorer(told_model)(jpeg, 10)) and np.array_equal(restored[None], Restorer(told_model)(jpeg))
+    assert not np.array_equal(restored[10], restored[40]) and not np.array_equal(restored[None], restored[10])
+    blind = tiny_unet(tmp_path / "blind.pth")
+    assert main([str(tmp_path / "in"), "-o", str(tmp_path / "x"), "--checkpoint", str(blind), "--quality", "10"]) == 2
+    assert f"{blind} is blind" in capsys.readouterr().err and not (tmp_path / "x" / "decoded.png").exists()
 
 
 def test_restore_leaves_jpegs_above_the_models_training_qualities(tmp_path, photo_pair):
