@@ -184,7 +184,8 @@ def main(argv=None) -> int:
             continue
         header = read_header(f) or Header(None, None, None, None)
         quality = header.quality
-        why = header.kind and above_range(quality and quality[0], loaded[header.kind][1], args.max_quality)  # before decoding
+        told = args.quality or (quality and quality[0])  # what the model is told, and what the range check reads
+        why = header.kind and above_range(told, loaded[header.kind][1], args.max_quality)  # before decoding
         if why:
             print(f"left {f} as it is: {why}", file=sys.stderr)
             kept += 1
@@ -199,7 +200,6 @@ def main(argv=None) -> int:
         runner, meta = loaded["gray" if gray else "color"]
         tiles = tile_count(*img.shape[:2])
         with tqdm(total=tiles, unit="tile", desc=f.name, leave=False, disable=tiles < 8, file=sys.stderr) as bar:
-            told = args.quality or (quality and quality[0])
             restored = restore_array(runner, meta, img, args.self_ensemble, tiles_per_call, bar.update, told)
         # restored as stored (the 8x8 grid the JPEG's blocks sit on), then turned as viewers show the input
         restored, exif = upright(restored, header.exif)

@@ -118,7 +118,7 @@ def test_restore_tells_a_conditioned_model_the_quality_given(tmp_path, photo_pai
     told_model = tmp_path / "told.pth"
     model = build_model("unet", channels=1, **kwargs)
     torch.nn.init.normal_(model.head.weight, std=0.3)  # a fresh residual U-Net returns its input (zero head)
-    ckpt.save(ckpt.model_checkpoint(model, "unet", kwargs, "gray", {}, {}, 0), told_model)
+    ckpt.save(ckpt.model_checkpoint(model, "unet", kwargs, "gray", {"data": {"qualities": [10, 40]}}, {}, 0), told_model)
     jpeg = jpeg_roundtrip(photo_pair[0][:64, :96], 10)
     (tmp_path / "in").mkdir()
     Image.fromarray(jpeg).save(tmp_path / "in" / "decoded.png")
@@ -130,6 +130,12 @@ def test_restore_tells_a_conditioned_model_the_quality_given(tmp_path, photo_pai
     assert "no JPEG tables, told q40" in capsys.readouterr().out
     assert np.array_equal(restored[10], Restorer(told_model)(jpeg, 10)) and np.array_equal(restored[None], Restorer(told_model)(jpeg))
     assert not np.array_equal(restored[10], restored[40]) and not np.array_equal(restored[None], restored[10])
+    resaved = tmp_path / "resaved.jpg"  # q10 artifacts saved again at q90: left alone, unless told q10
+    resaved.write_bytes(jpeg_bytes(jpeg, 90))
+    assert main([str(resaved), "-o", str(tmp_path / "r"), "--checkpoint", str(told_model)]) == 0
+    assert "JPEG q90 is above the q10-40" in capsys.readouterr().err and not (tmp_path / "r" / "resaved.png").exists()
+    assert main([str(resaved), "-o", str(tmp_path / "r"), "--checkpoint", str(told_model), "--quality", "10"]) == 0
+    assert "JPEG q90, told q10" in capsys.readouterr().out and (tmp_path / "r" / "resaved.png").is_file()
     blind = tiny_unet(tmp_path / "blind.pth")
     assert main([str(tmp_path / "in"), "-o", str(tmp_path / "x"), "--checkpoint", str(blind), "--quality", "10"]) == 2
     assert f"{blind} is blind" in capsys.readouterr().err and not (tmp_path / "x" / "decoded.png").exists()
