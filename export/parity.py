@@ -10,7 +10,7 @@ import torch
 from data_pipeline.images import BadImage, jpeg_roundtrip, list_images, read_image
 from data_pipeline.sources import DataError, dataset_dir, skimage_dir
 from runtime.checkpoint import load_model
-from runtime.inference import image_to_tensor, input_channels, to_uint8, with_quality
+from runtime.inference import image_to_tensor, is_conditioned, to_uint8, with_quality
 from runtime.metrics.psnr import psnr
 from runtime.runners.torch_eager import TorchRunner
 
@@ -47,7 +47,7 @@ def parity(checkpoint: Path | str, runner, data_root: str | None = None, count: 
     rows = []
     for name, original in images:
         x = image_to_tensor(jpeg_roundtrip(original, quality), "cpu")
-        x = with_quality(x, quality) if input_channels(meta) > meta["channels"] else x  # a quality-conditioned model
+        x = with_quality(x, quality) if is_conditioned(meta) else x  # a quality-conditioned model
         with torch.inference_mode():
             a, b = torch_runner.restore(x).clamp(0, 1), runner.restore(x.to(runner.device)).clamp(0, 1).cpu()
         rows.append({"image": name, "max_abs_diff": float((a - b).abs().max()),

@@ -51,6 +51,11 @@ def input_channels(meta: dict) -> int:
     return meta["channels"] + meta.get("kwargs", {}).get("cond_channels", 0)
 
 
+def is_conditioned(meta: dict) -> bool:
+    """Whether a checkpoint's model takes the JPEG quality as an extra input plane."""
+    return input_channels(meta) > meta["channels"]
+
+
 def trained_qualities(meta: dict) -> tuple[int, int] | None:
     """(lowest, highest) JPEG quality a checkpoint's model was trained on, from its saved config;
     None when the checkpoint does not say."""
@@ -84,7 +89,7 @@ class Restorer:
         self.model.to(self.device)
         self.mode, self.autocast = self.meta["mode"], lambda: autocast_for(precision, self.device)
         self.ensemble = ensemble
-        self.conditioned = input_channels(self.meta) > self.meta["channels"]
+        self.conditioned = is_conditioned(self.meta)
 
     def __call__(self, img: np.ndarray, quality: int | None = None) -> np.ndarray:
         """The restored image; `quality` (the JPEG's, e.g. from its tables) feeds a quality-conditioned

@@ -35,7 +35,7 @@ from data_pipeline.jpeg_tables import jpeg_quality
 from export.artifacts import DEPLOY_DIR, artifact_for
 from runtime.checkpoint import load_model
 from runtime.device import add_device_option, check_device
-from runtime.inference import SHIPPED_GRAY, image_to_tensor, in_model_mode, input_channels, shipped_model, to_uint8, trained_qualities, with_quality
+from runtime.inference import SHIPPED_GRAY, image_to_tensor, in_model_mode, is_conditioned, shipped_model, to_uint8, trained_qualities, with_quality
 from runtime.runners import make_runner, runners
 from runtime.tiling import tile_count
 
@@ -53,7 +53,7 @@ def restore_array(runner, meta: dict, img: np.ndarray, ensemble: bool = False, t
     `quality` (None: blind) as its extra input plane."""
     def restore(x: np.ndarray) -> np.ndarray:
         t = image_to_tensor(x, runner.device)
-        if input_channels(meta) > meta["channels"]:
+        if is_conditioned(meta):
             t = with_quality(t, quality)
         with torch.inference_mode():
             y = runner.restore(t, ensemble, tiles_per_call, progress)
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     color_ckpt = args.color_checkpoint or args.checkpoint or shipped_model(color=True)
     loaded = {"gray": open_runner(gray_ckpt, args.backend, args.device, args.deploy_dir)}
     loaded["color"] = loaded["gray"] if color_ckpt == gray_ckpt else open_runner(color_ckpt, args.backend, args.device, args.deploy_dir)
-    blind = [c for c, kind in ((gray_ckpt, "gray"), (color_ckpt, "color")) if input_channels(loaded[kind][1]) == loaded[kind][1]["channels"]]
+    blind = [c for c, kind in ((gray_ckpt, "gray"), (color_ckpt, "color")) if not is_conditioned(loaded[kind][1])]
     if args.quality and blind:
         raise UserError(f"--quality is told to quality-conditioned models, and {blind[0]} is blind "
                         "(trained without data.quality_plane): it reads no quality")
