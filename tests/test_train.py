@@ -113,9 +113,11 @@ def test_a_time_budget_fits_the_step_count_so_the_schedule_ends_with_the_time(ti
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(latest_state(out / "checkpoints"), weights_only=True)
     assert 10 < state["step"] == state["max_steps"] < 100000, (state["step"], state["max_steps"])
-    # the cosine ran to its end (1e-6), or into its flat last percent (of the 1e-3 peak) where a machine
-    # slowed by other work ran out of time a few steps before the end the last refit had foreseen
-    assert 1e-6 - 1e-12 <= state["optimizer"]["param_groups"][0]["lr"] < 1e-6 + 0.01 * 1e-3
+    # the cosine's end moved with every refit to where the run stopped (after 4 warm-up steps), and the
+    # rate decayed; the last lr reaches 1e-6 only where no slowdown came after the last refit (a machine
+    # busy with other work can run out of time steps before the end that refit foresaw)
+    assert state["scheduler"]["_schedulers"][1]["T_max"] + 4 == state["step"]
+    assert 1e-6 - 1e-12 <= state["optimizer"]["param_groups"][0]["lr"] < 1e-4
     assert 2 < state["step_time"] < 4 + 10 and state["wall_time"] > state["step_time"]  # + a loaded CI machine's slack
     again = run([sys.executable, MAIN, *smoke_args(tiles_dir), *budget, "--resume", "--out", str(out)], env)
     assert again.returncode == 0 and f"at step {state['step']}" in again.stderr, again.stderr[-2000:]
