@@ -74,13 +74,18 @@ def read_image(path: Path | str, mode: str | None, min_size: int = 1) -> np.ndar
     try:
         with Image.open(path) as im:
             im.load()  # full decode: catches truncated data that verify() lets through
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1 and im.format != "MPO":  # a camera's MPO JPEG: the photo, then previews
+                raise BadImage(f"has {frames} frames (an animation or a multi-page file); give one image per file")
             src_mode = im.mode
-            if src_mode == "P":
-                im = im.convert("RGB")
-            elif src_mode in ("RGBA", "LA"):  # an alpha channel that hides nothing is dropped
+            if src_mode == "1":
+                im = im.convert("L")
+            elif src_mode in ("P", "PA"):  # a palette's transparent entry becomes alpha, checked below
+                im = im.convert("RGBA" if src_mode == "PA" or "transparency" in im.info else "RGB")
+            if im.mode in ("RGBA", "LA"):  # an alpha channel that hides nothing is dropped
                 if im.getchannel("A").getextrema() != (255, 255):
                     raise BadImage(f"has transparent pixels ({src_mode}); a restored image would lose them")
-                im = im.convert(src_mode[:-1])
+                im = im.convert(im.mode[:-1])
             if im.mode not in ("L", "RGB"):
                 raise BadImage(f"unsupported pixel mode {src_mode} (need 8-bit gray or RGB)")
             arr = np.asarray(im)

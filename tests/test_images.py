@@ -29,6 +29,9 @@ def test_gray_mode_converts_rgb_files_to_luma(photo_pair):
     ("tiny", "too small"),
     ("deep", "unsupported pixel mode I;16"),
     ("transparent", r"has transparent pixels \(LA\)"),
+    ("palette_transparent", r"has transparent pixels \(P\)"),
+    ("animation", "has 3 frames"),
+    ("pages", "has 2 frames"),
     ("gray_in_rgb", "grayscale image, but the dataset mode is rgb"),
 ])
 def test_bad_inputs_give_a_reason(tmp_path, photo_pair, kind, reason):
@@ -51,11 +54,31 @@ def test_bad_inputs_give_a_reason(tmp_path, photo_pair, kind, reason):
         alpha = np.full_like(gray, 255)
         alpha[:8] = 0
         Image.fromarray(np.dstack([gray, alpha]), "LA").save(path)
+    elif kind == "palette_transparent":  # a GIF-style palette whose first entry is see-through
+        Image.fromarray(gray).convert("P").save(path, transparency=int(np.asarray(Image.fromarray(gray).convert("P"))[0, 0]))
+    elif kind == "animation":
+        path = tmp_path / "animation.gif"
+        Image.fromarray(gray).save(path, save_all=True, append_images=[Image.fromarray(np.roll(gray, i, 1)) for i in (1, 2)])
+    elif kind == "pages":
+        path = tmp_path / "pages.tif"
+        Image.fromarray(gray).save(path, save_all=True, append_images=[Image.fromarray(gray[::-1])])
     else:
         Image.fromarray(gray).save(path)
         mode = "rgb"
     with pytest.raises(BadImage, match=reason):
         read_image(path, mode, min_size=32)
+
+
+def test_bilevel_palette_and_camera_mpo_files_read_as_their_pixels(tmp_path, photo_pair):
+    gray, rgb = photo_pair
+    Image.fromarray(gray > 128).save(tmp_path / "bilevel.png")
+    assert np.array_equal(read_image(tmp_path / "bilevel.png", None), np.where(gray > 128, 255, 0))
+    palette = Image.fromarray(rgb).quantize(64)
+    palette.save(tmp_path / "palette.png")  # opaque: the palette's colours, as RGB
+    assert np.array_equal(read_image(tmp_path / "palette.png", None), np.asarray(palette.convert("RGB")))
+    # a phone's JPEG with a preview appended (MPO): the photo itself, not "2 frames"
+    Image.fromarray(rgb).save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[Image.fromarray(rgb[::4, ::4].copy())])
+    assert np.array_equal(read_image(tmp_path / "phone.jpg", None), jpeg_roundtrip(rgb, 75))
 
 
 def test_a_gray_photo_stored_as_rgb_is_gray_and_stays_gray_through_jpeg(photo_pair):
