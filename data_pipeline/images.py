@@ -26,11 +26,13 @@ class BadImage(UserError, ValueError):
 
 
 def image_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(the images of a folder, its other files), both sorted, hidden files left out: an image has
-    a known suffix or is any other file Pillow opens (PPM/PGM, WebP, GIF)."""
+    """(the images of a folder, its other entries: files that are not images and subfolders, which
+    are not searched), both sorted, hidden ones left out: an image has a known suffix or is any other
+    file Pillow opens (PPM/PGM, WebP, GIF)."""
     images, others = [], []
-    for f in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
-        (images if f.suffix.lower() in IMAGE_SUFFIXES or _opens_as_image(f) else others).append(f)
+    for f in sorted(p for p in Path(folder).iterdir() if not p.name.startswith(".")):
+        is_image = f.is_file() and (f.suffix.lower() in IMAGE_SUFFIXES or _opens_as_image(f))
+        (images if is_image else others).append(f)
     return images, others
 
 

@@ -101,9 +101,9 @@ def peak_memory(device: str) -> str:
 
 
 def inputs_of(paths: list[Path]) -> tuple[list[Path], list[Path]]:
-    """(the files to restore, the files of named folders that are not images at all). A folder
-    gives its visible image files (a broken one is reported) and any other file Pillow opens (WebP,
-    GIF); a file named is always tried."""
+    """(the files to restore, the other entries of named folders: files that are not images at all
+    and subfolders). A folder gives its visible image files (a broken one is reported) and any other
+    file Pillow opens (WebP, GIF); a file named is always tried."""
     files, others = [], []
     for p in paths:
         if p.is_dir():
@@ -159,9 +159,16 @@ def main(argv=None) -> int:
         if value is not None and not 1 <= value <= 100:
             raise UserError(f"{name} must be a JPEG quality in 1..100, got {value}")
     files, others = inputs_of(args.inputs)
-    if others:
-        shown = ", ".join(f.name for f in others[:3]) + (", ..." if len(others) > 3 else "")
-        print(f"passed over {len(others)} file(s) of the input folders that are not images ({shown})", file=sys.stderr)
+    folders = [f"{p.name}/" for p in others if p.is_dir()]
+    others = [p for p in others if not p.is_dir()]
+    searched = f" (subfolders are not searched: {', '.join(folders[:3])})" if folders else ""
+    if not files:
+        raise UserError(f"no images to restore in {', '.join(map(str, args.inputs))}{searched}")
+    for what, names in (("file(s) of the input folders that are not images", [p.name for p in others]),
+                        ("subfolder(s) of the input folders, which are not searched", folders)):
+        if names:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            print(f"passed over {len(names)} {what} ({shown})", file=sys.stderr)
     check_output_folder(args.out)
     gray_ckpt = args.checkpoint or SHIPPED_GRAY
     color_ckpt = args.color_checkpoint or args.checkpoint or shipped_model(color=True)

@@ -75,6 +75,8 @@ def test_a_test_set_in_other_formats_is_read_and_other_files_are_named(photo_pai
     Image.fromarray(np.dstack([rgb, np.full(gray.shape, 255, np.uint8)])).save(tmp_path / "c.png")
     Image.fromarray(rgb).save(tmp_path / "c.ppm")  # a second "c": the first one stays
     (tmp_path / "notes.txt").write_text("where the images came from\n")
+    (tmp_path / "more").mkdir()
+    Image.fromarray(gray).save(tmp_path / "more" / "d.png")
     images, skipped = load_test_images(tmp_path)
     assert np.array_equal(images["a"], gray) and np.array_equal(images["b"], rgb) and np.array_equal(images["c"], rgb)
-    assert skipped == ["notes.txt: not an image", "c.ppm: the set already has an image named c"]
+    assert skipped == ["more/: a subfolder (not searched)", "notes.txt: not an image", "c.ppm: the set already has an image named c"]

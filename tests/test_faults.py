@@ -77,11 +77,22 @@ def test_restore_of_a_folder_takes_what_pillow_opens_and_names_the_rest(jpegs, t
     Image.fromarray(photo_pair[0][:64, :64]).save(folder / "web.webp")
     (folder / "notes.txt").write_text("not a picture")
     (folder / ".hidden.jpg").write_bytes(b"editor's lock file")
+    (folder / "2024").mkdir()
+    shutil.copy(folder / "photo.jpg", folder / "2024" / "deeper.jpg")
     proc = restore(folder, "-o", tmp_path / "out", "--checkpoint", model)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["photo-2.png", "photo.png", "web.png"]
     assert "passed over 1 file(s) of the input folders that are not images (notes.txt)" in proc.stderr
+    assert "passed over 1 subfolder(s) of the input folders, which are not searched (2024/)" in proc.stderr
     assert ".hidden" not in proc.stderr and "restored 3 of 3 images" in proc.stdout
+    # a folder with nothing to restore is an error, not "restored 0 of 0"
+    (folder / "2024" / "deeper.jpg").unlink()
+    proc = restore(folder / "2024", "-o", tmp_path / "out3", "--checkpoint", model)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: no images to restore in {folder / '2024'}"
+    (tmp_path / "nested").mkdir()
+    (folder / "2024").rename(tmp_path / "nested" / "2024")
+    proc = restore(tmp_path / "nested", "-o", tmp_path / "out3", "--checkpoint", model)
+    assert proc.returncode == 2 and "subfolders are not searched: 2024/" in proc.stderr
 
 
 def test_restore_keeps_a_camera_jpegs_orientation_profile_and_exif(tmp_path, photo_pair, capsys):

@@ -39,7 +39,7 @@ def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, n
     gray photo stored as RGB, three equal channels, is gray: the same JPEG, the gray model).
     Returns the images and a list of 'file: reason' for the files skipped."""
     paths, others = image_files(folder)
-    images, skipped = {}, [f"{p.name}: not an image" for p in others]
+    images, skipped = {}, [f"{p.name}/: a subfolder (not searched)" if p.is_dir() else f"{p.name}: not an image" for p in others]
     for path in paths:
         if path.stem in images:  # results are keyed by name
             skipped.append(f"{path.name}: the set already has an image named {path.stem}")
@@ -50,7 +50,7 @@ def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, n
         except (BadImage, OSError) as exc:
             skipped.append(f"{path.name}: {exc}")
     if not images:
-        raise DataError(f"{folder} holds no readable images")
+        raise DataError(f"{folder} holds no readable images" + (f" ({skipped[0]}, ...)" if skipped else ""))
     return images, skipped
 
 
