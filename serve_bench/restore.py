@@ -117,6 +117,10 @@ def inputs_of(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     return files, others
 
 
+def some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
 def plan_outputs(files: list[Path], out: Path) -> list[Path]:
     """One output per input: <stem>.png, then <stem>-2.png, ... where earlier inputs took the name."""
     taken, targets = set(), []
@@ -160,15 +164,14 @@ def main(argv=None) -> int:
             raise UserError(f"{name} must be a JPEG quality in 1..100, got {value}")
     files, others = inputs_of(args.inputs)
     folders = [f"{p.name}/" for p in others if p.is_dir()]
-    others = [p for p in others if not p.is_dir()]
-    searched = f" (subfolders are not searched: {', '.join(folders[:3])})" if folders else ""
+    others = [p.name for p in others if not p.is_dir()]
     if not files:
+        searched = f" (subfolders are not searched: {some(folders)})" if folders else ""
         raise UserError(f"no images to restore in {', '.join(map(str, args.inputs))}{searched}")
-    for what, names in (("file(s) of the input folders that are not images", [p.name for p in others]),
+    for what, names in (("file(s) of the input folders that are not images", others),
                         ("subfolder(s) of the input folders, which are not searched", folders)):
         if names:
-            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-            print(f"passed over {len(names)} {what} ({shown})", file=sys.stderr)
+            print(f"passed over {len(names)} {what} ({some(names)})", file=sys.stderr)
     check_output_folder(args.out)
     gray_ckpt = args.checkpoint or SHIPPED_GRAY
     color_ckpt = args.color_checkpoint or args.checkpoint or shipped_model(color=True)
