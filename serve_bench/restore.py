@@ -165,9 +165,6 @@ def main(argv=None) -> int:
     files, others = inputs_of(args.inputs)
     folders = [f"{p.name}/" for p in others if p.is_dir()]
     others = [p.name for p in others if not p.is_dir()]
-    if not files:
-        searched = f" (subfolders are not searched: {some(folders)})" if folders else ""
-        raise UserError(f"no images to restore in {', '.join(map(str, args.inputs))}{searched}")
     for what, names in (("file(s) of the input folders that are not images", others),
                         ("subfolder(s) of the input folders, which are not searched", folders)):
         if names:
@@ -181,6 +178,8 @@ def main(argv=None) -> int:
     if args.quality and blind:
         raise UserError(f"--quality is told to quality-conditioned models, and {blind[0]} is blind "
                         "(trained without data.quality_plane): it reads no quality")
+    if not files:
+        raise UserError(f"no images to restore in {', '.join(map(str, args.inputs))}")
     resolved_inputs = {f.resolve() for f in files}
     failed = kept = 0
     for f, target in zip(files, plan_outputs(files, args.out)):

@@ -92,7 +92,9 @@ def test_restore_of_a_folder_takes_what_pillow_opens_and_names_the_rest(jpegs, t
     (tmp_path / "nested").mkdir()
     (folder / "2024").rename(tmp_path / "nested" / "2024")
     proc = restore(tmp_path / "nested", "-o", tmp_path / "out3", "--checkpoint", model)
-    assert proc.returncode == 2 and "subfolders are not searched: 2024/" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "passed over 1 subfolder(s) of the input folders, which are not searched (2024/)",
+        f"error: no images to restore in {tmp_path / 'nested'}"]
 
 
 def test_restore_keeps_a_camera_jpegs_orientation_profile_and_exif(tmp_path, photo_pair, capsys):
