@@ -50,7 +50,8 @@ def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, n
         except (BadImage, OSError) as exc:
             skipped.append(f"{path.name}: {exc}")
     if not images:
-        raise DataError(f"{folder} holds no readable images" + (f" ({'; '.join(skipped[:2])}{'; ...' if len(skipped) > 2 else ''})" if skipped else ""))
+        reasons = f" ({'; '.join(skipped[:2])}{'; ...' if len(skipped) > 2 else ''})" if skipped else ""
+        raise DataError(f"{folder} holds no readable images{reasons}")
     return images, skipped
 
 
