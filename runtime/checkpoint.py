@@ -80,6 +80,9 @@ def build_checked(ckpt: dict, path) -> nn.Module:
         raise CheckpointError(f"{path}: channel mode {mode!r} with {ckpt.get('channels')} channels is not gray (1) or rgb (3)")
     if not isinstance(kwargs, dict):
         raise CheckpointError(f"{path}: kwargs must be a dict, got {kwargs!r}")
+    bound = ckpt.get("restore_max_quality")
+    if bound is not None and not (isinstance(bound, int) and 1 <= bound <= 100):
+        raise CheckpointError(f"{path}: restore_max_quality must be a JPEG quality in 1..100, got {bound!r}")
     if arch not in architectures():
         raise CheckpointError(f"{path}: unknown architecture {arch!r}; known: {', '.join(architectures())}")
     try:

@@ -9,8 +9,9 @@ chroma; an RGB model restores all three channels; a gray photo stored as RGB (th
 channels) is gray. Writes <name>.png into the output folder; inputs with the same
 name get <name>-2.png, <name>-3.png, ... It never writes over an input, and never over a file it
 did not create in this run unless --overwrite is given. A JPEG saved at a quality above the
-highest the model was trained on (read from the file's own tables) is left as it is and reported:
-a model trained on q10-40 makes a q90 photo worse; --max-quality moves that bound. The default
+model's bound (read from the file's own tables) is left as it is and reported: a model trained on
+q10-40 makes a q90 photo worse. The bound is the one train.quality_bound measured and recorded in
+the checkpoint, else the highest quality the model was trained on; --max-quality moves it. The default
 model is image_compression_model.pth in the repository (gray) and, for color images,
 image_compression_model_color.pth next to it when it exists. The PNG keeps the input's color
 profile and EXIF data, and stands as viewers show the input: a camera JPEG tagged with an EXIF
@@ -64,13 +65,18 @@ def restore_array(runner, meta: dict, img: np.ndarray, ensemble: bool = False, t
 
 def above_range(quality: int | None, meta: dict, max_quality: int | None) -> str | None:
     """Why a JPEG of this quality is left as it is (None: restore it): above --max-quality, or by
-    default above the highest quality the model was trained on."""
+    default above the bound measured for the model (train.quality_bound), else above the highest
+    quality it was trained on."""
     trained = trained_qualities(meta)
-    bound = max_quality or (trained and trained[1])
+    measured = meta.get("restore_max_quality")
+    bound = max_quality or measured or (trained and trained[1])
     if quality is None or bound is None or quality <= bound:
         return None
     if max_quality:
         return f"JPEG q{quality} is above --max-quality {max_quality}"
+    if measured:
+        return (f"JPEG q{quality} is above q{measured}, the highest quality at which the model still gained on its "
+                f"validation images (--max-quality 100 restores it anyway)")
     return (f"JPEG q{quality} is above the q{trained[0]}-{trained[1]} the model was trained on, where it "
             f"would lose detail (--max-quality 100 restores it anyway)")
 
@@ -150,7 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--self-ensemble", action="store_true",
                     help="average the model over the 8 rotations and flips of each image (8x the time, a little sharper)")
     ap.add_argument("--max-quality", type=int, help="restore JPEGs saved at up to this quality, leave the others "
-                    "(default: the highest quality the model was trained on; 100 restores every JPEG)")
+                    "(default: the bound recorded by train.quality_bound, else the highest quality the model was trained "
+                    "on; 100 restores every JPEG)")
     ap.add_argument("--quality", type=int, help="the quality to tell a quality-conditioned model, for every input "
                     "(default: each JPEG's, read from its tables; none for a file without tables, which runs it blind): "
                     "for a PNG of a decoded JPEG, or a photo saved again at a higher quality")
@@ -195,18 +202,20 @@ def main(argv=None) -> int:
         quality = header.quality
         told = args.quality or (quality and quality[0])  # what the model is told, and what the range check reads
         why = header.kind and above_range(told, loaded[header.kind][1], args.max_quality)  # before decoding
+        if not why:
+            try:
+                img = read_image(f, None, min_size=8)
+            except (BadImage, OSError) as exc:
+                print(f"skipped {f}: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            gray = is_gray(img)
+            runner, meta = loaded["gray" if gray else "color"]
+            why = above_range(told, meta, args.max_quality)  # a gray photo stored as RGB: the gray model's bound
         if why:
             print(f"left {f} as it is: {why}", file=sys.stderr)
             kept += 1
             continue
-        try:
-            img = read_image(f, None, min_size=8)
-        except (BadImage, OSError) as exc:
-            print(f"skipped {f}: {exc}", file=sys.stderr)
-            failed += 1
-            continue
-        gray = is_gray(img)
-        runner, meta = loaded["gray" if gray else "color"]
         tiles = tile_count(*img.shape[:2])
         with tqdm(total=tiles, unit="tile", desc=f.name, leave=False, disable=tiles < 8, file=sys.stderr) as bar:
             restored = restore_array(runner, meta, img, args.self_ensemble, tiles_per_call, bar.update, told)

@@ -24,7 +24,8 @@ from runtime.inference import SHIPPED_COLOR, SHIPPED_GRAY, Restorer
 from runtime.metrics.psnr import psnr
 
 MAX_MB = 40.0
-WEIGHT_KEYS = ("format", "arch", "kwargs", "mode", "channels", "state_dict", "config", "metrics", "step", "mlflow_run_id")
+WEIGHT_KEYS = ("format", "arch", "kwargs", "mode", "channels", "state_dict", "config", "metrics", "step", "mlflow_run_id",
+               "restore_max_quality", "quality_gains")  # the last two: train.quality_bound's
 
 
 def validation_set(blob: dict) -> str:

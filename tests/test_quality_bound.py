@@ -1,0 +1,86 @@
+"""train.quality_bound: a model's gains above its trained qualities on its own validation split,
+the bound it records in the checkpoint, and restore keeping to that bound."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.images import jpeg_bytes
+from data_pipeline.prepare import split_of
+from runtime import checkpoint as ckpt
+from runtime.models import build_model, tiny_kwargs
+from train.quality_bound import proposed_bound
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_gray_unet(path: Path, data: dict, **extra) -> Path:
+    model = build_model("unet", channels=1, **tiny_kwargs("unet"))
+    blob = ckpt.model_checkpoint(model, "unet", tiny_kwargs("unet"), "gray", {"data": data}, {}, 0)
+    ckpt.save({**blob, **extra}, path)
+    return path
+
+
+def run(module: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+
+
+def test_the_bound_is_the_last_quality_of_an_unbroken_run_of_gains():
+    gains = {45: (1.5, 0.0), 50: (1.2, 0.0), 55: (0.3, 0.05), 60: (0.1, 0.3), 65: (0.5, 0.0)}
+    assert proposed_bound(gains, 40, min_gain=0.2, max_losing=0.1) == 55  # 65 gains again, after 60 failed
+    assert proposed_bound(gains, 40, min_gain=0.2, max_losing=0.0) == 50  # 55: 5% of the images lose
+    assert proposed_bound(gains, 40, min_gain=2.0, max_losing=0.1) == 40  # none: the trained maximum
+
+
+def test_cli_measures_on_the_validation_split_and_records_the_bound(tiles_dir, tmp_path):
+    data = {"dataset": str(tiles_dir), "mode": "gray", "qualities": [10, 40], "online": False,
+            "val_fraction": 0.3, "min_size": 48}
+    model = tiny_gray_unet(tmp_path / "m.pth", data)
+    held_out = sum(split_of(p.stem, 0.3) == "val" for p in tiles_dir.glob("*.png"))
+    proc = run("train.quality_bound", model)  # an untrained model gains nothing: the bound stays at q40
+    assert proc.returncode == 0, proc.stderr
+    assert f"{held_out} validation images, trained on q10-40" in proc.stdout
+    assert [line.split()[0] for line in proc.stdout.splitlines() if line.strip()[:2].isdigit()] == [str(q) for q in range(45, 100, 5)]
+    assert "bound: q40" in proc.stdout and "restore_max_quality" not in ckpt.load(model)  # nothing written without --write
+    proc = run("train.quality_bound", model, "--min-gain", "-100", "--max-losing", "1", "--write")
+    assert proc.returncode == 0, proc.stderr
+    blob = ckpt.load(model)
+    assert blob["restore_max_quality"] == 95 and sorted(map(int, blob["quality_gains"])) == list(range(45, 100, 5))
+    assert ckpt.load_model(model)[1]["restore_max_quality"] == 95  # the weights still load
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    unknown = tiny_gray_unet(tmp_path / "n.pth", {})
+    proc = run("train.quality_bound", unknown)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {unknown} does not say which qualities it was trained on"
+    high = tiny_gray_unet(tmp_path / "h.pth", {"dataset": "x", "qualities": [95, 99], "online": False})
+    proc = run("train.quality_bound", high)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {high} was trained up to q99: there is nothing above it to measure"
+
+
+def test_restore_keeps_to_the_recorded_bound(photo_pair, tmp_path):
+    data = {"qualities": [10, 20, 30, 40], "online": False}
+    model = tiny_gray_unet(tmp_path / "m.pth", data, restore_max_quality=60)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for q in (40, 60, 90):
+        (inp / f"q{q}.jpg").write_bytes(jpeg_bytes(photo_pair[0][:96, :128], q))
+    proc = run("serve_bench.restore", inp, "-o", tmp_path / "out", "--checkpoint", model)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["q40.png", "q60.png"]
+    assert proc.stderr.strip() == (f"left {inp / 'q90.jpg'} as it is: JPEG q90 is above q60, the highest quality at which "
+                                   "the model still gained on its validation images (--max-quality 100 restores it anyway)")
+    color = tmp_path / "color.pth"  # a gray photo stored as RGB passes the color model's bound, but the gray model restores it
+    rgb = build_model("unet", channels=3, **tiny_kwargs("unet"))
+    ckpt.save({**ckpt.model_checkpoint(rgb, "unet", tiny_kwargs("unet"), "rgb", {"data": data}, {}, 0), "restore_max_quality": 80}, color)
+    stored_as_rgb = tmp_path / "rgb" / "gray.jpg"
+    stored_as_rgb.parent.mkdir()
+    stored_as_rgb.write_bytes(jpeg_bytes(np.repeat(photo_pair[0][:96, :128, None], 3, axis=2), 70))
+    proc = run("serve_bench.restore", stored_as_rgb, "-o", tmp_path / "out_rgb", "--checkpoint", model, "--color-checkpoint", color)
+    assert proc.returncode == 0 and "JPEG q70 is above q60" in proc.stderr and not (tmp_path / "out_rgb" / "gray.png").exists()
+    bad = tiny_gray_unet(tmp_path / "bad.pth", data, restore_max_quality="high")
+    proc = run("serve_bench.restore", inp, "-o", tmp_path / "bad", "--checkpoint", bad)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {bad}: restore_max_quality must be a JPEG quality in 1..100, got 'high'"
