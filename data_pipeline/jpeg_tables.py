@@ -42,3 +42,15 @@ def estimate_quality(table: np.ndarray | None) -> tuple[int, bool] | None:
 
 def jpeg_quality(source: Path | str | Image.Image) -> tuple[int, bool] | None:
     return estimate_quality(luma_table(source))
+
+
+def grid_blockiness(luma: np.ndarray) -> float:
+    """Mean absolute step between neighbouring pixels across the lines of JPEG's 8x8 grid over the
+    mean step everywhere else: about 1 without blocking, higher the coarser a JPEG quantized the
+    blocks. A JPEG saved again at a high quality keeps the blocks of an earlier, worse one."""
+    y = luma.astype(np.float32)
+    across = [np.abs(np.diff(y, axis=1)), np.abs(np.diff(y, axis=0))]
+    on_grid = [across[0][:, 7::8], across[1][7::8]]
+    grid_sum, grid_n = sum(float(d.sum()) for d in on_grid), sum(d.size for d in on_grid)
+    rest_sum, rest_n = sum(float(d.sum()) for d in across) - grid_sum, sum(d.size for d in across) - grid_n
+    return (grid_sum / grid_n) / max(rest_sum / max(rest_n, 1), 1e-6) if grid_n else 1.0

@@ -11,7 +11,9 @@ name get <name>-2.png, <name>-3.png, ... It never writes over an input, and neve
 did not create in this run unless --overwrite is given. A JPEG saved at a quality above the
 model's bound (read from the file's own tables) is left as it is and reported: a model trained on
 q10-40 makes a q90 photo worse. The bound is the one train.quality_bound measured and recorded in
-the checkpoint, else the highest quality the model was trained on; --max-quality moves it. The default
+the checkpoint, else the highest quality the model was trained on; --max-quality moves it. A JPEG
+above it whose pixels still carry the 8x8 blocks of an earlier, worse JPEG (saved again at a high
+quality) is restored anyway, unless --max-quality or --quality is given. The default
 model is image_compression_model.pth in the repository (gray) and, for color images,
 image_compression_model_color.pth next to it when it exists. The PNG keeps the input's color
 profile and EXIF data, and stands as viewers show the input: a camera JPEG tagged with an EXIF
@@ -31,8 +33,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import BadImage, atomic_write_bytes, check_output_folder, image_files, is_gray, png_bytes, read_image, upright
-from data_pipeline.jpeg_tables import jpeg_quality
+from data_pipeline.images import BadImage, atomic_write_bytes, check_output_folder, image_files, is_gray, png_bytes, read_image, rgb_to_luma, upright
+from data_pipeline.jpeg_tables import grid_blockiness, jpeg_quality
 from export.artifacts import DEPLOY_DIR, artifact_for
 from runtime.checkpoint import load_model
 from runtime.device import add_device_option, check_device
@@ -61,6 +63,11 @@ def restore_array(runner, meta: dict, img: np.ndarray, ensemble: bool = False, t
             return to_uint8(y.clamp(0, 1)[0])
 
     return in_model_mode(restore, meta["mode"], img)
+
+
+# Saved once at q85-95, a JPEG's 8x8 blockiness reads under 1.25; saved again so after q10-40, over 1.3
+# (docs/experiments.md). Below q85 a JPEG's own blocks may read 1.3 and more.
+RESAVED_MIN_QUALITY, RESAVED_BLOCKINESS = 85, 1.3
 
 
 def above_range(quality: int | None, meta: dict, max_quality: int | None) -> str | None:
@@ -201,7 +208,8 @@ def main(argv=None) -> int:
         header = read_header(f) or Header(None, None, None, None)
         quality = header.quality
         told = args.quality or (quality and quality[0])  # what the model is told, and what the range check reads
-        why = header.kind and above_range(told, loaded[header.kind][1], args.max_quality)  # before decoding
+        why = args.max_quality and above_range(told, {}, args.max_quality)  # the user's bound, before decoding
+        blockiness = None
         if not why:
             try:
                 img = read_image(f, None, min_size=8)
@@ -211,7 +219,11 @@ def main(argv=None) -> int:
                 continue
             gray = is_gray(img)
             runner, meta = loaded["gray" if gray else "color"]
-            why = above_range(told, meta, args.max_quality)  # a gray photo stored as RGB: the gray model's bound
+            why = above_range(told, meta, args.max_quality)  # the bound of the model that restores it
+            if why and not args.quality and told >= RESAVED_MIN_QUALITY:
+                blockiness = grid_blockiness(img if img.ndim == 2 else rgb_to_luma(img))
+                if blockiness >= RESAVED_BLOCKINESS:  # an earlier, worse JPEG's blocks: restored, the model blind
+                    why, told = None, None
         if why:
             print(f"left {f} as it is: {why}", file=sys.stderr)
             kept += 1
@@ -225,6 +237,7 @@ def main(argv=None) -> int:
         how = ("gray stored as RGB" if gray else "luma only") if img.ndim == 3 and meta["mode"] == "gray" else meta["mode"]
         saved = "no JPEG tables" if quality is None else f"JPEG q{quality[0]}" + ("" if quality[1] else " (nearest IJG table)")
         saved += f", told q{args.quality}" if args.quality else ""
+        saved += f", re-saved after a worse JPEG (8x8 blockiness {blockiness:.2f})" if blockiness and not why else ""
         turned = ", turned as its EXIF orientation says" if exif != header.exif else ""
         print(f"{f} -> {target} ({img.shape[1]}x{img.shape[0]}, {saved}, {meta['arch']} {how}, {args.backend}{turned})")
     left = f", {kept} left as they are (quality above the model's)" if kept else ""

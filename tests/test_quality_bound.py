@@ -1,10 +1,12 @@
 """train.quality_bound: a model's gains above its trained qualities on its own validation split,
 the bound it records in the checkpoint, and restore keeping to that bound."""
+import io
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from data_pipeline.images import jpeg_bytes
 from data_pipeline.prepare import split_of
@@ -84,3 +86,21 @@ def test_restore_keeps_to_the_recorded_bound(photo_pair, tmp_path):
     proc = run("serve_bench.restore", inp, "-o", tmp_path / "bad", "--checkpoint", bad)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {bad}: restore_max_quality must be a JPEG quality in 1..100, got 'high'"
+
+
+def test_restore_takes_a_jpeg_saved_again_after_a_worse_one(photo_pair, tmp_path):
+    """Above the bound, a JPEG whose pixels still carry a q20 JPEG's 8x8 blocks is restored; a photo
+    saved once at that quality is left, and --max-quality (the user's own bound) has no exceptions."""
+    model = tiny_gray_unet(tmp_path / "m.pth", {"qualities": [10, 20, 30, 40], "online": False})
+    photo = photo_pair[0][:96, :128]
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "once.jpg").write_bytes(jpeg_bytes(photo, 90))
+    (inp / "again.jpg").write_bytes(jpeg_bytes(np.asarray(Image.open(io.BytesIO(jpeg_bytes(photo, 20)))), 90))
+    proc = run("serve_bench.restore", inp, "-o", tmp_path / "out", "--checkpoint", model)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["again.png"]
+    assert "again.jpg ->" in proc.stdout and "JPEG q90, re-saved after a worse JPEG (8x8 blockiness " in proc.stdout
+    assert proc.stderr.strip().startswith(f"left {inp / 'once.jpg'} as it is: JPEG q90 is above the q10-40")
+    proc = run("serve_bench.restore", inp, "-o", tmp_path / "bounded", "--checkpoint", model, "--max-quality", "80")
+    assert proc.returncode == 0 and "restored 0 of 2 images" in proc.stdout and "2 left as they are" in proc.stdout
