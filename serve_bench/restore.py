@@ -89,7 +89,6 @@ def above_range(quality: int | None, meta: dict, max_quality: int | None) -> str
 
 
 class Header(NamedTuple):
-    kind: str | None  # "gray" or "color"
     quality: tuple[int, bool] | None  # (q, exact) from the JPEG's tables; None: not a JPEG
     icc_profile: bytes | None
     exif: bytes | None
@@ -99,8 +98,7 @@ def read_header(path: Path) -> Header | None:
     """What the file's header says (None where Pillow cannot open it: read_image then says why)."""
     try:
         with Image.open(path) as im:
-            return Header("gray" if im.mode == "L" else "color", jpeg_quality(im),
-                          im.info.get("icc_profile"), im.info.get("exif"))
+            return Header(jpeg_quality(im), im.info.get("icc_profile"), im.info.get("exif"))
     except Exception:  # Pillow raises many types for broken files
         return None
 
@@ -205,7 +203,7 @@ def main(argv=None) -> int:
             print(f"skipped {f}: {target} already exists (--overwrite replaces it)", file=sys.stderr)
             failed += 1
             continue
-        header = read_header(f) or Header(None, None, None, None)
+        header = read_header(f) or Header(None, None, None)
         quality = header.quality
         told = args.quality or (quality and quality[0])  # what the model is told, and what the range check reads
         why = args.max_quality and above_range(told, {}, args.max_quality)  # the user's bound, before decoding

@@ -143,12 +143,19 @@ def test_restore_tells_a_conditioned_model_the_quality_given(tmp_path, photo_pai
     assert "no JPEG tables, told q40" in capsys.readouterr().out
     assert np.array_equal(restored[10], Restorer(told_model)(jpeg, 10)) and np.array_equal(restored[None], Restorer(told_model)(jpeg))
     assert not np.array_equal(restored[10], restored[40]) and not np.array_equal(restored[None], restored[10])
-    resaved = tmp_path / "resaved.jpg"  # q10 artifacts saved again at q90: left alone, unless told q10
+    once = tmp_path / "once.jpg"  # a photo saved once at q90: above the q10-40 trained, left alone
+    once.write_bytes(jpeg_bytes(photo_pair[0][:64, :96], 90))
+    assert main([str(once), "-o", str(tmp_path / "o"), "--checkpoint", str(told_model)]) == 0
+    assert "JPEG q90 is above the q10-40" in capsys.readouterr().err and not (tmp_path / "o" / "once.png").exists()
+    resaved = tmp_path / "resaved.jpg"  # q10 artifacts saved again at q90: its blocks show it, restored blind unless told
     resaved.write_bytes(jpeg_bytes(jpeg, 90))
     assert main([str(resaved), "-o", str(tmp_path / "r"), "--checkpoint", str(told_model)]) == 0
-    assert "JPEG q90 is above the q10-40" in capsys.readouterr().err and not (tmp_path / "r" / "resaved.png").exists()
-    assert main([str(resaved), "-o", str(tmp_path / "r"), "--checkpoint", str(told_model), "--quality", "10"]) == 0
-    assert "JPEG q90, told q10" in capsys.readouterr().out and (tmp_path / "r" / "resaved.png").is_file()
+    assert "JPEG q90, re-saved after a worse JPEG" in capsys.readouterr().out
+    decoded = np.asarray(Image.open(resaved))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "r" / "resaved.png")), Restorer(told_model)(decoded))
+    assert main([str(resaved), "-o", str(tmp_path / "r10"), "--checkpoint", str(told_model), "--quality", "10"]) == 0
+    assert "JPEG q90, told q10" in capsys.readouterr().out
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "r10" / "resaved.png")), Restorer(told_model)(decoded, 10))
     blind = tiny_unet(tmp_path / "blind.pth")
     assert main([str(tmp_path / "in"), "-o", str(tmp_path / "x"), "--checkpoint", str(blind), "--quality", "10"]) == 2
     assert f"{blind} is blind" in capsys.readouterr().err and not (tmp_path / "x" / "decoded.png").exists()
