@@ -40,6 +40,8 @@ def validation_images(meta: dict, data_root: str | None) -> dict[str, np.ndarray
                  if split_of(f.stem, data["val_fraction"]) == "val"][:data.get("limit") or None]
         images = {}
         for f in files:
+            if f.stem in images:  # prepare keeps the first of a name too
+                continue
             try:
                 images[f.stem] = read_image(f, data["mode"], min_size=data.get("min_size", 1))
             except BadImage:
