@@ -12,7 +12,7 @@ from PIL import Image
 from data_pipeline.images import is_gray
 
 from .checkpoint import load_model
-from .device import autocast_for
+from .device import autocast_for, inference_channels_last
 from .tiling import restore_tensor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,8 @@ class Restorer:
     def __init__(self, checkpoint: Path | str, device: str = "cpu", precision: str = "fp32", ensemble: bool = False):
         self.device = torch.device(device)
         self.model, self.meta = load_model(checkpoint, self.device)
-        self.model.to(self.device)
+        layout = torch.channels_last if inference_channels_last(self.device) else torch.contiguous_format
+        self.model.to(self.device, memory_format=layout)
         self.mode, self.autocast = self.meta["mode"], lambda: autocast_for(precision, self.device)
         self.ensemble = ensemble
         self.conditioned = is_conditioned(self.meta)

@@ -20,7 +20,7 @@ from export.onnx_export import check_parity, export_onnx
 from export.parity import parity
 from runtime import checkpoint as ckpt
 from runtime.device import native_bf16
-from runtime.inference import image_to_tensor
+from runtime.inference import Restorer, image_to_tensor
 from runtime.metrics.psnr import psnr
 from runtime.models import architectures, build_model, tiny_kwargs
 from runtime.runners import make_runner, runners
@@ -125,7 +125,9 @@ def test_benchmark_measures_torch_and_onnxruntime_and_says_why_not_tensorrt(trai
     result = run_benchmark(path, shapes=[(64, 64, 1), (64, 64, 2)], warmup=1, iters=3,
                            backends=("torch", "onnxruntime", "tensorrt"), deploy_dir=tmp_path)
     labels = {(r["backend"], r["batch"]) for r in result["rows"]}
-    assert {("torch fp32", 1), ("torch fp32", 2), ("onnxruntime fp32", 1)} <= labels
+    assert {("torch fp32", 1), ("torch fp32", 2), ("torch fp32 NHWC", 1), ("onnxruntime fp32", 1)} <= labels
+    layouts = {r["backend"]: r["channels_last"] for r in result["rows"] if r["runner"] == "torch"}
+    assert layouts["torch fp32"] is False and layouts["torch fp32 NHWC"] is True  # the reference stays NCHW
     assert (tmp_path / "image_compression_model.onnx").is_file()  # exported on demand, named after the checkpoint
     if native_bf16(torch.device("cpu")):
         assert ("torch bf16 NHWC", 2) in labels
@@ -141,6 +143,17 @@ def test_benchmark_measures_torch_and_onnxruntime_and_says_why_not_tensorrt(trai
     assert "cpu / CPUExecutionProvider" in table
     if TRT_WHY:
         assert "tensorrt fp16" in result["unavailable"] and "not measured" in table
+
+
+def test_inference_on_cpu_runs_channels_last_with_the_same_output(trained):
+    """CPUs run the convolutions faster in NHWC: restore's runner and the Restorer take it there."""
+    path, _ = trained
+    x = torch.rand(1, 1, 96, 80)
+    default, nchw = make_runner("torch", path, "cpu"), make_runner("torch", path, "cpu", channels_last=False)
+    assert default.channels_last and not nchw.channels_last
+    torch.testing.assert_close(default(x), nchw(x), atol=1e-5, rtol=0)
+    conv = next(m for m in Restorer(path).model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
 
 
 def test_to_trt_cli_without_gpu_still_exports_and_benchmarks(trained, tmp_path):

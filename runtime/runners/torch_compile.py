@@ -16,14 +16,14 @@ from .torch_eager import TorchRunner
 class CompiledRunner(TorchRunner):
     order = 1
 
-    def __init__(self, model, device="cpu", precision="fp32", channels_last=False, mode="default"):
+    def __init__(self, model, device="cpu", precision="fp32", channels_last=None, mode="default"):
         super().__init__(model, device, precision, channels_last)
         self.mode = mode
         self.model = torch.compile(self.model, dynamic=False, mode=None if mode == "default" else mode)
 
     @classmethod
     def variants(cls, device):
-        out = [("torch.compile fp32", {})]
+        out = [("torch.compile fp32", {"channels_last": False})]
         if native_bf16(torch.device(device)):
             out.append(("torch.compile bf16 NHWC", {"precision": "bf16", "channels_last": True}))
         if device.startswith("cuda"):  # half outputs are copied by .float(): no graph buffer escapes

@@ -1,10 +1,11 @@
-"""PyTorch eager: the reference. fp32, or bf16 / fp16 autocast with channels_last."""
+"""PyTorch eager: the reference. fp32, or bf16 / fp16 autocast with channels_last. Without a
+layout asked for, the device's faster one (channels_last on CPUs: `inference_channels_last`)."""
 from __future__ import annotations
 
 import torch
 
 from ..checkpoint import load_model
-from ..device import autocast_for, native_bf16
+from ..device import autocast_for, inference_channels_last, native_bf16
 from . import Runner, register_runner
 
 
@@ -12,8 +13,9 @@ from . import Runner, register_runner
 class TorchRunner(Runner):
     order = 0
 
-    def __init__(self, model: torch.nn.Module, device: str = "cpu", precision: str = "fp32", channels_last: bool = False):
+    def __init__(self, model: torch.nn.Module, device: str = "cpu", precision: str = "fp32", channels_last: bool | None = None):
         self.device = torch.device(device)
+        channels_last = inference_channels_last(self.device) if channels_last is None else channels_last
         self.model = model.eval().to(self.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self.precision, self.channels_last = precision, channels_last
 
@@ -25,7 +27,9 @@ class TorchRunner(Runner):
     def variants(cls, device):
         bf16 = {"precision": "bf16", "channels_last": True} if native_bf16(torch.device(device)) else \
             f"bf16 is emulated on this {device} (no native bf16 kernels): fp32 is its fast path"
-        out = [("torch fp32", {}), ("torch bf16 NHWC", bf16)]
+        out = [("torch fp32", {"channels_last": False}), ("torch bf16 NHWC", bf16)]  # NCHW fp32: the reference
+        if inference_channels_last(torch.device(device)):
+            out.insert(1, ("torch fp32 NHWC", {"channels_last": True}))
         if device.startswith("cuda"):
             out.append(("torch fp16 NHWC", {"precision": "fp16", "channels_last": True}))
         return out
