@@ -32,6 +32,7 @@ from export.onnx_export import check_parity  # noqa: E402
 from export.parity import parity, parity_report  # noqa: E402
 from runtime.artifacts import check_replaceable, file_sha256, write_meta  # noqa: E402
 from runtime.checkpoint import load_model  # noqa: E402
+from runtime.device import keep_freed_memory  # noqa: E402
 from runtime.inference import input_channels  # noqa: E402
 from runtime.runners import make_runner, runners  # noqa: E402
 
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root", help="for parity on LIVE1 (default: $JPEG_RESTORE_DATA_ROOT)")
     add_benchmark_args(ap)
     args = ap.parse_args(argv)
+    keep_freed_memory()  # as restore runs
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes, backends = benchmark_choices(args, device)
     _, meta = load_model(args.checkpoint)

@@ -16,7 +16,7 @@ from data_pipeline.errors import command
 from export.artifacts import DEPLOY_DIR
 from export.latency import add_benchmark_args, benchmark_choices, report, run_benchmark
 from runtime.checkpoint import load_model
-from runtime.device import add_device_option, check_device
+from runtime.device import add_device_option, check_device, keep_freed_memory
 
 
 @command
@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("outputs/latency"))
     add_benchmark_args(ap)
     args = ap.parse_args(argv)
+    keep_freed_memory()  # as restore runs
     args.device = check_device(args.device)
     shapes, backends = benchmark_choices(args, args.device)
     _, meta = load_model(args.checkpoint)

@@ -37,7 +37,7 @@ from data_pipeline.images import BadImage, atomic_write_bytes, check_output_fold
 from data_pipeline.jpeg_tables import grid_blockiness, jpeg_quality
 from export.artifacts import DEPLOY_DIR, artifact_for
 from runtime.checkpoint import load_model
-from runtime.device import add_device_option, check_device
+from runtime.device import add_device_option, check_device, keep_freed_memory
 from runtime.inference import SHIPPED_GRAY, image_to_tensor, in_model_mode, is_conditioned, shipped_model, to_uint8, trained_qualities, with_quality
 from runtime.runners import make_runner, runners
 from runtime.tiling import tile_count
@@ -167,6 +167,7 @@ def main(argv=None) -> int:
                     "(default: each JPEG's, read from its tables; none for a file without tables, which runs it blind): "
                     "for a PNG of a decoded JPEG, or a photo saved again at a higher quality")
     args = ap.parse_args(argv)
+    keep_freed_memory()
     args.device = check_device(args.device)
     tiles_per_call = args.tiles_per_call or (4 if args.device.startswith("cuda") else 1)
     if tiles_per_call < 1:

@@ -25,7 +25,7 @@ import torch
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, image_files, is_gray, jpeg_roundtrip, read_image
 from data_pipeline.sources import DataError, dataset_dir
-from runtime.device import add_device_option, check_device, emulated_bf16_warning
+from runtime.device import add_device_option, check_device, emulated_bf16_warning, keep_freed_memory
 from runtime.figures import side_by_side
 from runtime.inference import Restorer, shipped_model
 from runtime.metrics import image_metrics, metrics
@@ -168,6 +168,7 @@ def main(argv=None) -> int:
                     help="average the model over the 8 rotations and flips of each image (8x the time)")
     ap.add_argument("--log-mlflow", action="store_true", help="log the metrics to the checkpoint's MLflow run")
     args = ap.parse_args(argv)
+    keep_freed_memory()
     args.device = check_device(args.device)
     if not args.jpeg_only and (slow := emulated_bf16_warning(args.precision, torch.device(args.device))):
         print(f"warning: {slow}", file=sys.stderr)

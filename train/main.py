@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # `python train/main.py` / `torchrun train/main.p
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from data_pipeline.errors import command  # noqa: E402
-from runtime.device import check_device  # noqa: E402
+from runtime.device import check_device, keep_freed_memory  # noqa: E402
 from train.loop.config import load_config  # noqa: E402
 from train.loop.distributed import cleanup, init_distributed  # noqa: E402
 from train.loop.trainer import SMOKE_OVERRIDES, Trainer  # noqa: E402
@@ -41,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")

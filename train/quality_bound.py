@@ -25,6 +25,7 @@ from data_pipeline.images import BadImage, read_image
 from data_pipeline.prepare import split_of
 from data_pipeline.sources import DataError, dataset_dir, source_images
 from runtime import checkpoint as ckpt
+from runtime.device import keep_freed_memory
 from runtime.inference import Restorer, trained_qualities
 
 from .evaluate import evaluate
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-losing", type=float, default=0.1, help="share of images that may lose PSNR (default 0.1)")
     ap.add_argument("--write", action="store_true", help="record the bound and the gains in the checkpoint")
     args = ap.parse_args(argv)
+    keep_freed_memory()
     restorer = Restorer(args.checkpoint)
     trained = trained_qualities(restorer.meta)
     if trained is None:
