@@ -15,6 +15,7 @@ from PIL import Image
 from data_pipeline.images import read_image, rgb_to_luma
 from data_pipeline.prepare import prepare
 from data_pipeline.sources import DATA_ROOT_ENV, SKIMAGE_NATURAL, skimage_dir
+from runtime.device import keep_freed_memory
 
 TILE = 160  # Train400-like gray tiles (Train400: 180x180)
 
@@ -22,6 +23,7 @@ TILE = 160  # Train400-like gray tiles (Train400: 180x180)
 def pytest_configure(config):
     """Parallel workers share the CPUs: each takes its share of threads (and so do the trainings it
     starts), since two 2-thread torch processes on 2 cores run 3x slower than two 1-thread ones."""
+    keep_freed_memory()  # as the commands do: the tests that run models in process skip the page faults
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, (os.cpu_count() or 1) // workers)
