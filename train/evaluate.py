@@ -100,13 +100,15 @@ def evaluate(images: dict[str, np.ndarray], qualities: list[int], restore: Resto
         for q in qualities:
             jpeg_out = list(pool.map(_jpeg_metrics, [(images[n], q) for n in names]))
             rows = {n: {"jpeg": m} for n, (_, m) in zip(names, jpeg_out)}
-            kept[q] = []
+            kept[q], scoring = [], {}
             for n, (jpeg, _) in zip(names, jpeg_out):
                 restored = restore(jpeg, q) if restore is not None else None  # q: as read from the file's tables
-                if restored is not None:
-                    rows[n]["model"] = image_metrics(images[n], restored)
+                if restored is not None:  # scored by the pool while the model restores the next image
+                    scoring[n] = pool.submit(image_metrics, images[n], restored)
                 if len(kept[q]) < keep:
                     kept[q].append((n, images[n], jpeg, restored))
+            for n, future in scoring.items():
+                rows[n]["model"] = future.result()
             kinds = ["jpeg"] + (["model"] if restore is not None else [])
             results[str(q)] = {k: {m.name: float(np.mean([rows[n][k][m.name] for n in names])) for m in metrics()}
                                for k in kinds}
