@@ -1,5 +1,6 @@
-"""Device facts: native bf16, the precision `auto` resolves to, autocast, the inference layout, the device's name and
-its measured matmul peak (the yardstick of MFU and of the latency table's GFLOP/s)."""
+"""Device facts: native bf16, the precision `auto` resolves to, autocast, the inference layout and
+allocator setting, the device's name and its measured matmul peak (the yardstick of MFU and of the
+latency table's GFLOP/s)."""
 from __future__ import annotations
 
 import ctypes
@@ -84,9 +85,9 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
 def keep_freed_memory(limit: int = 1 << 30) -> bool:
     """Keep freed buffers of up to `limit` bytes for reuse instead of giving them back to the OS.
     glibc returns every buffer above 32 MiB (a 512² activation of 32 channels is 34 MB), and the
-    next one of that size page-faults afresh: a third of CPU inference went to the kernel. Costs
-    a higher resting RSS (peak +12% on a 12-megapixel restore). False where the C library has no
-    mallopt (not glibc); called first by the commands that run models."""
+    next one of that size page-faults afresh: a third of CPU inference went to the kernel. Freed
+    memory then stays with the process (the peak RSS of a 12-megapixel restore did not move). False
+    where the C library has no mallopt (not glibc); called first by the commands that run models."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
