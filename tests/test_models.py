@@ -205,3 +205,24 @@ def test_an_rgb_model_folds_into_the_gray_model_that_restores_its_luma(arch):
         expected = torch.tensordot(torch.tensor([0.299, 0.587, 0.114]), rgb(y.expand(-1, 3, -1, -1)), dims=([0], [1]))
         assert torch.allclose(gray(y)[:, 0], expected, atol=1e-5)
         assert not torch.allclose(gray(y), y, atol=1e-3)  # the check is not the identity's
+
+
+@pytest.mark.parametrize("arch", architectures())
+def test_every_architecture_computes_the_same_in_channels_last(arch):
+    """Training and CPU inference store tensors channels_last, where some layers take another path
+    (NAFNet's and Restormer's LayerNorm: torch's fused layer_norm): same output and gradients."""
+    torch.manual_seed(0)
+    nchw = build_model(arch, channels=3, **tiny_kwargs(arch))
+    with torch.no_grad():
+        for p in nchw.parameters():  # leave the zero-initialised last layers' identity start
+            p.add_(0.05 * torch.randn_like(p))
+    nhwc = build_model(arch, channels=3, **tiny_kwargs(arch)).to(memory_format=torch.channels_last)
+    nhwc.load_state_dict(nchw.state_dict())
+    x = torch.rand(2, 3, 32, 48)
+    outputs = [net(x.contiguous(memory_format=fmt)) for net, fmt in ((nchw, torch.contiguous_format), (nhwc, torch.channels_last))]
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outputs[0], x, atol=1e-3)  # the check is not the identity's
+    for out in outputs:
+        out.square().mean().backward()
+    for (name, a), b in zip(nchw.named_parameters(), nhwc.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")

@@ -7,6 +7,7 @@ encoder group, the middle and every decoder group (as the U-Net does)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import register
@@ -14,13 +15,17 @@ from .common import FiLMStack, modulate, pad_to_multiple, zero_init_
 
 
 class LayerNorm2d(nn.Module):
-    """LayerNorm over channels of an NCHW tensor."""
+    """LayerNorm over channels of an NCHW tensor. Stored channels_last (training, CPU inference), the
+    channels are its innermost dimension and torch's fused layer_norm runs on it as it lies (2-3.5x
+    faster on a CPU than the ops spelled out, which stay for NCHW: there layer_norm would copy)."""
 
     def __init__(self, c: int, eps: float = 1e-6):
         super().__init__()
         self.weight, self.bias, self.eps = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c)), eps
 
     def forward(self, x):
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
         mu = x.mean(1, keepdim=True)
         var = (x - mu).pow(2).mean(1, keepdim=True)
         return (x - mu) / torch.sqrt(var + self.eps) * self.weight[:, None, None] + self.bias[:, None, None]
