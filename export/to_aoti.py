@@ -20,7 +20,7 @@ from data_pipeline.errors import command  # noqa: E402
 from export.aoti_export import export_aoti  # noqa: E402
 from export.artifacts import pt2_path  # noqa: E402
 from export.parity import parity, parity_report  # noqa: E402
-from runtime.device import add_device_option, check_device  # noqa: E402
+from runtime.device import add_device_option, check_device, keep_freed_memory  # noqa: E402
 from runtime.runners import make_runner  # noqa: E402
 
 
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="package (default: outputs/deploy/<checkpoint name>.<device>.pt2)")
     ap.add_argument("--data-root", help="for the parity check on LIVE1 (default: $JPEG_RESTORE_DATA_ROOT)")
     args = ap.parse_args(argv)
+    keep_freed_memory()
     args.device = check_device(args.device)
     out = args.out or pt2_path(args.checkpoint, args.device)
     info = export_aoti(args.checkpoint, out, args.device)

@@ -20,6 +20,7 @@ from data_pipeline.errors import command  # noqa: E402
 from export.artifacts import onnx_path  # noqa: E402
 from export.onnx_export import check_parity, export_onnx  # noqa: E402
 from export.parity import parity_report  # noqa: E402
+from runtime.device import keep_freed_memory  # noqa: E402
 
 
 @command
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fp16", action="store_true", help="export in fp16 (for GPU runtimes; no CPU parity check)")
     ap.add_argument("--data-root", help="for the parity check on LIVE1 (default: $JPEG_RESTORE_DATA_ROOT)")
     args = ap.parse_args(argv)
+    keep_freed_memory()
     out = args.out or onnx_path(args.checkpoint.with_suffix(".fp16.pth") if args.fp16 else args.checkpoint)
     info = export_onnx(args.checkpoint, out, args.fp16)
     print(f"exported {info['arch']} ({info['mode']}) to {out}: " +

@@ -17,6 +17,7 @@ from scipy.ndimage import uniform_filter
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import atomic_write_bytes, check_output_folder, jpeg_roundtrip, png_bytes, read_image
 from data_pipeline.sources import DataError, dataset_dir
+from runtime.device import keep_freed_memory
 from runtime.figures import panel_strip
 from runtime.inference import Restorer
 from runtime.metrics.psnr import psnr
@@ -61,6 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", type=int, default=2, help="enlargement of the crops")
     ap.add_argument("--out", type=Path, required=True, help="PNG to write")
     args = ap.parse_args(argv)
+    keep_freed_memory()
     if not 1 <= args.quality <= 100:
         raise UserError(f"--quality must be a JPEG quality in 1..100, got {args.quality}")
     if args.crop < 8 or args.scale < 1:

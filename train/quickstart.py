@@ -22,6 +22,7 @@ from data_pipeline.images import atomic_write_bytes, read_image
 from data_pipeline.loaders import build_loader
 from data_pipeline.prepare import load_manifest, prepare
 from data_pipeline.sources import skimage_dir
+from runtime.device import keep_freed_memory
 from runtime.inference import Restorer
 from runtime.mlflow_store import log_to_run
 
@@ -74,6 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=400, help="training steps (400: a few minutes on 2 CPU cores)")
     ap.add_argument("--eval-size", type=int, default=0, help="evaluate on centre crops of this side (0: whole photographs)")
     args = ap.parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = args.out
     prepared = out / "prepared" / "skimage-gray"

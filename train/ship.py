@@ -20,6 +20,7 @@ import torch
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import jpeg_roundtrip, rgb_to_luma
 from runtime import checkpoint as ckpt
+from runtime.device import keep_freed_memory
 from runtime.inference import SHIPPED_COLOR, SHIPPED_GRAY, Restorer
 from runtime.metrics.psnr import psnr
 
@@ -97,6 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-mb", type=float, default=MAX_MB, help="size cap of the shipped file (MB)")
     ap.add_argument("--force", action="store_true", help="replace the shipped model even when not better on validation")
     args = ap.parse_args(argv)
+    keep_freed_memory()
     print(ship(args.checkpoint, args.out, args.max_mb, args.force))
     return 0
 
