@@ -87,9 +87,6 @@ class ResidentSource(Backend):
         self.rc = torch.arange(c, device=device).reshape(1, 1, 1, c)
         self.qualities = torch.tensor(cfg.qualities, dtype=torch.int64, device=device)
 
-    def memory_bytes(self) -> int:
-        return self.buffer.numel()
-
     def _epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's pairs for the epoch and every pair's (u, v, hflip, vflip, transpose)."""
         cfg = self.cfg

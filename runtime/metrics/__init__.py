@@ -40,10 +40,6 @@ def metrics() -> list[Metric]:
     return sorted(_REGISTRY.values(), key=lambda m: (m.order, m.name))
 
 
-def metric_names() -> list[str]:
-    return [m.name for m in metrics()]
-
-
 def get(name: str) -> Metric:
     found = {m.name: m for m in metrics()}
     if name not in found:
