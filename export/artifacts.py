@@ -13,9 +13,6 @@ from pathlib import Path
 from runtime.artifacts import is_current
 from runtime.runners import RunnerUnavailable
 
-from .aoti_export import export_aoti
-from .onnx_export import export_onnx
-
 DEPLOY_DIR = Path("outputs/deploy")
 
 
@@ -35,6 +32,7 @@ def ensure_pt2(checkpoint: Path | str, device: str, deploy_dir: Path | str = DEP
     """The checkpoint's AOTInductor package for `device`, compiled now if missing or stale."""
     path = pt2_path(checkpoint, device, deploy_dir)
     if not is_current(path, checkpoint):
+        from .aoti_export import export_aoti  # imported when needed: restore's default backend never exports
         export_aoti(checkpoint, path, device)
     return path
 
@@ -43,6 +41,7 @@ def ensure_onnx(checkpoint: Path | str, deploy_dir: Path | str = DEPLOY_DIR, fp1
     """The checkpoint's ONNX file (fp32, or an fp16 graph for GPU runtimes), exported now if missing or stale."""
     path = onnx_path(Path(checkpoint).with_suffix(".fp16.pth") if fp16 else checkpoint, deploy_dir)
     if not is_current(path, checkpoint):
+        from .onnx_export import export_onnx
         export_onnx(checkpoint, path, fp16)
     return path
 
