@@ -60,6 +60,7 @@ def test_optimizers_take_a_step(name):
     p.sum().backward()
     opt.step()
     assert (p < 1).all()
+    assert opt.defaults.get("fused") is (True if name != "sgd" else None)  # Adam/AdamW: one kernel, on CPUs too
 
 
 def test_losses():

@@ -15,9 +15,9 @@ SCHEDULES = ("cosine", "step", "plateau", "constant")
 
 
 def build_optimizer(cfg, params) -> torch.optim.Optimizer:
-    """Adam/AdamW are fused (one kernel for all parameters) on CUDA."""
+    """Adam/AdamW are fused (one kernel for all parameters) on CUDA and CPUs."""
     o, params = cfg.optim, list(params)
-    fused = {"fused": True} if params and params[0].is_cuda else {}
+    fused = {"fused": True} if params and params[0].device.type in ("cuda", "cpu") else {}
     if o.name == "adam":
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
     if o.name == "adamw":
