@@ -377,6 +377,37 @@ def test_validation_reports_the_gain_over_the_jpeg_inputs(tiles_prepared):
     assert blurred["val_psnr_gain"] == pytest.approx(blurred["val_psnr"] - identity["val_psnr"]) and blurred["val_psnr_gain"] != 0
 
 
+def test_validation_scores_in_worker_processes_as_in_process(tiles_prepared):
+    """GPU runs score the metrics in a pool of processes: the same figures, and the workers outlive a
+    stop signal to the process group (the trainer validates once more after one)."""
+    import multiprocessing
+    import os
+    import signal
+
+    from data_pipeline.config import DataConfig
+    from train.loop.distributed import DistInfo
+    from train.loop.validation import Validator, metric_workers
+
+    cpu = DistInfo(0, 0, 1, torch.device("cpu"))
+    assert metric_workers(cpu) == 0
+    assert metric_workers(DistInfo(0, 0, 4, torch.device("cuda", 0))) == max(0, min(8, os.cpu_count() // 4 - 1))
+    data = DataConfig(prepared_dir=str(tiles_prepared), qualities=[10, 40], limit=3)
+    blur = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False, padding_mode="replicate")
+    torch.nn.init.constant_(blur.weight, 1 / 9)
+    expected = Validator(data, "fp32", LOSSES["l1"], cpu, workers=0)(blur)
+    before = set(multiprocessing.active_children())
+    pooled = Validator(data, "fp32", LOSSES["l1"], cpu, workers=2)
+    try:
+        assert pooled(blur) == expected
+        workers = set(multiprocessing.active_children()) - before
+        assert workers
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGTERM)
+        assert pooled(blur) == expected
+    finally:
+        pooled.close()
+
+
 def test_a_resumed_run_names_the_settings_it_changed(tmp_path, caplog):
     from train.loop.distributed import DistInfo
     from train.loop.trainer import Trainer

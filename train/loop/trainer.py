@@ -434,6 +434,8 @@ class Trainer:
         if hasattr(self, "tracker"):
             failed = sys.exc_info()[0] is not None
             self.tracker.close("FINISHED" if self.finished else ("KILLED" if self.stop_signal and not failed else "FAILED"))
+        if getattr(self, "validator", None) is not None:
+            self.validator.close()
         if self.lock is not None:
             self.lock.release()
 

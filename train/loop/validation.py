@@ -1,7 +1,15 @@
 """Validation on the held-out split of the training data (never LIVE1): whole images, the protocol's
-JPEG at every configured quality, every registered metric; the images are sharded over ranks."""
+JPEG at every configured quality, every registered metric; the images are sharded over ranks.
+
+On a GPU the metrics (scikit-image, on the CPU: most of a validation's time there) are scored in a
+pool of processes while the device restores the next images."""
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +19,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.images import jpeg_roundtrip, read_image
 from data_pipeline.prepare import load_manifest
 from data_pipeline.sources import DataError
-from runtime.device import autocast_for
+from runtime.device import autocast_for, keep_freed_memory
 from runtime.inference import image_to_tensor, to_uint8, with_quality
 from runtime.metrics import image_metrics
 from runtime.metrics import metrics as registered_metrics
@@ -21,6 +29,15 @@ from runtime.tiling import restore_tensor
 from .distributed import DistInfo, all_reduce_sum
 
 FIGURES = 2  # side-by-side images kept per validation (the first quality's first images)
+MAX_METRIC_WORKERS = 8
+
+
+def metric_workers(info: DistInfo) -> int:
+    """Processes per rank that score the metrics: none on a CPU (the model needs its cores), else
+    the rank's share of the cores, one left for the rank itself."""
+    if info.device.type == "cpu":
+        return 0
+    return max(0, min(MAX_METRIC_WORKERS, (os.cpu_count() or 1) // info.world_size - 1))
 
 
 def held_out_items(data: DataConfig) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
@@ -36,9 +53,35 @@ def held_out_items(data: DataConfig) -> list[tuple[str, int, np.ndarray, np.ndar
     return items
 
 
+# A stop signal to the process group (Ctrl-C, timeout, scancel) is the trainer's to handle: it validates
+# once more before it saves. Workers ignore them, and hold them blocked until they do from their start.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _start_metric_worker() -> None:
+    keep_freed_memory()  # else scikit-image's SSIM page-faults its buffers afresh every image: 3x slower
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextmanager
+def _stop_signals_held():
+    """Stop signals wait (they are not lost) while a worker may start: it inherits the block."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 class Validator:
-    def __init__(self, data: DataConfig, precision: str, loss_fn, info: DistInfo):
+    def __init__(self, data: DataConfig, precision: str, loss_fn, info: DistInfo, workers: int | None = None):
         self.data, self.precision, self.loss_fn, self.info = data, precision, loss_fn, info
+        workers = metric_workers(info) if workers is None else workers
+        # spawned, not forked: the parent holds CUDA and torch's thread pools
+        self.pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_start_metric_worker) \
+            if workers else None
         self.items = held_out_items(data)
         # the JPEG inputs' own PSNR, once: each validation reports the model's gain over it
         self.jpeg_psnr = [psnr(original, jpeg) for _, _, jpeg, original in self.items[info.rank::info.world_size]]
@@ -52,7 +95,7 @@ class Validator:
         device, qualities = self.info.device, self.data.qualities
         names = [m.name for m in registered_metrics()]
         sums = torch.zeros(len(qualities), 3 + len(names), dtype=torch.float64)  # count, loss, JPEG PSNR, metrics...
-        self.figures = []
+        self.figures, scored = [], []
         for (name, q, jpeg, original), jpeg_psnr in zip(self.items[self.info.rank::self.info.world_size], self.jpeg_psnr):
             x = image_to_tensor(jpeg, device)
             if self.data.quality_plane:
@@ -60,11 +103,13 @@ class Validator:
             with autocast_for(self.precision, device):
                 y = restore_tensor(net, x).float().clamp(0, 1)
             restored = to_uint8(y[0])
-            m = image_metrics(original, restored)
             loss = float(self.loss_fn(y, image_to_tensor(original, device)))
-            sums[qualities.index(q)] += torch.tensor([1, loss, jpeg_psnr] + [m[n] for n in names], dtype=torch.float64)
+            scored.append((q, loss, jpeg_psnr, self._score(original, restored)))
             if q == qualities[0] and len(self.figures) < FIGURES:
                 self.figures.append((name, q, original, jpeg, restored))
+        for q, loss, jpeg_psnr, m in scored:
+            m = m.result() if isinstance(m, Future) else m
+            sums[qualities.index(q)] += torch.tensor([1, loss, jpeg_psnr] + [m[n] for n in names], dtype=torch.float64)
         sums = all_reduce_sum(sums.to(device), self.info).cpu()
         means = sums[:, 1:] / sums[:, :1]
         result = {}
@@ -75,3 +120,13 @@ class Validator:
         result.update({f"val_{n}": v for n, v in zip(names, overall[2:])})
         result["val_psnr_gain"] = result["val_psnr"] - overall[1]  # over the JPEG inputs
         return result
+
+    def _score(self, original: np.ndarray, restored: np.ndarray) -> dict[str, float] | Future:
+        if not self.pool:
+            return image_metrics(original, restored)
+        with _stop_signals_held():  # the pool starts its workers as the first images come
+            return self.pool.submit(image_metrics, original, restored)
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown(cancel_futures=True)
