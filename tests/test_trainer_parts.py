@@ -408,6 +408,25 @@ def test_validation_scores_in_worker_processes_as_in_process(tiles_prepared):
         pooled.close()
 
 
+@pytest.mark.parametrize("wall, steps", [(False, 8), (True, 2)])
+def test_a_wall_clock_budget_counts_the_time_outside_the_steps(tmp_path, wall, steps):
+    """A run that has spent its 1000 s on validations and checkpoints has nothing left of a wall-clock
+    budget (it stops at the first refit, on the second log window) and all of a steps budget."""
+    from train.loop.distributed import DistInfo
+    from train.loop.trainer import Trainer
+
+    overrides = ["model.arch=unet", "model.kwargs={width = 4, levels = 1}", "data.backend=synthetic", "data.batch_size=2",
+                 "data.patch_size=16", "train.log_every=1", "train.precision=fp32", "tracking.enabled=false",
+                 "train.max_steps=8", "train.time_budget_s=1000", f"train.time_budget_wall={str(wall).lower()}"]
+    trainer = Trainer(load_config(None, overrides), tmp_path, DistInfo(0, 0, 1, torch.device("cpu")))
+    trainer.wall_time = 1000.0  # as if resumed from such a run
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    assert trainer.step == steps
+
+
 def test_a_resumed_run_names_the_settings_it_changed(tmp_path, caplog):
     from train.loop.distributed import DistInfo
     from train.loop.trainer import Trainer

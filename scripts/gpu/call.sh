@@ -83,12 +83,12 @@ step_train() {  # NAME MINUTES CONFIG [--set k=v ...]: resumes NAME; SIGTERM at 
     local rc=$?; [ $rc = 124 ] && rc=0  # stopped by the time limit, state saved
     return $rc
 }
-step_bgtrain() {  # NAME SECONDS CONFIG [--set k=v ...]: trains for SECONDS in the background (data preparation
-                 # not counted), the step count fitted to the time (train.time_budget_s); later calls run meanwhile
+step_bgtrain() {  # NAME SECONDS CONFIG [--set k=v ...]: trains for SECONDS of wall clock in the background (data
+                 # preparation not counted), the step count fitted to the time (train.time_budget_s); later calls run meanwhile
     local name=$1 seconds=$2 config=$3; shift 3
     setsid bash -c "timeout -s TERM -k 60 $((seconds + 300)) $PY train/main.py --config $config --data-root $DATA \
         --out $WORK/runs/$name --resume --set tracking.offline=true --set tracking.run_name=$name \
-        --set train.time_budget_s=$seconds --set train.max_steps=10000000 $* ${TRAIN_LIMIT[*]} \
+        --set train.time_budget_s=$seconds --set train.time_budget_wall=true --set train.max_steps=10000000 $* ${TRAIN_LIMIT[*]} \
         > $WORK/results/train_$name.log 2>&1; echo \$? > $WORK/results/train_$name.rc" \
         < /dev/null > /dev/null 2>&1 &  # its own session: it outlives this call
     log "training $name in the background for $seconds s (log: results/train_$name.log)"

@@ -3,8 +3,9 @@ refitted from the measured step rate as the run goes, so the learning-rate sched
 time does. This is how architectures are compared at equal GPU- or CPU-minutes of training.
 
 The time counted is the time in training steps (data waits and the compile included; validations
-and checkpoints not, so an architecture that is slow to validate is not charged for it). The
-first fit waits for a second log window of the session: the first one holds the compile.
+and checkpoints not, so an architecture that is slow to validate is not charged for it), or with
+`train.time_budget_wall` the clock's (a GPU call's hard window). The first fit waits for a second
+log window of the session: the first one holds the compile.
 """
 from __future__ import annotations
 

@@ -92,6 +92,9 @@ class TrainConfig:
     validations, checkpoints and data preparation not) instead of max_steps steps: the step count is
     refitted from the measured rate at every log window so the schedule ends with the budget
     (train/loop/budget.py). 0: max_steps."""
+    time_budget_wall: bool = False
+    """Count the validations and checkpoints in time_budget_s too: the run ends by the clock (data
+    preparation and the last validation still come on top), as a GPU call's hard window needs."""
     loss: str = "l1"
     """'mse', 'l1' or 'charbonnier'."""
     precision: str = "auto"
@@ -132,6 +135,8 @@ class TrainConfig:
                   ("seed", "time_budget_s"))
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.time_budget_wall and not self.time_budget_s:
+            raise ValueError("train.time_budget_wall needs a train.time_budget_s")
 
 
 @dataclass

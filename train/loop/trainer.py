@@ -333,7 +333,7 @@ class Trainer:
 
     def _fit_to_budget(self, progress: "Progress") -> None:
         """train.max_steps (and the end of the cosine schedule) refitted to the time budget."""
-        total = self.budget.fit(self.step, self.elapsed_steps())
+        total = self.budget.fit(self.step, self.elapsed() if self.cfg.train.time_budget_wall else self.elapsed_steps())
         if total is None:  # the session's first window: the rate is measured from here
             return
         if self.info.distributed:  # the same count on every rank
