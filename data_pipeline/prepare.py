@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from .errors import command
 from .images import MODES, BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, jpeg_bytes, png_bytes, read_image
 from .sources import DataError, dataset_dir, is_archive, source_images
+from .system import usable_cpus
 
 MANIFEST = "manifest.json"
 REPORT = "report.json"
@@ -114,7 +114,7 @@ def prepare(source: Path | str, out: Path | str, mode: str = "gray", qualities=(
         seen[name] = f.name
         jobs.append((f, name))
 
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     records = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(_prepare_one, f, name, out, mode, qualities, min_size) for f, name in jobs]

@@ -29,6 +29,7 @@ from data_pipeline import benchmark as loader_bench
 from data_pipeline.backends import backends
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import atomic_write_json
+from data_pipeline.system import usable_cpus
 from runtime.device import autocast_for, device_name, keep_freed_memory, matmul_peak, native_bf16, resolve_precision
 from runtime.models import architectures, build_model, build_problem, check_kwargs, macs_per_pixel
 
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="resident,torch", help="with --end-to-end: loader backends to compare")
     ap.add_argument("--modes", default="gray", help="with --loaders: gray (Train400) and/or rgb (train_color)")
     ap.add_argument("--compile", action="store_true", help="with --end-to-end: torch.compile the bare loop and the Trainer")
-    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="torch workers / DALI threads")
+    ap.add_argument("--workers", type=int, default=max(1, usable_cpus() - 2), help="torch workers / DALI threads")
     args = ap.parse_args(argv)
     keep_freed_memory()  # as train/main.py runs
     if args.loaders and args.end_to_end:

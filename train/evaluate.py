@@ -25,6 +25,7 @@ import torch
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, image_files, is_gray, jpeg_roundtrip, read_image
 from data_pipeline.sources import DataError, dataset_dir
+from data_pipeline.system import usable_cpus
 from runtime.device import add_device_option, check_device, emulated_bf16_warning, keep_freed_memory
 from runtime.figures import side_by_side
 from runtime.inference import Restorer, shipped_model
@@ -96,7 +97,7 @@ def evaluate(images: dict[str, np.ndarray], qualities: list[int], restore: Resto
     `keep` > 0 also returns the first `keep` images' (original, jpeg, restored) for figures."""
     names = sorted(images)
     results, per_image, kept = {}, {}, {}
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers or usable_cpus()) as pool:
         for q in qualities:
             jpeg_out = list(pool.map(_jpeg_metrics, [(images[n], q) for n in names]))
             rows = {n: {"jpeg": m} for n, (_, m) in zip(names, jpeg_out)}

@@ -4,10 +4,11 @@ the input and output are bound to torch CUDA tensors (IO binding: no host round 
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
+
+from data_pipeline.system import usable_cpus
 
 from ..artifacts import read_meta
 from ..tiling import tiled_forward
@@ -26,7 +27,7 @@ class OrtRunner(Runner):
         meta = read_meta(onnx_path)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.intra_op_num_threads = threads or usable_cpus()
         available = ort.get_available_providers()
         wanted = ["CUDAExecutionProvider"] if device.startswith("cuda") else []
         if wanted and importlib.util.find_spec("tensorrt"):  # onnxruntime-gpu lists it even without TensorRT's libraries

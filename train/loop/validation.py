@@ -6,7 +6,6 @@ pool of processes while the device restores the next images."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.images import jpeg_roundtrip, read_image
 from data_pipeline.prepare import load_manifest
 from data_pipeline.sources import DataError
+from data_pipeline.system import usable_cpus
 from runtime.device import autocast_for, keep_freed_memory
 from runtime.inference import image_to_tensor, to_uint8, with_quality
 from runtime.metrics import image_metrics
@@ -37,7 +37,7 @@ def metric_workers(info: DistInfo) -> int:
     the rank's share of the cores, one left for the rank itself."""
     if info.device.type == "cpu":
         return 0
-    return max(0, min(MAX_METRIC_WORKERS, (os.cpu_count() or 1) // info.world_size - 1))
+    return max(0, min(MAX_METRIC_WORKERS, usable_cpus() // info.world_size - 1))
 
 
 def held_out_items(data: DataConfig) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
