@@ -1,5 +1,6 @@
 """Trainer building blocks on tiny tensors: schedules, losses, precision contexts, checkpoints."""
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -406,6 +407,39 @@ def test_validation_scores_in_worker_processes_as_in_process(tiles_prepared):
         assert pooled(blur) == expected
     finally:
         pooled.close()
+
+
+def test_metric_workers_die_with_a_trainer_killed_outright(tiles_prepared, tmp_path):
+    """They ignore stop signals, so nothing else would end them after the OOM killer or `timeout -k`."""
+    import time
+
+    script = tmp_path / "killed.py"
+    script.write_text(f"""import multiprocessing, os, signal, torch
+from data_pipeline.config import DataConfig
+from train.loop.distributed import DistInfo
+from train.loop.optim import LOSSES
+from train.loop.validation import Validator
+if __name__ == "__main__":
+    data = DataConfig(prepared_dir={str(tiles_prepared)!r}, qualities=[10], limit=2)
+    Validator(data, "fp32", LOSSES["l1"], DistInfo(0, 0, 1, torch.device("cpu")), workers=2)(torch.nn.Identity())
+    print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    workers = [int(pid) for pid in proc.stdout.split()]
+    assert workers
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except OSError:
+            return False
+    deadline = time.monotonic() + 10
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, workers))
 
 
 @pytest.mark.parametrize("wall, steps", [(False, 8), (True, 2)])

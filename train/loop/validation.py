@@ -5,7 +5,9 @@ On a GPU the metrics (scikit-image, on the CPU: most of a validation's time ther
 pool of processes while the device restores the next images."""
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
 import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
@@ -58,11 +60,21 @@ def held_out_items(data: DataConfig) -> list[tuple[str, int, np.ndarray, np.ndar
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-def _start_metric_worker() -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _start_metric_worker(trainer_pid: int) -> None:
     keep_freed_memory()  # else scikit-image's SSIM page-faults its buffers afresh every image: 3x slower
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    # and it dies with the trainer, however that dies (OOM killer, timeout -k): nothing else would end it
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != trainer_pid:  # it died before
+        os._exit(1)
 
 
 @contextmanager
@@ -78,14 +90,14 @@ def _stop_signals_held():
 class Validator:
     def __init__(self, data: DataConfig, precision: str, loss_fn, info: DistInfo, workers: int | None = None):
         self.data, self.precision, self.loss_fn, self.info = data, precision, loss_fn, info
-        workers = metric_workers(info) if workers is None else workers
-        # spawned, not forked: the parent holds CUDA and torch's thread pools
-        self.pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_start_metric_worker) \
-            if workers else None
         self.items = held_out_items(data)
         # the JPEG inputs' own PSNR, once: each validation reports the model's gain over it
         self.jpeg_psnr = [psnr(original, jpeg) for _, _, jpeg, original in self.items[info.rank::info.world_size]]
         self.figures: list[tuple] = []  # (name, quality, original, JPEG, restored) of the last validation
+        workers = metric_workers(info) if workers is None else workers
+        # spawned, not forked: the parent holds CUDA and torch's thread pools
+        self.pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_start_metric_worker,
+                                        initargs=(os.getpid(),)) if workers else None
 
     @torch.no_grad()
     def __call__(self, net: torch.nn.Module) -> dict[str, float]:
