@@ -1,8 +1,8 @@
 """Validation on the held-out split of the training data (never LIVE1): whole images, the protocol's
 JPEG at every configured quality, every registered metric; the images are sharded over ranks.
 
-On a GPU the metrics (scikit-image, on the CPU: most of a validation's time there) are scored in a
-pool of processes while the device restores the next images."""
+On a GPU the metrics (scikit-image, on the CPU) are scored in a pool of processes while the device
+restores the next images."""
 from __future__ import annotations
 
 import ctypes
@@ -58,8 +58,6 @@ def held_out_items(data: DataConfig) -> list[tuple[str, int, np.ndarray, np.ndar
 # A stop signal to the process group (Ctrl-C, timeout, scancel) is the trainer's to handle: it validates
 # once more before it saves. Workers ignore them, and hold them blocked until they do from their start.
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
