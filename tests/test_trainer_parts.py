@@ -409,26 +409,36 @@ def test_validation_scores_in_worker_processes_as_in_process(tiles_prepared):
         pooled.close()
 
 
-def test_metric_workers_die_with_a_trainer_killed_outright(tiles_prepared, tmp_path):
-    """They ignore stop signals, so nothing else would end them after the OOM killer or `timeout -k`."""
+@pytest.mark.parametrize("scoring", [
+    # the validation's spawned workers ignore stop signals: nothing else would end them
+    """Validator(DataConfig(prepared_dir=PREPARED, qualities=[10], limit=2), "fp32", LOSSES["l1"],
+              DistInfo(0, 0, 1, torch.device("cpu")), workers=2)(torch.nn.Identity()); killed()""",
+    # evaluate's forked workers would wait forever for work
+    """evaluate({"a": np.full((64, 64), 128, np.uint8)}, [10], restore=killed, workers=2)"""])
+def test_scoring_workers_die_with_a_parent_killed_outright(tiles_prepared, tmp_path, scoring):
+    """After the OOM killer or `timeout -k` kills the trainer or evaluate, their scoring processes go too."""
     import time
 
     script = tmp_path / "killed.py"
-    script.write_text(f"""import multiprocessing, os, signal, torch
+    script.write_text(f"""import multiprocessing, os, signal, numpy as np, torch
 from data_pipeline.config import DataConfig
+from train.evaluate import evaluate
 from train.loop.distributed import DistInfo
 from train.loop.optim import LOSSES
 from train.loop.validation import Validator
-if __name__ == "__main__":
-    data = DataConfig(prepared_dir={str(tiles_prepared)!r}, qualities=[10], limit=2)
-    Validator(data, "fp32", LOSSES["l1"], DistInfo(0, 0, 1, torch.device("cpu")), workers=2)(torch.nn.Identity())
+PREPARED = {str(tiles_prepared)!r}
+def killed(*_):
     print(*[p.pid for p in multiprocessing.active_children()], flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
+if __name__ == "__main__":
+    {scoring}
 """)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    workers = [int(pid) for pid in proc.stdout.split()]
+    repo, out, err = Path(__file__).resolve().parents[1], tmp_path / "out", tmp_path / "err"
+    with out.open("w") as stdout, err.open("w") as stderr:  # files: workers left alive would hold pipes open
+        proc = subprocess.run([sys.executable, str(script)], stdout=stdout, stderr=stderr, timeout=120, cwd=repo,
+                              env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == -9, err.read_text()[-2000:]
+    workers = [int(pid) for pid in out.read_text().split()]
     assert workers
 
     def alive(pid: int) -> bool:

@@ -13,6 +13,7 @@ model restores a color image's luma and keeps its chroma.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -26,7 +27,7 @@ from data_pipeline.errors import UserError, command
 from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, image_files, is_gray, jpeg_roundtrip, read_image
 from data_pipeline.sources import DataError, dataset_dir
 from data_pipeline.system import usable_cpus
-from runtime.device import add_device_option, check_device, emulated_bf16_warning, keep_freed_memory
+from runtime.device import add_device_option, check_device, die_with_parent, emulated_bf16_warning, keep_freed_memory
 from runtime.figures import side_by_side
 from runtime.inference import Restorer, shipped_model
 from runtime.metrics import image_metrics, metrics
@@ -85,6 +86,11 @@ def model_fields(models: dict[str, tuple[Path, Restorer]]) -> dict:
     return {"checkpoint": {k: c for k, (c, _) in per_kind.items()}, "arch": {k: a for k, (_, a) in per_kind.items()}}
 
 
+def _start_scorer(parent_pid: int) -> None:
+    keep_freed_memory()  # forked workers inherit it, but Python 3.14 forks no more by default (SSIM 3x slower without)
+    die_with_parent(parent_pid)
+
+
 def _jpeg_metrics(args):
     img, q = args
     jpeg = jpeg_roundtrip(img, q)
@@ -97,8 +103,7 @@ def evaluate(images: dict[str, np.ndarray], qualities: list[int], restore: Resto
     `keep` > 0 also returns the first `keep` images' (original, jpeg, restored) for figures."""
     names = sorted(images)
     results, per_image, kept = {}, {}, {}
-    # keep_freed_memory: forked workers inherit it, but Python 3.14 forks no more by default (SSIM 3x slower without)
-    with ProcessPoolExecutor(max_workers=workers or usable_cpus(), initializer=keep_freed_memory) as pool:
+    with ProcessPoolExecutor(max_workers=workers or usable_cpus(), initializer=_start_scorer, initargs=(os.getpid(),)) as pool:
         for q in qualities:
             jpeg_out = list(pool.map(_jpeg_metrics, [(images[n], q) for n in names]))
             rows = {n: {"jpeg": m} for n, (_, m) in zip(names, jpeg_out)}

@@ -5,7 +5,6 @@ On a GPU the metrics (scikit-image, on the CPU) are scored in a pool of processe
 restores the next images."""
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
 import signal
@@ -21,7 +20,7 @@ from data_pipeline.images import jpeg_roundtrip, read_image
 from data_pipeline.prepare import load_manifest
 from data_pipeline.sources import DataError
 from data_pipeline.system import usable_cpus
-from runtime.device import autocast_for, keep_freed_memory
+from runtime.device import autocast_for, die_with_parent, keep_freed_memory
 from runtime.inference import image_to_tensor, to_uint8, with_quality
 from runtime.metrics import image_metrics
 from runtime.metrics import metrics as registered_metrics
@@ -58,7 +57,6 @@ def held_out_items(data: DataConfig) -> list[tuple[str, int, np.ndarray, np.ndar
 # A stop signal to the process group (Ctrl-C, timeout, scancel) is the trainer's to handle: it validates
 # once more before it saves. Workers ignore them, and hold them blocked until they do from their start.
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _start_metric_worker(trainer_pid: int) -> None:
@@ -66,13 +64,7 @@ def _start_metric_worker(trainer_pid: int) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    # and it dies with the trainer, however that dies (OOM killer, timeout -k): nothing else would end it
-    try:
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux
-        return
-    if os.getppid() != trainer_pid:  # it died before
-        os._exit(1)
+    die_with_parent(trainer_pid)  # nothing else would end it after an outright kill (OOM, timeout -k)
 
 
 @contextmanager
