@@ -1,9 +1,12 @@
-"""The CPUs this process may run on: what Slurm's --cpus-per-task, taskset or a container's cpuset
-allow, not all of the machine's (os.cpu_count()). Worker pools and ONNX Runtime's threads are sized
-by it, as torch sizes its own: two ONNX Runtime threads on one allowed core ran the U-Net 24% slower."""
+"""What worker pools need from the system: the CPUs this process may run on (what Slurm's
+--cpus-per-task, taskset or a container's cpuset allow, not all of the machine's: os.cpu_count()),
+by which pools and ONNX Runtime's threads are sized as torch sizes its own (two ONNX Runtime
+threads on one allowed core ran the U-Net 24% slower), and workers that die with their parent."""
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 
 
 def usable_cpus() -> int:
@@ -11,3 +14,18 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0)) or 1
     except AttributeError:  # no affinity outside Linux
         return os.cpu_count() or 1
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """For a worker process: be killed when `parent_pid` (its parent) dies, however it dies (OOM
+    killer, SIGKILL), instead of waiting forever for work that will not come (a pool's workers
+    hold both ends of their queue, so they see no end of file). Linux only; elsewhere nothing."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # it died before
+        os._exit(1)

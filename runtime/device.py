@@ -4,10 +4,8 @@ latency table's GFLOP/s)."""
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 import re
-import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -97,20 +95,6 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
     # the mmap threshold first: a trim threshold alone would pin the mmap one at its 128 KiB default
     return bool(mallopt(M_MMAP_THRESHOLD, limit) and mallopt(M_TRIM_THRESHOLD, limit))
 
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """For a worker process: be killed when `parent_pid` (its parent) dies, however it dies (OOM
-    killer, SIGKILL), instead of waiting forever for work that will not come (a pool's workers
-    hold both ends of their queue, so they see no end of file). Linux only; elsewhere nothing."""
-    try:
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:  # it died before
-        os._exit(1)
 
 
 def cpu_model() -> str:

@@ -414,22 +414,29 @@ def test_validation_scores_in_worker_processes_as_in_process(tiles_prepared):
     """Validator(DataConfig(prepared_dir=PREPARED, qualities=[10], limit=2), "fp32", LOSSES["l1"],
               DistInfo(0, 0, 1, torch.device("cpu")), workers=2)(torch.nn.Identity()); killed()""",
     # evaluate's forked workers would wait forever for work
-    """evaluate({"a": np.full((64, 64), 128, np.uint8)}, [10], restore=killed, workers=2)"""])
-def test_scoring_workers_die_with_a_parent_killed_outright(tiles_prepared, tmp_path, scoring):
-    """After the OOM killer or `timeout -k` kills the trainer or evaluate, their scoring processes go too."""
+    """evaluate({"a": np.full((64, 64), 128, np.uint8)}, [10], restore=killed, workers=2)""",
+    # and so would prepare's, killed as soon as they are there
+    """threading.Thread(target=killed_once_pooled, daemon=True).start(); prepare(TILES, OUT, workers=2, progress=False)"""])
+def test_pool_workers_die_with_a_parent_killed_outright(tiles_dir, tiles_prepared, tmp_path, scoring):
+    """After the OOM killer or `timeout -k` kills the trainer, evaluate or prepare, their pools' processes go too."""
     import time
 
     script = tmp_path / "killed.py"
-    script.write_text(f"""import multiprocessing, os, signal, numpy as np, torch
+    script.write_text(f"""import multiprocessing, os, signal, threading, time, numpy as np, torch
 from data_pipeline.config import DataConfig
+from data_pipeline.prepare import prepare
 from train.evaluate import evaluate
 from train.loop.distributed import DistInfo
 from train.loop.optim import LOSSES
 from train.loop.validation import Validator
-PREPARED = {str(tiles_prepared)!r}
+PREPARED, TILES, OUT = {str(tiles_prepared)!r}, {str(tiles_dir)!r}, {str(tmp_path / "prepared")!r}
 def killed(*_):
     print(*[p.pid for p in multiprocessing.active_children()], flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
+def killed_once_pooled():
+    while not multiprocessing.active_children():
+        time.sleep(0.001)
+    killed()
 if __name__ == "__main__":
     {scoring}
 """)

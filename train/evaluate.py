@@ -26,8 +26,8 @@ import torch
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, image_files, is_gray, jpeg_roundtrip, read_image
 from data_pipeline.sources import DataError, dataset_dir
-from data_pipeline.system import usable_cpus
-from runtime.device import add_device_option, check_device, die_with_parent, emulated_bf16_warning, keep_freed_memory
+from data_pipeline.system import die_with_parent, usable_cpus
+from runtime.device import add_device_option, check_device, emulated_bf16_warning, keep_freed_memory
 from runtime.figures import side_by_side
 from runtime.inference import Restorer, shipped_model
 from runtime.metrics import image_metrics, metrics

@@ -19,8 +19,8 @@ from data_pipeline.config import DataConfig
 from data_pipeline.images import jpeg_roundtrip, read_image
 from data_pipeline.prepare import load_manifest
 from data_pipeline.sources import DataError
-from data_pipeline.system import usable_cpus
-from runtime.device import autocast_for, die_with_parent, keep_freed_memory
+from data_pipeline.system import die_with_parent, usable_cpus
+from runtime.device import autocast_for, keep_freed_memory
 from runtime.inference import image_to_tensor, to_uint8, with_quality
 from runtime.metrics import image_metrics
 from runtime.metrics import metrics as registered_metrics
