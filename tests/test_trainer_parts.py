@@ -416,7 +416,8 @@ def test_validation_scores_in_worker_processes_as_in_process(tiles_prepared):
     # evaluate's forked workers would wait forever for work
     """evaluate({"a": np.full((64, 64), 128, np.uint8)}, [10], restore=killed, workers=2)""",
     # and so would prepare's, killed as soon as they are there
-    """threading.Thread(target=killed_once_pooled, daemon=True).start(); prepare(TILES, OUT, workers=2, progress=False)"""])
+    """threading.Thread(target=killed_once_pooled, daemon=True).start(); prepare(TILES, OUT, workers=2, progress=False)"""],
+    ids=["validation", "evaluate", "prepare"])
 def test_pool_workers_die_with_a_parent_killed_outright(tiles_dir, tiles_prepared, tmp_path, scoring):
     """After the OOM killer or `timeout -k` kills the trainer, evaluate or prepare, their pools' processes go too."""
     import time
