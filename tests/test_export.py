@@ -78,19 +78,6 @@ def test_onnx_round_trip_parity_for_every_architecture(arch, tmp_path, photo_pai
     assert float((torch_out - ort_out).abs().max()) <= 1e-4
 
 
-def test_onnx_runtime_threads_follow_the_cores_the_process_may_use(tmp_path):
-    """Slurm's --cpus-per-task and taskset allow fewer cores than the machine has (os.cpu_count()):
-    ONNX Runtime's threads and the worker pools follow the allowed ones."""
-    export_onnx(tiny_checkpoint("dncnn", tmp_path / "m.pth"), tmp_path / "m.onnx")
-    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); import torch; "
-            "from data_pipeline.system import usable_cpus; from runtime.runners import make_runner; "
-            "from train.loop.distributed import DistInfo; from train.loop.validation import metric_workers; "
-            f"print(usable_cpus(), make_runner('onnxruntime', {str(tmp_path / 'm.onnx')!r}).threads, "
-            "metric_workers(DistInfo(0, 0, 1, torch.device('cuda', 0))))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.returncode == 0 and proc.stdout.split() == ["1", "1", "0"], proc.stderr[-2000:]
-
-
 def test_to_onnx_cli_checks_parity(trained, tmp_path):
     path, env = trained
     proc = subprocess.run([sys.executable, str(REPO / "export" / "to_onnx.py"), "--checkpoint", str(path),

@@ -382,7 +382,6 @@ def test_validation_scores_in_worker_processes_as_in_process(tiles_prepared):
     """GPU runs score the metrics in a pool of processes: the same figures, and the workers outlive a
     stop signal to the process group (the trainer validates once more after one)."""
     import multiprocessing
-    import os
     import signal
 
     from data_pipeline.config import DataConfig
@@ -407,57 +406,6 @@ def test_validation_scores_in_worker_processes_as_in_process(tiles_prepared):
         assert pooled(blur) == expected
     finally:
         pooled.close()
-
-
-@pytest.mark.parametrize("scoring", [
-    # the validation's spawned workers ignore stop signals: nothing else would end them
-    """Validator(DataConfig(prepared_dir=PREPARED, qualities=[10], limit=2), "fp32", LOSSES["l1"],
-              DistInfo(0, 0, 1, torch.device("cpu")), workers=2)(torch.nn.Identity()); killed()""",
-    # evaluate's forked workers would wait forever for work
-    """evaluate({"a": np.full((64, 64), 128, np.uint8)}, [10], restore=killed, workers=2)""",
-    # and so would prepare's, killed as soon as they are there
-    """threading.Thread(target=killed_once_pooled, daemon=True).start(); prepare(TILES, OUT, workers=2, progress=False)"""],
-    ids=["validation", "evaluate", "prepare"])
-def test_pool_workers_die_with_a_parent_killed_outright(tiles_dir, tiles_prepared, tmp_path, scoring):
-    """After the OOM killer or `timeout -k` kills the trainer, evaluate or prepare, their pools' processes go too."""
-    import time
-
-    script = tmp_path / "killed.py"
-    script.write_text(f"""import multiprocessing, os, signal, threading, time, numpy as np, torch
-from data_pipeline.config import DataConfig
-from data_pipeline.prepare import prepare
-from train.evaluate import evaluate
-from train.loop.distributed import DistInfo
-from train.loop.optim import LOSSES
-from train.loop.validation import Validator
-PREPARED, TILES, OUT = {str(tiles_prepared)!r}, {str(tiles_dir)!r}, {str(tmp_path / "prepared")!r}
-def killed(*_):
-    print(*[p.pid for p in multiprocessing.active_children()], flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
-def killed_once_pooled():
-    while not multiprocessing.active_children():
-        time.sleep(0.001)
-    killed()
-if __name__ == "__main__":
-    {scoring}
-""")
-    repo, out, err = Path(__file__).resolve().parents[1], tmp_path / "out", tmp_path / "err"
-    with out.open("w") as stdout, err.open("w") as stderr:  # files: workers left alive would hold pipes open
-        proc = subprocess.run([sys.executable, str(script)], stdout=stdout, stderr=stderr, timeout=120, cwd=repo,
-                              env={**os.environ, "PYTHONPATH": str(repo)})
-    assert proc.returncode == -9, err.read_text()[-2000:]
-    workers = [int(pid) for pid in out.read_text().split()]
-    assert workers
-
-    def alive(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-        except OSError:
-            return False
-    deadline = time.monotonic() + 10
-    while any(map(alive, workers)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(map(alive, workers))
 
 
 @pytest.mark.parametrize("wall, steps", [(False, 8), (True, 2)])
