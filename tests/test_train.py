@@ -51,8 +51,9 @@ def test_smoke_run_is_a_finished_mlflow_run_with_metrics_and_artifacts(smoke_run
     r = mlflow_run(env, run_id)
     assert r.info.status == "FINISHED"
     want = {"train_loss", "val_loss", "val_psnr", "val_ssim", "val_psnrb", "lr", "images_per_s", "step_time_s",
-            "data_wait_s", "epoch_time_s", "total_wall_time_s", "train_tflops"}
+            "data_wait_s", "epoch_time_s", "total_wall_time_s", "train_tflops", "val_time_s"}
     assert want <= set(r.data.metrics), want - set(r.data.metrics)
+    assert r.data.metrics["val_time_s"] > 0
     assert r.data.params["model.arch"] == "dncnn" and r.data.params["train.max_steps"] == "6"
     assert r.data.tags["world_size"] == "1" and r.data.tags["precision"] == resolve_precision("auto", torch.device("cpu")) and "torch" in r.data.tags
     history = mlflow.MlflowClient().get_metric_history(run_id, "train_loss")

@@ -45,7 +45,7 @@ class Progress:
         if self.enabled:
             msg = f"validation at step {step}: " + " ".join(
                 f"{x.label} {m['val_' + x.name]:.{x.digits + 2}f}" for x in metrics()) + \
-                f" loss {m['val_loss']:.5f} ({m['val_psnr_gain']:+.3f} dB over the JPEG inputs)"
+                f" loss {m['val_loss']:.5f} ({m['val_psnr_gain']:+.3f} dB over the JPEG inputs, {m['val_time_s']:.1f} s)"
             (self.bar.write(msg) if self.bar is not None else log.info(msg))
 
     def close(self) -> None:

@@ -360,7 +360,9 @@ class Trainer:
     def _validate_and_track(self, progress: "Progress") -> None:
         if self.validator is None:
             return
+        start = time.perf_counter()
         metrics = self.validator(self.eval_model)
+        metrics["val_time_s"] = time.perf_counter() - start  # rank 0's; the GPU machine's runs record the metric pool's gain
         self.model.train()
         if not math.isfinite(metrics["val_psnr"]):  # the same on every rank (summed over them)
             self._diverged(f"the validation PSNR is {metrics['val_psnr']}")
