@@ -385,12 +385,13 @@ def test_validation_scores_in_worker_processes_as_in_process(tiles_prepared):
     import signal
 
     from data_pipeline.config import DataConfig
+    from data_pipeline.system import usable_cpus
     from train.loop.distributed import DistInfo
     from train.loop.validation import Validator, metric_workers
 
     cpu = DistInfo(0, 0, 1, torch.device("cpu"))
     assert metric_workers(cpu) == 0
-    assert metric_workers(DistInfo(0, 0, 4, torch.device("cuda", 0))) == max(0, min(8, os.cpu_count() // 4 - 1))
+    assert metric_workers(DistInfo(0, 0, 4, torch.device("cuda", 0))) == max(0, min(8, usable_cpus() // 4 - 1))
     data = DataConfig(prepared_dir=str(tiles_prepared), qualities=[10, 40], limit=3)
     blur = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False, padding_mode="replicate")
     torch.nn.init.constant_(blur.weight, 1 / 9)
