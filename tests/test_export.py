@@ -78,6 +78,21 @@ def test_onnx_round_trip_parity_for_every_architecture(arch, tmp_path, photo_pai
     assert float((torch_out - ort_out).abs().max()) <= 1e-4
 
 
+@pytest.mark.parametrize("arch", ["nafnet", "restormer"])
+def test_channel_layernorm_exports_as_one_fused_node(arch, tmp_path):
+    """Each LayerNorm2d is one LayerNormalization node in the ONNX graph (which ONNX Runtime and
+    TensorRT run fused), not the mean, variance and division spelled out."""
+    import onnx
+
+    from runtime.models.nafnet import LayerNorm2d
+
+    path = tiny_checkpoint(arch, tmp_path / f"{arch}.pth")
+    export_onnx(path, tmp_path / f"{arch}.onnx")
+    norms = sum(isinstance(m, LayerNorm2d) for m in ckpt.load_model(path)[0].modules())
+    ops = [n.op_type for n in onnx.load(tmp_path / f"{arch}.onnx").graph.node]
+    assert norms > 0 and ops.count("LayerNormalization") == norms and "Pow" not in ops
+
+
 def test_to_onnx_cli_checks_parity(trained, tmp_path):
     path, env = trained
     proc = subprocess.run([sys.executable, str(REPO / "export" / "to_onnx.py"), "--checkpoint", str(path),

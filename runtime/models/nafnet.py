@@ -17,14 +17,17 @@ from .common import FiLMStack, modulate, pad_to_multiple, zero_init_
 class LayerNorm2d(nn.Module):
     """LayerNorm over channels of an NCHW tensor. Stored channels_last (training, CPU inference), the
     channels are its innermost dimension and torch's fused layer_norm runs on it as it lies (2-3.5x
-    faster on a CPU than the ops spelled out, which stay for NCHW: there layer_norm would copy)."""
+    faster on a CPU than the ops spelled out, which stay for NCHW: there layer_norm would copy).
+    Exported to ONNX it is one LayerNormalization node between transposes: TensorRT runs it as its
+    normalization layer, in fp32 inside an fp16 engine (the spelled-out mean of squares in fp16 is
+    what NVIDIA warns may overflow)."""
 
     def __init__(self, c: int, eps: float = 1e-6):
         super().__init__()
         self.weight, self.bias, self.eps = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c)), eps
 
     def forward(self, x):
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if torch.onnx.is_in_onnx_export() or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
             return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
         mu = x.mean(1, keepdim=True)
         var = (x - mu).pow(2).mean(1, keepdim=True)
