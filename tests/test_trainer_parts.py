@@ -15,7 +15,7 @@ from runtime.models import build_model, macs_per_pixel, tiny_kwargs
 from runtime.tiling import restore_tensor, self_ensemble
 from train.loop.budget import TimeBudget, set_total_steps
 from train.loop.config import load_config
-from train.loop.optim import LOSSES, build_optimizer, build_scheduler
+from train.loop.optim import LOSSES, blocking_effect_factor, build_loss, build_optimizer, build_scheduler
 from train.loop.state import latest_state, prune_states, state_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +70,29 @@ def test_losses():
     assert LOSSES["mse"](x, y) == pytest.approx(0.375)
     assert LOSSES["charbonnier"](x, y) == pytest.approx(0.5, abs=1e-3)  # sqrt(d^2 + eps^2) ~ |d|
     assert LOSSES["charbonnier"](x, x) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("h, w", [(96, 96), (64, 200)])
+def test_the_training_blocking_factor_is_psnrb_s(photo_pair, h, w):
+    """The loss's blocking effect factor equals the metric's (on 0..255) on a real JPEG and its
+    original, whose blocks it tells apart."""
+    from data_pipeline.images import jpeg_roundtrip
+    from runtime.metrics.psnrb import blocking_effect_factor as metric_bef
+
+    original = photo_pair[0][100:100 + h, 160:160 + w]
+    for img in (jpeg_roundtrip(original, 10), original):
+        x = torch.from_numpy(img.astype("float64") / 255)[None, None]
+        assert float(blocking_effect_factor(x)) * 255**2 == pytest.approx(metric_bef(img.astype("float64")), rel=1e-9)
+    assert metric_bef(jpeg_roundtrip(original, 10).astype("float64")) > 10 * metric_bef(original.astype("float64"))
+
+
+def test_blocking_weight_adds_the_factor_to_the_loss():
+    out, target = torch.rand(2, 1, 32, 48), torch.rand(2, 1, 32, 48)
+    assert build_loss(load_config(None, ["train.loss=mse"])) is LOSSES["mse"]
+    loss = build_loss(load_config(None, ["train.loss=mse", "train.blocking_weight=0.5"]))
+    assert float(loss(out, target)) == pytest.approx(float(LOSSES["mse"](out, target) + 0.5 * blocking_effect_factor(out)))
+    with pytest.raises(ValueError, match="train.blocking_weight must be 0 or more"):
+        load_config(None, ["train.blocking_weight=-1"])
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])

@@ -97,6 +97,10 @@ class TrainConfig:
     preparation and the last validation still come on top), as a GPU call's hard window needs."""
     loss: str = "l1"
     """'mse', 'l1' or 'charbonnier'."""
+    blocking_weight: float = 0.0
+    """Add this times the output's blocking effect factor (PSNR-B's penalty: steps across the 8x8
+    block boundaries beyond those inside blocks) to the loss: PSNR-B rises, PSNR gives a little
+    (docs/experiments.md). 0: off."""
     precision: str = "auto"
     """'bf16' autocast (CPU and GPU), 'fp16' autocast with GradScaler (GPU), 'fp32', or 'auto': bf16
     where the device computes it natively (recent GPUs; CPUs with AVX-512 BF16/AMX), else fp16 on
@@ -131,8 +135,8 @@ class TrainConfig:
     def __post_init__(self):
         _choice("train.loss", self.loss, tuple(LOSSES))
         _choice("train.precision", self.precision, PRECISIONS)
-        _positive("train", self, ("max_steps", "time_budget_s", "val_every", "ckpt_every", "log_every", "ddp_timeout_s", "seed"),
-                  ("seed", "time_budget_s"))
+        _positive("train", self, ("max_steps", "time_budget_s", "val_every", "ckpt_every", "log_every", "ddp_timeout_s", "seed",
+                                  "blocking_weight"), ("seed", "time_budget_s", "blocking_weight"))
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.time_budget_wall and not self.time_budget_s:

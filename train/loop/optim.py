@@ -1,6 +1,8 @@
 """Losses, optimizers and learning-rate schedules (torch's), by the names the config uses."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -10,6 +12,29 @@ def charbonnier(out: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> t
 
 
 LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss, "charbonnier": charbonnier}
+
+
+def blocking_effect_factor(x: torch.Tensor, block: int = 8) -> torch.Tensor:
+    """PSNR-B's penalty (runtime/metrics/psnrb.py) of an N x C x H x W batch in [0, 1], differentiable:
+    the excess of the squared steps across the 8x8 block boundaries over those inside blocks, mean
+    over images and channels (equal to the metric / 255^2 where the sides are whole blocks)."""
+    h, w = x.shape[-2:]
+    cols = torch.arange(w - 1, device=x.device) % block == block - 1
+    rows = torch.arange(h - 1, device=x.device) % block == block - 1
+    across, down = (x[..., 1:] - x[..., :-1]) ** 2, (x[..., 1:, :] - x[..., :-1, :]) ** 2
+    n_bound = int(cols.sum()) * h + int(rows.sum()) * w
+    n_inner = (w - 1) * h + (h - 1) * w - n_bound
+    bound = (across[..., cols].sum((-2, -1)) + down[..., rows, :].sum((-2, -1))) / n_bound
+    inner = (across[..., ~cols].sum((-2, -1)) + down[..., ~rows, :].sum((-2, -1))) / n_inner
+    return (math.log2(block) / math.log2(min(h, w)) * F.relu(bound - inner)).mean()
+
+
+def build_loss(cfg):
+    """train.loss, plus train.blocking_weight times the output's blocking effect factor."""
+    base, weight = LOSSES[cfg.train.loss], cfg.train.blocking_weight
+    if not weight:
+        return base
+    return lambda out, target: base(out, target) + weight * blocking_effect_factor(out)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "step", "plateau", "constant")
 

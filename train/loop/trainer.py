@@ -33,7 +33,7 @@ from .budget import TimeBudget, set_total_steps
 from .config import Config, to_dict, to_toml
 from .distributed import DistInfo, all_reduce_sum, any_rank, barrier, gather_objects
 from .ema import WeightEMA
-from .optim import LOSSES, build_optimizer, build_scheduler
+from .optim import build_loss, build_optimizer, build_scheduler
 from .progress import Progress
 from .state import OutputLock, latest_state, load_latest, prune_states, remove_partial_writes, state_path
 from .tracking import flatten, make_tracker, system_tags
@@ -79,7 +79,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
-        self.loss_fn = LOSSES[cfg.train.loss]
+        self.loss_fn = build_loss(cfg)
         self.step = self.epoch = self.step_in_epoch = 0
         self.best_psnr = -math.inf
         self.wall_time = 0.0  # seconds of the finished sessions of this run
