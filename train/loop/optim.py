@@ -12,6 +12,8 @@ def charbonnier(out: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> t
 
 
 LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss, "charbonnier": charbonnier}
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "step", "plateau", "constant")
 
 
 def blocking_effect_factor(x: torch.Tensor, block: int = 8) -> torch.Tensor:
@@ -19,13 +21,12 @@ def blocking_effect_factor(x: torch.Tensor, block: int = 8) -> torch.Tensor:
     the excess of the squared steps across the 8x8 block boundaries over those inside blocks, mean
     over images and channels (equal to the metric / 255^2 where the sides are whole blocks)."""
     h, w = x.shape[-2:]
-    cols = torch.arange(w - 1, device=x.device) % block == block - 1
-    rows = torch.arange(h - 1, device=x.device) % block == block - 1
     across, down = (x[..., 1:] - x[..., :-1]) ** 2, (x[..., 1:, :] - x[..., :-1, :]) ** 2
-    n_bound = int(cols.sum()) * h + int(rows.sum()) * w
+    bound = across[..., block - 1::block].sum((-2, -1)) + down[..., block - 1::block, :].sum((-2, -1))
+    steps = across.sum((-2, -1)) + down.sum((-2, -1))  # slices, not masks: no wait for the device
+    n_bound = (w - 1) // block * h + (h - 1) // block * w
     n_inner = (w - 1) * h + (h - 1) * w - n_bound
-    bound = (across[..., cols].sum((-2, -1)) + down[..., rows, :].sum((-2, -1))) / n_bound
-    inner = (across[..., ~cols].sum((-2, -1)) + down[..., ~rows, :].sum((-2, -1))) / n_inner
+    bound, inner = bound / n_bound, (steps - bound) / n_inner
     return (math.log2(block) / math.log2(min(h, w)) * F.relu(bound - inner)).mean()
 
 
@@ -35,8 +36,6 @@ def build_loss(cfg):
     if not weight:
         return base
     return lambda out, target: base(out, target) + weight * blocking_effect_factor(out)
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "step", "plateau", "constant")
 
 
 def build_optimizer(cfg, params) -> torch.optim.Optimizer:
