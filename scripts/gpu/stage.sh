@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# Stage what a GPU-machine session carries, into .gpu/ (ignored through .git/info/exclude). Run here,
+# Stage what a GPU-machine session carries, into .gpu/ (git-ignored). Run here,
 # once per checkout: bash scripts/gpu/stage.sh [DATA_ROOT] (ORT_GPU=1 also stages onnxruntime-gpu). What each call carries: scripts/gpu/README.md.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 DATA=${1:-../shared/data}
 PART_MB=${PART_MB:-40}  # the checkout itself travels too (~22 MB): 64 MiB a call in all
-grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 mkdir -p .gpu/data .gpu/wheels .gpu/parts
 for d in train400 live1_gray train_color live1_color; do
     [ -d ".gpu/data/$d" ] || cp -r "$DATA/$d" .gpu/data/
