@@ -99,9 +99,10 @@ class TrainConfig:
     """'mse', 'l1' or 'charbonnier'."""
     blocking_weight: float = 0.0
     """Add this times the output's blocking effect factor (PSNR-B's penalty: steps across the 8x8
-    block boundaries beyond those inside blocks) to the loss. Measured in fine-tunes: 0.01 raised
-    PSNR-B 0.22 dB at equal PSNR (the shipped models' last stage), 0.1 cost 0.03 dB of PSNR
-    (docs/experiments.md). 0: off."""
+    block boundaries beyond those inside blocks) to the loss. Its scale follows the loss's: with MSE
+    (fine-tunes) 0.01 raised PSNR-B 0.22 dB at equal PSNR (the shipped models' last stage) and 0.1
+    cost 0.03 dB of PSNR; with L1 (from scratch; its gradient is ~25x MSE's) 0.3 raised PSNR-B
+    0.57 dB for 0.002 of PSNR and 1 cost 0.035 (docs/experiments.md). 0: off."""
     precision: str = "auto"
     """'bf16' autocast (CPU and GPU), 'fp16' autocast with GradScaler (GPU), 'fp32', or 'auto': bf16
     where the device computes it natively (recent GPUs; CPUs with AVX-512 BF16/AMX), else fp16 on
