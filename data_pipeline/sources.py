@@ -51,8 +51,13 @@ def dataset_dir(name: str, root: str | os.PathLike | None = None) -> Path:
     """A dataset folder: an existing path, or a folder name inside the data root."""
     if name == "skimage":
         return skimage_dir()
-    if Path(name).is_dir():
-        return Path(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise DataError(f"dataset {name} is a file, not a folder of images")
+    if path.is_absolute():
+        raise DataError(f"dataset folder {name} does not exist")
     folder = data_root(root) / name
     if not folder.is_dir():
         raise DataError(f"dataset {name!r} not found in data root ({folder} is missing)")

@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     keep_freed_memory()
     args.device = check_device(args.device)
-    tiles_per_call = args.tiles_per_call or (4 if args.device.startswith("cuda") else 1)
+    tiles_per_call = args.tiles_per_call if args.tiles_per_call is not None else (4 if args.device.startswith("cuda") else 1)
     if tiles_per_call < 1:
         raise UserError(f"--tiles-per-call must be positive, got {tiles_per_call}")
     for name, value in (("--max-quality", args.max_quality), ("--quality", args.quality)):

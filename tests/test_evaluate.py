@@ -1,11 +1,13 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from runtime.metrics.psnr import psnr
 from train.evaluate import evaluate, load_test_images
 
 # ../shared/data/README.md, q = 10 / 20 / 30 / 40
@@ -80,3 +82,32 @@ def test_a_test_set_in_other_formats_is_read_and_other_files_are_named(photo_pai
     images, skipped = load_test_images(tmp_path)
     assert np.array_equal(images["a"], gray) and np.array_equal(images["b"], rgb) and np.array_equal(images["c"], rgb)
     assert skipped == ["more/: a subfolder (not searched)", "notes.txt: not an image", "c.ppm: the set already has an image named c"]
+
+
+def test_a_dataset_path_that_is_no_folder_is_one_line(tmp_path, capsys):
+    from train.evaluate import main
+    (tmp_path / "a.png").write_bytes(b"x")
+    assert main(["--dataset", str(tmp_path / "gone"), "--jpeg-only"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: dataset folder {tmp_path / 'gone'} does not exist"
+    assert main(["--dataset", str(tmp_path / "a.png"), "--jpeg-only"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: dataset {tmp_path / 'a.png'} is a file, not a folder of images"
+
+
+def test_originals_that_are_low_quality_jpegs_are_named(photo_pair, tmp_path, capfd):
+    """A q20 JPEG as the original: at q20 and above its 'JPEG input' nearly repeats it (PSNR inf at
+    its own quality), so the figures are flagged; a PNG and a q95 JPEG (as the BSDS originals) are not."""
+    from train.evaluate import main
+    gray, _ = photo_pair
+    Image.fromarray(gray).save(tmp_path / "a.png")
+    Image.fromarray(gray).save(tmp_path / "b.jpg", quality=20)
+    Image.fromarray(gray).save(tmp_path / "c.jpg", quality=95)
+    out = tmp_path.parent / f"{tmp_path.name}.json"  # outside the test folder
+    assert main(["--dataset", str(tmp_path), "--jpeg-only", "--qualities", "10,20", "--json", str(out)]) == 0
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == ["note: b.jpg is itself a JPEG of quality 20: its figures at q20 and above compare one JPEG with another"]
+    assert json.loads(out.read_text())["per_image"]["20"]["b"]["jpeg"]["psnr"] == float("inf")
+    assert main(["--dataset", str(tmp_path), "--jpeg-only", "--qualities", "10"]) == 0
+    assert capfd.readouterr().err == ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # inf for the identical pair, without numpy's divide-by-zero warning
+        assert psnr(gray, gray) == float("inf")

@@ -180,6 +180,8 @@ def test_restore_leaves_jpegs_above_the_models_training_qualities(tmp_path, phot
     assert proc.returncode == 0 and "restored 1 of 3" in proc.stdout and "above --max-quality 20" in proc.stderr
     proc = restore(inp, "-o", tmp_path / "bad", "--checkpoint", model, "--max-quality", "0")
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --max-quality must be a JPEG quality in 1..100, got 0"
+    proc = restore(inp, "-o", tmp_path / "bad", "--checkpoint", model, "--tiles-per-call", "0")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --tiles-per-call must be positive, got 0"
 
 
 def test_restore_checks_its_output_folder_before_running_the_model(jpegs, tmp_path):

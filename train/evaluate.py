@@ -25,6 +25,7 @@ import torch
 
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, image_files, is_gray, jpeg_roundtrip, read_image
+from data_pipeline.jpeg_tables import jpeg_quality
 from data_pipeline.sources import DataError, dataset_dir
 from data_pipeline.system import die_with_parent, usable_cpus
 from runtime.device import add_device_option, check_device, emulated_bf16_warning, keep_freed_memory
@@ -55,6 +56,17 @@ def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, n
         reasons = f" ({'; '.join(skipped[:2])}{'; ...' if len(skipped) > 2 else ''})" if skipped else ""
         raise DataError(f"{folder} holds no readable images{reasons}")
     return images, skipped
+
+
+def resaved_jpegs(folder: Path, names, qualities: list[int]) -> list[str]:
+    """Notes on test images that are JPEGs at or below a tested quality: compressing such an
+    original again at its own quality or above nearly repeats it, so those figures say little."""
+    notes = []
+    for path in image_files(folder)[0]:
+        if path.stem in names and (found := jpeg_quality(path)) and found[0] <= max(qualities):
+            notes.append(f"{path.name} is itself a JPEG of quality {found[0]}: its figures at q{found[0]} and above "
+                         "compare one JPEG with another")
+    return notes
 
 
 def kind_of(img: np.ndarray) -> str:
@@ -194,7 +206,8 @@ def main(argv=None) -> int:
     for folder in (args.json and args.json.parent, args.side_by_side):  # before minutes of evaluation
         if folder:
             check_output_folder(folder)
-    images, skipped = load_test_images(dataset_dir(args.dataset, args.data_root))
+    folder = dataset_dir(args.dataset, args.data_root)
+    images, skipped = load_test_images(folder)
     models = {} if args.jpeg_only else load_models(images, args.checkpoint, args.device, args.precision, args.self_ensemble)
     if args.log_mlflow and len({c for c, _ in models.values()}) > 1:  # the shipped gray and color models
         raise UserError("--log-mlflow logs to one model's run, and this folder's gray and color images take two "
@@ -202,6 +215,8 @@ def main(argv=None) -> int:
     restorer = by_kind(models) if models else None
     for s in skipped:
         print(f"skipped {s}", file=sys.stderr)
+    for note in resaved_jpegs(folder, images, qualities):
+        print(f"note: {note}", file=sys.stderr)
     keep = args.side_by_side_count if args.side_by_side else 0
     start = time.perf_counter()
     results, extra = evaluate(images, qualities, restore=restorer, keep=keep)
