@@ -15,7 +15,9 @@ WORK=${GPU_WORK:-/tmp/jr}
 DATA=$WORK/data
 mkdir -p "$WORK/runs" "$WORK/results" "$WORK/data" "$WORK/parts" "$OUT"
 # A call's carried paths are gone in the next call: keep what this one carried under $WORK
-[ -d .gpu/data ] && cp -rn .gpu/data/. "$DATA/" 2>/dev/null  # -n: never overwrite
+for carried in .gpu/data .gpu/data_*; do  # -n: never overwrite; .gpu/data_* hold parts of a folder too large for one call
+    [ -d "$carried" ] && cp -rn "$carried/." "$DATA/" 2>/dev/null
+done
 [ -d .gpu/parts ] && cp -n .gpu/parts/* "$WORK/parts/" 2>/dev/null
 exec > >(tee -a "$OUT/log") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
