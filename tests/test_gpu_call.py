@@ -1,6 +1,6 @@
 """scripts/gpu/call.sh, the one command of each GPU-machine call, without the GPU: what a call
 carries in .gpu/ is kept under $WORK for the later calls (the carried paths are gone by then), and
-a failed or unknown step is logged while the others still run."""
+an unknown step is logged and the call still packs its results."""
 import os
 import shutil
 import subprocess
