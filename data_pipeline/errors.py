@@ -18,12 +18,19 @@ class WriteError(UserError, OSError):
     """A file could not be written where the user pointed (a file in the way, no permission, a full disk)."""
 
 
+class ReportedElsewhere(UserError):
+    """A UserError another process of the same job has printed (rank 0 of a torchrun job): this
+    one exits 2 without a second line."""
+
+
 def command(main):
     """Wraps a command's main(argv) -> int: one `error:` line and exit 2 on a UserError."""
     @functools.wraps(main)
     def wrapped(argv=None) -> int:
         try:
             return main(argv)
+        except ReportedElsewhere:
+            return 2
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -142,6 +142,19 @@ def test_missing_data_root_is_one_line(tmp_path):
     assert proc.returncode == 2 and "error: no data root" in proc.stderr
 
 
+def test_a_bad_input_under_torchrun_is_one_line_not_a_traceback_per_rank(tmp_path):
+    """What rank 0 alone checks (here the data it prepares) reaches the other rank, which exits
+    without a second line instead of dying in a barrier with a broken-connection traceback."""
+    env = env_for(tmp_path)
+    env.pop("JPEG_RESTORE_DATA_ROOT")
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                MAIN, *SMOKE, "--out", str(tmp_path / "out")], env)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "no data root" in errors[0], proc.stderr[-3000:]
+    assert "[rank1]" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_resume_rejects_other_architectures_and_passes_over_a_corrupt_state(smoke_run, tmp_path, tiles_dir):
     out, env, _ = smoke_run
     work = tmp_path / "out"

@@ -9,6 +9,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from data_pipeline.errors import ReportedElsewhere, UserError
+
 
 @dataclass
 class DistInfo:
@@ -72,6 +74,21 @@ def gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
-def barrier(info: DistInfo) -> None:
+def on_main_rank(fn, info: DistInfo):
+    """fn() on rank 0 while the other ranks wait, as at a barrier. A UserError it raises is raised
+    on every rank (on the others as ReportedElsewhere, so the job prints it once): no rank is left
+    waiting for a process that has gone, to die with a broken-connection traceback instead."""
+    result = error = None
+    if info.is_main:
+        try:
+            result = fn()
+        except UserError as exc:
+            error = exc
     if info.distributed:
-        dist.barrier()
+        message = [str(error) if error else None]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None and not info.is_main:
+            raise ReportedElsewhere(f"rank 0: {message[0]}")
+    if error:
+        raise error
+    return result

@@ -31,7 +31,7 @@ from runtime.models import build_model, macs_per_pixel
 
 from .budget import TimeBudget, set_total_steps
 from .config import Config, to_dict, to_toml
-from .distributed import DistInfo, all_reduce_sum, any_rank, barrier, gather_objects
+from .distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, on_main_rank
 from .ema import WeightEMA
 from .optim import build_loss, build_optimizer, build_scheduler
 from .progress import Progress
@@ -66,7 +66,7 @@ class Trainer:
         if earlier and not resume:  # a new run here would write over them
             raise ckpt.CheckpointError(f"{self.out} holds an earlier run ({' and '.join(earlier)}): --resume continues "
                                        "it, another --out starts a new run")
-        self.lock = OutputLock(self.out).acquire() if info.is_main else None
+        self.lock = on_main_rank(lambda: OutputLock(self.out).acquire(), info)  # None on the other ranks
         if info.is_main:
             remove_partial_writes(self.out, self.ckpt_dir)
 
@@ -147,12 +147,14 @@ class Trainer:
         if d.prepared_dir or d.backend == "synthetic":
             return d
         prepared = self.out / "prepared" / f"{Path(d.dataset).name}-{d.mode}"
-        if self.info.is_main:
+
+        def prepare_source():
             source = dataset_dir(d.dataset, data_root)
             if source.is_dir():  # before preparing it (archives: training_pairs checks what they held)
                 refuse_test_set(list(source.iterdir()), source)
             prepare(source, prepared, d.mode, d.qualities, d.val_fraction, d.min_size, progress=sys.stderr.isatty())
-        barrier(self.info)
+
+        on_main_rank(prepare_source, self.info)
         return replace(d, prepared_dir=str(prepared))
 
     # ---- one step ----
