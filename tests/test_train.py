@@ -142,6 +142,15 @@ def test_missing_data_root_is_one_line(tmp_path):
     assert proc.returncode == 2 and "error: no data root" in proc.stderr
 
 
+def test_a_best_checkpoint_that_cannot_be_written_fails_before_the_first_step(tiles_dir, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    for target, message in ((tmp_path / "a_file" / "m.pth", "a_file exists and is not a folder"),
+                            (tmp_path, "is a folder: name the model file")):
+        proc = run([sys.executable, MAIN, *smoke_args(tiles_dir), "--set", f"train.best_checkpoint={target}",
+                    "--set", "tracking.enabled=false", "--out", str(tmp_path / "out")], env_for(tmp_path))
+        assert proc.returncode == 2 and message in proc.stderr and "step 1/" not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_a_bad_input_under_torchrun_is_one_line_not_a_traceback_per_rank(tmp_path):
     """What rank 0 alone checks (here the data it prepares) reaches the other rank, which exits
     without a second line instead of dying in a barrier with a broken-connection traceback."""

@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data_pipeline.errors import UserError
-from data_pipeline.images import atomic_write_bytes
+from data_pipeline.images import atomic_write_bytes, check_output_folder
 from data_pipeline.loaders import build_loader
 from data_pipeline.prepare import prepare
 from data_pipeline.sources import dataset_dir, refuse_test_set
@@ -58,6 +58,8 @@ class Trainer:
             log.warning(slow)
         self.ckpt_dir = self.out / "checkpoints"
         self.best_path = Path(cfg.train.best_checkpoint) if cfg.train.best_checkpoint else self.out / "image_compression_model.pth"
+        if self.best_path.is_dir():
+            raise UserError(f"train.best_checkpoint {self.best_path} is a folder: name the model file")
         self.stop_signal: str | None = None
         self.finished = False
         newest = latest_state(self.ckpt_dir)
@@ -66,7 +68,7 @@ class Trainer:
         if earlier and not resume:  # a new run here would write over them
             raise ckpt.CheckpointError(f"{self.out} holds an earlier run ({' and '.join(earlier)}): --resume continues "
                                        "it, another --out starts a new run")
-        self.lock = on_main_rank(lambda: OutputLock(self.out).acquire(), info)  # None on the other ranks
+        self.lock = on_main_rank(self._claim_outputs, info)  # None on the other ranks
         if info.is_main:
             remove_partial_writes(self.out, self.ckpt_dir)
 
@@ -140,6 +142,13 @@ class Trainer:
                 self.tracker.set_tags({f"changed_at_step_{self.step}": self.resume_changes})
             log.info("%s: %.3f M parameters, %d ranks on %s, %s, %d steps/epoch",
                      cfg.model.arch, self.params / 1e6, info.world_size, self.device, cfg.train.precision, len(self.loader))
+
+    def _claim_outputs(self) -> OutputLock:
+        """The output folder's lock, and a check that the best model can be written where
+        train.best_checkpoint puts it (before training, not at the first validation)."""
+        lock = OutputLock(self.out).acquire()
+        check_output_folder(self.best_path.parent)
+        return lock
 
     # ---- data ----
     def _prepare_data(self, data_root: str | None):
