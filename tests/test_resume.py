@@ -2,6 +2,7 @@
 bit, and a run recorded without MLflow (as on the GPU machine) is imported and continued."""
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
@@ -97,3 +98,25 @@ def test_a_run_recorded_without_mlflow_is_imported_and_continued(tiles_dir, tmp_
     wrong = run([sys.executable, MAIN, "--config", str(REPO / "configs" / "unet.toml"), "--smoke", "--set", f"data.dataset={tiles}",
                  "--set", f"train.init_from={best}", "--out", str(tmp_path / "wrong")], env)
     assert wrong.returncode == 2 and "holds a dncnn gray model" in wrong.stderr
+
+
+def test_a_run_resumed_with_more_steps_ends_its_cosine_at_the_new_count(tiles_dir, tmp_path):
+    """torch's cosine is periodic: left at the saved length, a run extended from 6 to 12 steps would
+    climb back to the peak rate after step 6. From a mid-run state (step 3) the rate now falls to
+    min_lr at step 12; from the finished run it stays at min_lr, with a warning that says so."""
+    env, out = env_for(tmp_path), tmp_path / "out"
+    args = [sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "tracking.enabled=false", "--set", "train.ckpt_every=3",
+            "--set", "schedule.warmup_steps=2"]  # then the cosine
+    assert run(args + ["--out", str(out)], env).returncode == 0
+    shutil.copytree(out, tmp_path / "finished")
+    (out / "checkpoints" / "step_00000006.pt").unlink()
+
+    def rates(folder):
+        proc = run(args + ["--set", "train.max_steps=12", "--resume", "--out", str(folder)], env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stderr, [float(re.search(r" lr (\S+)", line)[1]) for line in proc.stderr.splitlines() if "/12 loss" in line]
+
+    _, mid = rates(out)
+    assert len(mid) == 9 and all(a > b for a, b in zip(mid, mid[1:])) and mid[-1] == pytest.approx(1e-6), mid
+    log, finished = rates(tmp_path / "finished")
+    assert finished == [pytest.approx(1e-6)] * 6 and "finished its cosine schedule at step 6" in log, (finished, log[-2000:])

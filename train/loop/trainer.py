@@ -229,6 +229,16 @@ class Trainer:
         self.history = {**self.history, **state["history"]}
         if self.budget and "max_steps" in state:  # the step count fitted to the time budget so far
             self.cfg.train.max_steps = min(state["max_steps"], self.budget.max_steps)
+        elif state.get("max_steps", self.cfg.train.max_steps) != self.cfg.train.max_steps:
+            self._refit_schedule(state["max_steps"])
+
+    def _refit_schedule(self, saved_steps: int) -> None:
+        """A run resumed with another train.max_steps: its cosine ends at the new count (torch's is
+        periodic: left as saved, it would climb back to the peak rate after the old end)."""
+        set_total_steps(self.scheduler, self.cfg.train.max_steps, self.cfg.schedule.warmup_steps)
+        if self.cfg.schedule.name == "cosine" and self.step >= saved_steps:
+            log.warning("the run had finished its cosine schedule at step %d: the steps added run at schedule.min_lr "
+                        "(a new cycle from its weights: another --out with train.init_from=%s)", saved_steps, self.best_path)
 
     def _changed_settings(self, saved: dict | None) -> str:
         """'key: old -> new, ...' for the settings a resumed run changed (states from before this
