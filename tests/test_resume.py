@@ -120,3 +120,19 @@ def test_a_run_resumed_with_more_steps_ends_its_cosine_at_the_new_count(tiles_di
     assert len(mid) == 9 and all(a > b for a, b in zip(mid, mid[1:])) and mid[-1] == pytest.approx(1e-6), mid
     log, finished = rates(tmp_path / "finished")
     assert finished == [pytest.approx(1e-6)] * 6 and "finished its cosine schedule at step 6" in log, (finished, log[-2000:])
+
+
+def test_resume_refuses_optimizer_and_schedule_changes_the_saved_state_would_undo(tiles_dir, tmp_path):
+    """The optimizer's and scheduler's state hold their settings: a changed rate would be put back
+    silently, another warm-up failed with a KeyError. Refused in one line; grad_clip, read at every
+    step, may change."""
+    env, out = env_for(tmp_path), tmp_path / "out"
+    args = [sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "tracking.enabled=false", "--set", "schedule.warmup_steps=2"]
+    assert run(args + ["--out", str(out)], env).returncode == 0
+    for change, said in ((["optim.lr=5e-4"], "optim.lr: 0.001 -> 0.0005"), (["schedule.warmup_steps=0"], "schedule.warmup_steps: 2 -> 0")):
+        proc = run(args + ["--set", *change, "--resume", "--out", str(out)], env)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and last.startswith("error: ") and f"--resume cannot change {said}" in last, proc.stderr[-2000:]
+        assert "train.init_from=" in last
+    proc = run(args + ["--set", "optim.grad_clip=1.0", "--set", "train.max_steps=8", "--resume", "--out", str(out)], env)
+    assert proc.returncode == 0 and "optim.grad_clip: 0.0 -> 1.0" in proc.stderr, proc.stderr[-2000:]

@@ -459,11 +459,11 @@ def test_a_resumed_run_names_the_settings_it_changed(tmp_path, caplog):
             "data.patch_size=16", "train.log_every=1", "train.precision=fp32", "tracking.enabled=false"]
     cpu = DistInfo(0, 0, 1, torch.device("cpu"))
     caplog.set_level("INFO", logger="train.loop.trainer")
-    for steps, extra in ((2, []), (4, ["optim.lr=5e-4"])):
+    for steps, extra in ((2, []), (4, ["optim.grad_clip=1.0"])):
         trainer = Trainer(load_config(None, base + [f"train.max_steps={steps}", *extra]), tmp_path, cpu, resume=True)
         try:
             trainer.fit()
         finally:
             trainer.close()
-    assert trainer.step == 4 and trainer.resume_changes == "optim.lr: 0.001 -> 0.0005, train.max_steps: 2 -> 4"
-    assert "resumed with changed settings: optim.lr: 0.001 -> 0.0005, train.max_steps: 2 -> 4" in caplog.text
+    assert trainer.step == 4 and trainer.resume_changes == "optim.grad_clip: 0.0 -> 1.0, train.max_steps: 2 -> 4"
+    assert "resumed with changed settings: optim.grad_clip: 0.0 -> 1.0, train.max_steps: 2 -> 4" in caplog.text

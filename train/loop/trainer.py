@@ -41,6 +41,8 @@ from .validation import Validator
 
 log = logging.getLogger(__name__)
 STOP_CHECK_EVERY = 10  # steps between the (collective) checks for a stop signal under DDP
+STATE_SETTINGS = ("optim.", "schedule.")  # held by the optimizer's and scheduler's saved state
+LIVE_SETTINGS = {"optim.grad_clip"}  # read at every step: a resumed run may change it
 
 
 # `--smoke`: a few steps on a few images, seconds on CPU, through every code path (validation,
@@ -102,7 +104,7 @@ class Trainer:
             run_id = state.get("mlflow_run_id")
             self.load_state_dict(state, state_file)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", state_file, self.step, self.epoch, self.step_in_epoch)
-            self.resume_changes = self._changed_settings(state.get("config"))
+            self.resume_changes = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in self._changed_settings(state).items())
             if self.resume_changes:
                 log.info("resumed with changed settings: %s", self.resume_changes)
         self.ema = WeightEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None  # from the weights as they start
@@ -219,6 +221,12 @@ class Trainer:
         if want != have:
             raise ckpt.CheckpointError(f"{source} was saved by a {have[0]} {have[2]} model {have[1]}, "
                                        f"the config asks for {want[0]} {want[2]} {want[1]}")
+        fixed = [f"{k}: {old} -> {new}" for k, (old, new) in self._changed_settings(state).items()
+                 if k.startswith(STATE_SETTINGS) and k not in LIVE_SETTINGS and k in state["config"]]  # not a newer key
+        if fixed:  # torch's load_state_dict would put the saved ones back, or fail on another kind
+            raise ckpt.CheckpointError(f"{source} continues a run whose optimizer and schedule keep their settings: --resume "
+                                       f"cannot change {', '.join(fixed)} (new ones from its weights: another --out with "
+                                       f"--set train.init_from={self.best_path})")
         ckpt.load_weights(self.model, state["model"], source)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -240,13 +248,12 @@ class Trainer:
             log.warning("the run had finished its cosine schedule at step %d: the steps added run at schedule.min_lr "
                         "(a new cycle from its weights: another --out with train.init_from=%s)", saved_steps, self.best_path)
 
-    def _changed_settings(self, saved: dict | None) -> str:
-        """'key: old -> new, ...' for the settings a resumed run changed (states from before this
+    def _changed_settings(self, state: dict) -> dict[str, tuple]:
+        """{key: (saved, now)} for the settings a resumed run changed (states from before this
         record have none); the step count a time budget refits is left out."""
-        now = flatten(to_dict(self.cfg))
+        saved, now = state.get("config") or {}, flatten(to_dict(self.cfg))
         budget = {"train.max_steps"} if self.budget else set()
-        return ", ".join(f"{k}: {saved.get(k)} -> {v}" for k, v in now.items()
-                         if saved and k not in budget and str(saved.get(k)) != str(v))
+        return {k: (saved.get(k), v) for k, v in now.items() if saved and k not in budget and str(saved.get(k)) != str(v)}
 
     def init_weights(self, path: str) -> None:
         """Start from the weights of a model checkpoint of the same architecture (a gray run may
