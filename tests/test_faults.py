@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -336,7 +337,8 @@ def test_restore_takes_a_12_megapixel_photo_in_batched_tiles_with_progress(tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert Image.open(tmp_path / "out" / "big.png").size == (4000, 3000)
     n = tile_count(3000, 4000)
-    assert n == 63 and f"{n}/{n}" in proc.stderr and "tile/s" in proc.stderr  # the progress bar over 9 x 7 tiles
+    # the progress bar over 9 x 7 tiles (its last refresh may be skipped under load: leave=False clears it)
+    assert n == 63 and re.search(rf"\b[1-9]\d*/{n} \[", proc.stderr) and "tile/s" in proc.stderr, proc.stderr[-1000:]
     rss = int(proc.stdout.split("peak memory ")[1].split(" MiB host")[0])
     assert rss < 2048  # bounded: tiles, not the whole 12-megapixel image through the model at once
 
