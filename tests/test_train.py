@@ -219,3 +219,17 @@ def read_image_bytes(data: bytes):
     from data_pipeline.images import decode_jpeg
 
     return decode_jpeg(data)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_more_ranks_than_gpus_is_one_line(tiles_dir, tmp_path):
+    """torchrun --nproc_per_node=4 on a machine with fewer GPUs: each rank without one says so in a
+    line, not CUDA's 'invalid device ordinal' traceback."""
+    nproc = torch.cuda.device_count() + 1
+    proc = run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+                MAIN, *smoke_args(tiles_dir), "--out", str(tmp_path / "out")], env_for(tmp_path))
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and f"wants GPU {nproc - 1} (LOCAL_RANK), this machine has {nproc - 1}" in errors[0], proc.stderr[-3000:]
+    assert "invalid device ordinal" not in proc.stderr

@@ -35,6 +35,9 @@ def init_distributed(timeout_s: int = 600, device: str = "auto") -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda:
+        if local_rank >= (gpus := torch.cuda.device_count()):
+            raise UserError(f"rank {rank} wants GPU {local_rank} (LOCAL_RANK), this machine has {gpus}: start at most "
+                            f"{gpus} per node (torchrun --nproc_per_node={gpus}) or train on the CPU (--device cpu)")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
