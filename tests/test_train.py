@@ -129,6 +129,7 @@ def test_a_time_budget_fits_the_step_count_so_the_schedule_ends_with_the_time(ti
     (["--set", "train.bogus=1"], "unknown config key train.bogus"),
     (["--set", "optim.lr=fast"], "optim.lr must be of type float"),
     (["--set", "data.dataset=no_such_dataset"], "no_such_dataset"),
+    (["--set", "tracking.tracking_uri=bogus://x"], "MLflow store bogus://x cannot be used: "),
 ])
 def test_bad_inputs_fail_with_one_line(tiles_dir, tmp_path, extra, message):
     proc = run([sys.executable, MAIN, *smoke_args(tiles_dir), *extra, "--out", str(tmp_path / "out")], env_for(tmp_path))

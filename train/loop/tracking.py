@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+from data_pipeline.errors import UserError
 from runtime.device import device_name
 from runtime.mlflow_store import RECORD, artifact_location, resolve_tracking_uri, retry, store_lock
 
@@ -102,6 +103,15 @@ class Tracker:
         self.mlflow = mlflow
         self.uri = resolve_tracking_uri(tracking_uri)
         mlflow.set_tracking_uri(self.uri)
+        try:
+            self.run_id = self._start(experiment, run_name, run_id, tags)
+        except Exception as exc:  # noqa: BLE001 - the store's own (MlflowException, SQLAlchemy's, HTTP's)
+            reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            raise UserError(f"MLflow store {self.uri} cannot be used: {reason} (fix tracking.tracking_uri or "
+                            "MLFLOW_TRACKING_URI, or record the run without MLflow: --set tracking.offline=true)") from None
+
+    def _start(self, experiment: str, run_name: str, run_id: str | None, tags: dict | None) -> str:
+        mlflow = self.mlflow
         with store_lock(self.uri):
             client = mlflow.MlflowClient()
             exp = retry(client.get_experiment_by_name, experiment)
@@ -118,7 +128,7 @@ class Tracker:
                     log.warning("cannot resume MLflow run %s (%s); starting a new run", run_id, str(exc).splitlines()[0])
             if run is None:
                 run = retry(mlflow.start_run, experiment_id=exp_id, run_name=run_name or None, tags=tags)
-        self.run_id = run.info.run_id
+        return run.info.run_id
 
     def log_params(self, params: dict) -> None:
         if self.enabled:
