@@ -104,7 +104,6 @@ class Trainer:
             run_id = state.get("mlflow_run_id")
             self.load_state_dict(state, state_file)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", state_file, self.step, self.epoch, self.step_in_epoch)
-            self.resume_changes = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in self._changed_settings(state).items())
             if self.resume_changes:
                 log.info("resumed with changed settings: %s", self.resume_changes)
         self.ema = WeightEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None  # from the weights as they start
@@ -221,12 +220,14 @@ class Trainer:
         if want != have:
             raise ckpt.CheckpointError(f"{source} was saved by a {have[0]} {have[2]} model {have[1]}, "
                                        f"the config asks for {want[0]} {want[2]} {want[1]}")
-        fixed = [f"{k}: {old} -> {new}" for k, (old, new) in self._changed_settings(state).items()
+        changes = {k: f"{k}: {old} -> {new}" for k, (old, new) in self._changed_settings(state).items()}
+        fixed = [said for k, said in changes.items()
                  if k.startswith(STATE_SETTINGS) and k not in LIVE_SETTINGS and k in state["config"]]  # not a newer key
         if fixed:  # torch's load_state_dict would put the saved ones back, or fail on another kind
             raise ckpt.CheckpointError(f"{source} continues a run whose optimizer and schedule keep their settings: --resume "
                                        f"cannot change {', '.join(fixed)} (new ones from its weights: another --out with "
                                        f"--set train.init_from={self.best_path})")
+        self.resume_changes = ", ".join(changes.values())
         ckpt.load_weights(self.model, state["model"], source)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
