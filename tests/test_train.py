@@ -143,12 +143,15 @@ def test_missing_data_root_is_one_line(tmp_path):
     assert proc.returncode == 2 and "error: no data root" in proc.stderr
 
 
-def test_a_best_checkpoint_that_cannot_be_written_fails_before_the_first_step(tiles_dir, tmp_path):
+def test_a_best_checkpoint_or_state_folder_that_cannot_be_written_fails_before_the_first_step(tiles_dir, tmp_path):
     (tmp_path / "a_file").write_text("")
-    for target, message in ((tmp_path / "a_file" / "m.pth", "a_file exists and is not a folder"),
-                            (tmp_path, "is a folder: name the model file")):
+    (tmp_path / "out2").mkdir()
+    (tmp_path / "out2" / "checkpoints").write_text("")
+    for target, out, message in ((tmp_path / "a_file" / "m.pth", "out", "a_file exists and is not a folder"),
+                                 (tmp_path, "out", "is a folder: name the model file"),
+                                 ("", "out2", "checkpoints exists and is not a folder")):
         proc = run([sys.executable, MAIN, *smoke_args(tiles_dir), "--set", f"train.best_checkpoint={target}",
-                    "--set", "tracking.enabled=false", "--out", str(tmp_path / "out")], env_for(tmp_path))
+                    "--set", "tracking.enabled=false", "--out", str(tmp_path / out)], env_for(tmp_path))
         assert proc.returncode == 2 and message in proc.stderr and "step 1/" not in proc.stderr, proc.stderr[-2000:]
 
 
@@ -163,6 +166,28 @@ def test_a_bad_input_under_torchrun_is_one_line_not_a_traceback_per_rank(tmp_pat
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "no data root" in errors[0], proc.stderr[-3000:]
     assert "[rank1]" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["bad config", "rank 0 fails to write during training"])
+def test_an_error_under_torchrun_is_printed_once(tiles_dir, tmp_path, case):
+    """A bad config (every rank finds it) and a write only rank 0 makes failing at the first
+    validation (curves.png is a folder): one error line, and rank 1 exits without a traceback of
+    its own instead of dying at the next collective."""
+    out = tmp_path / "out"
+    if case == "bad config":
+        extra, message = ["--set", "optim.lrr=1"], "unknown config key optim.lrr"
+    else:
+        extra, message = [], "cannot write"
+        (out / "curves.png").mkdir(parents=True)
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                MAIN, *smoke_args(tiles_dir), *extra, "--out", str(out)], env_for(tmp_path))
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert "[rank1]" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
+    if case != "bad config":
+        assert "validation at step 3" in proc.stderr and "curves.png" in errors[0]
 
 
 def test_resume_rejects_other_architectures_and_passes_over_a_corrupt_state(smoke_run, tmp_path, tiles_dir):

@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python train/main.py` / `torchrun train/main.py`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from data_pipeline.errors import command  # noqa: E402
+from data_pipeline.errors import ReportedElsewhere, UserError, command  # noqa: E402
 from runtime.device import check_device, keep_freed_memory  # noqa: E402
 from train.loop.config import load_config  # noqa: E402
 from train.loop.distributed import cleanup, init_distributed  # noqa: E402
@@ -38,6 +38,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def load_config_once_per_node(args: argparse.Namespace):
+    """Every process of a node reads the same files and flags, so a bad config is printed by its
+    first (LOCAL_RANK 0) only, not once per rank."""
+    try:
+        return load_config(args.config, (SMOKE_OVERRIDES if args.smoke else []) + args.overrides)
+    except UserError as exc:
+        if int(os.environ.get("LOCAL_RANK", 0)) > 0:
+            raise ReportedElsewhere(str(exc)) from None
+        raise
+
+
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -47,7 +58,7 @@ def main(argv=None) -> int:
                         format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
     trainer = None
     try:
-        cfg = load_config(args.config, (SMOKE_OVERRIDES if args.smoke else []) + args.overrides)
+        cfg = load_config_once_per_node(args)
         info = init_distributed(cfg.train.ddp_timeout_s, check_device(args.device))
         trainer = Trainer(cfg, args.out, info, resume=args.resume, data_root=args.data_root)
         trainer.fit()

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 import signal
@@ -60,17 +61,9 @@ class Trainer:
             log.warning(slow)
         self.ckpt_dir = self.out / "checkpoints"
         self.best_path = Path(cfg.train.best_checkpoint) if cfg.train.best_checkpoint else self.out / "image_compression_model.pth"
-        if self.best_path.is_dir():
-            raise UserError(f"train.best_checkpoint {self.best_path} is a folder: name the model file")
         self.stop_signal: str | None = None
         self.finished = False
-        newest = latest_state(self.ckpt_dir)
-        earlier = [f"training states up to {newest.name}"] if newest else []
-        earlier += [f"a best model {self.best_path}"] if self.best_path.exists() else []
-        if earlier and not resume:  # a new run here would write over them
-            raise ckpt.CheckpointError(f"{self.out} holds an earlier run ({' and '.join(earlier)}): --resume continues "
-                                       "it, another --out starts a new run")
-        self.lock = on_main_rank(self._claim_outputs, info)  # None on the other ranks
+        self.lock = on_main_rank(lambda: self._claim_outputs(resume), info)  # None on the other ranks
         if info.is_main:
             remove_partial_writes(self.out, self.ckpt_dir)
 
@@ -133,22 +126,37 @@ class Trainer:
                                     tags={**system_tags(self.device, info.world_size, cfg.train.precision), "arch": cfg.model.arch,
                                           "loader": self.loader.backend, "data_root": str(self.data_root or ""),
                                           **{k: str(v) for k, v in cfg.tracking.tags.items()}})
-        if info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.out / "config.toml", to_toml(cfg).encode())
-            self.tracker.log_params({**flatten(to_dict(cfg)), "params": self.params, "out": str(self.out),
-                                     "macs_per_pixel": round(self.macs_per_pixel)})
-            self.tracker.log_artifact(self.out / "config.toml")
-            if self.resume_changes:  # MLflow keeps a run's first params
-                self.tracker.set_tags({f"changed_at_step_{self.step}": self.resume_changes})
-            log.info("%s: %.3f M parameters, %d ranks on %s, %s, %d steps/epoch",
-                     cfg.model.arch, self.params / 1e6, info.world_size, self.device, cfg.train.precision, len(self.loader))
+        on_main_rank(self._record_start, info)
 
-    def _claim_outputs(self) -> OutputLock:
-        """The output folder's lock, and a check that the best model can be written where
-        train.best_checkpoint puts it (before training, not at the first validation)."""
+    def _record_start(self) -> None:
+        cfg = self.cfg
+        atomic_write_bytes(self.out / "config.toml", to_toml(cfg).encode())
+        self.tracker.log_params({**flatten(to_dict(cfg)), "params": self.params, "out": str(self.out),
+                                 "macs_per_pixel": round(self.macs_per_pixel)})
+        self.tracker.log_artifact(self.out / "config.toml")
+        if self.resume_changes:  # MLflow keeps a run's first params
+            self.tracker.set_tags({f"changed_at_step_{self.step}": self.resume_changes})
+        log.info("%s: %.3f M parameters, %d ranks on %s, %s, %d steps/epoch", cfg.model.arch, self.params / 1e6,
+                 self.info.world_size, self.device, cfg.train.precision, len(self.loader))
+
+    def _claim_outputs(self, resume: bool) -> OutputLock:
+        """The output folder's lock, once nothing of an earlier run would be written over and the
+        training states and best model can be written (checked now, not when first saved)."""
+        if self.best_path.is_dir():
+            raise UserError(f"train.best_checkpoint {self.best_path} is a folder: name the model file")
+        newest = latest_state(self.ckpt_dir)
+        earlier = [f"training states up to {newest.name}"] if newest else []
+        earlier += [f"a best model {self.best_path}"] if self.best_path.exists() else []
+        if earlier and not resume:  # a new run here would write over them
+            raise ckpt.CheckpointError(f"{self.out} holds an earlier run ({' and '.join(earlier)}): --resume continues "
+                                       "it, another --out starts a new run")
         lock = OutputLock(self.out).acquire()
-        check_output_folder(self.best_path.parent)
+        try:
+            for folder in (self.ckpt_dir, self.best_path.parent):
+                check_output_folder(folder)
+        except UserError:
+            lock.release()
+            raise
         return lock
 
     # ---- data ----
@@ -271,12 +279,12 @@ class Trainer:
 
     def save_state(self) -> None:
         rng = gather_objects(torch.get_rng_state(), self.info)  # every rank's generator
-        if self.info.is_main:
-            state = self.state_dict()
-            state["rng"] = rng
-            ckpt.save(state, state_path(self.ckpt_dir, self.step))
+
+        def write() -> None:
+            ckpt.save({**self.state_dict(), "rng": rng}, state_path(self.ckpt_dir, self.step))
             prune_states(self.ckpt_dir)
             log.info("saved training state at step %d", self.step)
+        on_main_rank(write, self.info)
 
     def _save_best(self, metrics: dict) -> None:
         blob = ckpt.model_checkpoint(self.eval_model, self.cfg.model.arch, self.cfg.model.kwargs, self.cfg.data.mode,
@@ -334,13 +342,16 @@ class Trainer:
         if stopped and self.step < t.max_steps:  # a stop on the last step is a finished run
             self.save_state()
             log.warning("stopped by %s at step %d; resume with --resume", self.stop_signal, self.step)
-            if self.info.is_main:  # a time-boxed chunk (GPU calls) keeps its best model and curves in the run
-                self.tracker.set_tags({"stopped_by": self.stop_signal, "stopped_at_step": self.step})
-                self._log_outputs()
+            on_main_rank(self._record_stop, self.info)
             return
         if self.step % t.ckpt_every:
             self.save_state()
         self._finish()
+
+    def _record_stop(self) -> None:
+        """A time-boxed chunk (GPU calls) keeps its best model and curves in the run."""
+        self.tracker.set_tags({"stopped_by": self.stop_signal, "stopped_at_step": self.step})
+        self._log_outputs()
 
     def _log_window(self, window: dict, progress: "Progress") -> None:
         n = max(window["n"], 1)
@@ -403,8 +414,9 @@ class Trainer:
         self.history["val_step"].append(self.step)
         self.history["val_psnr"].append(metrics["val_psnr"])
         progress.validated(self.step, metrics)
-        if not self.info.is_main:
-            return
+        on_main_rank(lambda: self._record_validation(metrics), self.info)
+
+    def _record_validation(self, metrics: dict) -> None:
         self.tracker.log_metrics(metrics, self.step)
         if metrics["val_psnr"] > self.best_psnr:
             self.best_psnr = metrics["val_psnr"]
@@ -427,11 +439,10 @@ class Trainer:
         b.set(xlabel="step", ylabel="validation PSNR (dB)")
         fig.suptitle(f"{self.cfg.model.arch}: {self.params / 1e6:.2f} M parameters")
         fig.tight_layout()
-        path = self.out / "curves.png"
-        tmp = path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=90)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=90)
         plt.close(fig)
-        tmp.replace(path)
+        atomic_write_bytes(self.out / "curves.png", png.getvalue())
 
     def _check_weights_in_sync(self) -> bool:
         digest = float(sum(p.detach().double().sum() for p in self.model.parameters()))
@@ -442,14 +453,16 @@ class Trainer:
         in_sync = self._check_weights_in_sync()
         if not in_sync:
             raise RuntimeError("ranks ended with different weights (DDP out of sync)")
-        if self.info.is_main:
-            self.tracker.log_metrics({"total_wall_time_s": self.wall_time, "total_step_time_s": self.step_time,
-                                      "best_val_psnr": self.best_psnr}, self.step)
-            self.tracker.set_tags({"weights_in_sync": str(in_sync).lower(), "best_checkpoint": str(self.best_path)})
-            self._log_outputs()
-            log.info("done: %d steps in %.0f s, best validation PSNR %.3f dB, weights in sync on %d ranks -> %s",
-                     self.step, self.wall_time, self.best_psnr, self.info.world_size, self.best_path)
+        on_main_rank(self._record_finish, self.info)
         self.finished = True
+
+    def _record_finish(self) -> None:
+        self.tracker.log_metrics({"total_wall_time_s": self.wall_time, "total_step_time_s": self.step_time,
+                                  "best_val_psnr": self.best_psnr}, self.step)
+        self.tracker.set_tags({"weights_in_sync": "true", "best_checkpoint": str(self.best_path)})
+        self._log_outputs()
+        log.info("done: %d steps in %.0f s, best validation PSNR %.3f dB, weights in sync on %d ranks -> %s",
+                 self.step, self.wall_time, self.best_psnr, self.info.world_size, self.best_path)
 
     def _log_outputs(self) -> None:
         """The best checkpoint, the curves and the validation images as artifacts of the MLflow run."""
