@@ -56,17 +56,18 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
-    trainer = None
+    trainer, finished = None, False
     try:
         cfg = load_config_once_per_node(args)
         info = init_distributed(cfg.train.ddp_timeout_s, check_device(args.device))
         trainer = Trainer(cfg, args.out, info, resume=args.resume, data_root=args.data_root)
         trainer.fit()
+        finished = True
         return 0
     finally:
         if trainer is not None:
             trainer.close()
-        cleanup()
+        cleanup(finished)
 
 
 if __name__ == "__main__":

@@ -119,17 +119,17 @@ class Trainer:
             if info.distributed else self.model
         self.step_model = torch.compile(self.ddp_model) if cfg.train.compile else self.ddp_model
 
-        self.tracker = make_tracker(info.is_main and cfg.tracking.enabled, self.out, cfg.tracking.offline,
-                                    experiment=cfg.tracking.experiment,
+        self.tracker = make_tracker(False, self.out)  # rank 0's MLflow run starts in _record_start
+        on_main_rank(lambda: self._record_start(run_id), info)
+
+    def _record_start(self, run_id: str | None) -> None:
+        cfg = self.cfg
+        self.tracker = make_tracker(cfg.tracking.enabled, self.out, cfg.tracking.offline, experiment=cfg.tracking.experiment,
                                     run_name=cfg.tracking.run_name or f"{cfg.model.arch}-{self.out.resolve().name}",
                                     tracking_uri=cfg.tracking.tracking_uri, run_id=run_id,
-                                    tags={**system_tags(self.device, info.world_size, cfg.train.precision), "arch": cfg.model.arch,
-                                          "loader": self.loader.backend, "data_root": str(self.data_root or ""),
-                                          **{k: str(v) for k, v in cfg.tracking.tags.items()}})
-        on_main_rank(self._record_start, info)
-
-    def _record_start(self) -> None:
-        cfg = self.cfg
+                                    tags={**system_tags(self.device, self.info.world_size, cfg.train.precision),
+                                          "arch": cfg.model.arch, "loader": self.loader.backend,
+                                          "data_root": str(self.data_root or ""), **{k: str(v) for k, v in cfg.tracking.tags.items()}})
         atomic_write_bytes(self.out / "config.toml", to_toml(cfg).encode())
         self.tracker.log_params({**flatten(to_dict(cfg)), "params": self.params, "out": str(self.out),
                                  "macs_per_pixel": round(self.macs_per_pixel)})
@@ -303,9 +303,16 @@ class Trainer:
         return any_rank(self.stop_signal is not None, self.info)
 
     def fit(self) -> None:
+        """Trains to train.max_steps; SIGTERM / SIGINT meanwhile save a state and stop (_on_signal)."""
+        earlier = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._fit()
+        finally:  # the handlers no longer hold the trainer (and its process group) once it is done
+            for sig, handler in earlier.items():
+                signal.signal(sig, handler)
+
+    def _fit(self) -> None:
         t = self.cfg.train
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
         progress = Progress(self.info.is_main, t.max_steps, self.step)
         self.session_start = time.perf_counter()
         window = {"loss": torch.zeros((), device=self.device), "n": 0, "data": 0.0, "start": time.perf_counter()}
