@@ -401,9 +401,14 @@ def test_an_atomic_write_that_cannot_happen_is_one_user_error(tmp_path):
     from data_pipeline.errors import UserError
 
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(UserError, match=f"cannot write {tmp_path}/a_file/sub/x.json: Not a directory"):
-        atomic_write_bytes(tmp_path / "a_file" / "sub" / "x.json", b"{}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    for target in (tmp_path / "a_file" / "x.json", tmp_path / "a_file" / "sub" / "x.json"):
+        with pytest.raises(UserError, match=f"^cannot write {target}: {tmp_path}/a_file exists and is not a folder$"):
+            atomic_write_bytes(target, b"{}")
+    (tmp_path / "a_folder.png").mkdir()
+    with pytest.raises(UserError, match=f"^cannot write {tmp_path}/a_folder.png: Is a directory$"):
+        atomic_write_bytes(tmp_path / "a_folder.png", b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder.png"]
+    assert not any((tmp_path / "a_folder.png").iterdir())
 
 
 def test_training_refuses_the_test_set(data_root, tiles_dir, tmp_path, capsys):

@@ -169,14 +169,16 @@ def test_a_bad_input_under_torchrun_is_one_line_not_a_traceback_per_rank(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["bad config", "rank 0 fails to write during training"])
+@pytest.mark.parametrize("case", ["bad config", "bad MLflow store", "rank 0 fails to write during training"])
 def test_an_error_under_torchrun_is_printed_once(tiles_dir, tmp_path, case):
-    """A bad config (every rank finds it) and a write only rank 0 makes failing at the first
-    validation (curves.png is a folder): one error line, and rank 1 exits without a traceback of
-    its own instead of dying at the next collective."""
+    """A bad config (every rank finds it), a store only rank 0 opens, and a write only rank 0 makes
+    failing at the first validation (curves.png is a folder): one error line, and rank 1 exits
+    without a traceback of its own instead of dying at the next collective."""
     out = tmp_path / "out"
     if case == "bad config":
         extra, message = ["--set", "optim.lrr=1"], "unknown config key optim.lrr"
+    elif case == "bad MLflow store":
+        extra, message = ["--set", "tracking.tracking_uri=bogus://x"], "MLflow store bogus://x cannot be used"
     else:
         extra, message = [], "cannot write"
         (out / "curves.png").mkdir(parents=True)
@@ -186,7 +188,7 @@ def test_an_error_under_torchrun_is_printed_once(tiles_dir, tmp_path, case):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
     assert "[rank1]" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
-    if case != "bad config":
+    if case.startswith("rank 0"):
         assert "validation at step 3" in proc.stderr and "curves.png" in errors[0]
 
 
