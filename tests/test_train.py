@@ -169,14 +169,16 @@ def test_a_bad_input_under_torchrun_is_one_line_not_a_traceback_per_rank(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["bad config", "bad MLflow store", "rank 0 fails to write during training"])
+@pytest.mark.parametrize("case", ["bad config", "missing init_from", "bad MLflow store", "rank 0 fails to write during training"])
 def test_an_error_under_torchrun_is_printed_once(tiles_dir, tmp_path, case):
-    """A bad config (every rank finds it), a store only rank 0 opens, and a write only rank 0 makes
-    failing at the first validation (curves.png is a folder): one error line, and rank 1 exits
-    without a traceback of its own instead of dying at the next collective."""
+    """A bad config or starting checkpoint (every rank finds it), a store only rank 0 opens, and a
+    write only rank 0 makes failing at the first validation (curves.png is a folder): one error
+    line, and rank 1 exits without a traceback of its own instead of dying at the next collective."""
     out = tmp_path / "out"
     if case == "bad config":
         extra, message = ["--set", "optim.lrr=1"], "unknown config key optim.lrr"
+    elif case == "missing init_from":
+        extra, message = ["--set", f"train.init_from={tmp_path / 'none.pth'}"], "none.pth not found"
     elif case == "bad MLflow store":
         extra, message = ["--set", "tracking.tracking_uri=bogus://x"], "MLflow store bogus://x cannot be used"
     else:

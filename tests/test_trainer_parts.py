@@ -467,3 +467,59 @@ def test_a_resumed_run_names_the_settings_it_changed(tmp_path, caplog):
             trainer.close()
     assert trainer.step == 4 and trainer.resume_changes == "optim.grad_clip: 0.0 -> 1.0, train.max_steps: 2 -> 4"
     assert "resumed with changed settings: optim.grad_clip: 0.0 -> 1.0, train.max_steps: 2 -> 4" in caplog.text
+
+
+def _raise_on(ranks: tuple, rank: int):
+    from data_pipeline.errors import UserError
+
+    if rank in ranks:
+        raise UserError("bad checkpoint")
+    return rank
+
+
+def _rank_outcomes(rank: int, port: int, failing: tuple, results) -> None:
+    import torch.distributed as dist
+
+    from data_pipeline.errors import ReportedElsewhere, UserError
+    from train.loop.distributed import DistInfo, on_every_rank, on_main_rank
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    info = DistInfo(rank, rank, 2, torch.device("cpu"))
+    outcomes = []
+    for helper in (on_every_rank, on_main_rank):
+        try:
+            outcomes.append(("ok", helper(lambda: _raise_on(failing, rank), info)))
+        except ReportedElsewhere as exc:
+            outcomes.append(("silent", str(exc)))
+        except UserError as exc:
+            outcomes.append(("printed", str(exc)))
+    results.put((rank, outcomes))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("failing, every_rank, main_rank", [
+    ((0, 1), [("printed", "bad checkpoint"), ("silent", "2 of 2 ranks: bad checkpoint")],
+     [("printed", "bad checkpoint"), ("silent", "rank 0: bad checkpoint")]),
+    ((1,), [("silent", "1 of 2 ranks: bad checkpoint"), ("printed", "bad checkpoint")],
+     [("ok", 0), ("ok", None)]),  # on_main_rank runs on rank 0 only
+    ((), [("ok", 0), ("ok", 1)], [("ok", 0), ("ok", None)]),
+])
+def test_a_user_error_on_some_ranks_is_printed_once_and_stops_them_all(failing, every_rank, main_rank):
+    """Two real gloo processes: the lowest rank that failed prints, every other rank stops silently."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank_outcomes, args=(r, port, failing, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert [got[r][0] for r in (0, 1)] == every_rank
+    assert [got[r][1] for r in (0, 1)] == main_rank

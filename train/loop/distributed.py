@@ -49,15 +49,8 @@ def init_distributed(timeout_s: int = 600, device: str = "auto") -> DistInfo:
     return DistInfo(rank, local_rank, world_size, dev)
 
 
-def cleanup(finished: bool = False) -> None:
-    """Leave the process group. After a finished run, a last barrier first: a gloo worker thread can
-    still be freeing the tensors of the collective before, which needs the GIL; at interpreter exit
-    that aborts the process ("terminate called without an active exception", about 1 run in 15
-    here). The barrier's own work holds no Python tensors. (A rank that failed skips it: the others
-    may never reach it.)"""
+def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
-        if finished:
-            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -99,6 +92,26 @@ def on_main_rank(fn, info: DistInfo):
         dist.broadcast_object_list(message, src=0)
         if message[0] is not None and not info.is_main:
             raise ReportedElsewhere(f"rank 0: {message[0]}")
+    if error:
+        raise error
+    return result
+
+
+def on_every_rank(fn, info: DistInfo):
+    """fn() on every rank; fn holds no collective. A UserError is printed once: by the lowest rank
+    that raised it (every rank reads the same config and checkpoints, so they fail alike), while
+    the ranks that did not raise it stop without a line (ReportedElsewhere) instead of waiting at
+    the next collective for one that has gone."""
+    result = error = None
+    try:
+        result = fn()
+    except UserError as exc:
+        error = exc
+    if info.distributed:
+        messages = gather_objects(str(error) if error else None, info)
+        failed = [m for m in messages if m is not None]
+        if failed and (error is None or messages.index(str(error)) != info.rank):
+            raise ReportedElsewhere(f"{len(failed)} of {info.world_size} ranks: {failed[0]}")
     if error:
         raise error
     return result

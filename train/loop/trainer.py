@@ -32,7 +32,7 @@ from runtime.models import build_model, macs_per_pixel
 
 from .budget import TimeBudget, set_total_steps
 from .config import Config, to_dict, to_toml
-from .distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, on_main_rank
+from .distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, on_every_rank, on_main_rank
 from .ema import WeightEMA
 from .optim import build_loss, build_optimizer, build_scheduler
 from .progress import Progress
@@ -67,6 +67,37 @@ class Trainer:
         if info.is_main:
             remove_partial_writes(self.out, self.ckpt_dir)
 
+        self.step = self.epoch = self.step_in_epoch = 0
+        self.best_psnr = -math.inf
+        self.wall_time = 0.0  # seconds of the finished sessions of this run
+        self.step_time = 0.0  # of which in training steps (not validations and checkpoints)
+        self.paused = 0.0  # validation and checkpoint seconds of the current session
+        self.budget = TimeBudget(cfg.train.time_budget_s, cfg.train.max_steps) if cfg.train.time_budget_s else None
+        self.session_start: float | None = None
+        self.history: dict[str, list] = {"step": [], "loss": [], "images_per_s": [], "val_step": [], "val_psnr": []}
+        self.resume_changes = ""
+        run_id, state = on_every_rank(lambda: self._build(resume), info)
+
+        self.data_root = data_root or cfg.data.data_root or None
+        self.data_cfg = self._prepare_data(self.data_root)
+        self.loader = build_loader(self.data_cfg, info.rank, info.world_size, self.device)
+        self.validator = Validator(self.data_cfg, cfg.train.precision, self.loss_fn, info) \
+            if self.data_cfg.backend != "synthetic" else None  # synthetic data: nothing to validate on
+        torch.manual_seed(cfg.train.seed + 1 + info.rank)  # dropout etc. differ between ranks
+        if state is not None and "rng" in state:
+            torch.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)].cpu())
+
+        self.ddp_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
+            if info.distributed else self.model
+        self.step_model = torch.compile(self.ddp_model) if cfg.train.compile else self.ddp_model
+
+        self.tracker = make_tracker(False, self.out)  # rank 0's MLflow run starts in _record_start
+        on_main_rank(lambda: self._record_start(run_id), info)
+
+    def _build(self, resume: bool) -> tuple[str | None, dict | None]:
+        """The model, optimizer and schedule, from the newest training state on --resume, else from
+        train.init_from or the seed. Returns the state's MLflow run and the state (or Nones)."""
+        cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model.arch, channels=cfg.data.channels, **cfg.model.kwargs).to(self.device)
         if cfg.train.channels_last:
@@ -77,16 +108,7 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
         self.loss_fn = build_loss(cfg)
-        self.step = self.epoch = self.step_in_epoch = 0
-        self.best_psnr = -math.inf
-        self.wall_time = 0.0  # seconds of the finished sessions of this run
-        self.step_time = 0.0  # of which in training steps (not validations and checkpoints)
-        self.paused = 0.0  # validation and checkpoint seconds of the current session
-        self.budget = TimeBudget(cfg.train.time_budget_s, cfg.train.max_steps) if cfg.train.time_budget_s else None
-        self.session_start: float | None = None
-        self.history: dict[str, list] = {"step": [], "loss": [], "images_per_s": [], "val_step": [], "val_psnr": []}
         run_id = state = None
-        self.resume_changes = ""
         found = load_latest(self.ckpt_dir, self.device) if resume else None
         if resume and found is None:
             log.info("--resume: no training state in %s, starting at step 0", self.ckpt_dir)
@@ -105,22 +127,7 @@ class Trainer:
                 self.ema.load_state_dict(state["ema"])
             else:
                 log.info("the state has no weight average: it starts from the weights at step %d", self.step)
-
-        self.data_root = data_root or cfg.data.data_root or None
-        self.data_cfg = self._prepare_data(self.data_root)
-        self.loader = build_loader(self.data_cfg, info.rank, info.world_size, self.device)
-        self.validator = Validator(self.data_cfg, cfg.train.precision, self.loss_fn, info) \
-            if self.data_cfg.backend != "synthetic" else None  # synthetic data: nothing to validate on
-        torch.manual_seed(cfg.train.seed + 1 + info.rank)  # dropout etc. differ between ranks
-        if state is not None and "rng" in state:
-            torch.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)].cpu())
-
-        self.ddp_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
-            if info.distributed else self.model
-        self.step_model = torch.compile(self.ddp_model) if cfg.train.compile else self.ddp_model
-
-        self.tracker = make_tracker(False, self.out)  # rank 0's MLflow run starts in _record_start
-        on_main_rank(lambda: self._record_start(run_id), info)
+        return run_id, state
 
     def _record_start(self, run_id: str | None) -> None:
         cfg = self.cfg
