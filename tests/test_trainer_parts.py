@@ -385,6 +385,29 @@ def test_with_a_weight_average_the_best_model_is_the_average(tmp_path, tiles_dir
     assert all(torch.equal(v, average[k]) for k, v in state["ema"].items())
 
 
+def test_the_stop_signal_handlers_last_as_long_as_fit(tmp_path, tiles_dir):
+    """During fit SIGTERM / SIGINT save a state and stop; after it they are what they were (the
+    quickstart took a SIGTERM while evaluating for a stop request and ran on for 12 s)."""
+    import signal
+
+    from train.loop.distributed import DistInfo
+    from train.loop.trainer import SMOKE_OVERRIDES, Trainer
+
+    cfg = load_config(None, [*SMOKE_OVERRIDES, "model.arch=unet", "model.kwargs={width = 4, levels = 1}", "data.backend=torch",
+                             f"data.dataset={tiles_dir}", "train.max_steps=1", "train.precision=fp32", "tracking.enabled=false"])
+    trainer = Trainer(cfg, tmp_path, DistInfo(0, 0, 1, torch.device("cpu")))
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    during = []
+    trainer.train_step = lambda *batch, step=trainer.train_step: (
+        during.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))), step(*batch))[1]
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    assert during == [(trainer._on_signal, trainer._on_signal)]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
 def test_validation_reports_the_gain_over_the_jpeg_inputs(tiles_prepared):
     """The identity gains exactly 0 dB (what a dead network validates at); a smoothing filter does not."""
     from data_pipeline.config import DataConfig
