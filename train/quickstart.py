@@ -11,6 +11,7 @@ import argparse
 import itertools
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ def centre_crop(img, size: int):
     return img[y:y + size, x:x + size]
 
 
-def train(prepared: Path, out: Path, steps: int) -> Path:
+def train(prepared: Path, out: Path, steps: int) -> Trainer:
     cfg = load_config(CONFIG, [f"data.prepared_dir={json.dumps(str(prepared))}", f"data.qualities={QUALITIES}",
                                "data.batch_size=16", f"train.max_steps={steps}", f"train.val_every={max(steps // 2, 1)}",
                                f"train.ckpt_every={max(steps // 2, 1)}", f"train.log_every={max(steps // 20, 1)}",
@@ -65,7 +66,7 @@ def train(prepared: Path, out: Path, steps: int) -> Path:
     finally:
         trainer.close()
         cleanup()
-    return trainer.best_path
+    return trainer
 
 
 @command
@@ -85,7 +86,11 @@ def main(argv=None) -> int:
     print(f"prepared {len(manifest['files'])} scikit-image photographs into {prepared} ({len(held_out)} held out)")
     check_loaders(prepared)
 
-    best = train(prepared, out, args.steps)
+    trainer = train(prepared, out, args.steps)
+    if not trainer.finished:  # a signal stopped it, its state saved
+        print(f"stopped at step {trainer.step} of {args.steps}: the same command continues from there", file=sys.stderr)
+        return 128 + signal.Signals[trainer.stop_signal]
+    best = trainer.best_path
 
     images = {f["name"]: read_image(prepared / f["original"]["path"], "gray") for f in load_manifest(prepared)["files"]
               if f["split"] == "val"}
