@@ -408,6 +408,31 @@ def test_the_stop_signal_handlers_last_as_long_as_fit(tmp_path, tiles_dir):
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
+def test_a_stop_on_a_checkpoint_step_saves_that_state_once(tmp_path, tiles_dir, caplog):
+    import logging
+
+    from train.loop.distributed import DistInfo
+    from train.loop.trainer import SMOKE_OVERRIDES, Trainer
+
+    cfg = load_config(None, [*SMOKE_OVERRIDES, "model.arch=unet", "model.kwargs={width = 4, levels = 1}", "data.backend=torch",
+                             f"data.dataset={tiles_dir}", "train.max_steps=50", "train.ckpt_every=2", "train.val_every=100",
+                             "train.precision=fp32", "tracking.enabled=false"])
+    trainer = Trainer(cfg, tmp_path, DistInfo(0, 0, 1, torch.device("cpu")))
+
+    def step_then_signal(*batch, step=trainer.train_step):
+        if trainer.step == 1:  # as if SIGTERM came during step 2
+            trainer.stop_signal = "SIGTERM"
+        return step(*batch)
+    trainer.train_step = step_then_signal
+    with caplog.at_level(logging.INFO, logger="train.loop.trainer"):
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    saves = [r.getMessage() for r in caplog.records if r.getMessage().startswith("saved training state")]
+    assert saves == ["saved training state at step 2"] and latest_state(tmp_path / "checkpoints").name == "step_00000002.pt"
+
+
 def test_validation_reports_the_gain_over_the_jpeg_inputs(tiles_prepared):
     """The identity gains exactly 0 dB (what a dead network validates at); a smoothing filter does not."""
     from data_pipeline.config import DataConfig

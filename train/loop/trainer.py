@@ -353,13 +353,12 @@ class Trainer:
         self.wall_time, self.step_time = self.elapsed(), self.elapsed_steps()
         self.session_start, self.paused = None, 0.0
         progress.close()
-        if stopped and self.step < t.max_steps:  # a stop on the last step is a finished run
+        if self.step % t.ckpt_every:  # else the loop has just saved this step
             self.save_state()
+        if stopped and self.step < t.max_steps:  # a stop on the last step is a finished run
             log.warning("stopped by %s at step %d; resume with --resume", self.stop_signal, self.step)
             on_main_rank(self._record_stop, self.info)
             return
-        if self.step % t.ckpt_every:
-            self.save_state()
         self._finish()
 
     def _record_stop(self) -> None:
