@@ -398,8 +398,11 @@ def test_the_stop_signal_handlers_last_as_long_as_fit(tmp_path, tiles_dir):
     trainer = Trainer(cfg, tmp_path, DistInfo(0, 0, 1, torch.device("cpu")))
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     during = []
-    trainer.train_step = lambda *batch, step=trainer.train_step: (
-        during.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))), step(*batch))[1]
+
+    def step_noting_the_handlers(*batch, step=trainer.train_step):
+        during.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)))
+        return step(*batch)
+    trainer.train_step = step_noting_the_handlers
     try:
         trainer.fit()
     finally:

@@ -314,7 +314,7 @@ class Trainer:
         earlier = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self._fit()
-        finally:  # the handlers no longer hold the trainer (and its process group) once it is done
+        finally:  # after fit the signals act as before (a SIGTERM while the quickstart evaluates ends it)
             for sig, handler in earlier.items():
                 signal.signal(sig, handler)
 
