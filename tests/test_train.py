@@ -155,27 +155,19 @@ def test_a_best_checkpoint_or_state_folder_that_cannot_be_written_fails_before_t
         assert proc.returncode == 2 and message in proc.stderr and "step 1/" not in proc.stderr, proc.stderr[-2000:]
 
 
-def test_a_bad_input_under_torchrun_is_one_line_not_a_traceback_per_rank(tmp_path):
-    """What rank 0 alone checks (here the data it prepares) reaches the other rank, which exits
-    without a second line instead of dying in a barrier with a broken-connection traceback."""
-    env = env_for(tmp_path)
-    env.pop("JPEG_RESTORE_DATA_ROOT")
-    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                MAIN, *SMOKE, "--out", str(tmp_path / "out")], env)
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "no data root" in errors[0], proc.stderr[-3000:]
-    assert "[rank1]" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["bad config", "missing init_from", "bad MLflow store", "rank 0 fails to write during training"])
+@pytest.mark.parametrize("case", ["no data root", "bad config", "missing init_from", "bad MLflow store",
+                                  "rank 0 fails to write during training"])
 def test_an_error_under_torchrun_is_printed_once(tiles_dir, tmp_path, case):
-    """A bad config or starting checkpoint (every rank finds it), a store only rank 0 opens, and a
-    write only rank 0 makes failing at the first validation (curves.png is a folder): one error
-    line, and rank 1 exits without a traceback of its own instead of dying at the next collective."""
-    out = tmp_path / "out"
-    if case == "bad config":
+    """No data root for the data rank 0 prepares, a bad config or starting checkpoint (every rank
+    finds it), a store only rank 0 opens, and a write only rank 0 makes failing at the first
+    validation (curves.png is a folder): one error line, and rank 1 exits without a traceback of
+    its own instead of dying in a barrier or at the next collective."""
+    out, env, args = tmp_path / "out", env_for(tmp_path), smoke_args(tiles_dir)
+    if case == "no data root":
+        env.pop("JPEG_RESTORE_DATA_ROOT")
+        args, extra, message = SMOKE, [], "no data root"
+    elif case == "bad config":
         extra, message = ["--set", "optim.lrr=1"], "unknown config key optim.lrr"
     elif case == "missing init_from":
         extra, message = ["--set", f"train.init_from={tmp_path / 'none.pth'}"], "none.pth not found"
@@ -185,7 +177,7 @@ def test_an_error_under_torchrun_is_printed_once(tiles_dir, tmp_path, case):
         extra, message = [], "cannot write"
         (out / "curves.png").mkdir(parents=True)
     proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                MAIN, *smoke_args(tiles_dir), *extra, "--out", str(out)], env_for(tmp_path))
+                MAIN, *args, *extra, "--out", str(out)], env)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
