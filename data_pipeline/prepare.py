@@ -173,6 +173,26 @@ def load_manifest(prepared: Path | str) -> dict:
     return manifest
 
 
+def check_files(prepared: Path | str, records: list[dict], qualities=()) -> None:
+    """The records' originals and JPEGs at `qualities` are there at their recorded sizes (a stat
+    each, nothing read): a folder copied in part, or a file changed since it was prepared, is named
+    before training rather than failing its decode mid-run."""
+    root, damaged = Path(prepared), []
+    for rec in records:
+        for entry in [rec["original"]] + [rec["jpeg"][str(q)] for q in qualities]:
+            path = root / entry["path"]
+            size = path.stat().st_size if path.is_file() else None
+            if size != entry["bytes"]:
+                damaged.append(f"{entry['path']} " + ("is missing" if size is None else f"has {size} bytes, not {entry['bytes']}"))
+    if damaged:
+        manifest = load_manifest(root)
+        again = (f"python -m data_pipeline.prepare {manifest['source']} --out {root} --mode {manifest['mode']} "
+                 f"--qualities {','.join(map(str, manifest['qualities']))} --val-fraction {manifest['val_fraction']} "
+                 f"--min-size {manifest['min_size']}")
+        raise DataError(f"{root}: {len(damaged)} prepared file(s) missing or changed since preparation ({damaged[0]}"
+                        f"{', ...' if len(damaged) > 1 else ''}): prepare it again, which redoes only those: {again}")
+
+
 def parse_qualities(text: str) -> list[int]:
     """'10,20,30,40', or a range with a step, '5-95:5' (both ends included)."""
     try:

@@ -495,3 +495,36 @@ def test_a_diverging_run_stops_with_one_line(tiles_dir, tmp_path, capsys):
     assert err.startswith("error: training diverged at step ") and ("loss is nan" in err or "loss is inf" in err), err
     assert err.endswith("(lower optim.lr, set optim.grad_clip); nothing kept from before"), err
     assert not (out / "image_compression_model.pth").exists()
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("truncate", "has {half} bytes, not {size}"),  # a copy cut short: every backend failed its decode mid-run
+    ("remove", "is missing"),  # a validation original gone: a FileNotFoundError traceback
+])
+def test_a_damaged_prepared_folder_is_named_before_training(real_images, tmp_path, capsys, damage, named):
+    from data_pipeline.prepare import main as prepare_main
+    from train.main import main
+
+    prepared = tmp_path / "prep"
+    prepare(real_images, prepared, "gray", [10, 40], val_fraction=0.3, progress=False)
+    files = load_manifest(prepared)["files"]
+    entry = next(f for f in files if f["split"] == "train")["jpeg"]["40"] if damage == "truncate" else \
+        next(f for f in files if f["split"] == "val")["original"]
+    path = prepared / entry["path"]
+    good = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(good[:len(good) // 2])
+    else:
+        path.unlink()
+
+    args = ["--smoke", "--set", f"data.prepared_dir={prepared}", "--set", "data.qualities=[10, 40]",
+            "--set", "data.backend=torch", "--set", "tracking.enabled=false"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    said = named.format(half=len(good) // 2, size=len(good))
+    assert err.startswith(f"error: {prepared}: 1 prepared file(s) missing or changed since preparation "
+                          f"({entry['path']} {said}): prepare it again, which redoes only those: "), err
+    again = err.split("redoes only those: ")[1].split()
+    assert again[:3] == ["python", "-m", "data_pipeline.prepare"]
+    assert prepare_main(again[3:]) == 0 and path.read_bytes() == good
+    assert main([*args, "--out", str(tmp_path / "run2")]) == 0

@@ -17,7 +17,7 @@ import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.images import jpeg_roundtrip, read_image
-from data_pipeline.prepare import load_manifest
+from data_pipeline.prepare import check_files, load_manifest
 from data_pipeline.sources import DataError
 from data_pipeline.system import die_with_parent, usable_cpus
 from runtime.device import autocast_for, keep_freed_memory
@@ -47,6 +47,7 @@ def held_out_items(data: DataConfig) -> list[tuple[str, int, np.ndarray, np.ndar
     files = [f for f in load_manifest(root)["files"] if f["split"] == "val"][:data.limit or None]
     if not files:
         raise DataError(f"{root}: no validation images (raise data.val_fraction)")
+    check_files(root, files)
     items = []
     for f in files:
         original = read_image(root / f["original"]["path"], data.mode)
