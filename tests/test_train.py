@@ -157,10 +157,10 @@ def test_a_best_checkpoint_or_state_folder_that_cannot_be_written_fails_before_t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["no data root", "bad config", "missing init_from", "bad MLflow store",
-                                  "rank 0 fails to write during training"])
+                                  "data every rank loads", "rank 0 fails to write during training"])
 def test_an_error_under_torchrun_is_printed_once(tiles_dir, tmp_path, case):
-    """No data root for the data rank 0 prepares, a bad config or starting checkpoint (every rank
-    finds it), a store only rank 0 opens, and a write only rank 0 makes failing at the first
+    """No data root for the data rank 0 prepares, a bad config, starting checkpoint or prepared data
+    (every rank finds it), a store only rank 0 opens, and a write only rank 0 makes failing at the first
     validation (curves.png is a folder): one error line, and rank 1 exits without a traceback of
     its own instead of dying in a barrier or at the next collective."""
     out, env, args = tmp_path / "out", env_for(tmp_path), smoke_args(tiles_dir)
@@ -173,6 +173,8 @@ def test_an_error_under_torchrun_is_printed_once(tiles_dir, tmp_path, case):
         extra, message = ["--set", f"train.init_from={tmp_path / 'none.pth'}"], "none.pth not found"
     elif case == "bad MLflow store":
         extra, message = ["--set", "tracking.tracking_uri=bogus://x"], "MLflow store bogus://x cannot be used"
+    elif case == "data every rank loads":
+        extra, message = ["--set", "data.patch_size=4096"], "< data.patch_size 4096"
     else:
         extra, message = [], "cannot write"
         (out / "curves.png").mkdir(parents=True)

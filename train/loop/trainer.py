@@ -80,9 +80,7 @@ class Trainer:
 
         self.data_root = data_root or cfg.data.data_root or None
         self.data_cfg = self._prepare_data(self.data_root)
-        self.loader = build_loader(self.data_cfg, info.rank, info.world_size, self.device)
-        self.validator = Validator(self.data_cfg, cfg.train.precision, self.loss_fn, info) \
-            if self.data_cfg.backend != "synthetic" else None  # synthetic data: nothing to validate on
+        self.loader, self.validator = on_every_rank(self._build_data, info)  # a data error is printed once
         torch.manual_seed(cfg.train.seed + 1 + info.rank)  # dropout etc. differ between ranks
         if state is not None and "rng" in state:
             torch.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)].cpu())
@@ -167,6 +165,12 @@ class Trainer:
         return lock
 
     # ---- data ----
+    def _build_data(self) -> tuple:
+        loader = build_loader(self.data_cfg, self.info.rank, self.info.world_size, self.device)
+        validator = Validator(self.data_cfg, self.cfg.train.precision, self.loss_fn, self.info) \
+            if self.data_cfg.backend != "synthetic" else None  # synthetic data: nothing to validate on
+        return loader, validator
+
     def _prepare_data(self, data_root: str | None):
         d = self.cfg.data
         if d.prepared_dir or d.backend == "synthetic":
