@@ -47,6 +47,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tiles_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and f"at step {stopped}" in resumed.stderr
     assert f"step {stopped + 1}/12" in resumed.stderr and f"step {stopped}/12" not in resumed.stderr
+    assert "val_psnr nan" not in "".join(lines) + resumed.stderr  # '-' before a first validation, then the last one
     for part in ("model", "ema"):
         ref_w, cut_w = final_weights(tmp_path / "ref", part), final_weights(tmp_path / "cut", part)
         assert ref_w.keys() == cut_w.keys()

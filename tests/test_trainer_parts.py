@@ -574,3 +574,22 @@ def test_a_user_error_on_some_ranks_is_printed_once_and_stops_them_all(failing, 
         p.join(60)
     assert [got[r][0] for r in (0, 1)] == every_rank
     assert [got[r][1] for r in (0, 1)] == main_rank
+
+
+def test_the_step_line_shows_no_psnr_before_a_validation_and_a_resumed_runs_last(caplog):
+    """'val_psnr nan' before the first validation read as a diverged run; a resumed run showed it
+    until its next validation."""
+    from runtime.metrics import metrics
+    from train.loop.progress import Progress
+
+    step = {"train_loss": 0.02, "lr": 1e-3, "images_per_s": 100.0, "data_wait_s": 0.0}
+    validation = {**{f"val_{m.name}": 0.5 for m in metrics()}, "val_psnr": 30.5, "val_loss": 0.02,
+                  "val_psnr_gain": 1.0, "val_time_s": 1.0}
+    with caplog.at_level("INFO", logger="train.loop.trainer"):
+        fresh, resumed = Progress(True, 10, 0), Progress(True, 10, 4, last_psnr=31.25)
+        fresh.update(1, step)
+        resumed.update(5, step)
+        fresh.validated(2, validation)
+        fresh.update(3, step)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split(" val_psnr ")[1].split()[0] for line in lines] == ["-", "31.25", "30.50"], lines

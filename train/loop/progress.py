@@ -12,10 +12,11 @@ log = logging.getLogger("train.loop.trainer")
 
 
 class Progress:
-    def __init__(self, enabled: bool, total: int, initial: int):
+    def __init__(self, enabled: bool, total: int, initial: int, last_psnr: float | None = None):
+        """last_psnr: the validation PSNR a resumed run ended on (None: not validated yet)."""
         self.enabled, self.total, self.start_step, self.start = enabled, total, initial, time.perf_counter()
         self.bar = None
-        self.last_psnr = float("nan")
+        self.last_psnr = last_psnr
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -26,13 +27,17 @@ class Progress:
             return
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{m['train_loss']:.4g}", psnr=f"{self.last_psnr:.2f}", img_s=f"{m['images_per_s']:.0f}")
+            self.bar.set_postfix(loss=f"{m['train_loss']:.4g}", psnr=self._psnr(), img_s=f"{m['images_per_s']:.0f}")
             return
         rate = (step - self.start_step) / max(time.perf_counter() - self.start, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else float("nan")
-        log.info("step %d/%d loss %.5f lr %.3g img/s %.1f data_wait %.3fs val_psnr %.2f eta %s",
-                 step, self.total, m["train_loss"], m["lr"], m["images_per_s"], m["data_wait_s"], self.last_psnr,
+        log.info("step %d/%d loss %.5f lr %.3g img/s %.1f data_wait %.3fs val_psnr %s eta %s",
+                 step, self.total, m["train_loss"], m["lr"], m["images_per_s"], m["data_wait_s"], self._psnr(),
                  time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?")
+
+    def _psnr(self) -> str:
+        """'-' before the first validation: 'nan' there read as a diverged run."""
+        return "-" if self.last_psnr is None else f"{self.last_psnr:.2f}"
 
     def set_total(self, total: int) -> None:
         self.total = total

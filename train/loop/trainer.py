@@ -324,7 +324,7 @@ class Trainer:
 
     def _fit(self) -> None:
         t = self.cfg.train
-        progress = Progress(self.info.is_main, t.max_steps, self.step)
+        progress = Progress(self.info.is_main, t.max_steps, self.step, (self.history["val_psnr"] or [None])[-1])
         self.session_start = time.perf_counter()
         window = {"loss": torch.zeros((), device=self.device), "n": 0, "data": 0.0, "start": time.perf_counter()}
         stopped = False
