@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -15,7 +18,7 @@ from train_runs import MAIN, REPO, SMOKE, env_for, mlflow_run, run, smoke_args
 
 from runtime.checkpoint import load_model
 from runtime.device import resolve_precision
-from train.loop.state import latest_state
+from train.loop.state import latest_state, state_path
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +95,43 @@ def test_two_process_torchrun_trains_in_sync(tiles_dir, tmp_path):
     r = mlflow_run(env, blob["mlflow_run_id"])
     assert r.info.status == "FINISHED" and r.data.tags["world_size"] == "2" and r.data.tags["weights_in_sync"] == "true"
     assert {"val_psnr", "images_per_s", "train_loss"} <= set(r.data.metrics)
+
+
+def _rank_pid(out: Path, rank: int) -> int:
+    """The pid of the training process of that rank writing to `out` (from /proc)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if str(out) in (proc / "cmdline").read_text() and f"RANK={rank}\0" in (proc / "environ").read_text():
+                return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    raise AssertionError(f"no rank {rank} process writing to {out}")
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_and_names_the_signal(tiles_dir, tmp_path):
+    """SIGTERM to rank 1 alone (the others learn of it at the next stop check): the run saves and
+    stops as after a signal to all; rank 0 recorded "stopped by None" and ended the MLflow run FAILED."""
+    env, out = env_for(tmp_path), tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", MAIN,
+                             *smoke_args(tiles_dir), "--set", "train.max_steps=100000", "--set", "train.log_every=10",
+                             "--set", "train.val_every=100000", "--set", "train.ckpt_every=100000", "--out", str(out)],
+                            env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "step 10/" in line:
+            os.kill(_rank_pid(out, 1), signal.SIGTERM)
+            break
+    lines += proc.stderr.readlines()
+    assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
+    stopped = [line for line in lines if "stopped by" in line]
+    assert len(stopped) == 1 and "[rank 0] stopped by SIGTERM at step " in stopped[0], "".join(lines)[-3000:]
+    step = int(stopped[0].split(" at step ")[1].split(";")[0])
+    assert latest_state(out / "checkpoints") == state_path(out / "checkpoints", step)
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    (r,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert r.info.status == "KILLED" and r.data.tags["stopped_by"] == "SIGTERM"
 
 
 def test_fp16_with_grad_scaler_runs_and_saves_scaler_state(tiles_dir, tmp_path):

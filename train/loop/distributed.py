@@ -60,13 +60,18 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def max_over_ranks(value: float, info: DistInfo) -> float:
+    """The largest of the ranks' values, on every rank."""
+    if not info.distributed:
+        return value
+    t = torch.tensor([float(value)], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank if it is True on any rank (so all ranks stop at the same step)."""
-    if not info.distributed:
-        return flag
-    t = torch.tensor([float(flag)], device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(max_over_ranks(float(flag), info))
 
 
 def gather_objects(obj, info: DistInfo) -> list:

@@ -32,7 +32,7 @@ from runtime.models import build_model, macs_per_pixel
 
 from .budget import TimeBudget, set_total_steps
 from .config import Config, to_dict, to_toml
-from .distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, on_every_rank, on_main_rank
+from .distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, max_over_ranks, on_every_rank, on_main_rank
 from .ema import WeightEMA
 from .optim import build_loss, build_optimizer, build_scheduler
 from .progress import Progress
@@ -264,7 +264,7 @@ class Trainer:
         """A run resumed with another train.max_steps: its cosine ends at the new count (torch's is
         periodic: left as saved, it would climb back to the peak rate after the old end)."""
         set_total_steps(self.scheduler, self.cfg.train.max_steps, self.cfg.schedule.warmup_steps)
-        if self.cfg.schedule.name == "cosine" and self.step >= saved_steps:
+        if self.cfg.schedule.name == "cosine" and self.step >= saved_steps and self.info.is_main:
             log.warning("the run had finished its cosine schedule at step %d: the steps added run at schedule.min_lr "
                         "(a new cycle from its weights: another --out with train.init_from=%s)", saved_steps, self.best_path)
 
@@ -311,7 +311,10 @@ class Trainer:
     def _should_stop(self) -> bool:
         if self.info.distributed and self.step % STOP_CHECK_EVERY:
             return False
-        return any_rank(self.stop_signal is not None, self.info)
+        signum = int(max_over_ranks(signal.Signals[self.stop_signal] if self.stop_signal else 0, self.info))
+        if signum and self.stop_signal is None:  # the signal reached another rank only
+            self.stop_signal = signal.Signals(signum).name
+        return bool(signum)
 
     def fit(self) -> None:
         """Trains to train.max_steps; SIGTERM / SIGINT meanwhile save a state and stop (_on_signal)."""
@@ -360,7 +363,8 @@ class Trainer:
         if self.step % t.ckpt_every:  # else the loop has just saved this step
             self.save_state()
         if stopped and self.step < t.max_steps:  # a stop on the last step is a finished run
-            log.warning("stopped by %s at step %d; resume with --resume", self.stop_signal, self.step)
+            if self.info.is_main:
+                log.warning("stopped by %s at step %d; resume with --resume", self.stop_signal, self.step)
             on_main_rank(self._record_stop, self.info)
             return
         self._finish()
