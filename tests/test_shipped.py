@@ -169,11 +169,13 @@ def test_ship_stores_fp16_over_the_cap_and_replaces_only_a_worse_model(photos, t
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "not found" in r.stderr
 
 
-def test_ship_refuses_the_shipped_file_onto_itself_and_a_cap_of_zero(tmp_path):
+def test_ship_refuses_the_shipped_file_onto_itself_a_cap_of_zero_and_a_folder(tmp_path):
     from train.ship import ship
     before = SHIPPED_GRAY.read_bytes()
     with pytest.raises(UserError, match="is .* itself: ship a run's checkpoint"):
         ship(SHIPPED_GRAY, force=True, max_mb=5.0)  # would have stored the fp16 copy over its own fp32 source
     with pytest.raises(UserError, match="--max-mb must be positive, got 0"):
         ship(SHIPPED_GRAY, tmp_path / "out.pth", max_mb=0)
+    with pytest.raises(UserError, match=f"--out {tmp_path} is a folder: name the model file"):
+        ship(SHIPPED_GRAY, tmp_path, force=True)  # was "checkpoint ... not found", naming the folder
     assert SHIPPED_GRAY.read_bytes() == before and not (tmp_path / "out.pth").exists()

@@ -64,6 +64,8 @@ def ship(source: Path, out: Path | None = None, max_mb: float = MAX_MB, force: b
         raise UserError(f"{source} is {out} itself: ship a run's checkpoint, not the shipped file")
     if not max_mb > 0:
         raise UserError(f"--max-mb must be positive, got {max_mb:g}")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: name the model file")
     new_psnr = blob.get("metrics", {}).get("val_psnr", float("nan"))
     if out.exists() and not force:
         old = ckpt.load(out)
