@@ -21,7 +21,7 @@ import numpy as np
 from skimage.metrics import peak_signal_noise_ratio
 
 from .errors import command
-from .images import atomic_write_json, check_output_folder, decode_jpeg, jpeg_bytes, list_images, png_bytes, read_image
+from .images import atomic_write_json, check_output_file, decode_jpeg, jpeg_bytes, list_images, png_bytes, read_image
 from .loaders import dali_available
 from .sources import DataError, dataset_dir
 
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--json", type=Path, default=Path("outputs/decoder_check.json"))
     args = ap.parse_args(argv)
-    check_output_folder(args.json.parent)
+    check_output_file(args.json, "--json")
     if not dali_available():
         raise DataError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
     import torch

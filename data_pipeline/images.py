@@ -174,6 +174,14 @@ def atomic_write_json(path: Path | str, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def check_output_file(path: Path, option: str) -> None:
+    """The file an option names can be written: not a folder, and its folder takes files (checked
+    before any work, not after minutes of it)."""
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder: name the file to write")
+    check_output_folder(path.parent)
+
+
 def check_output_folder(out: Path) -> None:
     """The output folder exists (or is made) and takes files: commands check it before any work."""
     if out.exists() and not out.is_dir():

@@ -384,6 +384,11 @@ def test_benchmark_and_testset_commands_reject_bad_options_in_one_line(tmp_path,
     ("data_pipeline.prepare", ["train400", "--out", "{file}"], "error: output {file} exists and is not a folder"),
     ("train.compare", ["--out", "{file}"], "error: output {file} exists and is not a folder"),
     ("data_pipeline.decoder_check", ["--json", "{file}/check.json"], "error: output {file} exists and is not a folder"),
+    ("data_pipeline.decoder_check", ["--json", "{tmp}"], "error: --json {tmp} is a folder: name the file to write"),
+    # the benchmarks wrote their JSON only after minutes of measuring
+    ("train.benchmark", ["--steps", "1", "--json", "{tmp}"], "error: --json {tmp} is a folder: name the file to write"),
+    ("train.benchmark", ["--steps", "1", "--json", "{file}/b.json"], "error: output {file} exists and is not a folder"),
+    ("data_pipeline.benchmark", ["--json", "{tmp}"], "error: --json {tmp} is a folder: name the file to write"),
 ])
 def test_commands_check_where_they_write_before_any_work(tmp_path, capsys, module, args, message):
     """A file where an output folder should be: one line at once, not a traceback after the work."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from data_pipeline import benchmark as loader_bench
 from data_pipeline.backends import backends
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import atomic_write_json
+from data_pipeline.images import atomic_write_json, check_output_file
 from data_pipeline.system import usable_cpus
 from runtime.device import autocast_for, device_name, keep_freed_memory, matmul_peak, native_bf16, resolve_precision
 from runtime.models import architectures, build_model, build_problem, check_kwargs, macs_per_pixel
@@ -204,6 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="with --end-to-end: torch.compile the bare loop and the Trainer")
     ap.add_argument("--workers", type=int, default=max(1, usable_cpus() - 2), help="torch workers / DALI threads")
     args = ap.parse_args(argv)
+    check_output_file(args.json, "--json")
     keep_freed_memory()  # as train/main.py runs
     if args.loaders and args.end_to_end:
         raise UserError("--loaders and --end-to-end are two benchmarks: run one at a time")

@@ -24,7 +24,17 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, image_files, is_gray, jpeg_roundtrip, read_image
+from data_pipeline.images import (
+    BadImage,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_output_file,
+    check_output_folder,
+    image_files,
+    is_gray,
+    jpeg_roundtrip,
+    read_image,
+)
 from data_pipeline.jpeg_tables import jpeg_quality
 from data_pipeline.sources import DataError, dataset_dir
 from data_pipeline.system import die_with_parent, usable_cpus
@@ -201,11 +211,10 @@ def main(argv=None) -> int:
         raise UserError(f"--qualities must be JPEG qualities in 1..100, got {args.qualities!r}")
     if args.side_by_side_count < 1:
         raise UserError(f"--side-by-side-count must be at least 1, got {args.side_by_side_count}")
-    if args.json and args.json.is_dir():
-        raise UserError(f"--json {args.json} is a folder: name the file to write")
-    for folder in (args.json and args.json.parent, args.side_by_side):  # before minutes of evaluation
-        if folder:
-            check_output_folder(folder)
+    if args.json:  # before minutes of evaluation
+        check_output_file(args.json, "--json")
+    if args.side_by_side:
+        check_output_folder(args.side_by_side)
     folder = dataset_dir(args.dataset, args.data_root)
     images, skipped = load_test_images(folder)
     models = {} if args.jpeg_only else load_models(images, args.checkpoint, args.device, args.precision, args.self_ensemble)

@@ -15,7 +15,7 @@ from PIL import Image
 from scipy.ndimage import uniform_filter
 
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import atomic_write_bytes, check_output_folder, jpeg_roundtrip, png_bytes, read_image
+from data_pipeline.images import atomic_write_bytes, check_output_file, jpeg_roundtrip, png_bytes, read_image
 from data_pipeline.sources import DataError, dataset_dir
 from runtime.device import keep_freed_memory
 from runtime.figures import panel_strip
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         raise UserError(f"--crop must be at least 8 pixels and --scale at least 1, got {args.crop} and {args.scale}")
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out must name a .png file (the figure is a PNG), got {args.out}")
-    check_output_folder(args.out.parent)
+    check_output_file(args.out, "--out")
     folder = dataset_dir(args.dataset, args.data_root)
     images = {}
     for name in args.images.split(","):
