@@ -111,7 +111,7 @@ def _rank_pid(out: Path, rank: int) -> int:
 @pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_and_names_the_signal(tiles_dir, tmp_path):
     """SIGTERM to rank 1 alone (the others learn of it at the next stop check): the run saves and
-    stops as after a signal to all; rank 0 recorded "stopped by None" and ended the MLflow run FAILED."""
+    stops as after a signal to all (rank 0 used to log "stopped by None" and end the MLflow run FAILED)."""
     env, out = env_for(tmp_path), tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", MAIN,
                              *smoke_args(tiles_dir), "--set", "train.max_steps=100000", "--set", "train.log_every=10",
