@@ -127,6 +127,7 @@ def test_a_signal_to_one_rank_stops_every_rank_and_names_the_signal(tiles_dir, t
     assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
     stopped = [line for line in lines if "stopped by" in line]
     assert len(stopped) == 1 and "[rank 0] stopped by SIGTERM at step " in stopped[0], "".join(lines)[-3000:]
+    assert not any("[rank 1]" in line for line in lines), "".join(lines)[-3000:]  # the log is rank 0's
     step = int(stopped[0].split(" at step ")[1].split(";")[0])
     assert latest_state(out / "checkpoints") == state_path(out / "checkpoints", step)
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])

@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     keep_freed_memory()
     rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+    # the log is rank 0's: every warning is the same on every rank (the data, config and states they share)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
                         format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
     trainer = None
     try:

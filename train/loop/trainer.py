@@ -264,7 +264,7 @@ class Trainer:
         """A run resumed with another train.max_steps: its cosine ends at the new count (torch's is
         periodic: left as saved, it would climb back to the peak rate after the old end)."""
         set_total_steps(self.scheduler, self.cfg.train.max_steps, self.cfg.schedule.warmup_steps)
-        if self.cfg.schedule.name == "cosine" and self.step >= saved_steps and self.info.is_main:
+        if self.cfg.schedule.name == "cosine" and self.step >= saved_steps:
             log.warning("the run had finished its cosine schedule at step %d: the steps added run at schedule.min_lr "
                         "(a new cycle from its weights: another --out with train.init_from=%s)", saved_steps, self.best_path)
 
@@ -363,8 +363,7 @@ class Trainer:
         if self.step % t.ckpt_every:  # else the loop has just saved this step
             self.save_state()
         if stopped and self.step < t.max_steps:  # a stop on the last step is a finished run
-            if self.info.is_main:
-                log.warning("stopped by %s at step %d; resume with --resume", self.stop_signal, self.step)
+            log.warning("stopped by %s at step %d; resume with --resume", self.stop_signal, self.step)
             on_main_rank(self._record_stop, self.info)
             return
         self._finish()
