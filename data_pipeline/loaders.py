@@ -62,12 +62,12 @@ def training_pairs(cfg, split: str = "train") -> list[Pair]:
         raise DataError(f"{root}: smallest image side {smallest} < data.patch_size {cfg.patch_size}")
     original = [str(root / f["original"]["path"]) for f in files]
     if cfg.online:
-        check_files(root, files)
+        check_files(root, manifest, files)
         return [(None, o, 0) for o in original]
     missing = sorted(set(cfg.qualities) - set(manifest["qualities"]))
     if missing:
         raise DataError(f"{root} has no JPEGs at qualities {missing}: re-run prepare with them")
-    check_files(root, files, cfg.qualities)
+    check_files(root, manifest, files, cfg.qualities)
     return [(str(root / f["jpeg"][str(q)]["path"]), o, q) for f, o in zip(files, original) for q in cfg.qualities]
 
 

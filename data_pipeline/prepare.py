@@ -173,10 +173,10 @@ def load_manifest(prepared: Path | str) -> dict:
     return manifest
 
 
-def check_files(prepared: Path | str, records: list[dict], qualities=()) -> None:
-    """The records' originals and JPEGs at `qualities` are there at their recorded sizes (a stat
-    each, nothing read): a folder copied in part, or a file changed since it was prepared, is named
-    before training rather than failing its decode mid-run."""
+def check_files(prepared: Path | str, manifest: dict, records: list[dict], qualities=()) -> None:
+    """The records' (of `manifest`) originals and JPEGs at `qualities` are there at their recorded
+    sizes (a stat each, nothing read): a folder copied in part, or a file changed since it was
+    prepared, is named before training rather than failing its decode mid-run."""
     root, damaged = Path(prepared), []
     for rec in records:
         for entry in [rec["original"]] + [rec["jpeg"][str(q)] for q in qualities]:
@@ -185,7 +185,6 @@ def check_files(prepared: Path | str, records: list[dict], qualities=()) -> None
             if size != entry["bytes"]:
                 damaged.append(f"{entry['path']} " + ("is missing" if size is None else f"has {size} bytes, not {entry['bytes']}"))
     if damaged:
-        manifest = load_manifest(root)
         again = (f"python -m data_pipeline.prepare {manifest['source']} --out {root} --mode {manifest['mode']} "
                  f"--qualities {','.join(map(str, manifest['qualities']))} --val-fraction {manifest['val_fraction']} "
                  f"--min-size {manifest['min_size']}")

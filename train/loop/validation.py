@@ -44,10 +44,11 @@ def metric_workers(info: DistInfo) -> int:
 def held_out_items(data: DataConfig) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
     """(name, quality, JPEG input, original) for the held-out images, the JPEG made per the protocol."""
     root = Path(data.prepared_dir)
-    files = [f for f in load_manifest(root)["files"] if f["split"] == "val"][:data.limit or None]
+    manifest = load_manifest(root)
+    files = [f for f in manifest["files"] if f["split"] == "val"][:data.limit or None]
     if not files:
         raise DataError(f"{root}: no validation images (raise data.val_fraction)")
-    check_files(root, files)
+    check_files(root, manifest, files)
     items = []
     for f in files:
         original = read_image(root / f["original"]["path"], data.mode)
