@@ -5,13 +5,15 @@
     python train/main.py --config configs/unet.toml --smoke --set optim.lr=2e-4 --set data.batch_size=16
 
 The best model (by validation PSNR) lands in <out>/image_compression_model.pth; the full
-training state in <out>/checkpoints/ (--resume continues from the newest).
+training state in <out>/checkpoints/ (--resume continues from the newest). Stopped by a signal
+(Ctrl-C, SIGTERM) it saves that state and exits with 128 + the signal's number, as the quickstart does.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -63,7 +65,8 @@ def main(argv=None) -> int:
         info = init_distributed(cfg.train.ddp_timeout_s, check_device(args.device))
         trainer = Trainer(cfg, args.out, info, resume=args.resume, data_root=args.data_root)
         trainer.fit()
-        return 0
+        # stopped by a signal, its state saved: not a finished run (`main.py && export` goes no further)
+        return 0 if trainer.finished else 128 + signal.Signals[trainer.stop_signal]
     finally:
         if trainer is not None:
             trainer.close()
