@@ -74,8 +74,9 @@ def training_pairs(cfg, split: str = "train") -> list[Pair]:
 class PairLoader:
     """Iterating yields one epoch of `steps_per_epoch` float batches on `device`."""
 
-    def __init__(self, source, steps_per_epoch: int, device: torch.device, backend: str):
+    def __init__(self, source, steps_per_epoch: int, device: torch.device, backend: str, recheck=lambda: None):
         self.source, self.steps_per_epoch, self.device, self.backend = source, steps_per_epoch, device, backend
+        self.recheck = recheck  # the files checked again when a batch fails (DataError: a file changed)
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -92,7 +93,14 @@ class PairLoader:
     def __iter__(self):
         batches = self.source.batches(self.epoch, self.start)
         for _ in range(self.start, self.steps_per_epoch):
-            inp, target = next(batches)
+            try:
+                inp, target = next(batches)
+            except Exception:  # a file changed during the run: named, with the command that mends it
+                try:
+                    self.recheck()
+                except DataError as exc:
+                    raise DataError(f"{exc}; then --resume continues the run") from None
+                raise
             yield self._to_device(inp), self._to_device(target)
 
 
@@ -110,4 +118,4 @@ def build_loader(cfg, rank: int = 0, world_size: int = 1, device: str | torch.de
         raise DataError(f"{len(pairs)} {split} pairs are too few for batch {cfg.batch_size} x {world_size} ranks")
     source = cls(pairs, cfg, rank, world_size, device)
     log.info("loader %s: %d %s pairs, %d steps/epoch on rank %d/%d", backend, len(pairs), split, steps, rank, world_size)
-    return PairLoader(source, steps, device, backend)
+    return PairLoader(source, steps, device, backend, recheck=lambda: training_pairs(cfg, split))

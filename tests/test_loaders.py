@@ -4,7 +4,7 @@ import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.loaders import build_loader, dali_available, resolve_backend, training_pairs
-from data_pipeline.prepare import load_manifest
+from data_pipeline.prepare import load_manifest, prepare
 from data_pipeline.sources import DataError
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
@@ -212,3 +212,28 @@ def test_dali_cpu_decodes_and_distorts_like_pillow(photo_pair, mode):
     row = result["qualities"][10]
     assert row["pillow_psnr"] < 40 and row["decode_shift_db"] == 0 and row["decode_max_abs_diff"] == 0
     assert row["distortion_max_abs_diff"] == 0 and result["png_decode_ms"] > 0
+
+
+@pytest.mark.parametrize("backend, workers", [("torch", 0), ("torch", 2), pytest.param("dali", 0, marks=needs_dali)])
+def test_a_file_damaged_during_training_is_named(real_images, tmp_path, backend, workers):
+    """The files are checked before the first step; one cut short after that (the backends read them
+    again each epoch) failed with the backend's decode traceback. It is named as before training."""
+    prepared = tmp_path / "prep"
+    prepare(real_images, prepared, "gray", [10], val_fraction=0.0, progress=False)
+    cfg = DataConfig(prepared_dir=str(prepared), qualities=[10], patch_size=32, batch_size=2, backend=backend,
+                     workers=workers, cache_mb=0)
+    loader = build_loader(cfg)
+    assert len(list(loader)) == 3  # six images, batch 2
+    sizes = {}
+    for f in load_manifest(prepared)["files"]:  # every JPEG cut short: DALI has read ahead into the next epoch
+        path = prepared / f["jpeg"]["10"]["path"]
+        sizes[f["jpeg"]["10"]["path"]] = size = path.stat().st_size
+        path.write_bytes(path.read_bytes()[:size // 3])
+    with pytest.raises(DataError) as exc:
+        for epoch in (1, 2):
+            loader.set_epoch(epoch)
+            list(loader)
+    first, size = next(iter(sizes.items()))
+    assert str(exc.value).startswith(f"{prepared}: 6 prepared file(s) missing or changed since preparation "
+                                     f"({first} has {size // 3} bytes, not {size}, ...): prepare it again"), exc.value
+    assert str(exc.value).endswith("; then --resume continues the run")
