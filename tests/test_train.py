@@ -108,33 +108,63 @@ def _rank_pid(out: Path, rank: int) -> int:
     raise AssertionError(f"no rank {rank} process writing to {out}")
 
 
+def _sigterm_during_torchrun(out: Path, env: dict, args: list[str], at: str, rank: int) -> tuple[int, list[str], int]:
+    """Two ranks trained with `args`; SIGTERM to `rank` once rank 0 logs `at`. Returns torchrun's exit
+    code, the log and the step the run says it stopped at (0: none)."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", MAIN,
+                             *args, "--out", str(out)], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if at in line:
+            os.kill(_rank_pid(out, rank), signal.SIGTERM)
+            break
+    lines += proc.stderr.readlines()
+    code = proc.wait(timeout=120)
+    stopped = [line for line in lines if "stopped by" in line]
+    assert len(stopped) == 1 and "[rank 0] stopped by SIGTERM at step " in stopped[0], "".join(lines)[-3000:]
+    return code, lines, int(stopped[0].split(" at step ")[1].split(";")[0])
+
+
 @pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_and_names_the_signal(tiles_dir, tmp_path):
     """SIGTERM to rank 1 alone (the others learn of it at the next stop check): the run saves and
     stops as after a signal to all (rank 0 used to log "stopped by None" and end the MLflow run FAILED)."""
     env, out = env_for(tmp_path), tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", MAIN,
-                             *smoke_args(tiles_dir), "--set", "train.max_steps=100000", "--set", "train.log_every=10",
-                             "--set", "train.val_every=100000", "--set", "train.ckpt_every=100000", "--out", str(out)],
-                            env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if "step 10/" in line:
-            os.kill(_rank_pid(out, 1), signal.SIGTERM)
-            break
-    lines += proc.stderr.readlines()
+    code, lines, step = _sigterm_during_torchrun(out, env, [*smoke_args(tiles_dir), "--set", "train.max_steps=100000",
+                                                            "--set", "train.log_every=10", "--set", "train.val_every=100000",
+                                                            "--set", "train.ckpt_every=100000"], at="step 10/", rank=1)
     # a stopped run is not a finished one: each rank exits 128 + 15, which torchrun reports as a failure
-    assert proc.wait(timeout=120) == 1 and "exitcode  : 143" in "".join(lines), "".join(lines)[-3000:]
-    stopped = [line for line in lines if "stopped by" in line]
-    assert len(stopped) == 1 and "[rank 0] stopped by SIGTERM at step " in stopped[0], "".join(lines)[-3000:]
+    assert code == 1 and "exitcode  : 143" in "".join(lines), "".join(lines)[-3000:]
     assert not any("[rank 1]" in line for line in lines), "".join(lines)[-3000:]  # the log is rank 0's
-    step = int(stopped[0].split(" at step ")[1].split(";")[0])
     assert latest_state(out / "checkpoints") == state_path(out / "checkpoints", step)
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     (r,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert r.info.status == "KILLED" and r.data.tags["stopped_by"] == "SIGTERM"
 
+
+@pytest.mark.slow
+def test_slow_steps_under_ddp_are_checked_for_a_stop_every_step(tiles_dir, tmp_path):
+    """torchrun passes a signal on and SIGKILLs its workers 30 s later. The ranks checked for a stop
+    every 10 steps: a 32 M DRUNet on 2 CPU cores (20 s a step) was killed before it saved, its
+    MLflow run left RUNNING. The checks now come as often as STOP_CHECK_S allows, every step here
+    (2 to 3 s a step): the run stops at the next step or the one after."""
+    out = tmp_path / "out"
+    code, lines, step = _sigterm_during_torchrun(
+        out, env_for(tmp_path), [*smoke_args(tiles_dir), "--set", "model.arch=unet", "--set", "model.kwargs={width = 64, levels = 2}",
+                                 "--set", "data.patch_size=160", "--set", "data.batch_size=8", "--set", "data.limit=8",
+                                 "--set", "train.precision=fp32", "--set", "train.max_steps=100", "--set", "train.val_every=1000",
+                                 "--set", "train.ckpt_every=1000"], at="step 2/100", rank=0)
+    assert step <= 4 and latest_state(out / "checkpoints") == state_path(out / "checkpoints", step), "".join(lines)[-3000:]
+
+
+def test_the_stop_checks_keep_pace_with_the_steps():
+    from train.loop.trainer import STOP_CHECK_EVERY, steps_between_stop_checks
+
+    assert steps_between_stop_checks(seconds=20.0, steps=1) == 1  # a large model on CPUs: every step
+    assert steps_between_stop_checks(seconds=3.0, steps=3) == 2
+    assert steps_between_stop_checks(seconds=0.5, steps=10) == STOP_CHECK_EVERY  # GPU steps: every 10
+    assert steps_between_stop_checks(seconds=0.0, steps=1) == STOP_CHECK_EVERY
 
 def test_fp16_with_grad_scaler_runs_and_saves_scaler_state(tiles_dir, tmp_path):
     env = env_for(tmp_path)

@@ -60,18 +60,18 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def max_over_ranks(value: float, info: DistInfo) -> float:
-    """The largest of the ranks' values, on every rank."""
+def max_over_ranks(values: list[float], info: DistInfo) -> list[float]:
+    """Each value's largest over the ranks, on every rank."""
     if not info.distributed:
-        return value
-    t = torch.tensor([float(value)], device=info.device)
+        return values
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    return t.tolist()
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank if it is True on any rank (so all ranks stop at the same step)."""
-    return bool(max_over_ranks(float(flag), info))
+    return bool(max_over_ranks([float(flag)], info)[0])
 
 
 def gather_objects(obj, info: DistInfo) -> list:

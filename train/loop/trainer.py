@@ -41,7 +41,10 @@ from .tracking import flatten, make_tracker, system_tags
 from .validation import Validator
 
 log = logging.getLogger(__name__)
-STOP_CHECK_EVERY = 10  # steps between the (collective) checks for a stop signal under DDP
+# Under DDP the check for a stop signal is a collective, held every few steps: as many as take
+# STOP_CHECK_S, 1 to STOP_CHECK_EVERY. Slow steps (a large model on CPUs) are checked every step, so the
+# run stops well within the grace torchrun gives after passing a signal on (30 s, then SIGKILL).
+STOP_CHECK_S, STOP_CHECK_EVERY = 2.0, 10
 STATE_SETTINGS = ("optim.", "schedule.")  # held by the optimizer's and scheduler's saved state
 LIVE_SETTINGS = {"optim.grad_clip"}  # read at every step: a resumed run may change it
 
@@ -309,11 +312,17 @@ class Trainer:
         log.warning("rank %d got %s: saving a checkpoint and stopping", self.info.rank, self.stop_signal)
 
     def _should_stop(self) -> bool:
-        if self.info.distributed and self.step % STOP_CHECK_EVERY:
+        """True on every rank, at the same step, once any rank got a stop signal."""
+        if not self.info.distributed:
+            return self.stop_signal is not None
+        if self.step < self.next_stop_check:
             return False
-        signum = int(max_over_ranks(signal.Signals[self.stop_signal] if self.stop_signal else 0, self.info))
+        own = signal.Signals[self.stop_signal] if self.stop_signal else 0
+        signum, seconds = max_over_ranks([own, self.elapsed_steps() - self.last_stop_check[1]], self.info)
+        self.next_stop_check = self.step + steps_between_stop_checks(seconds, self.step - self.last_stop_check[0])
+        self.last_stop_check = (self.step, self.elapsed_steps())
         if signum and self.stop_signal is None:  # the signal reached another rank only
-            self.stop_signal = signal.Signals(signum).name
+            self.stop_signal = signal.Signals(int(signum)).name
         return bool(signum)
 
     def fit(self) -> None:
@@ -329,6 +338,7 @@ class Trainer:
         t = self.cfg.train
         progress = Progress(self.info.is_main, t.max_steps, self.step, (self.history["val_psnr"] or [None])[-1])
         self.session_start = time.perf_counter()
+        self.next_stop_check, self.last_stop_check = self.step + 1, (self.step, self.elapsed_steps())
         window = {"loss": torch.zeros((), device=self.device), "n": 0, "data": 0.0, "start": time.perf_counter()}
         stopped = False
         while self.step < t.max_steps and not stopped:
@@ -506,6 +516,12 @@ class Trainer:
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss or the validation PSNR is no longer a number; the message says what is kept."""
+
+
+def steps_between_stop_checks(seconds: float, steps: int) -> int:
+    """As many steps as take STOP_CHECK_S at the pace of the last `steps` (which took `seconds`), 1 to STOP_CHECK_EVERY."""
+    per_step = seconds / max(steps, 1)
+    return STOP_CHECK_EVERY if per_step * STOP_CHECK_EVERY <= STOP_CHECK_S else max(1, int(STOP_CHECK_S / per_step))
 
 
 def _timed(loader, window: dict):
