@@ -7,11 +7,14 @@ import fcntl
 import importlib.util
 import json
 import os
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from data_pipeline.errors import UserError
+from data_pipeline.images import check_output_folder
 
 DEFAULT_DIR = Path("mlruns")
 RECORD = "mlflow_record.jsonl"  # a run recorded without MLflow (train.loop.tracking.RecordTracker)
@@ -29,8 +32,27 @@ def resolve_tracking_uri(configured: str = "", create: bool = True) -> str:
         db = Path(uri[len("sqlite:///"):])
         if not create and not db.is_file():
             raise UserError(f"no MLflow store at {db} (train a model first, or point MLFLOW_TRACKING_URI at the store)")
-        db.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            try:
+                check_output_folder(db.parent)
+            except UserError as exc:
+                raise UserError(f"MLflow store {uri} cannot be used: {exc}") from None
+    elif uri.startswith(("http://", "https://")):
+        check_server(uri)
     return uri
+
+
+def check_server(uri: str, timeout_s: float = 10.0) -> None:
+    """A tracking server that does not answer, said in seconds: MLflow's own retries take minutes
+    (4 for a refused connection) before they give up."""
+    where = urlsplit(uri)
+    host, port = where.hostname, where.port or (443 if where.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__  # "timed out" has no strerror
+        raise UserError(f"MLflow store {uri} cannot be used: no server answers at {host}:{port} ({reason}): "
+                        "is its `mlflow server` running?") from None
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
@@ -107,6 +129,13 @@ def log_to_run(run_id: str | None, metrics: dict[str, float], files: list[Path] 
     `record_dir` (the checkpoint's folder), the files staying where they are."""
     if not run_id:
         return "not logged to MLflow: the checkpoint names no run"
+    try:
+        return _log_to_run(run_id, metrics, files, artifact_path, record_dir)
+    except UserError as exc:  # a store that cannot be used, e.g. a server that does not answer
+        return f"not logged to MLflow: {exc}"
+
+
+def _log_to_run(run_id: str, metrics: dict[str, float], files, artifact_path: str | None, record_dir: Path | None) -> str:
     has_mlflow = importlib.util.find_spec("mlflow") is not None
     if run_id.startswith("offline-") and record_dir is not None and not (has_mlflow and run_for(run_id)):
         recorded = append_to_record(record_dir, run_id, metrics)

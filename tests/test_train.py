@@ -209,6 +209,33 @@ def test_bad_inputs_fail_with_one_line(tiles_dir, tmp_path, extra, message):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr, proc.stderr[-2000:]
 
 
+
+def test_a_store_that_cannot_be_used_is_said_in_seconds(tiles_dir, tmp_path, monkeypatch):
+    """A tracking server that does not answer took MLflow's retries, 4 minutes, to fail; a SQLite
+    store under a file gave a FileExistsError traceback. Both are one line before the first step,
+    and a command that logs to a run after its work (evaluate, the latency benchmarks) says it."""
+    import socket
+
+    from runtime.mlflow_store import log_to_run
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "a_file").write_text("")
+    for uri, said in ((f"http://127.0.0.1:{port}", f"no server answers at 127.0.0.1:{port} (Connection refused)"),
+                      (f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}", f"output {tmp_path / 'a_file'} exists and is not a folder")):
+        env = {**env_for(tmp_path), "MLFLOW_TRACKING_URI": uri}
+        proc = run([sys.executable, MAIN, *smoke_args(tiles_dir), "--out", str(tmp_path / "out")], env, timeout=60)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and last.startswith(f"error: MLflow store {uri} cannot be used: {said}"), proc.stderr[-2000:]
+        assert "step 1/" not in proc.stderr
+    env = {**env_for(tmp_path), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    proc = run([sys.executable, "-m", "train.evaluate", "--dataset", str(tiles_dir), "--log-mlflow"], env, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: MLflow store http") and not proc.stdout, proc.stderr  # before evaluating
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    assert log_to_run("some-run", {"psnr": 30.0}).startswith(f"not logged to MLflow: MLflow store http://127.0.0.1:{port} "
+                                                              "cannot be used: no server answers")
+
 def test_missing_data_root_is_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JPEG_RESTORE_DATA_ROOT"}
     proc = run([sys.executable, MAIN, *SMOKE, "--out", str(tmp_path / "out")], env)

@@ -42,7 +42,7 @@ from runtime.device import add_device_option, check_device, emulated_bf16_warnin
 from runtime.figures import side_by_side
 from runtime.inference import Restorer, shipped_model
 from runtime.metrics import image_metrics, metrics
-from runtime.mlflow_store import log_to_run
+from runtime.mlflow_store import log_to_run, resolve_tracking_uri
 
 RestoreFn = Callable[[np.ndarray, int], np.ndarray]  # (uint8 JPEG-decoded image, its quality) -> uint8 restored image
 
@@ -215,6 +215,8 @@ def main(argv=None) -> int:
         check_output_file(args.json, "--json")
     if args.side_by_side:
         check_output_folder(args.side_by_side)
+    if args.log_mlflow:
+        resolve_tracking_uri()  # a store that cannot be used is said now, not after the evaluation
     folder = dataset_dir(args.dataset, args.data_root)
     images, skipped = load_test_images(folder)
     models = {} if args.jpeg_only else load_models(images, args.checkpoint, args.device, args.precision, args.self_ensemble)

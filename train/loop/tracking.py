@@ -101,14 +101,17 @@ class Tracker:
         import mlflow
 
         self.mlflow = mlflow
-        self.uri = resolve_tracking_uri(tracking_uri)
+        remedy = "fix tracking.tracking_uri or MLFLOW_TRACKING_URI, or record the run without MLflow: --set tracking.offline=true"
+        try:
+            self.uri = resolve_tracking_uri(tracking_uri)
+        except UserError as exc:
+            raise UserError(f"{exc} ({remedy})") from None
         mlflow.set_tracking_uri(self.uri)
         try:
             self.run_id = self._start(experiment, run_name, run_id, tags)
         except Exception as exc:  # noqa: BLE001 - the store's own (MlflowException, SQLAlchemy's, HTTP's)
             reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-            raise UserError(f"MLflow store {self.uri} cannot be used: {reason} (fix tracking.tracking_uri or "
-                            "MLFLOW_TRACKING_URI, or record the run without MLflow: --set tracking.offline=true)") from None
+            raise UserError(f"MLflow store {self.uri} cannot be used: {reason} ({remedy})") from None
 
     def _start(self, experiment: str, run_name: str, run_id: str | None, tags: dict | None) -> str:
         mlflow = self.mlflow
