@@ -1,9 +1,18 @@
-"""The MLflow store under concurrent writers (a sweep's tasks): no run and no metric lost."""
+"""The MLflow store under concurrent writers (a sweep's tasks): no run and no metric lost; a
+tracking server that goes away during a training costs it nothing."""
+import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import mlflow
 import pytest
+import torch
+from train_runs import MAIN, REPO, env_for, smoke_args
 
 WRITER = """
 import sys
@@ -44,3 +53,66 @@ def test_compare_shows_latency_columns_only_where_a_run_has_them():
     assert "GPU ms 512²" in lines[0] and "CPU ms" not in lines[0]
     assert len({line.count("|") for line in lines}) == 1  # every row as wide as the header
     assert "| 2.4 |" in lines[-1] and "| - |" in lines[-2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_server(tmp_path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` (SQLite and artifacts in tmp_path), once it answers."""
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "server_artifacts"), "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    end = time.time() + 90
+    while time.time() < end:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return server
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(server.pid, signal.SIGKILL)
+    raise AssertionError("mlflow server did not answer in 90 s")
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_goes_away_mid_run_costs_the_training_nothing(tiles_dir, tmp_path):
+    """The server stopped at step 20: the run used to stall for MLflow's retries (4 minutes a call)
+    and die with a traceback. It trains on, recording the rest; the import puts that into its run."""
+    port, out = _free_port(), tmp_path / "out"
+    env = {**env_for(tmp_path), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    server = _mlflow_server(tmp_path, port)
+    try:
+        proc = subprocess.Popen([sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "train.max_steps=200", "--set", "train.log_every=5",
+                                 "--set", "train.val_every=50", "--set", "train.ckpt_every=50", "--out", str(out)],
+                                env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "step 20/200" in line:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+        assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
+        log = "".join(lines)
+        assert f"MLflow store http://127.0.0.1:{port} failed" in log and "done: 200 steps" in log, log[-3000:]
+        run_id = torch.load(out / "image_compression_model.pth", weights_only=True)["mlflow_run_id"]
+        record = [json.loads(line) for line in (out / "mlflow_record.jsonl").read_text().splitlines()]
+        assert record[0]["start"]["continues"] == run_id and record[-1]["status"] == "FINISHED"
+
+        server = _mlflow_server(tmp_path, port)  # back, on the same database
+        client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+        assert client.get_run(run_id).info.status == "RUNNING"
+        imported = subprocess.run([sys.executable, "-m", "train.import_run", str(out)], env=env, cwd=REPO, capture_output=True, text=True)
+        assert imported.returncode == 0 and run_id in imported.stdout, imported.stderr[-2000:]
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.metrics["best_val_psnr"] > 0
+        steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+        assert sorted(steps) == list(range(5, 201, 5))  # before the server went and after
+        assert "image_compression_model.pth" in {a.path for a in client.list_artifacts(run_id)}
+        again = subprocess.run([sys.executable, "-m", "train.import_run", str(out)], env=env, cwd=REPO, capture_output=True, text=True)
+        assert again.returncode == 2 and "is already in the store: run" in again.stderr, again.stderr
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)

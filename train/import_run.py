@@ -5,7 +5,9 @@ step and time, status and artifacts (files under <out>, which travel with the re
     python -m train.import_run outputs/gpu-run [--experiment jpeg-gpu] [--tag gpu=H100]
 
 The new run is tagged `offline_run_id`, so the checkpoint's recorded run id still finds it
-(`train.evaluate --log-mlflow`); importing the same record twice is refused.
+(`train.evaluate --log-mlflow`); importing the same record twice is refused. A record that
+continues an MLflow run (its store stopped answering during training) goes into that run; a later
+import adds what was recorded since.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from data_pipeline.errors import UserError, command
 from runtime.mlflow_store import artifact_location, resolve_tracking_uri, retry, run_for, store_lock
 
 from .loop.tracking import RECORD
+
+IMPORTED = "record_events_imported"  # on a run that a record continues: how many of its events the run holds
 
 
 def read_record(path: Path) -> list[dict]:
@@ -36,23 +40,35 @@ def read_record(path: Path) -> list[dict]:
 
 
 def import_run(out: Path, experiment: str | None = None, extra_tags: dict | None = None) -> str:
-    """The id of the MLflow run made from `out`'s record."""
+    """The id of the MLflow run made (or continued) from `out`'s record."""
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
 
-    events = read_record(out / RECORD)
-    start = events[0]["start"]
+    recorded = read_record(out / RECORD)
+    start = recorded[0]["start"]
     uri = resolve_tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
-    if run_for(start["run_id"]):
-        raise UserError(f"{out / RECORD} is already in the store as run {run_for(start['run_id'])}")
-    name = experiment or start["experiment"] or "jpeg-restore"
-    with store_lock(uri):
-        exp = retry(client.get_experiment_by_name, name)
-        exp_id = exp.experiment_id if exp else retry(client.create_experiment, name, artifact_location=artifact_location(uri, name))
-    tags = {"offline_run_id": start["run_id"], **(extra_tags or {})}
-    params, metrics, artifacts, status = {}, [], [], "FINISHED"
+    if start.get("continues"):
+        rid = start["continues"]
+        try:
+            done = int(retry(client.get_run, rid).data.tags.get(IMPORTED, 0))
+        except Exception:  # noqa: BLE001 - MlflowException: no such run
+            raise UserError(f"{out / RECORD} continues MLflow run {rid}, which the store {uri} does not hold") from None
+        events = recorded[done:]
+        if not events:
+            raise UserError(f"{out / RECORD} is already in the store: run {rid} holds all its {done} events")
+        tags, status = dict(extra_tags or {}), None
+    else:
+        if run_for(start["run_id"]):
+            raise UserError(f"{out / RECORD} is already in the store as run {run_for(start['run_id'])}")
+        name = experiment or start["experiment"] or "jpeg-restore"
+        with store_lock(uri):
+            exp = retry(client.get_experiment_by_name, name)
+            exp_id = exp.experiment_id if exp else retry(client.create_experiment, name, artifact_location=artifact_location(uri, name))
+        rid = retry(client.create_run, exp_id, start_time=int(recorded[0]["time"] * 1000), run_name=start["run_name"] or None).info.run_id
+        events, tags, status = recorded, {"offline_run_id": start["run_id"], **(extra_tags or {})}, "FINISHED"
+    params, metrics, artifacts = {}, [], []
     for e in events:
         tags.update(e.get("tags", {}))
         params.update(e.get("params", {}))
@@ -60,8 +76,6 @@ def import_run(out: Path, experiment: str | None = None, extra_tags: dict | None
         if "artifact" in e:
             artifacts.append((e["artifact"], e.get("artifact_path")))
         status = e.get("status", status)
-    run = retry(client.create_run, exp_id, start_time=int(events[0]["time"] * 1000), run_name=start["run_name"] or None)
-    rid = run.info.run_id
     retry(client.log_batch, rid, params=[Param(k, v) for k, v in params.items()], tags=[RunTag(k, str(v)) for k, v in tags.items()])
     for i in range(0, len(metrics), 1000):
         retry(client.log_batch, rid, metrics=metrics[i:i + 1000])
@@ -74,7 +88,10 @@ def import_run(out: Path, experiment: str | None = None, extra_tags: dict | None
             retry(client.log_artifacts, rid, str(path), where)
         else:
             retry(client.log_artifact, rid, str(path), where)
-    retry(client.set_terminated, rid, status, end_time=int(events[-1]["time"] * 1000))
+    if status:  # a record that continues a run and has not ended yet leaves it running
+        retry(client.set_terminated, rid, status, end_time=int(events[-1]["time"] * 1000))
+    if start.get("continues"):  # last: an import cut short is done again
+        retry(client.set_tag, rid, IMPORTED, str(len(recorded)))
     for rel in missing:
         print(f"artifact {rel} is not in {out}: not imported", file=sys.stderr)
     return rid

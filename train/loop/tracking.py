@@ -50,7 +50,7 @@ def make_tracker(enabled: bool, out: Path, offline: bool = False, **kwargs) -> "
             log.warning("MLflow is not installed: recording this run to %s (python -m train.import_run %s)", out / RECORD, out)
         return RecordTracker(out / RECORD, run_id=kwargs.get("run_id"), run_name=kwargs.get("run_name", ""),
                              experiment=kwargs.get("experiment", ""), tags=kwargs.get("tags"))
-    return Tracker(enabled, **kwargs)
+    return Tracker(enabled, record=out / RECORD, **kwargs)
 
 
 class RecordTracker:
@@ -58,9 +58,15 @@ class RecordTracker:
 
     enabled = True
 
-    def __init__(self, path: Path, run_id: str | None = None, run_name: str = "", experiment: str = "", tags: dict | None = None):
+    def __init__(self, path: Path, run_id: str | None = None, run_name: str = "", experiment: str = "", tags: dict | None = None,
+                 continues: str | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if continues:  # the rest of an MLflow run whose store stopped answering (Tracker)
+            self.run_id = continues
+            if not self.path.is_file():
+                self._event(start={"run_id": f"offline-{uuid.uuid4().hex}", "continues": continues})
+            return
         resumed = bool(run_id and run_id.startswith("offline-") and self.path.is_file())
         self.run_id = run_id if resumed else f"offline-{uuid.uuid4().hex}"
         if not resumed:
@@ -91,69 +97,103 @@ class RecordTracker:
 
 
 class Tracker:
-    """A thin MLflow wrapper; disabled (all calls no-ops) on ranks other than 0 or by config."""
+    """A thin MLflow wrapper; disabled (all calls no-ops) on ranks other than 0 or by config. A store
+    that fails during the run (after MLflow's own retries, MLFLOW_HTTP_REQUEST_MAX_RETRIES: minutes)
+    does not stop the training: the rest of the run goes to `record`, which train.import_run adds to
+    the same MLflow run once the store is back."""
 
     def __init__(self, enabled: bool, experiment: str = "", run_name: str = "", tracking_uri: str = "",
-                 run_id: str | None = None, tags: dict | None = None):
+                 run_id: str | None = None, tags: dict | None = None, record: Path | None = None):
         self.enabled, self.run_id = enabled, None
+        self.record_path, self.record = record, None
         if not enabled:
             return
         import mlflow
 
-        self.mlflow = mlflow
         remedy = "fix tracking.tracking_uri or MLFLOW_TRACKING_URI, or record the run without MLflow: --set tracking.offline=true"
         try:
             self.uri = resolve_tracking_uri(tracking_uri)
         except UserError as exc:
             raise UserError(f"{exc} ({remedy})") from None
-        mlflow.set_tracking_uri(self.uri)
+        self.mlflow = mlflow
         try:
             self.run_id = self._start(experiment, run_name, run_id, tags)
         except Exception as exc:  # noqa: BLE001 - the store's own (MlflowException, SQLAlchemy's, HTTP's)
             reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
             raise UserError(f"MLflow store {self.uri} cannot be used: {reason} ({remedy})") from None
+        self.ended = False
 
     def _start(self, experiment: str, run_name: str, run_id: str | None, tags: dict | None) -> str:
-        mlflow = self.mlflow
-        with store_lock(self.uri):
-            client = mlflow.MlflowClient()
+        from mlflow.tracking.context.registry import resolve_tags  # the source, user and git commit, as mlflow.start_run adds
+
+        with store_lock(self.uri):  # the first client of a new SQLite store creates its schema
+            # the client, not mlflow's active run: that one is ended at exit, which waits out a dead store's retries
+            self.client = client = self.mlflow.MlflowClient(self.uri)
             exp = retry(client.get_experiment_by_name, experiment)
             if exp is None:
                 exp_id = retry(client.create_experiment, experiment, artifact_location=artifact_location(self.uri, experiment))
             else:
                 exp_id = exp.experiment_id
-            run = None
             if run_id:
                 try:
-                    run = retry(mlflow.start_run, run_id=run_id)
+                    retry(client.update_run, run_id, status="RUNNING")
                     log.info("resuming MLflow run %s", run_id)
+                    return run_id
                 except Exception as exc:  # noqa: BLE001
                     log.warning("cannot resume MLflow run %s (%s); starting a new run", run_id, str(exc).splitlines()[0])
-            if run is None:
-                run = retry(mlflow.start_run, experiment_id=exp_id, run_name=run_name or None, tags=tags)
-        return run.info.run_id
+            return retry(client.create_run, exp_id, tags=resolve_tags(tags or {}), run_name=run_name or None).info.run_id
+
+    def _send(self, call, name: str, *args) -> None:
+        """MLflow's `call`, or once the store has failed this run, the record's `name`(*args)."""
+        if not self.enabled:
+            return
+        if self.record is None:
+            try:
+                call()
+                return
+            except Exception as exc:  # noqa: BLE001 - the store's own (MlflowException, HTTP's, SQLAlchemy's)
+                if self.record_path is None:
+                    raise
+                self.record = RecordTracker(self.record_path, continues=self.run_id)
+                log.warning("MLflow store %s failed (%s): the rest of run %s is recorded to %s; once the store is back, "
+                            "python -m train.import_run %s adds it to the run", self.uri,
+                            (str(exc).strip() or type(exc).__name__).splitlines()[0], self.run_id, self.record_path,
+                            self.record_path.parent)
+        getattr(self.record, name)(*args)
+
+    def _log_batch(self, **entities) -> None:
+        retry(self.client.log_batch, self.run_id, **entities)
 
     def log_params(self, params: dict) -> None:
-        if self.enabled:
-            items = list(params.items())
+        from mlflow.entities import Param
+
+        def call():
+            items = [Param(k, str(v)) for k, v in params.items()]
             for i in range(0, len(items), 100):
                 try:
-                    retry(self.mlflow.log_params, dict(items[i:i + 100]))
+                    self._log_batch(params=items[i:i + 100])
                 except Exception as exc:  # noqa: BLE001 - a resumed run already has them
                     log.debug("params not logged: %s", exc)
+        self._send(call, "log_params", params)
 
     def set_tags(self, tags: dict) -> None:
-        if self.enabled:
-            retry(self.mlflow.set_tags, tags)
+        from mlflow.entities import RunTag
+
+        self._send(lambda: self._log_batch(tags=[RunTag(k, str(v)) for k, v in tags.items()]), "set_tags", tags)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        if self.enabled:
-            retry(self.mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._send(lambda: self._log_batch(metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]),
+                   "log_metrics", metrics, step)
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
-        if self.enabled and Path(path).exists():
-            retry(self.mlflow.log_artifact, str(path), artifact_path)
+        if Path(path).exists():
+            self._send(lambda: retry(self.client.log_artifact, self.run_id, str(path), artifact_path),
+                       "log_artifact", path, artifact_path)
 
     def close(self, status: str = "FINISHED") -> None:
-        if self.enabled and self.mlflow.active_run() is not None:
-            retry(self.mlflow.end_run, status)
+        if self.enabled and not self.ended:
+            self.ended = True
+            self._send(lambda: retry(self.client.set_terminated, self.run_id, status), "close", status)
