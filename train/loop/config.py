@@ -160,6 +160,13 @@ class TrackingConfig:
     installed); `python -m train.import_run <out>` puts it into the store later."""
     tags: dict = field(default_factory=dict)
     """Extra run tags, e.g. the sweep id, array index and grid point (set by slurm/sweep.sh)."""
+    timeout_s: float = 120.0
+    """Longest wait for one call to the store (MLflow's own retries take minutes, a server that never
+    answers 20): at the start, an error; during the run, the rest goes to <out>/mlflow_record.jsonl
+    (train.import_run adds it to the run). Keep it under train.ddp_timeout_s: the other ranks wait."""
+
+    def __post_init__(self):
+        _positive("tracking", self, ("timeout_s",))
 
 
 @dataclass
