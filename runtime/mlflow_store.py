@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from data_pipeline.images import check_output_folder
 
 DEFAULT_DIR = Path("mlruns")
 RECORD = "mlflow_record.jsonl"  # a run recorded without MLflow (train.loop.tracking.RecordTracker)
+CALL_TIMEOUT_S = 120.0  # the longest wait for one call (MLflow's retries take minutes, 20 for a hung server)
 
 
 def default_tracking_uri(directory: Path = DEFAULT_DIR) -> str:
@@ -71,6 +73,26 @@ def retry(fn, *args, attempts: int = 8, **kwargs):
             if "locked" not in str(exc).lower() or i == attempts - 1:
                 raise
             time.sleep(0.2 * 2**i)
+
+
+def within(seconds: float, call, setting: str = ""):
+    """call(), or TimeoutError once it has taken `seconds` (it goes on in a daemon thread, which the
+    process does not wait for at exit); `setting` names what sets the limit."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+            result["error"] = exc
+    thread = threading.Thread(target=run, daemon=True, name="mlflow-call")
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer in {seconds:g} s" + (f" ({setting})" if setting else ""))
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
 
 
 @contextmanager
@@ -154,9 +176,10 @@ def _log_to_run(run_id: str, metrics: dict[str, float], files, artifact_path: st
     client = mlflow.MlflowClient()
     stamp = int(time.time() * 1000)
     try:
-        retry(client.log_batch, run_id, [mlflow.entities.Metric(k, float(v), stamp, 0) for k, v in metrics.items()])
+        within(CALL_TIMEOUT_S, lambda: retry(client.log_batch, run_id, [mlflow.entities.Metric(k, float(v), stamp, 0)
+                                                                       for k, v in metrics.items()]))
         for f in files:
-            retry(client.log_artifact, run_id, str(f), artifact_path)
-    except Exception as exc:  # noqa: BLE001 - a store without that run
+            within(CALL_TIMEOUT_S, lambda f=f: retry(client.log_artifact, run_id, str(f), artifact_path))
+    except Exception as exc:  # noqa: BLE001 - a store without that run, or one that does not answer
         return f"not logged to MLflow run {run_id}: {str(exc).splitlines()[0]}"
     return f"logged {len(metrics)} metrics to MLflow run {run_id}"

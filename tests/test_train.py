@@ -213,9 +213,11 @@ def test_bad_inputs_fail_with_one_line(tiles_dir, tmp_path, extra, message):
 def test_a_store_that_cannot_be_used_is_said_in_seconds(tiles_dir, tmp_path, monkeypatch):
     """A tracking server that does not answer took MLflow's retries, 4 minutes, to fail; a SQLite
     store under a file gave a FileExistsError traceback. Both are one line before the first step,
-    and a command that logs to a run after its work (evaluate, the latency benchmarks) says it."""
+    and a command that logs to a run after its work (evaluate, the latency benchmarks) says it, as it says
+    a server that never answers, after CALL_TIMEOUT_S."""
     import socket
 
+    from runtime import mlflow_store
     from runtime.mlflow_store import log_to_run
 
     with socket.socket() as s:  # a port nothing listens on
@@ -235,6 +237,12 @@ def test_a_store_that_cannot_be_used_is_said_in_seconds(tiles_dir, tmp_path, mon
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     assert log_to_run("some-run", {"psnr": 30.0}).startswith(f"not logged to MLflow: MLflow store http://127.0.0.1:{port} "
                                                               "cannot be used: no server answers")
+    with socket.socket() as hung:  # takes connections (the kernel's backlog) and never answers: MLflow waited 20 minutes
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{hung.getsockname()[1]}")
+        monkeypatch.setattr(mlflow_store, "CALL_TIMEOUT_S", 1.0)
+        assert log_to_run("some-run", {"psnr": 30.0}) == "not logged to MLflow run some-run: no answer in 1 s"
 
 def test_missing_data_root_is_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JPEG_RESTORE_DATA_ROOT"}

@@ -7,14 +7,13 @@ import importlib.util
 import json
 import logging
 import platform
-import threading
 import time
 import uuid
 from pathlib import Path
 
 from data_pipeline.errors import UserError
 from runtime.device import device_name
-from runtime.mlflow_store import RECORD, artifact_location, resolve_tracking_uri, retry, store_lock
+from runtime.mlflow_store import CALL_TIMEOUT_S, RECORD, artifact_location, resolve_tracking_uri, retry, store_lock, within
 
 log = logging.getLogger(__name__)
 
@@ -97,26 +96,6 @@ class RecordTracker:
         self._event(status=status)
 
 
-def within(seconds: float, call):
-    """call(), or TimeoutError once it has taken `seconds` (it goes on in a daemon thread, which the
-    process does not wait for at exit)."""
-    result = {}
-
-    def run():
-        try:
-            result["value"] = call()
-        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
-            result["error"] = exc
-    thread = threading.Thread(target=run, daemon=True, name="mlflow-call")
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        raise TimeoutError(f"no answer in {seconds:g} s (tracking.timeout_s)")
-    if "error" in result:
-        raise result["error"]
-    return result.get("value")
-
-
 class Tracker:
     """A thin MLflow wrapper; disabled (all calls no-ops) on ranks other than 0 or by config. A store
     that fails during the run (after MLflow's own retries, or after `timeout_s`) does not stop the
@@ -124,7 +103,7 @@ class Tracker:
     run once the store is back."""
 
     def __init__(self, enabled: bool, experiment: str = "", run_name: str = "", tracking_uri: str = "",
-                 run_id: str | None = None, tags: dict | None = None, record: Path | None = None, timeout_s: float = 120.0):
+                 run_id: str | None = None, tags: dict | None = None, record: Path | None = None, timeout_s: float = CALL_TIMEOUT_S):
         self.enabled, self.run_id = enabled, None
         self.record_path, self.record, self.timeout_s = record, None, timeout_s
         if not enabled:
@@ -138,7 +117,7 @@ class Tracker:
             raise UserError(f"{exc} ({remedy})") from None
         self.mlflow = mlflow
         try:
-            self.run_id = within(self.timeout_s, lambda: self._start(experiment, run_name, run_id, tags))
+            self.run_id = within(self.timeout_s, lambda: self._start(experiment, run_name, run_id, tags), "tracking.timeout_s")
         except Exception as exc:  # noqa: BLE001 - the store's own (MlflowException, SQLAlchemy's, HTTP's)
             reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
             raise UserError(f"MLflow store {self.uri} cannot be used: {reason} ({remedy})") from None
@@ -170,7 +149,7 @@ class Tracker:
             return
         if self.record is None:
             try:
-                within(self.timeout_s, call)
+                within(self.timeout_s, call, "tracking.timeout_s")
                 return
             except Exception as exc:  # noqa: BLE001 - the store's own (MlflowException, HTTP's, SQLAlchemy's)
                 if self.record_path is None:
