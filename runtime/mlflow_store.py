@@ -75,6 +75,11 @@ def retry(fn, *args, attempts: int = 8, **kwargs):
             time.sleep(0.2 * 2**i)
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception in one line (the stores' messages run to tracebacks; some have none)."""
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0]
+
+
 def within(seconds: float, call, setting: str = ""):
     """call(), or TimeoutError once it has taken `seconds` (it goes on in a daemon thread, which the
     process does not wait for at exit); `setting` names what sets the limit."""
@@ -181,5 +186,5 @@ def _log_to_run(run_id: str, metrics: dict[str, float], files, artifact_path: st
         for f in files:
             within(CALL_TIMEOUT_S, lambda f=f: retry(client.log_artifact, run_id, str(f), artifact_path))
     except Exception as exc:  # noqa: BLE001 - a store without that run, or one that does not answer
-        return f"not logged to MLflow run {run_id}: {str(exc).splitlines()[0]}"
+        return f"not logged to MLflow run {run_id}: {first_line(exc)}"
     return f"logged {len(metrics)} metrics to MLflow run {run_id}"

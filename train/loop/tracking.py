@@ -13,7 +13,7 @@ from pathlib import Path
 
 from data_pipeline.errors import UserError
 from runtime.device import device_name
-from runtime.mlflow_store import CALL_TIMEOUT_S, RECORD, artifact_location, resolve_tracking_uri, retry, store_lock, within
+from runtime.mlflow_store import CALL_TIMEOUT_S, RECORD, artifact_location, first_line, resolve_tracking_uri, retry, store_lock, within
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ class Tracker:
         try:
             self.run_id = within(self.timeout_s, lambda: self._start(experiment, run_name, run_id, tags), "tracking.timeout_s")
         except Exception as exc:  # noqa: BLE001 - the store's own (MlflowException, SQLAlchemy's, HTTP's)
-            reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-            raise UserError(f"MLflow store {self.uri} cannot be used: {reason} ({remedy})") from None
+            raise UserError(f"MLflow store {self.uri} cannot be used: {first_line(exc)} ({remedy})") from None
         self.ended = False
 
     def _start(self, experiment: str, run_name: str, run_id: str | None, tags: dict | None) -> str:
@@ -140,7 +139,7 @@ class Tracker:
                     log.info("resuming MLflow run %s", run_id)
                     return run_id
                 except Exception as exc:  # noqa: BLE001
-                    log.warning("cannot resume MLflow run %s (%s); starting a new run", run_id, str(exc).splitlines()[0])
+                    log.warning("cannot resume MLflow run %s (%s); starting a new run", run_id, first_line(exc))
             return retry(client.create_run, exp_id, tags=resolve_tags(tags or {}), run_name=run_name or None).info.run_id
 
     def _send(self, call, name: str, *args) -> None:
@@ -157,7 +156,7 @@ class Tracker:
                 self.record = RecordTracker(self.record_path, continues=self.run_id)
                 log.warning("MLflow store %s failed (%s): the rest of run %s is recorded to %s; once the store is back, "
                             "python -m train.import_run %s adds it to the run", self.uri,
-                            (str(exc).strip() or type(exc).__name__).splitlines()[0], self.run_id, self.record_path,
+                            first_line(exc), self.run_id, self.record_path,
                             self.record_path.parent)
         getattr(self.record, name)(*args)
 

@@ -317,10 +317,10 @@ class Trainer:
             return self.stop_signal is not None
         if self.step < self.next_stop_check:
             return False
-        own = signal.Signals[self.stop_signal] if self.stop_signal else 0
-        signum, seconds = max_over_ranks([own, self.elapsed_steps() - self.last_stop_check[1]], self.info)
+        own, now = signal.Signals[self.stop_signal] if self.stop_signal else 0, self.elapsed_steps()
+        signum, seconds = max_over_ranks([own, now - self.last_stop_check[1]], self.info)
         self.next_stop_check = self.step + steps_between_stop_checks(seconds, self.step - self.last_stop_check[0])
-        self.last_stop_check = (self.step, self.elapsed_steps())
+        self.last_stop_check = (self.step, now)
         if signum and self.stop_signal is None:  # the signal reached another rank only
             self.stop_signal = signal.Signals(int(signum)).name
         return bool(signum)
