@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .errors import command
 from .images import MODES, BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, jpeg_bytes, png_bytes, read_image
-from .sources import DataError, dataset_dir, is_archive, source_images
+from .sources import DataError, dataset_dir, is_archive, source_images, subfolders
 from .system import die_with_parent, usable_cpus
 
 MANIFEST = "manifest.json"
@@ -107,6 +107,9 @@ def prepare(source: Path | str, out: Path | str, mode: str = "gray", qualities=(
     out.mkdir(parents=True, exist_ok=True)
 
     skipped, jobs, seen = [], [], {}
+    if source.is_dir():  # the output folder may sit inside the source
+        skipped += [{"file": f"{d.name}/", "reason": "a subfolder (not searched: prepare it as a source of its own)"}
+                    for d in subfolders(source) if d.resolve() != out.resolve()]
     for f in files:
         name = f.stem
         if name in seen:

@@ -130,8 +130,19 @@ def source_images(source: Path, scratch: Path) -> list[Path]:
     else:
         raise DataError(f"source {source} is neither a folder nor a known archive")
     if not files:
-        raise DataError(f"source {source} holds no images")
+        folders = subfolders(source) if source.is_dir() else []
+        unsearched = (f" (its subfolders {', '.join(f'{d.name}/' for d in folders[:3])}{', ...' if len(folders) > 3 else ''} "
+                      "are not searched: name one of them as the source)") if folders else ""
+        raise DataError(f"source {source} holds no images{unsearched}")
     return files
+
+
+def subfolders(folder: Path) -> list[Path]:
+    """The visible subfolders of a source folder: prepare reads the images at its top level only
+    (scikit-image's data folder holds package files besides the photographs)."""
+    if folder.resolve() == skimage_dir().resolve():
+        return []
+    return [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
 
 
 def refuse_test_set(files: list[Path], source: Path) -> None:

@@ -1,5 +1,6 @@
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -96,6 +97,21 @@ def test_empty_or_missing_source_is_a_clear_error(tmp_path):
     (tmp_path / "junk" / "a.png").write_bytes(b"")
     with pytest.raises(DataError, match="no usable images"):
         prepare(tmp_path / "junk", tmp_path / "out", progress=False)
+
+
+def test_subfolders_of_a_source_are_reported_not_passed_over_silently(real_images, tmp_path):
+    (real_images / "more").mkdir()
+    shutil.move(str(sorted(real_images.glob("*.png"))[0]), real_images / "more")
+    out = real_images / "prepared"  # an output folder inside the source is not reported
+    manifest = prepare(real_images, out, "gray", [10], progress=False)
+    assert len(manifest["files"]) == 5
+    assert json.loads((out / "report.json").read_text())["skipped"] == [
+        {"file": "more/", "reason": "a subfolder (not searched: prepare it as a source of its own)"}]
+    only_folders = tmp_path / "by-year"
+    (only_folders / "2019").mkdir(parents=True)
+    (only_folders / "2020").mkdir()
+    with pytest.raises(DataError, match=r"holds no images \(its subfolders 2019/, 2020/ are not searched: name one"):
+        prepare(only_folders, tmp_path / "out", progress=False)
 
 
 def _cli(*args, env=None):
