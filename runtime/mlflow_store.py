@@ -172,7 +172,8 @@ def _log_to_run(run_id: str, metrics: dict[str, float], files, artifact_path: st
         return "not logged to MLflow: it is not installed"
     import mlflow
 
-    mlflow.set_tracking_uri(resolve_tracking_uri())
+    uri = resolve_tracking_uri(create=False)  # the run is in a store that exists, or in none
+    mlflow.set_tracking_uri(uri)
     if run_id.startswith("offline-"):  # recorded without MLflow: the run it was imported as
         imported = run_for(run_id)
         if imported is None:
@@ -185,6 +186,10 @@ def _log_to_run(run_id: str, metrics: dict[str, float], files, artifact_path: st
                                                                        for k, v in metrics.items()]))
         for f in files:
             within(CALL_TIMEOUT_S, lambda f=f: retry(client.log_artifact, run_id, str(f), artifact_path))
-    except Exception as exc:  # noqa: BLE001 - a store without that run, or one that does not answer
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            return f"not logged to MLflow run {run_id}: {first_line(exc)}"
+        return f"not logged to MLflow: run {run_id} is not in the store {uri} (a model trained against another store)"
+    except Exception as exc:  # noqa: BLE001 - a store that does not answer
         return f"not logged to MLflow run {run_id}: {first_line(exc)}"
     return f"logged {len(metrics)} metrics to MLflow run {run_id}"

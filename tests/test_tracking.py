@@ -41,6 +41,22 @@ def test_concurrent_writers_lose_nothing(tmp_path):
         assert [m.step for m in sorted(client.get_metric_history(r.info.run_id, "loss"), key=lambda m: m.step)] == list(range(60))
 
 
+def test_logging_to_a_run_of_another_store_says_so_and_creates_no_store(tmp_path, monkeypatch):
+    from runtime.mlflow_store import log_to_run
+
+    db = tmp_path / "store" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    said = log_to_run("0" * 32, {"latency_ms": 1.0})  # a fresh clone's shipped model: its run was in another store
+    assert said == f"not logged to MLflow: no MLflow store at {db} (train a model first, or point MLFLOW_TRACKING_URI at the store)"
+    assert not db.parent.exists()
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    client = mlflow.MlflowClient()
+    run = client.create_run(client.create_experiment("here"))
+    assert log_to_run(run.info.run_id, {"latency_ms": 1.0}) == f"logged 1 metrics to MLflow run {run.info.run_id}"
+    assert log_to_run("0" * 32, {"latency_ms": 1.0}) == (f"not logged to MLflow: run {'0' * 32} is not in the store "
+                                                         f"sqlite:///{db} (a model trained against another store)")
+
+
 def test_compare_shows_latency_columns_only_where_a_run_has_them():
     from train.compare import markdown
 
