@@ -6,7 +6,7 @@ A folder gives its image files and anything else Pillow opens (WebP, GIF); other
 once and passed over. Any size (tiled above 512 px with overlap, so memory stays bounded), gray or
 color. A gray model on a color image restores the luma (Y of JPEG's own YCbCr) and keeps the
 chroma; an RGB model restores all three channels; a gray photo stored as RGB (three equal
-channels) is gray. Writes <name>.png into the output folder; inputs with the same
+channels) is gray. Writes <name>.png into the output folder (not an input folder); inputs with the same
 name get <name>-2.png, <name>-3.png, ... It never writes over an input, and never over a file it
 did not create in this run unless --overwrite is given. A JPEG saved at a quality above the
 model's bound (read from the file's own tables) is left as it is and reported: a model trained on
@@ -175,6 +175,9 @@ def main(argv=None) -> int:
     for name, value in (("--max-quality", args.max_quality), ("--quality", args.quality)):
         if value is not None and not 1 <= value <= 100:
             raise UserError(f"{name} must be a JPEG quality in 1..100, got {value}")
+    if any(p.is_dir() and p.resolve() == args.out.resolve() for p in args.inputs):
+        raise UserError(f"-o {args.out} is one of the input folders: the next run would restore its restored PNGs "
+                        "again; write them to another folder")
     files, others = inputs_of(args.inputs)
     folders = [f"{p.name}/" for p in others if p.is_dir()]
     others = [p.name for p in others if not p.is_dir()]

@@ -229,11 +229,12 @@ def test_restore_command_beats_jpeg_on_held_out_gray_and_color(trained, tmp_path
     assert (inp / "already.png").read_bytes() == before
 
 
-@pytest.mark.parametrize("args, message", [(["missing.jpg"], "does not exist"),
-                                           (["--checkpoint", "nope.pth", "."], "not found")])
+@pytest.mark.parametrize("args, message", [(["missing.jpg", "-o", "out"], "does not exist"),
+                                           (["--checkpoint", "nope.pth", ".", "-o", "out"], "not found"),
+                                           ([".", "-o", "."], "is one of the input folders: the next run would restore")])
 def test_restore_command_errors_are_one_line(tmp_path, args, message):
-    proc = subprocess.run([sys.executable, "-m", "serve_bench.restore", *args, "-o", str(tmp_path)], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "serve_bench.restore", *args], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and message in proc.stderr
 
 
