@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -109,6 +110,10 @@ def main(argv=None) -> int:
         if args.index is None:
             raise ConfigError("args needs the array index")
         print("\n".join(task_args(sweep, args.index, args.sweep_id)))  # one argument per line
+        count, last = len(tasks(sweep)), os.environ.get("SLURM_ARRAY_TASK_MAX")
+        if last and int(last) < count - 1:  # sbatch without --array for a longer sweep runs its first 8
+            print(f"note: the sweep has {count} tasks (0..{count - 1}) and this job array ends at {last}; "
+                  f"sbatch --array=0-{count - 1} slurm/sweep.sh runs them all", file=sys.stderr)
     return 0
 
 
