@@ -88,9 +88,12 @@ def read_image(path: Path | str, mode: str | None, min_size: int = 1) -> np.ndar
                 if im.getchannel("A").getextrema() != (255, 255):
                     raise BadImage(f"has transparent pixels ({src_mode}); a restored image would lose them")
                 im = im.convert(im.mode[:-1])
-            if im.mode not in ("L", "RGB"):
-                raise BadImage(f"unsupported pixel mode {src_mode} (need 8-bit gray or RGB)")
-            arr = np.asarray(im)
+            if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PPM"):  # 16-bit gray
+                arr = np.round(np.asarray(im, dtype=np.float64) / 257).astype(np.uint8)  # Pillow reads 16-bit RGB as 8 too
+            elif im.mode in ("L", "RGB"):
+                arr = np.asarray(im)
+            else:
+                raise BadImage(f"unsupported pixel mode {src_mode} (need gray or RGB)")
     except BadImage:
         raise
     except Exception as exc:  # Pillow raises many types for broken files

@@ -27,7 +27,7 @@ def test_gray_mode_converts_rgb_files_to_luma(photo_pair):
     ("truncated", "not a readable image"),
     ("text", "not a readable image"),
     ("tiny", "too small"),
-    ("deep", "unsupported pixel mode I;16"),
+    ("cmyk", "unsupported pixel mode CMYK"),
     ("transparent", r"has transparent pixels \(LA\)"),
     ("palette_transparent", r"has transparent pixels \(P\)"),
     ("animation", "has 3 frames"),
@@ -48,8 +48,9 @@ def test_bad_inputs_give_a_reason(tmp_path, photo_pair, kind, reason):
         path.write_text("this is not an image\n")
     elif kind == "tiny":
         Image.fromarray(gray[:16, :16]).save(path)
-    elif kind == "deep":
-        Image.fromarray(gray.astype(np.uint16) * 256).save(path)
+    elif kind == "cmyk":  # a print shop's JPEG
+        path = tmp_path / "cmyk.jpg"
+        Image.fromarray(gray).convert("CMYK").save(path)
     elif kind == "transparent":
         alpha = np.full_like(gray, 255)
         alpha[:8] = 0
@@ -79,6 +80,17 @@ def test_bilevel_palette_and_camera_mpo_files_read_as_their_pixels(tmp_path, pho
     # a phone's JPEG with a preview appended (MPO): the photo itself, not "2 frames"
     Image.fromarray(rgb).save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[Image.fromarray(rgb[::4, ::4].copy())])
     assert np.array_equal(read_image(tmp_path / "phone.jpg", None), jpeg_roundtrip(rgb, 75))
+
+
+def test_16_bit_gray_files_read_as_8_bit_as_pillow_reads_16_bit_rgb(tmp_path, photo_pair):
+    gray, _ = photo_pair
+    deep = gray.astype(np.uint16) * 257  # 8-bit values scaled to the 16-bit range
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    Image.fromarray(deep).save(tmp_path / "deep.tif")
+    h, w = gray.shape
+    (tmp_path / "deep.pgm").write_bytes(f"P5\n{w} {h}\n65535\n".encode() + deep.astype(">u2").tobytes())
+    for name in ("deep.png", "deep.tif", "deep.pgm"):
+        assert np.array_equal(read_image(tmp_path / name, None), gray), name
 
 
 def test_a_gray_photo_stored_as_rgb_is_gray_and_stays_gray_through_jpeg(photo_pair):
