@@ -133,19 +133,66 @@ def latency_metric(backend: str, device: str, batch: int, height: int, width: in
     return f"latency_p50_ms_{'cuda_' if device == 'cuda' else ''}{name}_{batch}x{height}x{width}"
 
 
+def _record_of(out: Path | None, run_id: str) -> Path | None:
+    """The offline record of run `run_id` in folder `out`, if it holds one."""
+    path = Path(out or ".") / RECORD
+    if out is None or not path.is_file():
+        return None
+    with open(path) as f:
+        return path if json.loads(f.readline() or "{}").get("start", {}).get("run_id") == run_id else None
+
+
 def append_to_record(out: Path, run_id: str, metrics: dict[str, float]) -> str | None:
     """Metrics added to the offline record of run `run_id` in folder `out`, as the run's own
     tracker writes them: they go into the store with the record (train.import_run). None when
     `out` holds no record of that run."""
-    path = Path(out) / RECORD
-    if not path.is_file():
+    path = _record_of(out, run_id)
+    if path is None:
         return None
-    with open(path) as f:
-        if json.loads(f.readline() or "{}").get("start", {}).get("run_id") != run_id:
-            return None
     with open(path, "a") as f:
         f.write(json.dumps({"metrics": {k: float(v) for k, v in metrics.items()}, "step": 0, "time": time.time()}) + "\n")
     return f"recorded {len(metrics)} metrics to {path} (run {run_id}; python -m train.import_run {out})"
+
+
+def _destination(run_id: str | None, record_dir: Path | None) -> str | None:
+    """The store's run that metrics for the checkpoint's `run_id` go to, or None for its offline
+    record in `record_dir` (a GPU machine without MLflow, the run not imported yet); a UserError
+    says why they can go nowhere."""
+    if not run_id:
+        raise UserError("the checkpoint names no run")
+    has_mlflow = importlib.util.find_spec("mlflow") is not None
+    if run_id.startswith("offline-") and _record_of(record_dir, run_id) and not (has_mlflow and run_for(run_id)):
+        return None
+    if not has_mlflow:
+        raise UserError("it is not installed")
+    import mlflow
+
+    uri = resolve_tracking_uri(create=False)  # the run is in a store that exists, or in none
+    mlflow.set_tracking_uri(uri)
+    if run_id.startswith("offline-"):  # recorded without MLflow: the run it was imported as
+        imported = run_for(run_id)
+        if imported is None:
+            raise UserError(f"run {run_id} was recorded offline and not imported (python -m train.import_run)")
+        run_id = imported
+    try:
+        within(CALL_TIMEOUT_S, lambda: retry(mlflow.MlflowClient().get_run, run_id))
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise UserError(f"run {run_id} is not in the store {uri} (a model trained against another store: "
+                            "point MLFLOW_TRACKING_URI at that one)") from None
+        raise
+    return run_id
+
+
+def unloggable(run_id: str | None, record_dir: Path | None = None) -> str | None:
+    """Why log_to_run could not log to the checkpoint's run now, or None: said before minutes of work."""
+    try:
+        _destination(run_id, record_dir)
+    except UserError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - a store that does not answer
+        return f"run {run_id}: {first_line(exc)}"
+    return None
 
 
 def log_to_run(run_id: str | None, metrics: dict[str, float], files: list[Path] = (), artifact_path: str | None = None,
@@ -154,42 +201,20 @@ def log_to_run(run_id: str | None, metrics: dict[str, float], files: list[Path] 
     what happened, in one line (a store without that run is said, not raised). A run recorded
     offline and not imported yet (a GPU machine without MLflow) gets the metrics in its record in
     `record_dir` (the checkpoint's folder), the files staying where they are."""
-    if not run_id:
-        return "not logged to MLflow: the checkpoint names no run"
     try:
-        return _log_to_run(run_id, metrics, files, artifact_path, record_dir)
+        target = _destination(run_id, record_dir)
+        if target is None:
+            return append_to_record(record_dir, run_id, metrics)
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        stamp = int(time.time() * 1000)
+        within(CALL_TIMEOUT_S, lambda: retry(client.log_batch, target, [mlflow.entities.Metric(k, float(v), stamp, 0)
+                                                                      for k, v in metrics.items()]))
+        for f in files:
+            within(CALL_TIMEOUT_S, lambda f=f: retry(client.log_artifact, target, str(f), artifact_path))
     except UserError as exc:  # a store that cannot be used, e.g. a server that does not answer
         return f"not logged to MLflow: {exc}"
-
-
-def _log_to_run(run_id: str, metrics: dict[str, float], files, artifact_path: str | None, record_dir: Path | None) -> str:
-    has_mlflow = importlib.util.find_spec("mlflow") is not None
-    if run_id.startswith("offline-") and record_dir is not None and not (has_mlflow and run_for(run_id)):
-        recorded = append_to_record(record_dir, run_id, metrics)
-        if recorded:
-            return recorded
-    if not has_mlflow:
-        return "not logged to MLflow: it is not installed"
-    import mlflow
-
-    uri = resolve_tracking_uri(create=False)  # the run is in a store that exists, or in none
-    mlflow.set_tracking_uri(uri)
-    if run_id.startswith("offline-"):  # recorded without MLflow: the run it was imported as
-        imported = run_for(run_id)
-        if imported is None:
-            return f"not logged to MLflow: run {run_id} was recorded offline and not imported (python -m train.import_run)"
-        run_id = imported
-    client = mlflow.MlflowClient()
-    stamp = int(time.time() * 1000)
-    try:
-        within(CALL_TIMEOUT_S, lambda: retry(client.log_batch, run_id, [mlflow.entities.Metric(k, float(v), stamp, 0)
-                                                                       for k, v in metrics.items()]))
-        for f in files:
-            within(CALL_TIMEOUT_S, lambda f=f: retry(client.log_artifact, run_id, str(f), artifact_path))
-    except mlflow.exceptions.MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            return f"not logged to MLflow run {run_id}: {first_line(exc)}"
-        return f"not logged to MLflow: run {run_id} is not in the store {uri} (a model trained against another store)"
     except Exception as exc:  # noqa: BLE001 - a store that does not answer
         return f"not logged to MLflow run {run_id}: {first_line(exc)}"
-    return f"logged {len(metrics)} metrics to MLflow run {run_id}"
+    return f"logged {len(metrics)} metrics to MLflow run {target}"

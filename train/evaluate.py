@@ -42,7 +42,7 @@ from runtime.device import add_device_option, check_device, emulated_bf16_warnin
 from runtime.figures import side_by_side
 from runtime.inference import Restorer, shipped_model
 from runtime.metrics import image_metrics, metrics
-from runtime.mlflow_store import log_to_run, resolve_tracking_uri
+from runtime.mlflow_store import log_to_run, resolve_tracking_uri, unloggable
 
 RestoreFn = Callable[[np.ndarray, int], np.ndarray]  # (uint8 JPEG-decoded image, its quality) -> uint8 restored image
 
@@ -223,6 +223,10 @@ def main(argv=None) -> int:
     if args.log_mlflow and len({c for c, _ in models.values()}) > 1:  # the shipped gray and color models
         raise UserError("--log-mlflow logs to one model's run, and this folder's gray and color images take two "
                         "(the shipped gray and color models): give --checkpoint")
+    if args.log_mlflow and models:
+        checkpoint, model = next(iter(models.values()))
+        if why := unloggable(model.meta.get("mlflow_run_id"), checkpoint.parent):  # said now, not after the evaluation
+            raise UserError(f"--log-mlflow: {why}")
     restorer = by_kind(models) if models else None
     for s in skipped:
         print(f"skipped {s}", file=sys.stderr)
@@ -245,7 +249,6 @@ def main(argv=None) -> int:
     if args.side_by_side:
         write_side_by_side(extra["kept"], args.side_by_side)
     if args.log_mlflow and models:
-        checkpoint, model = next(iter(models.values()))
         name = Path(args.dataset).name + ("_x8" if args.self_ensemble else "")
         logged = {f"{name}_{kind}_{m}_q{q}": v for q, r in results.items() for kind, ms in r.items() for m, v in ms.items()}
         logged[f"{name}_eval_time_s"] = time.perf_counter() - start
