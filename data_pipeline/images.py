@@ -15,6 +15,10 @@ from .errors import UserError, WriteError
 
 IMAGE_SUFFIXES = {".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg"}
 MODES = ("gray", "rgb")
+# Pillow's own guard against decompression bombs warns from 89 MP and raises an error naming no file
+# from 179 MP; read_image refuses above that size itself, with the image's size
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+Image.MAX_IMAGE_PIXELS = None
 
 # MATLAB rgb2ycbcr for uint8: T scaled by 1/255, offset 16, rounded half up. This exact
 # arithmetic reproduces ../shared/data/live1_gray from live1_color bit for bit.
@@ -75,6 +79,9 @@ def read_image(path: Path | str, mode: str | None, min_size: int = 1) -> np.ndar
         raise BadImage("empty file (0 bytes)")
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:  # before decoding
+                raise BadImage(f"too large ({im.width}x{im.height}, {im.width * im.height / 1e6:.0f} MP; at most "
+                               f"{MAX_PIXELS / 1e6:.0f} MP, Pillow's guard against decompression bombs: cut it into parts)")
             im.load()  # full decode: catches truncated data that verify() lets through
             frames = getattr(im, "n_frames", 1)
             if frames > 1 and im.format != "MPO":  # a camera's MPO JPEG: the photo, then previews

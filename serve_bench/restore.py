@@ -3,10 +3,11 @@
     python -m serve_bench.restore photo.jpg scans/ -o restored/ [--backend torch|onnxruntime|tensorrt] [--overwrite]
 
 A folder gives its image files and anything else Pillow opens (WebP, GIF); other files are named
-once and passed over. Any size (tiled above 512 px with overlap, so memory stays bounded), gray or
-color. A gray model on a color image restores the luma (Y of JPEG's own YCbCr) and keeps the
-chroma; an RGB model restores all three channels; a gray photo stored as RGB (three equal
-channels) is gray. Writes <name>.png into the output folder (not an input folder); inputs with the same
+once and passed over. Any size up to 179 MP (tiled above 512 px with overlap, so the model's memory
+stays bounded; the image's own grows with it: a 140 MP gray JPEG took 3.9 GB), gray or color. A
+gray model on a color image restores the luma (Y of JPEG's own YCbCr) and keeps the chroma; an
+RGB model restores all three channels; a gray photo stored as RGB (three equal channels) is
+gray. Writes <name>.png into the output folder (not an input folder); inputs with the same
 name get <name>-2.png, <name>-3.png, ... It never writes over an input, and never over a file it
 did not create in this run unless --overwrite is given. A JPEG saved at a quality above the
 model's bound (read from the file's own tables) is left as it is and reported: a model trained on

@@ -1,3 +1,7 @@
+import struct
+import warnings
+import zlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -28,6 +32,7 @@ def test_gray_mode_converts_rgb_files_to_luma(photo_pair):
     ("text", "not a readable image"),
     ("tiny", "too small"),
     ("cmyk", "unsupported pixel mode CMYK"),
+    ("huge", r"too large \(20000x14000, 280 MP; at most 179 MP"),
     ("transparent", r"has transparent pixels \(LA\)"),
     ("palette_transparent", r"has transparent pixels \(P\)"),
     ("animation", "has 3 frames"),
@@ -48,6 +53,8 @@ def test_bad_inputs_give_a_reason(tmp_path, photo_pair, kind, reason):
         path.write_text("this is not an image\n")
     elif kind == "tiny":
         Image.fromarray(gray[:16, :16]).save(path)
+    elif kind == "huge":  # a PNG header (the size is checked before decoding) and a little data
+        path.write_bytes(_png_header(20000, 14000))
     elif kind == "cmyk":  # a print shop's JPEG
         path = tmp_path / "cmyk.jpg"
         Image.fromarray(gray).convert("CMYK").save(path)
@@ -66,8 +73,24 @@ def test_bad_inputs_give_a_reason(tmp_path, photo_pair, kind, reason):
     else:
         Image.fromarray(gray).save(path)
         mode = "rgb"
-    with pytest.raises(BadImage, match=reason):
-        read_image(path, mode, min_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's DecompressionBombWarning from 89 MP on
+        with pytest.raises(BadImage, match=reason):
+            read_image(path, mode, min_size=32)
+
+
+def test_a_100_mp_image_reads_without_pillows_decompression_bomb_warning(tmp_path):
+    (tmp_path / "large.png").write_bytes(_png_header(10000, 10000))  # Pillow fills in the rows the data lacks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_image(tmp_path / "large.png", None).shape == (10000, 10000)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(bytes(width + 1)))
 
 
 def test_bilevel_palette_and_camera_mpo_files_read_as_their_pixels(tmp_path, photo_pair):
