@@ -74,9 +74,9 @@ def with_quality(x: torch.Tensor, quality: int | None) -> torch.Tensor:
 
 def to_uint8(img: np.ndarray | torch.Tensor) -> np.ndarray:
     """Float [0,1] (HxW, HxWxC, or CxHxW tensor) -> rounded, clipped uint8 HxW[xC]."""
-    if isinstance(img, torch.Tensor):
-        img = img.detach().float().cpu().numpy()
-        img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+    if isinstance(img, torch.Tensor):  # rounded and clipped in torch, in place: one float copy of the image
+        img = img.detach().float().mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+        return (img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).contiguous().cpu().numpy()
     return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
 
 

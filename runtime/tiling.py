@@ -34,7 +34,8 @@ def tiled_forward(fn, x: torch.Tensor, tile: int, overlap: int, max_tiles: int =
     (a quality plane goes in, only the image comes out)."""
     h, w = x.shape[-2:]
     x = pad_to_blocks(x)  # the last tile's start, size - tile, then stays on the 8x8 grid
-    x = F.pad(x, (0, max(0, tile - x.shape[-1]), 0, max(0, tile - x.shape[-2])), mode="replicate")  # smaller than a tile
+    if min(x.shape[-2:]) < tile:  # a side smaller than a tile
+        x = F.pad(x, (0, max(0, tile - x.shape[-1]), 0, max(0, tile - x.shape[-2])), mode="replicate")
     n, _, H, W = x.shape
     ys, xs = _starts(H, tile, tile - overlap), _starts(W, tile, tile - overlap)
     ramp = torch.arange(tile, device=x.device, dtype=torch.float32)
@@ -55,7 +56,7 @@ def tiled_forward(fn, x: torch.Tensor, tile: int, overlap: int, max_tiles: int =
             norm[:, :, y0:y0 + tile, x0:x0 + tile] += weight
         if progress is not None:
             progress(len(chunk))
-    return (out / norm)[:, :, :h, :w].to(x.dtype)
+    return out.div_(norm)[:, :, :h, :w].to(x.dtype)  # in place: the image's buffers are most of the memory
 
 
 def self_ensemble(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +74,7 @@ def self_ensemble(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 def pad_to_blocks(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """x padded at the bottom and right to whole JPEG blocks, repeating the edge as encoders do."""
     h, w = x.shape[-2:]
-    return F.pad(x, (0, -w % block, 0, -h % block), mode="replicate")
+    return F.pad(x, (0, -w % block, 0, -h % block), mode="replicate") if h % block or w % block else x
 
 
 def restore_tensor(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int = TILE,

@@ -4,7 +4,7 @@
 
 A folder gives its image files and anything else Pillow opens (WebP, GIF); other files are named
 once and passed over. Any size up to 179 MP (tiled above 512 px with overlap, so the model's memory
-stays bounded; the image's own grows with it: a 140 MP gray JPEG took 3.9 GB), gray or color. A
+stays bounded; the image's own grows with it: a 140 MP gray JPEG took 2.8 GB), gray or color. A
 gray model on a color image restores the luma (Y of JPEG's own YCbCr) and keeps the chroma; an
 RGB model restores all three channels; a gray photo stored as RGB (three equal channels) is
 gray. Writes <name>.png into the output folder (not an input folder); inputs with the same
@@ -61,7 +61,7 @@ def restore_array(runner, meta: dict, img: np.ndarray, ensemble: bool = False, t
             t = with_quality(t, quality)
         with torch.inference_mode():
             y = runner.restore(t, ensemble, tiles_per_call, progress)
-            return to_uint8(y.clamp(0, 1)[0])
+            return to_uint8(y[0])  # clipped to 0..255 there
 
     return in_model_mode(restore, meta["mode"], img)
 
