@@ -3,7 +3,7 @@ and 1 against 2 processes (torchrun, gloo on CPU).
 
     python -m train.benchmark [--arch dncnn] [--steps 12] [--json outputs/train_bench.json]
     python -m train.benchmark --loaders --modes gray,rgb --data-root ../shared/data   # loaders beside what a step consumes
-    python -m train.benchmark --end-to-end --arch unet --kwargs "{width = 64, levels = 3}" --batch 64 --patch 128 \
+    python -m train.benchmark --end-to-end --arch unet --kwargs "{width = 64, levels = 3}" --batch 64 --patch 128 \\
         --dataset train_color --backends resident,torch --data-root ../shared/data   # Trainer + real data vs bare loop
 
 All on synthetic batches (batch 32, 64x64 unless --batch / --patch, channels_last, AdamW, L1; --precision auto is bf16
