@@ -135,8 +135,7 @@ def latency_metric(backend: str, device: str, batch: int, height: int, width: in
 
 def _record_of(out: Path | None, run_id: str) -> Path | None:
     """The offline record of run `run_id` in folder `out`, if it holds one."""
-    path = Path(out or ".") / RECORD
-    if out is None or not path.is_file():
+    if out is None or not (path := Path(out) / RECORD).is_file():
         return None
     with open(path) as f:
         return path if json.loads(f.readline() or "{}").get("start", {}).get("run_id") == run_id else None
