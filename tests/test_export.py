@@ -171,6 +171,19 @@ def test_inference_on_cpu_runs_channels_last_with_the_same_output(trained):
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
 
 
+def test_compiled_runner_restores_images_of_many_sizes_without_recompiling(trained):
+    """restore --backend torch-compile on a folder of photos compiled once per image size (6 s each
+    on CPU) and gave up after 8, with a warning: small images now run eagerly, larger ones compiled
+    in 512-px tiles, one shape."""
+    path, _ = trained
+    compiled, eager = make_runner("torch-compile", path, "cpu"), make_runner("torch", path, "cpu")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for h, w in [(40, 48), (56, 40), (200, 96), (600, 520), (530, 700)]:
+            x = torch.rand(1, 1, h, w)
+            torch.testing.assert_close(compiled.restore(x), eager.restore(x), atol=1e-4, rtol=0)
+
+
 def test_to_trt_cli_without_gpu_still_exports_and_benchmarks(trained, tmp_path):
     path, env = trained
     proc = subprocess.run([sys.executable, str(REPO / "export" / "to_trt.py"), "--checkpoint", str(path), "--quick",
