@@ -139,7 +139,7 @@ def test_restore_tells_a_conditioned_model_the_quality_given(tmp_path, photo_pai
     restored = {}
     for told in (None, 10, 40):
         assert main([str(tmp_path / "in"), "-o", str(tmp_path / f"out{told}"), "--checkpoint", str(told_model),
-                     *(["--quality", str(told)] if told else [])]) == 0
+                     "--precision", "fp32", *(["--quality", str(told)] if told else [])]) == 0  # as the Restorer below
         restored[told] = np.asarray(Image.open(tmp_path / f"out{told}" / "decoded.png"))
     assert "no JPEG tables, told q40" in capsys.readouterr().out
     assert np.array_equal(restored[10], Restorer(told_model)(jpeg, 10)) and np.array_equal(restored[None], Restorer(told_model)(jpeg))
@@ -150,11 +150,12 @@ def test_restore_tells_a_conditioned_model_the_quality_given(tmp_path, photo_pai
     assert "JPEG q90 is above the q10-40" in capsys.readouterr().err and not (tmp_path / "o" / "once.png").exists()
     resaved = tmp_path / "resaved.jpg"  # q10 artifacts saved again at q90: its blocks show it, restored blind unless told
     resaved.write_bytes(jpeg_bytes(jpeg, 90))
-    assert main([str(resaved), "-o", str(tmp_path / "r"), "--checkpoint", str(told_model)]) == 0
+    assert main([str(resaved), "-o", str(tmp_path / "r"), "--checkpoint", str(told_model), "--precision", "fp32"]) == 0
     assert "JPEG q90, re-saved after a worse JPEG" in capsys.readouterr().out
     decoded = np.asarray(Image.open(resaved))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "r" / "resaved.png")), Restorer(told_model)(decoded))
-    assert main([str(resaved), "-o", str(tmp_path / "r10"), "--checkpoint", str(told_model), "--quality", "10"]) == 0
+    assert main([str(resaved), "-o", str(tmp_path / "r10"), "--checkpoint", str(told_model), "--quality", "10",
+                 "--precision", "fp32"]) == 0
     assert "JPEG q90, told q10" in capsys.readouterr().out
     assert np.array_equal(np.asarray(Image.open(tmp_path / "r10" / "resaved.png")), Restorer(told_model)(decoded, 10))
     blind = tiny_unet(tmp_path / "blind.pth")
