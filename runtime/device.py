@@ -1,5 +1,5 @@
-"""Device facts: native bf16, the precision `auto` resolves to, autocast, the inference layout and
-allocator setting, the device's name and its measured matmul peak (the yardstick of MFU and of the
+"""Device facts: free memory, native bf16, the precision `auto` resolves to, autocast, the inference
+layout and allocator setting, the device's name and its measured matmul peak (the yardstick of MFU and of the
 latency table's GFLOP/s)."""
 from __future__ import annotations
 
@@ -35,6 +35,24 @@ def check_device(name: str) -> str:
     if match and match.group(1) and int(match.group(1)) >= torch.cuda.device_count():
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return name
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for a new model: the GPU's free memory, or the host's available memory (MemAvailable,
+    within a container's cgroup limit); None where neither can be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    found = []
+    try:
+        found.append(int(re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text()).group(1)) * 1024)
+    except (OSError, AttributeError):
+        pass
+    for limit, usage in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:  # cgroup v2, v1
+            found.append(int(Path("/sys/fs/cgroup", limit).read_text()) - int(Path("/sys/fs/cgroup", usage).read_text()))
+        except (OSError, ValueError):  # none, or no limit ("max")
+            pass
+    return min(found) if found else None
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -38,6 +38,13 @@ def build_loss(cfg):
     return lambda out, target: base(out, target) + weight * blocking_effect_factor(out)
 
 
+def state_bytes_per_parameter(cfg) -> int:
+    """What training keeps per parameter, in fp32: the weight, its gradient, the optimizer's moments
+    and the weight average (activations and DDP's buckets come on top)."""
+    moments = (1 if cfg.optim.momentum else 0) if cfg.optim.name == "sgd" else 2
+    return 4 * (2 + moments + (1 if cfg.train.ema_decay else 0))
+
+
 def build_optimizer(cfg, params) -> torch.optim.Optimizer:
     """Adam/AdamW are fused (one kernel for all parameters) on CUDA and CPUs."""
     o, params = cfg.optim, list(params)

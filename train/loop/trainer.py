@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -26,15 +27,15 @@ from data_pipeline.loaders import build_loader
 from data_pipeline.prepare import prepare
 from data_pipeline.sources import dataset_dir, refuse_test_set
 from runtime import checkpoint as ckpt
-from runtime.device import autocast_for, emulated_bf16_warning, resolve_precision
+from runtime.device import autocast_for, emulated_bf16_warning, free_memory, resolve_precision
 from runtime.figures import side_by_side
-from runtime.models import build_model, macs_per_pixel
+from runtime.models import build_model, macs_per_pixel, meta_model
 
 from .budget import TimeBudget, set_total_steps
-from .config import Config, to_dict, to_toml
+from .config import Config, ConfigError, to_dict, to_toml
 from .distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, max_over_ranks, on_every_rank, on_main_rank
 from .ema import WeightEMA
-from .optim import build_loss, build_optimizer, build_scheduler
+from .optim import build_loss, build_optimizer, build_scheduler, state_bytes_per_parameter
 from .progress import Progress
 from .state import OutputLock, latest_state, load_latest, prune_states, remove_partial_writes, state_path
 from .tracking import flatten, make_tracker, system_tags
@@ -99,6 +100,7 @@ class Trainer:
         """The model, optimizer and schedule, from the newest training state on --resume, else from
         train.init_from or the seed. Returns the state's MLflow run and the state (or Nones)."""
         cfg = self.cfg
+        check_model_fits(cfg, self.device)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model.arch, channels=cfg.data.channels, **cfg.model.kwargs).to(self.device)
         if cfg.train.channels_last:
@@ -516,6 +518,24 @@ class Trainer:
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss or the validation PSNR is no longer a number; the message says what is kept."""
+
+
+def check_model_fits(cfg: Config, device: torch.device) -> None:
+    """A model whose weights, gradients and optimizer state alone exceed the free memory (of each GPU,
+    or of the host for all of its CPU ranks) is a one-line error, not a process the OOM killer ends
+    without a word (a U-Net of 9 levels: 8 G parameters)."""
+    free = free_memory(device)
+    if free is None:
+        return
+    n = sum(p.numel() for p in meta_model(cfg.model.arch, cfg.model.kwargs, cfg.data.channels).parameters())
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1  # CPU ranks share the host
+    need = n * state_bytes_per_parameter(cfg) * ranks
+    if need > free:
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in cfg.model.kwargs.items())
+        here = f" for its {ranks} ranks on this host" if ranks > 1 else ""
+        raise ConfigError(f"{cfg.model.arch}({kwargs}) has {n / 1e6:,.0f} M parameters: their weights, gradients and "
+                          f"{cfg.optim.name} state take {need / 2**30:.1f} GiB{here}, more than the {free / 2**30:.1f} GiB "
+                          f"free on {device.type}: make the model smaller")
 
 
 def steps_between_stop_checks(seconds: float, steps: int) -> int:
