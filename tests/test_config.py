@@ -58,6 +58,8 @@ def test_dotted_overrides_are_typed():
     ("model.kwargs.width=-3", "model.kwargs.width must be 0 or more, got -3"),
     ("model.kwargs.width=0", "model.kwargs: dncnn(width=0) cannot be built: layer body.0.weight would be empty"),
     ("optim.lr", "must look like section.key=value"),
+    ("=3", "override '=3' must look like section.key=value"),  # was "unknown config key  (known ...)"
+    ("optim..lr=3", "override 'optim..lr=3' must look like section.key=value"),
 ])
 def test_bad_keys_and_values_are_rejected_with_the_name(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -216,9 +216,9 @@ def from_dict(cls, data: dict, prefix: str = ""):
 
 
 def _parse_override(item: str) -> tuple[list[str], object]:
-    if "=" not in item:
+    key, sep, raw = item.partition("=")
+    if not sep or not all(part.strip() for part in key.split(".")):  # no '=', or an empty key or part
         raise ConfigError(f"override {item!r} must look like section.key=value")
-    key, raw = item.split("=", 1)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
