@@ -104,5 +104,4 @@ class Restorer:
             x = with_quality(x, quality)
         with self.autocast():
             y = restore_tensor(self.model, x, ensemble=self.ensemble)
-        y = y.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8)[0].cpu()
-        return y[0].numpy() if y.shape[0] == 1 else y.permute(1, 2, 0).numpy()
+        return to_uint8(y[0])
