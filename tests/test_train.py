@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -252,6 +253,25 @@ def test_a_model_larger_than_the_free_memory_is_one_line(tiles_dir, tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: dncnn(depth=17, width=20000, batch_norm=True) has 54,001 M parameters: their "
                                   "weights, gradients and adamw state take ") and "make the model smaller" in proc.stderr
+
+
+def test_a_batch_larger_than_the_memory_is_one_line(tiles_dir, tmp_path):
+    """A batch whose activations the device cannot hold: torch's traceback from deep in backward()
+    (on a GPU torch.OutOfMemoryError, on a host ENOMEM). Here the host refuses past a 4 GB
+    address-space limit (RLIMIT_AS, as `ulimit -v` sets) and a batch of 16 160x160 patches through
+    1024 channels needs more; the OOM killer, which ends a process without an error, is not this."""
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+
+    args = [sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "model.kwargs.depth=3", "--set", "model.kwargs.width=1024",
+            "--set", "data.batch_size=16", "--set", "data.patch_size=160", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(args, env=env_for(tmp_path), capture_output=True, text=True, timeout=300, cwd=REPO,
+                          preexec_fn=limit_memory)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: out of memory on cpu in training step 1: a batch of 16 160x160 patches through dncnn (9.5 M parameters, "
+        f"{resolve_precision('auto', torch.device('cpu'))}) needs more than the device has: lower data.batch_size or "
+        "data.patch_size; nothing kept from before")
 
 
 def test_missing_data_root_is_one_line(tmp_path):

@@ -27,9 +27,10 @@ from data_pipeline.loaders import build_loader
 from data_pipeline.prepare import prepare
 from data_pipeline.sources import dataset_dir, refuse_test_set
 from runtime import checkpoint as ckpt
-from runtime.device import autocast_for, emulated_bf16_warning, free_memory, resolve_precision
+from runtime.device import autocast_for, emulated_bf16_warning, free_memory, out_of_memory, resolve_precision
 from runtime.figures import side_by_side
 from runtime.models import build_model, macs_per_pixel, meta_model
+from runtime.tiling import TILE
 
 from .budget import TimeBudget, set_total_steps
 from .config import Config, ConfigError, to_dict, to_toml
@@ -66,7 +67,7 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.best_path = Path(cfg.train.best_checkpoint) if cfg.train.best_checkpoint else self.out / "image_compression_model.pth"
         self.stop_signal: str | None = None
-        self.finished = False
+        self.finished = self.validating = False
         self.lock = on_main_rank(lambda: self._claim_outputs(resume), info)  # None on the other ranks
         if info.is_main:
             remove_partial_writes(self.out, self.ckpt_dir)
@@ -332,6 +333,10 @@ class Trainer:
         earlier = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self._fit()
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not out_of_memory(exc):
+                raise
+            raise self._out_of_memory() from None
         finally:  # after fit the signals act as before (a SIGTERM while the quickstart evaluates ends it)
             for sig, handler in earlier.items():
                 signal.signal(sig, handler)
@@ -421,19 +426,35 @@ class Trainer:
             progress.set_total(total)
         self.tracker.log_metrics({"planned_steps": total}, self.step)
 
-    def _diverged(self, what: str) -> None:
+    def _kept(self) -> str:
         newest = latest_state(self.ckpt_dir)
         kept = [f"the newest state {newest}"] if newest else []
         kept += [f"the best model {self.best_path}"] if self.best_path.exists() else []
+        return f"{' and '.join(kept) or 'nothing'} kept from before"
+
+    def _diverged(self, what: str) -> None:
         remedies = "lower optim.lr, set optim.grad_clip" + (" or use train.precision=fp32" if self.cfg.train.precision != "fp32" else "")
-        raise TrainingDiverged(f"training diverged at step {self.step}: {what} ({remedies}); "
-                               f"{' and '.join(kept) or 'nothing'} kept from before")
+        raise TrainingDiverged(f"training diverged at step {self.step}: {what} ({remedies}); {self._kept()}")
+
+    def _out_of_memory(self) -> "OutOfMemory":
+        d, t = self.cfg.data, self.cfg.train
+        model = f"{self.cfg.model.arch} ({self.params / 1e6:.1f} M parameters, {t.precision})"
+        rank = f" (rank {self.info.rank})" if self.info.distributed else ""
+        if self.validating:
+            what = (f"validating at step {self.step}: {model} on the held-out images in {TILE}-px tiles needs more than "
+                    f"the device has: make the model smaller")
+        else:
+            what = (f"in training step {self.step + 1}: a batch of {d.batch_size} {d.patch_size}x{d.patch_size} patches "
+                    f"through {model} needs more than the device has: lower data.batch_size or data.patch_size")
+        return OutOfMemory(f"out of memory on {self.device}{rank} {what}; {self._kept()}")
 
     def _validate_and_track(self, progress: "Progress") -> None:
         if self.validator is None:
             return
         start = time.perf_counter()
+        self.validating = True
         metrics = self.validator(self.eval_model)
+        self.validating = False
         metrics["val_time_s"] = time.perf_counter() - start  # rank 0's; the GPU machine's runs record the metric pool's gain
         self.model.train()
         if not math.isfinite(metrics["val_psnr"]):  # the same on every rank (summed over them)
@@ -518,6 +539,10 @@ class Trainer:
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss or the validation PSNR is no longer a number; the message says what is kept."""
+
+
+class OutOfMemory(UserError, RuntimeError):
+    """A training step or a validation needed more memory than the device has; the message says what is kept."""
 
 
 def check_model_fits(cfg: Config, device: torch.device) -> None:
