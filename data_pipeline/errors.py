@@ -1,12 +1,14 @@
 """Errors a user can fix, and the one wrapper that turns them into a one-line message.
 
 Every command's `main(argv)` is wrapped with `@command`: a `UserError` (bad config, data,
-checkpoint, image, runner) prints `error: <message>` on stderr and exits 2; nothing else is
-caught, so bugs keep their traceback. It lives in the lowest layer so every command can use it.
+checkpoint, image, runner) prints `error: <message>` on stderr and exits 2, and so does torch
+running out of memory (a GPU's, or a host allocation refused); nothing else is caught, so bugs
+keep their traceback. It lives in the lowest layer so every command can use it.
 """
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import time
 
@@ -28,6 +30,26 @@ class ReportedElsewhere(UserError):
     GRACE_S = 10
 
 
+HOST_ALLOCATION_REFUSED = "DefaultCPUAllocator: can't allocate memory"
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """What ran out, where `exc` is torch's error for a GPU out of memory (torch.OutOfMemoryError),
+    torch's or numpy's for a host allocation the system refused (ENOMEM: past what Linux overcommits,
+    or an address-space limit); else None. The OOM killer gives the process no error at all."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, MemoryError):  # numpy's names the array: "Unable to allocate 1.26 GiB for an array with shape ..."
+        return text or "the host refused an allocation"
+    if not isinstance(exc, RuntimeError):
+        return None
+    if type(exc).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
+        return text
+    if HOST_ALLOCATION_REFUSED in text:
+        size = re.search(r"allocate (\d+) bytes", text)
+        return f"the host refused {int(size.group(1)) / 2**20:,.0f} MiB more" if size else "the host refused an allocation"
+    return None
+
+
 def command(main):
     """Wraps a command's main(argv) -> int: one `error:` line and exit 2 on a UserError."""
     @functools.wraps(main)
@@ -39,6 +61,11 @@ def command(main):
             return 2
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except (RuntimeError, MemoryError) as exc:
+            if (what := out_of_memory(exc)) is None:
+                raise
+            print(f"error: out of memory ({what})", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

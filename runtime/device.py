@@ -1,4 +1,4 @@
-"""Device facts: free memory and out-of-memory errors, native bf16, the precision `auto` resolves to, autocast, the inference
+"""Device facts: free memory, native bf16, the precision `auto` resolves to, autocast, the inference
 layout and allocator setting, the device's name and its measured matmul peak (the yardstick of MFU and of the
 latency table's GFLOP/s)."""
 from __future__ import annotations
@@ -53,13 +53,6 @@ def free_memory(device: torch.device) -> int | None:
         except (OSError, ValueError):  # none, or no limit ("max")
             pass
     return min(found) if found else None
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    """torch's error for a GPU out of memory, or for a host allocation the system refused (ENOMEM:
-    beyond what Linux overcommits, or a process's address-space limit). The OOM killer gives no error."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc))
 
 
 def native_bf16(device: torch.device) -> bool:

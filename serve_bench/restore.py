@@ -4,10 +4,10 @@
 
 A folder gives its image files and anything else Pillow opens (WebP, GIF); other files are named
 once and passed over. Any size up to 179 MP (tiled above 512 px with overlap, so the model's memory
-stays bounded; the image's own grows with it: a 140 MP gray JPEG took 2.8 GB), gray or color. A
-gray model on a color image restores the luma (Y of JPEG's own YCbCr) and keeps the chroma; an
-RGB model restores all three channels; a gray photo stored as RGB (three equal channels) is
-gray. Writes <name>.png into the output folder (not an input folder); inputs with the same
+stays bounded; the image's own grows with it: a 140 MP gray JPEG took 2.8 GB; one that does not fit is
+skipped and reported), gray or color. A gray model on a color image restores the luma (Y of
+JPEG's own YCbCr) and keeps the chroma; an RGB model restores all three channels; a gray photo
+stored as RGB (three equal channels) is gray. Writes <name>.png into the output folder (not an input folder); inputs with the same
 name get <name>-2.png, <name>-3.png, ... It never writes over an input, and never over a file it
 did not create in this run unless --overwrite is given. A JPEG saved at a quality above the
 model's bound (read from the file's own tables) is left as it is and reported: a model trained on
@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data_pipeline.errors import UserError, command
+from data_pipeline.errors import UserError, command, out_of_memory
 from data_pipeline.images import BadImage, atomic_write_bytes, check_output_folder, image_files, is_gray, png_bytes, read_image, rgb_to_luma, upright
 from data_pipeline.jpeg_tables import grid_blockiness, jpeg_quality
 from export.artifacts import DEPLOY_DIR, artifact_for
@@ -245,8 +245,17 @@ def main(argv=None) -> int:
             kept += 1
             continue
         tiles = tile_count(*img.shape[:2])
-        with tqdm(total=tiles, unit="tile", desc=f.name, leave=False, disable=tiles < 8, file=sys.stderr) as bar:
-            restored = restore_array(runner, meta, img, args.self_ensemble, tiles_per_call, bar.update, told)
+        try:
+            with tqdm(total=tiles, unit="tile", desc=f.name, leave=False, disable=tiles < 8, file=sys.stderr) as bar:
+                restored = restore_array(runner, meta, img, args.self_ensemble, tiles_per_call, bar.update, told)
+        except (RuntimeError, MemoryError) as exc:  # the next, smaller images may fit
+            if (what := out_of_memory(exc)) is None:
+                raise
+            fewer = "; --tiles-per-call 1 needs less" if tiles_per_call > 1 else ""
+            print(f"skipped {f}: out of memory restoring it ({img.shape[1]}x{img.shape[0]}) on {args.device}: {what}{fewer}",
+                  file=sys.stderr)
+            failed += 1
+            continue
         # restored as stored (the 8x8 grid the JPEG's blocks sit on), then turned as viewers show the input
         restored, exif = upright(restored, header.exif)
         atomic_write_bytes(target, png_bytes(restored, header.icc_profile, exif))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data_pipeline.errors import out_of_memory
 from data_pipeline.images import atomic_write_bytes, jpeg_bytes, jpeg_roundtrip, rgb_to_luma
 from data_pipeline.prepare import load_manifest, prepare
 from data_pipeline.sources import DataError
@@ -342,6 +344,55 @@ def test_restore_takes_a_12_megapixel_photo_in_batched_tiles_with_progress(tmp_p
     assert n == 63 and re.search(rf"\b[1-9]\d*/{n} \[", proc.stderr) and "tile/s" in proc.stderr, proc.stderr[-1000:]
     rss = int(proc.stdout.split("peak memory ")[1].split(" MiB host")[0])
     assert rss < 2048  # bounded: tiles, not the whole 12-megapixel image through the model at once
+
+
+def limited_memory(gib: float) -> dict:
+    """subprocess.run arguments for a process the host refuses past `gib` of address space (RLIMIT_AS,
+    as `ulimit -v` sets; a real ENOMEM, as past what Linux overcommits), with few threads and malloc
+    arenas so that a many-core machine's baseline stays under it."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (int(gib * 2**30),) * 2)
+
+    return {"preexec_fn": limit, "env": {**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_ARENA_MAX": "2"}}
+
+
+@pytest.fixture
+def huge_gray(tmp_path) -> np.ndarray:
+    """13000x13000 (169 MP, under the 179 MP cap): a diagonal ramp, quick to encode."""
+    ramp = np.arange(13000, dtype=np.uint16) % 256
+    return ((ramp[:, None] + ramp[None, :]) // 2).astype(np.uint8)
+
+
+def test_restore_skips_an_image_that_does_not_fit_in_memory_and_goes_on(tmp_path, huge_gray, photo_pair):
+    """Out of memory on one image (a traceback, and the images after it were not restored): a reported skip."""
+    (tmp_path / "huge.jpg").write_bytes(jpeg_bytes(huge_gray, 20))
+    (tmp_path / "small.jpg").write_bytes(jpeg_bytes(photo_pair[0][:96, :128], 20))
+    proc = subprocess.run([sys.executable, "-m", "serve_bench.restore", tmp_path / "huge.jpg", tmp_path / "small.jpg",
+                           "-o", tmp_path / "out", "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                          cwd=REPO, **limited_memory(2))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"skipped \S*huge.jpg: out of memory restoring it \(13000x13000\) on cpu: the host refused [\d,]+ MiB more",
+                     proc.stderr), proc.stderr[-2000:]
+    assert (tmp_path / "out" / "small.png").is_file() and not (tmp_path / "out" / "huge.png").exists()
+    assert "restored 1 of 2 images" in proc.stdout
+
+
+def test_a_command_out_of_memory_is_one_line(tmp_path, huge_gray):
+    (tmp_path / "test").mkdir()
+    Image.fromarray(huge_gray).save(tmp_path / "test" / "huge.png", compress_level=1)
+    proc = subprocess.run([sys.executable, "-m", "train.evaluate", "--dataset", tmp_path / "test", "--qualities", "10"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, **limited_memory(2))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: out of memory (") and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+
+
+def test_out_of_memory_names_what_ran_out():
+    gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB")
+    assert out_of_memory(gpu) == str(gpu)  # torch's class, raised on GPUs only
+    host = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                        "you tried to allocate 838860800 bytes. Error code 12 (Cannot allocate memory)")
+    assert out_of_memory(host) == "the host refused 800 MiB more"
+    assert out_of_memory(MemoryError()) == "the host refused an allocation"
+    assert out_of_memory(RuntimeError("shapes do not match")) is None and out_of_memory(ValueError("x")) is None
 
 
 @pytest.mark.parametrize("module, args, message", [

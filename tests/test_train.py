@@ -265,8 +265,9 @@ def test_a_batch_larger_than_the_memory_is_one_line(tiles_dir, tmp_path):
 
     args = [sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "model.kwargs.depth=3", "--set", "model.kwargs.width=1024",
             "--set", "data.batch_size=16", "--set", "data.patch_size=160", "--out", str(tmp_path / "out")]
-    proc = subprocess.run(args, env=env_for(tmp_path), capture_output=True, text=True, timeout=300, cwd=REPO,
-                          preexec_fn=limit_memory)
+    # few threads and malloc arenas: a many-core machine's baseline address space stays well under the limit
+    env = {**env_for(tmp_path), "OMP_NUM_THREADS": "2", "MALLOC_ARENA_MAX": "2"}
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=REPO, preexec_fn=limit_memory)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: out of memory on cpu in training step 1: a batch of 16 160x160 patches through dncnn (9.5 M parameters, "

@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data_pipeline.errors import UserError
+from data_pipeline.errors import UserError, out_of_memory
 from data_pipeline.images import atomic_write_bytes, check_output_folder
 from data_pipeline.loaders import build_loader
 from data_pipeline.prepare import prepare
 from data_pipeline.sources import dataset_dir, refuse_test_set
 from runtime import checkpoint as ckpt
-from runtime.device import autocast_for, emulated_bf16_warning, free_memory, out_of_memory, resolve_precision
+from runtime.device import autocast_for, emulated_bf16_warning, free_memory, resolve_precision
 from runtime.figures import side_by_side
 from runtime.models import build_model, macs_per_pixel, meta_model
 from runtime.tiling import TILE
@@ -333,8 +333,8 @@ class Trainer:
         earlier = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self._fit()
-        except RuntimeError as exc:  # torch.OutOfMemoryError is one
-            if not out_of_memory(exc):
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if out_of_memory(exc) is None:
                 raise
             raise self._out_of_memory() from None
         finally:  # after fit the signals act as before (a SIGTERM while the quickstart evaluates ends it)
