@@ -74,9 +74,11 @@ def with_quality(x: torch.Tensor, quality: int | None) -> torch.Tensor:
 
 def to_uint8(img: np.ndarray | torch.Tensor) -> np.ndarray:
     """Float [0,1] (HxW, HxWxC, or CxHxW tensor) -> rounded, clipped uint8 HxW[xC]."""
-    if isinstance(img, torch.Tensor):  # rounded and clipped in torch, in place: one float copy of the image
-        img = img.detach().float().mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
-        return (img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).contiguous().cpu().numpy()
+    if isinstance(img, torch.Tensor):  # rounded and clipped in torch a plane at a time: one plane's float copy
+        planes = torch.empty(img.shape, dtype=torch.uint8, device=img.device)
+        for plane, source in zip(planes, img.detach()):
+            plane.copy_(source.float().mul(255.0).round_().clamp_(0, 255))
+        return (planes[0] if planes.shape[0] == 1 else planes.permute(1, 2, 0)).contiguous().cpu().numpy()
     return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
 
 

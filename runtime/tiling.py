@@ -41,8 +41,12 @@ def tiled_forward(fn, x: torch.Tensor, tile: int, overlap: int, max_tiles: int =
     ramp = torch.arange(tile, device=x.device, dtype=torch.float32)
     ramp = torch.minimum(ramp + 1, tile - ramp).clamp(max=max(overlap, 1)) / max(overlap, 1)
     weight = (ramp[:, None] * ramp[None, :])[None, None]
+    # the tiles form a grid: the weights summed over them are norm_y x norm_x, no image-sized buffer
+    norm_y, norm_x = (torch.zeros(size, device=x.device) for size in (H, W))
+    for norm, starts in ((norm_y, ys), (norm_x, xs)):
+        for start in starts:
+            norm[start:start + tile] += ramp
     out = None
-    norm = torch.zeros(1, 1, H, W, device=x.device, dtype=torch.float32)
     coords = [(y0, x0) for y0 in ys for x0 in xs]
     for i in range(0, len(coords), max(1, max_tiles // n)):
         chunk = coords[i:i + max(1, max_tiles // n)]
@@ -53,10 +57,11 @@ def tiled_forward(fn, x: torch.Tensor, tile: int, overlap: int, max_tiles: int =
             out = torch.zeros(n, res.shape[2], H, W, device=x.device, dtype=torch.float32)
         for (y0, x0), r in zip(chunk, res):
             out[:, :, y0:y0 + tile, x0:x0 + tile] += r * weight
-            norm[:, :, y0:y0 + tile, x0:x0 + tile] += weight
         if progress is not None:
             progress(len(chunk))
-    return out.div_(norm)[:, :, :h, :w].to(x.dtype)  # in place: the image's buffers are most of the memory
+    for y0 in range(0, H, tile):  # in place, a band at a time: the image's buffers are most of the memory
+        out[:, :, y0:y0 + tile].div_(norm_y[y0:y0 + tile, None] * norm_x)
+    return out[:, :, :h, :w].to(x.dtype)
 
 
 def self_ensemble(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@
 
 A folder gives its image files and anything else Pillow opens (WebP, GIF); other files are named
 once and passed over. Any size up to 179 MP (tiled above 512 px with overlap, so the model's memory
-stays bounded; the image's own grows with it: a 140 MP gray JPEG took 2.8 GB; one that does not fit is
-skipped and reported), gray or color. A gray model on a color image restores the luma (Y of
+stays bounded; the image's own grows with it: a 169 MP gray JPEG took 2.0 GB, a 176 MP color one 6.0 GB;
+one that does not fit is skipped and reported), gray or color. A gray model on a color image restores the luma (Y of
 JPEG's own YCbCr) and keeps the chroma; an RGB model restores all three channels; a gray photo
 stored as RGB (three equal channels) is gray. Writes <name>.png into the output folder (not an input folder); inputs with the same
 name get <name>-2.png, <name>-3.png, ... It never writes over an input, and never over a file it
@@ -23,6 +23,7 @@ orientation is restored as stored (on its 8x8 block grid), then turned.
 from __future__ import annotations
 
 import argparse
+import re
 import resource
 import sys
 from pathlib import Path
@@ -63,6 +64,7 @@ def restore_array(runner, meta: dict, img: np.ndarray, ensemble: bool = False, t
             t = with_quality(t, quality)
         with torch.inference_mode():
             y = runner.restore(t, ensemble, tiles_per_call, progress)
+            del t  # the input's float copy, before the output's conversion needs memory
             return to_uint8(y[0])  # clipped to 0..255 there
 
     return in_model_mode(restore, meta["mode"], img)
@@ -106,9 +108,18 @@ def read_header(path: Path) -> Header | None:
         return None
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss: Linux carries that over
+    from the parent through fork and exec, so a restore started by a 2 GB process reported 2 GB."""
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+    except (OSError, AttributeError):  # no /proc (macOS): ru_maxrss counts bytes there
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def peak_memory(device: str) -> str:
     """This process's peak memory: host RSS, and GPU memory allocated by torch on CUDA."""
-    text = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB host (peak RSS)"
+    text = f"{peak_rss_mib():.0f} MiB host (peak RSS)"
     if device.startswith("cuda"):
         text += f", {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU (peak allocated)"
     return text

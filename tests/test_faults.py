@@ -395,6 +395,36 @@ def test_out_of_memory_names_what_ran_out():
     assert out_of_memory(RuntimeError("shapes do not match")) is None and out_of_memory(ValueError("x")) is None
 
 
+@pytest.mark.slow
+def test_restore_of_a_large_color_photo_holds_few_copies_of_it(tmp_path):
+    """A 48 MP RGB JPEG through a tiny RGB U-Net took 44 bytes a pixel more than a small photo (uint8
+    in, its float copy, the float output, a float weight sum, a float copy to round it, what malloc
+    keeps of them), now 34: no weight image, the input freed and the output rounded a plane at a time."""
+    model = build_model("unet", channels=3, **tiny_kwargs("unet"))
+    ckpt.save(ckpt.model_checkpoint(model, "unet", tiny_kwargs("unet"), "rgb", {}, {}, 0), tmp_path / "rgb.pth")
+    h, w = 6000, 8000
+    ramp = np.add.outer(np.arange(h) % 256, np.arange(w) % 256) // 2
+    photo = np.stack([ramp, ramp[::-1], 255 - ramp], axis=2).astype(np.uint8)
+    peaks = {}
+    for name, img in (("small", photo[:256, :256]), ("large", photo)):
+        Image.fromarray(img).save(tmp_path / f"{name}.jpg", quality=30)
+        proc = restore(tmp_path / f"{name}.jpg", "-o", tmp_path / name, "--checkpoint", tmp_path / "rgb.pth", "--device", "cpu")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        peaks[name] = int(proc.stdout.split("peak memory ")[1].split(" MiB host")[0]) * 2**20
+    per_pixel = (peaks["large"] - peaks["small"]) / (h * w)
+    assert 12 < per_pixel < 38, per_pixel  # at least the float output
+
+
+def test_restore_reports_its_own_peak_memory_not_its_parents(tmp_path, photo_pair):
+    """getrusage's peak RSS carries over from the parent through fork and exec: restore started by
+    a 2 GB process (pytest) reported 2 GB for a 96x128 JPEG."""
+    (tmp_path / "small.jpg").write_bytes(jpeg_bytes(photo_pair[0][:96, :128], 20))
+    ballast = np.ones(1536 * 2**20, dtype=np.uint8)  # 1.5 GB resident in this process
+    proc = restore(tmp_path / "small.jpg", "-o", tmp_path / "out", "--checkpoint", tiny_unet(tmp_path / "m.pth"), "--device", "cpu")
+    assert proc.returncode == 0 and ballast.all(), proc.stderr[-2000:]
+    assert int(proc.stdout.split("peak memory ")[1].split(" MiB host")[0]) < 1024, proc.stdout
+
+
 @pytest.mark.parametrize("module, args, message", [
     ("train.benchmark", ["--arch", "nope"], "error: unknown architecture 'nope'; known: arcnn,"),
     ("train.benchmark", ["--steps", "0"], "error: --steps, --batch, --patch and --workers must be at least 1"),
