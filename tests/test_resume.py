@@ -2,6 +2,7 @@
 bit, and a run recorded without MLflow (as on the GPU machine) is imported and continued."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -100,6 +101,37 @@ def test_a_run_recorded_without_mlflow_is_imported_and_continued(tiles_dir, tmp_
     wrong = run([sys.executable, MAIN, "--config", str(REPO / "configs" / "unet.toml"), "--smoke", "--set", f"data.dataset={tiles}",
                  "--set", f"train.init_from={best}", "--out", str(tmp_path / "wrong")], env)
     assert wrong.returncode == 2 and "holds a dncnn gray model" in wrong.stderr
+
+
+def test_a_record_its_process_was_killed_in_imports_as_killed(tiles_dir, tmp_path, monkeypatch, capsys):
+    """`kill -9` (the OOM killer, a GPU call's time limit) leaves a record without its end, its last
+    line maybe cut: imported as FINISHED, a run killed at step 74 of 100000 looked complete; one
+    killed in a resumed session took the first session's end."""
+    from train.import_run import main as import_run
+
+    env = env_for(tmp_path)
+    out = tmp_path / "gpu-run"
+    args = [sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "tracking.offline=true", "--out", str(out)]
+    for more in ([], ["--resume", "--set", "train.max_steps=9"]):  # two sessions, each ended
+        proc = run(args + more, env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (out / "mlflow_record.jsonl").read_text().splitlines(keepends=True)
+    assert [json.loads(line)["status"] for line in lines if '"status"' in line] == ["FINISHED", "RUNNING", "FINISHED"]
+    losses = [i for i, line in enumerate(lines) if '"train_loss"' in line]
+    for name, cut, steps in (("first", losses[5], [1, 2, 3, 4, 5]), ("second", losses[8], list(range(1, 9)))):
+        shutil.copytree(out, tmp_path / name)
+        record = tmp_path / name / "mlflow_record.jsonl"
+        record.write_text("".join(lines[:cut]) + lines[cut][:40])  # as a kill mid-write leaves it
+        store = f"sqlite:///{tmp_path / name}.db"  # one store each: the copies are one run to MLflow
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+        mlflow.set_tracking_uri(store)
+        capsys.readouterr()
+        assert import_run([str(tmp_path / name)]) == 0
+        err = capsys.readouterr().err
+        assert f"note: the last line of {record} is cut" in err and f"note: {record} has no end" in err, err
+        (r,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        history = [m.step for m in mlflow.MlflowClient().get_metric_history(r.info.run_id, "train_loss")]
+        assert r.info.status == "KILLED" and history == steps, (name, r.info.status, history)
 
 
 def test_a_run_resumed_with_more_steps_ends_its_cosine_at_the_new_count(tiles_dir, tmp_path):

@@ -5,7 +5,8 @@ step and time, status and artifacts (files under <out>, which travel with the re
     python -m train.import_run outputs/gpu-run [--experiment jpeg-gpu] [--tag gpu=H100]
 
 The new run is tagged `offline_run_id`, so the checkpoint's recorded run id still finds it
-(`train.evaluate --log-mlflow`); importing the same record twice is refused. A record that
+(`train.evaluate --log-mlflow`); importing the same record twice is refused; a record without an end
+(its process killed) makes a KILLED run. A record that
 continues an MLflow run (its store stopped answering during training) goes into that run; a later
 import adds what was recorded since.
 """
@@ -27,13 +28,14 @@ IMPORTED = "record_events_imported"  # on a run that a record continues: how man
 def read_record(path: Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"no run record {path} (a run recorded without MLflow writes one)")
-    events = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    events, lines = [], path.read_text().splitlines()
+    for i, line in enumerate(lines, 1):
         try:
             events.append(json.loads(line))
         except json.JSONDecodeError:
-            if i < len(path.read_text().splitlines()):  # only the last line may be cut by a kill
+            if i < len(lines):  # only the last line may be cut by a kill
                 raise UserError(f"{path}: line {i} is not JSON") from None
+            print(f"note: the last line of {path} is cut (its writer was killed mid-line): left out", file=sys.stderr)
     if not events or "start" not in events[0]:
         raise UserError(f"{path} does not start with a run record")
     return events
@@ -67,7 +69,7 @@ def import_run(out: Path, experiment: str | None = None, extra_tags: dict | None
             exp = retry(client.get_experiment_by_name, name)
             exp_id = exp.experiment_id if exp else retry(client.create_experiment, name, artifact_location=artifact_location(uri, name))
         rid = retry(client.create_run, exp_id, start_time=int(recorded[0]["time"] * 1000), run_name=start["run_name"] or None).info.run_id
-        events, tags, status = recorded, {"offline_run_id": start["run_id"], **(extra_tags or {})}, "FINISHED"
+        events, tags, status = recorded, {"offline_run_id": start["run_id"], **(extra_tags or {})}, None
     params, metrics, artifacts = {}, [], []
     for e in events:
         tags.update(e.get("tags", {}))
@@ -88,7 +90,11 @@ def import_run(out: Path, experiment: str | None = None, extra_tags: dict | None
             retry(client.log_artifacts, rid, str(path), where)
         else:
             retry(client.log_artifact, rid, str(path), where)
-    if status:  # a record that continues a run and has not ended yet leaves it running
+    if status in (None, "RUNNING") and not start.get("continues"):
+        status = "KILLED"  # not FINISHED: a run killed at step 74 of 100000 looked complete
+        print(f"note: {out / RECORD} has no end (its process was killed, or was still running when the record was "
+              f"copied): the run is marked KILLED at its last event", file=sys.stderr)
+    if status not in (None, "RUNNING"):  # a record that continues a run and has not ended yet leaves it running
         retry(client.set_terminated, rid, status, end_time=int(events[-1]["time"] * 1000))
     if start.get("continues"):  # last: an import cut short is done again
         retry(client.set_tag, rid, IMPORTED, str(len(recorded)))

@@ -71,6 +71,8 @@ class RecordTracker:
         self.run_id = run_id if resumed else f"offline-{uuid.uuid4().hex}"
         if not resumed:
             self._event(start={"run_id": self.run_id, "run_name": run_name, "experiment": experiment})
+        else:  # running again: a record cut before this session's end is not its last session's end
+            self._event(status="RUNNING")
         self._event(tags=dict(tags or {}))
 
     def _event(self, **event) -> None:
