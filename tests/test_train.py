@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -125,6 +126,28 @@ def _sigterm_during_torchrun(out: Path, env: dict, args: list[str], at: str, ran
     stopped = [line for line in lines if "stopped by" in line]
     assert len(stopped) == 1 and "[rank 0] stopped by SIGTERM at step " in stopped[0], "".join(lines)[-3000:]
     return code, lines, int(stopped[0].split(" at step ")[1].split(";")[0])
+
+
+@pytest.mark.slow
+def test_a_rank_that_loses_the_others_stops_in_one_line(tiles_dir, tmp_path):
+    """Rank 0 killed outright (the OOM killer, kill -9): rank 1 died in its next collective with a
+    traceback of gloo's "Connection closed by peer"; now one log line, and torchrun names rank 0."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", MAIN,
+                             *smoke_args(tiles_dir), "--set", "train.max_steps=100000", "--out", str(out)],
+                            env=env_for(tmp_path), cwd=REPO, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "/100000 loss" in line:
+            os.kill(_rank_pid(out, 0), signal.SIGKILL)
+            break
+    lines += proc.stderr.readlines()
+    log = "".join(lines)
+    assert proc.wait(timeout=120) != 0
+    assert "[rank1]: Traceback" not in log and re.search(r"\[rank 1\] lost the other ranks at step \d+ \(Connection (closed|reset) by peer",
+                                                         log), log[-3000:]
+    assert "exitcode  : -9" in log  # torchrun's summary: rank 0 was killed
 
 
 @pytest.mark.slow

@@ -49,6 +49,14 @@ def init_distributed(timeout_s: int = 600, device: str = "auto") -> DistInfo:
     return DistInfo(rank, local_rank, world_size, dev)
 
 
+def lost_other_ranks(exc: BaseException) -> str | None:
+    """What a collective said when it failed because another rank's process had ended (gloo: the
+    connection closed or reset; NCCL: a DistBackendError), without gloo's source location; else None."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    gone = isinstance(exc, dist.DistError) or any(s in text for s in ("Connection closed by peer", "Connection reset by peer"))
+    return text.split("] ", 1)[-1].split(". ")[0] if gone else None
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

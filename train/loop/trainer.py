@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data_pipeline.errors import UserError, out_of_memory
+from data_pipeline.errors import ReportedElsewhere, UserError, out_of_memory
 from data_pipeline.images import atomic_write_bytes, check_output_folder
 from data_pipeline.loaders import build_loader
 from data_pipeline.prepare import prepare
@@ -34,7 +34,7 @@ from runtime.tiling import TILE
 
 from .budget import TimeBudget, set_total_steps
 from .config import Config, ConfigError, to_dict, to_toml
-from .distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, max_over_ranks, on_every_rank, on_main_rank
+from .distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, lost_other_ranks, max_over_ranks, on_every_rank, on_main_rank
 from .ema import WeightEMA
 from .optim import build_loss, build_optimizer, build_scheduler, state_bytes_per_parameter
 from .progress import Progress
@@ -334,9 +334,12 @@ class Trainer:
         try:
             self._fit()
         except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-            if out_of_memory(exc) is None:
-                raise
-            raise self._out_of_memory() from None
+            if out_of_memory(exc) is not None:
+                raise self._out_of_memory() from None
+            if self.info.distributed and (said := lost_other_ranks(exc)):  # the rank that left first says why
+                log.error("lost the other ranks at step %d (%s): stopping", self.step, said)
+                raise ReportedElsewhere(said) from None
+            raise
         finally:  # after fit the signals act as before (a SIGTERM while the quickstart evaluates ends it)
             for sig, handler in earlier.items():
                 signal.signal(sig, handler)
