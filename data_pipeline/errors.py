@@ -30,6 +30,11 @@ class ReportedElsewhere(UserError):
     GRACE_S = 10
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception in one line (torch's and the MLflow stores' messages run to tracebacks; some have none)."""
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0]
+
+
 HOST_ALLOCATION_REFUSED = "DefaultCPUAllocator: can't allocate memory"
 
 
@@ -37,9 +42,9 @@ def out_of_memory(exc: BaseException) -> str | None:
     """What ran out, where `exc` is torch's error for a GPU out of memory (torch.OutOfMemoryError),
     torch's or numpy's for a host allocation the system refused (ENOMEM: past what Linux overcommits,
     or an address-space limit); else None. The OOM killer gives the process no error at all."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = first_line(exc)
     if isinstance(exc, MemoryError):  # numpy's names the array: "Unable to allocate 1.26 GiB for an array with shape ..."
-        return text or "the host refused an allocation"
+        return text if str(exc).strip() else "the host refused an allocation"
     if not isinstance(exc, RuntimeError):
         return None
     if type(exc).__name__ == "OutOfMemoryError":  # torch's, without importing torch here

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from data_pipeline.errors import UserError
+from data_pipeline.errors import UserError, first_line
 from data_pipeline.images import check_output_folder
 
 DEFAULT_DIR = Path("mlruns")
@@ -73,11 +73,6 @@ def retry(fn, *args, attempts: int = 8, **kwargs):
             if "locked" not in str(exc).lower() or i == attempts - 1:
                 raise
             time.sleep(0.2 * 2**i)
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception in one line (the stores' messages run to tracebacks; some have none)."""
-    return (str(exc).strip() or type(exc).__name__).splitlines()[0]
 
 
 def within(seconds: float, call, setting: str = ""):

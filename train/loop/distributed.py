@@ -9,7 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from data_pipeline.errors import ReportedElsewhere, UserError
+from data_pipeline.errors import ReportedElsewhere, UserError, first_line
 
 
 @dataclass
@@ -52,7 +52,7 @@ def init_distributed(timeout_s: int = 600, device: str = "auto") -> DistInfo:
 def lost_other_ranks(exc: BaseException) -> str | None:
     """What a collective said when it failed because another rank's process had ended (gloo: the
     connection closed or reset; NCCL: a DistBackendError), without gloo's source location; else None."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     gone = isinstance(exc, dist.DistError) or any(s in text for s in ("Connection closed by peer", "Connection reset by peer"))
     return text.split("] ", 1)[-1].split(". ")[0] if gone else None
 

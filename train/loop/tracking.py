@@ -11,9 +11,9 @@ import time
 import uuid
 from pathlib import Path
 
-from data_pipeline.errors import UserError
+from data_pipeline.errors import UserError, first_line
 from runtime.device import device_name
-from runtime.mlflow_store import CALL_TIMEOUT_S, RECORD, artifact_location, first_line, resolve_tracking_uri, retry, store_lock, within
+from runtime.mlflow_store import CALL_TIMEOUT_S, RECORD, artifact_location, resolve_tracking_uri, retry, store_lock, within
 
 log = logging.getLogger(__name__)
 
