@@ -42,6 +42,9 @@ def out_of_memory(exc: BaseException) -> str | None:
     """What ran out, where `exc` is torch's error for a GPU out of memory (torch.OutOfMemoryError),
     torch's or numpy's for a host allocation the system refused (ENOMEM: past what Linux overcommits,
     or an address-space limit); else None. The OOM killer gives the process no error at all."""
+    inner = getattr(exc, "inner_exception", None) or exc.__cause__  # torch.compile wraps what its compiler raised
+    if isinstance(inner, BaseException) and (found := out_of_memory(inner)):
+        return found
     text = first_line(exc)
     if isinstance(exc, MemoryError):  # numpy's names the array: "Unable to allocate 1.26 GiB for an array with shape ..."
         return text if str(exc).strip() else "the host refused an allocation"

@@ -393,6 +393,12 @@ def test_out_of_memory_names_what_ran_out():
     assert out_of_memory(host) == "the host refused 800 MiB more"
     assert out_of_memory(MemoryError()) == "the host refused an allocation"
     assert out_of_memory(RuntimeError("shapes do not match")) is None and out_of_memory(ValueError("x")) is None
+    from torch._dynamo.exc import BackendCompilerFailed  # torch.compile's, around an error of its compiler
+
+    assert out_of_memory(BackendCompilerFailed(lambda gm, inputs: gm, gpu, None)) == str(gpu)
+    wrapped = RuntimeError("a wrapper")
+    wrapped.__cause__ = host  # raise ... from host
+    assert out_of_memory(wrapped) == "the host refused 800 MiB more"
 
 
 @pytest.mark.slow
