@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 
-import h5py
 import numpy as np
 import torch
 
@@ -26,6 +25,10 @@ KWARGS = {"depth": 20, "width": 64, "batch_norm": False}
 
 def read_convs(path: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """(weight as out x in x kh x kw, bias) of each conv layer, in order."""
+    try:
+        import h5py  # not a dependency of the project: this script alone reads MATLAB v7.3 files
+    except ImportError:
+        raise SystemExit("error: reading DnCNN3.mat needs h5py: pip install h5py") from None
     f = h5py.File(path, "r")
     convs = []
     for ref in f["net"]["layers"][:, 0]:
