@@ -106,4 +106,5 @@ class Restorer:
             x = with_quality(x, quality)
         with self.autocast():
             y = restore_tensor(self.model, x, ensemble=self.ensemble)
+        del x  # the input's float copy, before rounding the output needs memory (as restore does)
         return to_uint8(y[0])
