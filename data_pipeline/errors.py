@@ -51,7 +51,7 @@ def out_of_memory(exc: BaseException) -> str | None:
     if not isinstance(exc, RuntimeError):
         return None
     if type(exc).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
-        return text
+        return ". ".join(text.split(". ")[:3])  # "CUDA out of memory. Tried to allocate X. GPU 0 has ... of which Y is free"
     if HOST_ALLOCATION_REFUSED in text:
         size = re.search(r"allocate (\d+) bytes", text)
         return f"the host refused {int(size.group(1)) / 2**20:,.0f} MiB more" if size else "the host refused an allocation"

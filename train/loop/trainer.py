@@ -334,8 +334,8 @@ class Trainer:
         try:
             self._fit()
         except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-            if out_of_memory(exc) is not None:
-                raise self._out_of_memory() from None
+            if (found := out_of_memory(exc)) is not None:
+                raise self._out_of_memory(found) from None
             if self.info.distributed and (said := lost_other_ranks(exc)):  # the rank that left first says why
                 log.error("lost the other ranks at step %d (%s): stopping", self.step, said)
                 raise ReportedElsewhere(said) from None
@@ -439,17 +439,17 @@ class Trainer:
         remedies = "lower optim.lr, set optim.grad_clip" + (" or use train.precision=fp32" if self.cfg.train.precision != "fp32" else "")
         raise TrainingDiverged(f"training diverged at step {self.step}: {what} ({remedies}); {self._kept()}")
 
-    def _out_of_memory(self) -> "OutOfMemory":
+    def _out_of_memory(self, found: str) -> "OutOfMemory":
         d, t = self.cfg.data, self.cfg.train
         model = f"{self.cfg.model.arch} ({self.params / 1e6:.1f} M parameters, {t.precision})"
-        rank = f" (rank {self.info.rank})" if self.info.distributed else ""
+        where = f"out of memory on {self.device}" + (f" (rank {self.info.rank})" if self.info.distributed else "")
         if self.validating:
-            what = (f"validating at step {self.step}: {model} on the held-out images in {TILE}-px tiles needs more than "
-                    f"the device has: make the model smaller")
+            what = (f"validating at step {self.step} ({found}): {model} on the held-out images in {TILE}-px tiles needs "
+                    f"more than the device has: make the model smaller")
         else:
-            what = (f"in training step {self.step + 1}: a batch of {d.batch_size} {d.patch_size}x{d.patch_size} patches "
-                    f"through {model} needs more than the device has: lower data.batch_size or data.patch_size")
-        return OutOfMemory(f"out of memory on {self.device}{rank} {what}; {self._kept()}")
+            what = (f"in training step {self.step + 1} ({found}): a batch of {d.batch_size} {d.patch_size}x{d.patch_size} "
+                    f"patches through {model} needs more than the device has: lower data.batch_size or data.patch_size")
+        return OutOfMemory(f"{where} {what}; {self._kept()}")
 
     def _validate_and_track(self, progress: "Progress") -> None:
         if self.validator is None:
