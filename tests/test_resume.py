@@ -103,6 +103,7 @@ def test_a_run_recorded_without_mlflow_is_imported_and_continued(tiles_dir, tmp_
     assert wrong.returncode == 2 and "holds a dncnn gray model" in wrong.stderr
 
 
+@pytest.mark.slow
 def test_a_record_its_process_was_killed_in_imports_as_killed(tiles_dir, tmp_path, monkeypatch, capsys):
     """`kill -9` (the OOM killer, a GPU call's time limit) leaves a record without its end, its last
     line maybe cut: imported as FINISHED, a run killed at step 74 of 100000 looked complete; one

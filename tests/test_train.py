@@ -278,6 +278,7 @@ def test_a_model_larger_than_the_free_memory_is_one_line(tiles_dir, tmp_path):
                                   "weights, gradients and adamw state take ") and "make the model smaller" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_batch_larger_than_the_memory_is_one_line(tiles_dir, tmp_path):
     """A batch whose activations the device cannot hold: torch's traceback from deep in backward()
     (on a GPU torch.OutOfMemoryError, on a host ENOMEM). Here the host refuses past a 4 GB
