@@ -6,6 +6,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,9 @@ MODES = ("gray", "rgb")
 # from 179 MP; read_image refuses above that size itself, with the image's size
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 Image.MAX_IMAGE_PIXELS = None
+# Pillow reads a JPEG's EXIF as it opens it and warns of a damaged one without naming the file, once a
+# process: only restore uses the EXIF (its orientation), and upright() reports the damage per file.
+warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
 
 # MATLAB rgb2ycbcr for uint8: T scaled by 1/255, offset 16, rounded half up. This exact
 # arithmetic reproduces ../shared/data/live1_gray from live1_color bit for bit.
@@ -141,15 +145,19 @@ def png_bytes(img: np.ndarray, icc_profile: bytes | None = None, exif: bytes | N
     return buf.getvalue()
 
 
-def upright(img: np.ndarray, exif: bytes | None) -> tuple[np.ndarray, bytes | None]:
+def upright(img: np.ndarray, exif: bytes | None) -> tuple[np.ndarray, bytes | None, str | None]:
     """(the image turned as its EXIF orientation tag says viewers show it, the EXIF without that
-    tag): a camera's JPEG is stored sideways and tagged, a PNG written from its pixels is not."""
+    tag, what was wrong with the EXIF if Pillow could not read all of it: the image then stays as
+    stored): a camera's JPEG is stored sideways and tagged, a PNG written from its pixels is not."""
     if not exif:
-        return img, exif
+        return img, exif, None
     im = Image.fromarray(img)
     im.info["exif"] = exif
-    turned = ImageOps.exif_transpose(im)
-    return np.asarray(turned), turned.info.get("exif", exif)
+    with warnings.catch_warnings(record=True) as caught:  # Pillow warns "Corrupt EXIF data" without the file's name
+        warnings.simplefilter("always")
+        turned = ImageOps.exif_transpose(im)
+    problem = "; ".join(" ".join(str(w.message).split()).rstrip(".") for w in caught) or None
+    return np.asarray(turned), turned.info.get("exif", exif), problem
 
 
 def _umask() -> int:

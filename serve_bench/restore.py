@@ -268,13 +268,14 @@ def main(argv=None) -> int:
             failed += 1
             continue
         # restored as stored (the 8x8 grid the JPEG's blocks sit on), then turned as viewers show the input
-        restored, exif = upright(restored, header.exif)
+        restored, exif, exif_problem = upright(restored, header.exif)
         atomic_write_bytes(target, png_bytes(restored, header.icc_profile, exif))
         how = ("gray stored as RGB" if gray else "luma only") if img.ndim == 3 and meta["mode"] == "gray" else meta["mode"]
         saved = "no JPEG tables" if quality is None else f"JPEG q{quality[0]}" + ("" if quality[1] else " (nearest IJG table)")
         saved += f", told q{args.quality}" if args.quality else ""
         saved += f", re-saved after a worse JPEG (8x8 blockiness {blockiness:.2f})" if blockiness and not why else ""
         turned = ", turned as its EXIF orientation says" if exif != header.exif else ""
+        turned += f", EXIF not all readable ({exif_problem}): not turned" if exif_problem else ""
         print(f"{f} -> {target} ({img.shape[1]}x{img.shape[0]}, {saved}, {meta['arch']} {how}, {backend}{turned})")
     left = f", {kept} left as they are (quality above the model's)" if kept else ""
     print(f"restored {len(files) - failed - kept} of {len(files)} images into {args.out}{left}; "

@@ -123,6 +123,17 @@ def test_restore_keeps_a_camera_jpegs_orientation_profile_and_exif(tmp_path, pho
         assert dict(tagged.getexif()) == {0x010F: "PhoneCam"} and not plain.getexif()
 
 
+def test_restore_names_a_damaged_exif_on_its_files_line(tmp_path, photo_pair):
+    """Pillow warned "Corrupt EXIF data" on stderr, naming no file and once a process: now the
+    file's line says its EXIF could not all be read and that it was not turned."""
+    exif = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03\xff\xff\xff\xff"  # 5 entries, 1 there, cut
+    Image.fromarray(photo_pair[0][:96, :128]).save(tmp_path / "cut_exif.jpg", quality=20, exif=exif)
+    proc = restore(tmp_path / "cut_exif.jpg", "-o", tmp_path / "out", "--checkpoint", tiny_unet(tmp_path / "m.pth"))
+    assert proc.returncode == 0 and "Warning" not in proc.stderr, proc.stderr[-2000:]
+    assert "cut_exif.png (128x96, JPEG q20, unet gray, torch " in proc.stdout
+    assert "EXIF not all readable (Corrupt EXIF data. Expecting to read 12 bytes but only got 8): not turned)" in proc.stdout, proc.stdout
+
+
 def test_restore_tells_a_conditioned_model_the_quality_given(tmp_path, photo_pair, capsys):
     """--quality: for a PNG of a decoded JPEG (no tables, so blind by default) or a photo saved
     again at a higher quality; a blind model refuses it."""
