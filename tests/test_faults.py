@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_runs import limited_memory
 
 from data_pipeline.errors import out_of_memory
 from data_pipeline.images import atomic_write_bytes, jpeg_bytes, jpeg_roundtrip, rgb_to_luma
@@ -355,16 +355,6 @@ def test_restore_takes_a_12_megapixel_photo_in_batched_tiles_with_progress(tmp_p
     assert n == 63 and re.search(rf"\b[1-9]\d*/{n} \[", proc.stderr) and "tile/s" in proc.stderr, proc.stderr[-1000:]
     rss = int(proc.stdout.split("peak memory ")[1].split(" MiB host")[0])
     assert rss < 2048  # bounded: tiles, not the whole 12-megapixel image through the model at once
-
-
-def limited_memory(gib: float) -> dict:
-    """subprocess.run arguments for a process the host refuses past `gib` of address space (RLIMIT_AS,
-    as `ulimit -v` sets; a real ENOMEM, as past what Linux overcommits), with few threads and malloc
-    arenas so that a many-core machine's baseline stays under it."""
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (int(gib * 2**30),) * 2)
-
-    return {"preexec_fn": limit, "env": {**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_ARENA_MAX": "2"}}
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from train_runs import MAIN, REPO, SMOKE, env_for, mlflow_run, run, smoke_args
+from train_runs import MAIN, REPO, SMOKE, env_for, limited_memory, mlflow_run, run, smoke_args
 
 from runtime.checkpoint import load_model
 from runtime.device import resolve_precision
@@ -284,14 +283,9 @@ def test_a_batch_larger_than_the_memory_is_one_line(tiles_dir, tmp_path):
     (on a GPU torch.OutOfMemoryError, on a host ENOMEM). Here the host refuses past a 4 GB
     address-space limit (RLIMIT_AS, as `ulimit -v` sets) and a batch of 16 160x160 patches through
     1024 channels needs more; the OOM killer, which ends a process without an error, is not this."""
-    def limit_memory():
-        resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
-
     args = [sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "model.kwargs.depth=3", "--set", "model.kwargs.width=1024",
             "--set", "data.batch_size=16", "--set", "data.patch_size=160", "--out", str(tmp_path / "out")]
-    # few threads and malloc arenas: a many-core machine's baseline address space stays well under the limit
-    env = {**env_for(tmp_path), "OMP_NUM_THREADS": "2", "MALLOC_ARENA_MAX": "2"}
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=REPO, preexec_fn=limit_memory)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO, **limited_memory(4, env_for(tmp_path)))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert re.fullmatch(
         r"error: out of memory on cpu in training step 1 \(the host refused [\d,]+ MiB more\): a batch of 16 160x160 "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 from pathlib import Path
 
@@ -37,3 +38,13 @@ def mlflow_run(env: dict, run_id: str):
 
 def final_weights(out: Path, part: str = "model") -> dict:
     return torch.load(latest_state(out / "checkpoints"), weights_only=True)[part]
+
+
+def limited_memory(gib: float, env: dict | None = None) -> dict:
+    """subprocess.run arguments for a process the host refuses past `gib` of address space (RLIMIT_AS,
+    as `ulimit -v` sets; a real ENOMEM, as past what Linux overcommits), with few threads and malloc
+    arenas so that a many-core machine's baseline stays well under it."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (int(gib * 2**30),) * 2)
+
+    return {"preexec_fn": limit, "env": {**(env or os.environ), "OMP_NUM_THREADS": "2", "MALLOC_ARENA_MAX": "2"}}
