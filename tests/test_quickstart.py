@@ -55,3 +55,11 @@ def test_a_stopped_quickstart_says_so_and_continues_when_run_again(tmp_path):
     again.send_signal(signal.SIGTERM)
     again.wait(120)
     assert f"at step {stopped_at} " in line, line
+
+
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--eval-size", "-1"], ["--eval-size", "3"]])
+def test_quickstart_checks_its_options_before_training(tmp_path, args):
+    """--eval-size 3 or -1 failed in a traceback after the training (SSIM's window, an empty crop)."""
+    proc = run([sys.executable, "-m", "train.quickstart", "--out", str(tmp_path / "qs"), *args], dict(os.environ))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --steps must be at least 1 and --eval-size 0"), proc.stderr[-2000:]
+    assert not (tmp_path / "qs").exists()  # nothing prepared or trained

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from data_pipeline.backends import backends
 from data_pipeline.config import DataConfig
-from data_pipeline.errors import command
+from data_pipeline.errors import UserError, command
 from data_pipeline.images import atomic_write_bytes, read_image
 from data_pipeline.loaders import build_loader
 from data_pipeline.prepare import load_manifest, prepare
@@ -76,6 +76,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=400, help="training steps (400: a few minutes on 2 CPU cores)")
     ap.add_argument("--eval-size", type=int, default=0, help="evaluate on centre crops of this side (0: whole photographs)")
     args = ap.parse_args(argv)
+    if args.steps < 1 or args.eval_size < 0 or 0 < args.eval_size < 8:  # before minutes of training, not after
+        raise UserError(f"--steps must be at least 1 and --eval-size 0 (whole photographs) or at least 8 pixels "
+                        f"(JPEG's block), got {args.steps} and {args.eval_size}")
     keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = args.out
