@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import command
+from .errors import UserError, command
 from .images import MODES, BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, jpeg_bytes, png_bytes, read_image
 from .sources import DataError, dataset_dir, is_archive, source_images, subfolders
 from .system import die_with_parent, usable_cpus
@@ -220,6 +220,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = ap.parse_args(argv)
     qualities = parse_qualities(args.qualities)
+    if args.min_size < 1 or (args.workers is not None and args.workers < 1):
+        raise UserError(f"--min-size and --workers must be at least 1, got {args.min_size} and {args.workers}")
     check_output_folder(args.out)
     src = Path(args.source)
     if not (is_archive(src) or src.is_dir()):

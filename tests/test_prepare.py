@@ -126,6 +126,9 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "dataset 'nope' not found" in r.stderr
     r = _cli(str(tmp_path), "--out", str(tmp_path / "o"), "--qualities", "0")
     assert r.returncode == 2 and "qualities must be in 1..100" in r.stderr
+    for option in (["--workers", "-2"], ["--workers", "0"], ["--min-size", "-1"]):  # -2 was a ValueError traceback
+        r = _cli(str(tmp_path), "--out", str(tmp_path / "o"), *option)
+        assert r.returncode == 2 and r.stderr.startswith("error: --min-size and --workers must be at least 1"), r.stderr
 
 
 def _bmp_bytes(img):
