@@ -60,6 +60,9 @@ def test_cli_errors_are_one_line(tmp_path):
     high = tiny_gray_unet(tmp_path / "h.pth", {"dataset": "x", "qualities": [95, 99], "online": False})
     proc = run("train.quality_bound", high)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {high} was trained up to q99: there is nothing above it to measure"
+    for option in (["--max-losing", "2"], ["--max-losing", "-0.5"], ["--min-gain", "nan"]):  # were measured and --write-able
+        proc = run("train.quality_bound", high, *option)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: --min-gain must be a number of dB and --max-losing"), proc.stderr
 
 
 def test_restore_keeps_to_the_recorded_bound(photo_pair, tmp_path):

@@ -14,6 +14,7 @@ without a recorded bound restore keeps to the highest trained quality.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -73,6 +74,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-losing", type=float, default=0.1, help="share of images that may lose PSNR (default 0.1)")
     ap.add_argument("--write", action="store_true", help="record the bound and the gains in the checkpoint")
     args = ap.parse_args(argv)
+    if not (math.isfinite(args.min_gain) and 0 <= args.max_losing <= 1):  # --write would record what they give
+        raise UserError(f"--min-gain must be a number of dB and --max-losing a share in 0..1, got {args.min_gain} "
+                        f"and {args.max_losing}")
     keep_freed_memory()
     restorer = Restorer(args.checkpoint)
     trained = trained_qualities(restorer.meta)
