@@ -60,6 +60,13 @@ def test_dotted_overrides_are_typed():
     ("optim.lr", "must look like section.key=value"),
     ("=3", "override '=3' must look like section.key=value"),  # was "unknown config key  (known ...)"
     ("optim..lr=3", "override 'optim..lr=3' must look like section.key=value"),
+    # nan passed every range check (x < 0 is false): a traceback from torch or a run that ignored it
+    ("optim.lr=nan", "optim.lr must be a finite number, got nan"),
+    ("optim.grad_clip=nan", "optim.grad_clip must be a finite number, got nan"),
+    ("schedule.min_lr=nan", "schedule.min_lr must be a finite number, got nan"),
+    ("train.time_budget_s=inf", "train.time_budget_s must be a finite number, got inf"),
+    ("data.qualities=[10, nan]", "data.qualities[1] must be a finite number, got nan"),
+    ("model={arch='unet', kwargs={dropout=nan}}", "model.kwargs.dropout must be a finite number, got nan"),
 ])
 def test_bad_keys_and_values_are_rejected_with_the_name(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

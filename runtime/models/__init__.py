@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import pkgutil
 import warnings
 
@@ -71,6 +72,8 @@ def check_kwargs(arch: str, kwargs: dict) -> str | None:
         counts = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(n, int) and not isinstance(n, bool) and n < 0 for n in counts):
             return f"{key} must be 0 or more, got {value!r}"
+        if any(isinstance(n, float) and not math.isfinite(n) for n in counts):
+            return f"{key} must be a finite number, got {value!r}"
     return None
 
 
