@@ -184,7 +184,7 @@ def _check_value(path: str, value, hint):
     origin = typing.get_origin(hint)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if isinstance(value, float) and not math.isfinite(value):  # the range checks below let nan through
+    if isinstance(value, float) and not math.isfinite(value):  # the sections' range checks (x < 0) let nan through
         raise ConfigError(f"{path} must be a finite number, got {value!r}")
     if origin is list:
         (item,) = typing.get_args(hint) or (object,)
