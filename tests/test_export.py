@@ -301,6 +301,23 @@ def test_latency_shapes_parse_and_default_per_device():
     assert (1024, 1024, 8) in GPU_SHAPES and (512, 512, 8) in GPU_SHAPES
 
 
+def test_the_latency_benchmark_keeps_each_checkpoints_table(tmp_path, monkeypatch, capsys):
+    """Its default folder was one for every checkpoint: measuring a second one replaced the first one's table."""
+    from serve_bench.benchmark import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    checkpoints = [tiny_checkpoint("dncnn", tmp_path / "a" / "image_compression_model.pth"),
+                   tiny_checkpoint("unet", tmp_path / "b" / "image_compression_model.pth")]  # one stem, as runs' are
+    for checkpoint in checkpoints:
+        assert main(["--checkpoint", str(checkpoint), "--device", "cpu", "--backends", "torch", "--shapes", "64x64x1",
+                     "--iters", "1", "--no-mlflow"]) == 0
+    tables = sorted((tmp_path / "outputs" / "latency").glob("*/latency.json"))
+    assert sorted(json.loads(t.read_text())["checkpoint"] for t in tables) == sorted(map(str, checkpoints)), tables
+    assert all(t.parent.name.startswith("image_compression_model-") and (t.parent / "latency.md").is_file() for t in tables)
+
+
 @pytest.mark.parametrize("module", ["serve_bench.benchmark", "export.to_trt"])
 @pytest.mark.parametrize("args, message", [(["--backends", "torch,tensorrtt"], "error: unknown backend 'tensorrtt'; known: "),
                                            (["--shapes", "512x512"], "error: --shapes takes HxWxB items"),
