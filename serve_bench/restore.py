@@ -3,19 +3,20 @@
     python -m serve_bench.restore photo.jpg scans/ -o restored/ [--backend torch|onnxruntime|tensorrt] [--overwrite]
 
 A folder gives its image files and anything else Pillow opens (WebP, GIF); other files are named
-once and passed over. Any size up to 179 MP (tiled above 512 px with overlap, so the model's memory
-stays bounded; the image's own grows with it: a 169 MP gray JPEG took 2.0 GB, a 176 MP color one 6.0 GB;
-one that does not fit is skipped and reported), gray or color. A gray model on a color image restores the luma (Y of
-JPEG's own YCbCr) and keeps the chroma; an RGB model restores all three channels; a gray photo
-stored as RGB (three equal channels) is gray. Writes <name>.png into the output folder (not an input folder); inputs with the same
-name get <name>-2.png, <name>-3.png, ... It never writes over an input, and never over a file it
-did not create in this run unless --overwrite is given. A JPEG saved at a quality above the
-model's bound (read from the file's own tables) is left as it is and reported: a model trained on
-q10-40 makes a q90 photo worse. The bound is the one train.quality_bound measured and recorded in
-the checkpoint, else the highest quality the model was trained on; --max-quality moves it. A JPEG
-above it whose pixels still carry the 8x8 blocks of an earlier, worse JPEG (saved again at a high
-quality) is restored anyway, unless --max-quality or --quality is given. The default
-model is image_compression_model.pth in the repository (gray) and, for color images,
+once and passed over. Any size up to 179 MP (tiled above 512 px with overlap, so the model's
+memory stays bounded; the image's own grows with it: a 169 MP gray JPEG took 2.0 GB, a 176 MP
+color one 6.0 GB; one that does not fit is skipped and reported), gray or color. A gray model on a
+color image restores the luma (Y of JPEG's own YCbCr) and keeps the chroma; an RGB model restores
+all three channels; a gray photo stored as RGB (three equal channels) is gray. Writes <name>.png
+into the output folder (not an input folder); inputs with the same name get <name>-2.png,
+<name>-3.png, ... It never writes over an input, and never over a file it did not create in this
+run unless --overwrite is given. A JPEG saved at a quality above the model's bound (read from the
+file's own tables) is left as it is and reported: a model trained on q10-40 makes a q90 photo
+worse. The bound is the one train.quality_bound measured and recorded in the checkpoint, else the
+highest quality the model was trained on; --max-quality moves it. A JPEG above it whose pixels
+still carry the 8x8 blocks of an earlier, worse JPEG (saved again at a high quality) is restored
+anyway, unless --max-quality or --quality is given. The default model is
+image_compression_model.pth in the repository (gray) and, for color images,
 image_compression_model_color.pth next to it when it exists. The PNG keeps the input's color
 profile and EXIF data, and stands as viewers show the input: a camera JPEG tagged with an EXIF
 orientation is restored as stored (on its 8x8 block grid), then turned.
