@@ -2,30 +2,48 @@
 staleness rule (the file's sidecar names the checkpoint's SHA-256), used by to_onnx, to_trt,
 the latency benchmark and restore.
 
-    outputs/deploy/<checkpoint stem>.onnx          + .onnx.json sidecar
-    outputs/deploy/<checkpoint stem>.fp16.engine   + .fp16.engine.json (TensorRT FP16; .fp32 too)
-    outputs/deploy/<checkpoint stem>.<cpu|cuda>.pt2 + .pt2.json (AOTInductor package, per device)
+    outputs/deploy/<name>.onnx            + .onnx.json sidecar (.fp16.onnx: the fp16 graph)
+    outputs/deploy/<name>.fp16.engine     + .fp16.engine.json (TensorRT FP16; .fp32 too)
+    outputs/deploy/<name>.<cpu|cuda>.pt2  + .pt2.json (AOTInductor package, per device)
+    outputs/latency/<name>/latency.json   + latency.md (the latency benchmark's table)
+
+<name> is the checkpoint's stem and the first 8 hex digits of its SHA-256: every run's checkpoint
+is called image_compression_model.pth, and a name from the stem alone let each checkpoint's
+exports replace another's.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.artifacts import is_current
+from runtime.artifacts import file_sha256, is_current
+from runtime.checkpoint import CheckpointError
 from runtime.runners import RunnerUnavailable
 
 DEPLOY_DIR = Path("outputs/deploy")
+LATENCY_DIR = Path("outputs/latency")
 
 
-def onnx_path(checkpoint: Path | str, deploy_dir: Path | str = DEPLOY_DIR) -> Path:
-    return Path(deploy_dir) / f"{Path(checkpoint).stem}.onnx"
+def artifact_name(checkpoint: Path | str) -> str:
+    """`<stem>-<SHA-256 prefix>`: one checkpoint's exports, whatever folder it lies in."""
+    if not Path(checkpoint).is_file():
+        raise CheckpointError(f"checkpoint {checkpoint} not found")
+    return f"{Path(checkpoint).stem}-{file_sha256(checkpoint)[:8]}"
+
+
+def onnx_path(checkpoint: Path | str, deploy_dir: Path | str = DEPLOY_DIR, fp16: bool = False) -> Path:
+    return Path(deploy_dir) / f"{artifact_name(checkpoint)}{'.fp16' if fp16 else ''}.onnx"
 
 
 def engine_path(checkpoint: Path | str, precision: str, deploy_dir: Path | str = DEPLOY_DIR) -> Path:
-    return Path(deploy_dir) / f"{Path(checkpoint).stem}.{precision}.engine"
+    return Path(deploy_dir) / f"{artifact_name(checkpoint)}.{precision}.engine"
 
 
 def pt2_path(checkpoint: Path | str, device: str, deploy_dir: Path | str = DEPLOY_DIR) -> Path:
-    return Path(deploy_dir) / f"{Path(checkpoint).stem}.{device.split(':')[0]}.pt2"
+    return Path(deploy_dir) / f"{artifact_name(checkpoint)}.{device.split(':')[0]}.pt2"
+
+
+def latency_dir(checkpoint: Path | str) -> Path:
+    return LATENCY_DIR / artifact_name(checkpoint)
 
 
 def ensure_pt2(checkpoint: Path | str, device: str, deploy_dir: Path | str = DEPLOY_DIR) -> Path:
@@ -39,7 +57,7 @@ def ensure_pt2(checkpoint: Path | str, device: str, deploy_dir: Path | str = DEP
 
 def ensure_onnx(checkpoint: Path | str, deploy_dir: Path | str = DEPLOY_DIR, fp16: bool = False) -> Path:
     """The checkpoint's ONNX file (fp32, or an fp16 graph for GPU runtimes), exported now if missing or stale."""
-    path = onnx_path(Path(checkpoint).with_suffix(".fp16.pth") if fp16 else checkpoint, deploy_dir)
+    path = onnx_path(checkpoint, deploy_dir, fp16)
     if not is_current(path, checkpoint):
         from .onnx_export import export_onnx
         export_onnx(checkpoint, path, fp16)

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=Path("image_compression_model.pth"))
     add_device_option(ap)
-    ap.add_argument("--out", type=Path, help="package (default: outputs/deploy/<checkpoint name>.<device>.pt2)")
+    ap.add_argument("--out", type=Path, help="package (default: outputs/deploy/<checkpoint stem>-<SHA-256 prefix>.<device>.pt2)")
     ap.add_argument("--data-root", help="for the parity check on LIVE1 (default: $JPEG_RESTORE_DATA_ROOT)")
     args = ap.parse_args(argv)
     keep_freed_memory()

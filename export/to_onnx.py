@@ -27,12 +27,12 @@ from runtime.device import keep_freed_memory  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=Path("image_compression_model.pth"))
-    ap.add_argument("--out", type=Path, help="ONNX file (default: outputs/deploy/<checkpoint name>[.fp16].onnx)")
+    ap.add_argument("--out", type=Path, help="ONNX file (default: outputs/deploy/<checkpoint stem>-<SHA-256 prefix>[.fp16].onnx)")
     ap.add_argument("--fp16", action="store_true", help="export in fp16 (for GPU runtimes; no CPU parity check)")
     ap.add_argument("--data-root", help="for the parity check on LIVE1 (default: $JPEG_RESTORE_DATA_ROOT)")
     args = ap.parse_args(argv)
     keep_freed_memory()
-    out = args.out or onnx_path(args.checkpoint.with_suffix(".fp16.pth") if args.fp16 else args.checkpoint)
+    out = args.out or onnx_path(args.checkpoint, fp16=args.fp16)
     info = export_onnx(args.checkpoint, out, args.fp16)
     print(f"exported {info['arch']} ({info['mode']}) to {out}: " +
           (f"input N x {info['channels']} x {info['tile']} x {info['tile']} (tiles)" if info["tile"]

@@ -10,8 +10,10 @@ the table says that TensorRT was not measured and why. To measure the GPU design
 `tensorrt-cu13-libs` is a stub that downloads the real wheel from NVIDIA's own index at install
 time, which our machines cannot reach, and Debian has no TensorRT package.
 
-Files: <out>/<checkpoint stem>.onnx and .{fp16,fp32}.engine (each with a .json sidecar naming the
-checkpoint it came from; `python -m serve_bench.restore --backend tensorrt` finds them there).
+Files: outputs/deploy/<checkpoint stem>-<SHA-256 prefix>.onnx and .{fp16,fp32}.engine (each with a
+.json sidecar naming the checkpoint it came from; `python -m serve_bench.restore --backend
+tensorrt` finds them there) and the latency table in outputs/latency/<the same name>/, as
+serve_bench.benchmark writes it; --out puts all of them in one folder.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch  # noqa: E402
 
 from data_pipeline.errors import command  # noqa: E402
 from data_pipeline.images import atomic_write_bytes  # noqa: E402
-from export.artifacts import DEPLOY_DIR, engine_path, ensure_onnx  # noqa: E402
+from export.artifacts import DEPLOY_DIR, engine_path, ensure_onnx, latency_dir  # noqa: E402
 from export.latency import add_benchmark_args, benchmark_choices, report, run_benchmark  # noqa: E402
 from export.onnx_export import check_parity  # noqa: E402
 from export.parity import parity, parity_report  # noqa: E402
@@ -89,7 +91,8 @@ def ort_cuda_parity(checkpoint: Path, deploy_dir: Path, data_root: str | None) -
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=Path("image_compression_model.pth"))
-    ap.add_argument("--out", type=Path, default=DEPLOY_DIR, help="ONNX, engines, timing cache, latency table")
+    ap.add_argument("--out", type=Path, help="one folder for the ONNX file, engines, timing cache and latency table "
+                    "(default: outputs/deploy, the table in outputs/latency/<checkpoint stem>-<SHA-256 prefix>)")
     ap.add_argument("--data-root", help="for parity on LIVE1 (default: $JPEG_RESTORE_DATA_ROOT)")
     add_benchmark_args(ap)
     args = ap.parse_args(argv)
@@ -97,7 +100,7 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes, backends = benchmark_choices(args, device)
     _, meta = load_model(args.checkpoint)
-    out = args.out
+    out = args.out or DEPLOY_DIR
     onnx_path = ensure_onnx(args.checkpoint, out)
     p = check_parity(args.checkpoint, onnx_path, args.data_root)
     print(f"ONNX Runtime parity on {p['source']}: max abs diff {p['max_abs_diff']:.2e}, PSNR diff {p['max_psnr_diff']:.4f} dB: "
@@ -122,7 +125,7 @@ def main(argv=None) -> int:
     result = run_benchmark(args.checkpoint, device, shapes, iters=args.iters,
                            backends=backends, deploy_dir=out)
     result["onnx_parity"], result["onnx_cuda_parity"] = p, gpu_checks
-    print(report(result, out, meta.get("mlflow_run_id"), not args.no_mlflow, record_dir=Path(args.checkpoint).parent))
+    print(report(result, args.out or latency_dir(args.checkpoint), meta.get("mlflow_run_id"), not args.no_mlflow, record_dir=Path(args.checkpoint).parent))
     return 0 if p["ok"] and all(g["ok"] for g in gpu_checks) else 1
 
 

@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 from data_pipeline.errors import command
-from export.artifacts import DEPLOY_DIR
+from export.artifacts import DEPLOY_DIR, latency_dir
 from export.latency import add_benchmark_args, benchmark_choices, report, run_benchmark
-from runtime.artifacts import file_sha256
 from runtime.checkpoint import load_model
 from runtime.device import add_device_option, check_device, keep_freed_memory
 
@@ -35,8 +34,7 @@ def main(argv=None) -> int:
     args.device = check_device(args.device)
     shapes, backends = benchmark_choices(args, args.device)
     _, meta = load_model(args.checkpoint)
-    # one shared default folder let the second checkpoint measured replace the first one's table
-    out = args.out or Path("outputs/latency") / f"{args.checkpoint.stem}-{file_sha256(args.checkpoint)[:8]}"
+    out = args.out or latency_dir(args.checkpoint)
     result = run_benchmark(args.checkpoint, args.device, shapes, iters=args.iters,
                            backends=backends, deploy_dir=args.deploy_dir)
     print(report(result, out, meta.get("mlflow_run_id"), not args.no_mlflow, record_dir=Path(args.checkpoint).parent))

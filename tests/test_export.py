@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from data_pipeline.images import jpeg_bytes, jpeg_roundtrip, read_image
+from export.artifacts import onnx_path
 from export.latency import markdown_table, run_benchmark
 from export.onnx_export import check_parity, export_onnx
 from export.parity import parity
@@ -135,6 +136,25 @@ def test_export_replaces_its_own_files_but_not_the_users(trained, tmp_path):
     assert users.read_text() == "the user's" and not (tmp_path / "notes.onnx.json").exists()
 
 
+def test_exports_of_checkpoints_with_one_name_keep_each_other(tmp_path):
+    """Every run's checkpoint is image_compression_model.pth: exports named after the stem alone let
+    the second run's ONNX file (and TensorRT engines, latency table) replace the first one's."""
+    from export.artifacts import engine_path, ensure_onnx, latency_dir
+
+    for run in ("run1", "run2"):
+        (tmp_path / run).mkdir()
+    first = tiny_checkpoint("dncnn", tmp_path / "run1" / "image_compression_model.pth")
+    second = tiny_checkpoint("unet", tmp_path / "run2" / "image_compression_model.pth")
+    deploy = tmp_path / "deploy"
+    made = {c: ensure_onnx(c, deploy) for c in (first, second)}
+    assert made[first] != made[second] and all(p.is_file() for p in made.values())
+    assert json.loads(Path(f"{made[first]}.json").read_text())["arch"] == "dncnn"
+    before = made[first].stat().st_mtime_ns
+    assert ensure_onnx(first, deploy) == made[first] and made[first].stat().st_mtime_ns == before  # still current
+    assert engine_path(first, "fp16", deploy) != engine_path(second, "fp16", deploy)
+    assert latency_dir(first) != latency_dir(second)
+
+
 def test_benchmark_measures_torch_and_onnxruntime_and_says_why_not_tensorrt(trained, tmp_path):
     path, _ = trained
     result = run_benchmark(path, shapes=[(64, 64, 1), (64, 64, 2)], warmup=1, iters=3,
@@ -143,7 +163,7 @@ def test_benchmark_measures_torch_and_onnxruntime_and_says_why_not_tensorrt(trai
     assert {("torch fp32", 1), ("torch fp32", 2), ("torch fp32 NHWC", 1), ("onnxruntime fp32", 1)} <= labels
     layouts = {r["backend"]: r["channels_last"] for r in result["rows"] if r["runner"] == "torch"}
     assert layouts["torch fp32"] is False and layouts["torch fp32 NHWC"] is True  # the reference stays NCHW
-    assert (tmp_path / "image_compression_model.onnx").is_file()  # exported on demand, named after the checkpoint
+    assert onnx_path(path, tmp_path).is_file()  # exported on demand, named after the checkpoint
     if native_bf16(torch.device("cpu")):
         assert ("torch bf16 NHWC", 2) in labels
     else:
@@ -210,7 +230,7 @@ def test_to_trt_cli_without_gpu_still_exports_and_benchmarks(trained, tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert (tmp_path / "deploy" / "image_compression_model.onnx").is_file() and (tmp_path / "deploy" / "latency.md").is_file()
+    assert onnx_path(path, tmp_path / "deploy").is_file() and (tmp_path / "deploy" / "latency.md").is_file()
     result = json.loads((tmp_path / "deploy" / "latency.json").read_text())
     assert {r["backend"] for r in result["rows"]} >= {"torch fp32", "onnxruntime fp32"}
     assert "metrics to MLflow run" in proc.stdout
