@@ -97,7 +97,7 @@ def read_image(path: Path | str, mode: str | None, min_size: int = 1) -> np.ndar
                 im = im.convert("RGBA" if src_mode == "PA" or "transparency" in im.info else "RGB")
             if im.mode in ("RGBA", "LA"):  # an alpha channel that hides nothing is dropped
                 if im.getchannel("A").getextrema() != (255, 255):
-                    raise BadImage(f"has transparent pixels ({src_mode}); a restored image would lose them")
+                    raise BadImage(f"has transparent pixels ({src_mode}), which a JPEG cannot hold")
                 im = im.convert(im.mode[:-1])
             if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PPM"):  # 16-bit gray
                 arr = np.round(np.asarray(im, dtype=np.float64) / 257).astype(np.uint8)  # Pillow reads 16-bit RGB as 8 too
