@@ -561,6 +561,29 @@ def test_compare_without_a_store_says_so_and_creates_none(tmp_path, monkeypatch,
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_compare_says_how_long_a_running_run_has_been_silent(tmp_path, monkeypatch):
+    """A run killed outright (kill -9, the OOM killer) stays RUNNING in MLflow for ever."""
+    import time
+
+    import mlflow
+
+    from train.compare import collect
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("silence", artifact_location=str(tmp_path / "artifacts"))
+    now_ms = int(time.time() * 1000)
+    for name, last_log_ms in (("live", now_ms - 60_000), ("killed", now_ms - 3 * 3600_000), ("stalled", now_ms - 1200_000)):
+        run = client.create_run(experiment, start_time=now_ms - 4 * 3600_000, run_name=name)
+        for step, ms in ((50, last_log_ms - 60_000), (100, last_log_ms)):
+            client.log_metric(run.info.run_id, "images_per_s", 100.0, timestamp=ms, step=step)
+    finished = client.create_run(experiment, start_time=now_ms - 4 * 3600_000, run_name="done")
+    client.set_terminated(finished.info.run_id, end_time=now_ms - 3 * 3600_000)
+    status = {r["run"]: r["status"] for r in collect("silence")[0]}
+    assert status == {"live": "RUNNING", "killed": "RUNNING? (nothing logged for 3.0 h: killed?)",
+                      "stalled": "RUNNING? (nothing logged for 20 min: killed?)", "done": "FINISHED"}, status
+
+
 def test_a_new_run_never_writes_over_an_earlier_run(tiles_dir, tmp_path, capsys):
     from train.main import main
 

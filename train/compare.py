@@ -11,6 +11,7 @@ import argparse
 import csv
 import io
 import sys
+import time
 from pathlib import Path
 
 from data_pipeline.errors import UserError, command
@@ -19,6 +20,7 @@ from runtime.metrics import metrics
 from runtime.mlflow_store import latency_metric, resolve_tracking_uri
 
 QUALITIES = (10, 20, 30, 40)
+SILENT_S = 600  # a RUNNING run that has logged nothing for this long is said to be silent
 
 
 def _best_val(client, run_id: str) -> tuple[float | None, float | None]:
@@ -29,6 +31,18 @@ def _best_val(client, run_id: str) -> tuple[float | None, float | None]:
     best = max(psnr, key=lambda m: m.value)
     ssim = {m.step: m.value for m in client.get_metric_history(run_id, "val_ssim")}
     return best.value, ssim.get(best.step)
+
+
+def _status(run, history) -> str:
+    """MLflow keeps a killed run (kill -9, the OOM killer, a lost node) RUNNING for ever: a running
+    run says how long it has logged nothing, once that is SILENT_S or more."""
+    if run.info.status != "RUNNING":
+        return run.info.status
+    silent = time.time() - max([h.timestamp for h in history] + [run.info.start_time]) / 1000
+    if silent < SILENT_S:
+        return "RUNNING"
+    return f"RUNNING? (nothing logged for {silent / 3600:.1f} h: killed?)" if silent >= 3600 else \
+        f"RUNNING? (nothing logged for {silent / 60:.0f} min: killed?)"
 
 
 def collect(experiment: str, dataset: str = "live1_gray") -> tuple[list[dict], dict]:
@@ -46,7 +60,7 @@ def collect(experiment: str, dataset: str = "live1_gray") -> tuple[list[dict], d
         rate = sorted(history, key=lambda h: h.step)[1:] or history  # the first window includes start-up
         best_psnr, best_ssim = _best_val(client, run.info.run_id)
         curve = val_curve(client, run.info.run_id)
-        row = {"run": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status, "arch": p.get("model.arch"),
+        row = {"run": run.info.run_name, "run_id": run.info.run_id, "status": _status(run, history), "arch": p.get("model.arch"),
                "grid_point": t.get("grid_point", ""), "params_m": float(p["params"]) / 1e6 if "params" in p else None,
                "macs_per_pixel_k": float(p["macs_per_pixel"]) / 1e3 if "macs_per_pixel" in p else None,
                "train_time_min": m["total_wall_time_s"] / 60 if "total_wall_time_s" in m else None,
