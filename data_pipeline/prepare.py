@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     src = Path(args.source)
     if not (is_archive(src) or src.is_dir()):
         src = dataset_dir(args.source, args.data_root)
-    prepare(src, args.out, args.mode, qualities, args.val_fraction, args.min_size, args.workers)
+    prepare(src, args.out, args.mode, qualities, args.val_fraction, args.min_size, args.workers, progress=sys.stderr.isatty())
     report = json.loads((args.out / REPORT).read_text())
     print(f"prepared {report['prepared']} images into {args.out} "
           f"({report['written']} written, {report['kept']} already done, {len(report['skipped'])} skipped)")

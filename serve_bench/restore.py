@@ -258,7 +258,8 @@ def main(argv=None) -> int:
             continue
         tiles = tile_count(*img.shape[:2])
         try:
-            with tqdm(total=tiles, unit="tile", desc=f.name, leave=False, disable=tiles < 8, file=sys.stderr) as bar:
+            with tqdm(total=tiles, unit="tile", desc=f.name, leave=False, disable=tiles < 8 or not sys.stderr.isatty(),
+                      file=sys.stderr) as bar:  # a bar in a log is its redraws run together
                 restored = restore_array(runner, meta, img, args.self_ensemble, tiles_per_call, bar.update, told)
         except (RuntimeError, MemoryError) as exc:  # the next, smaller images may fit
             if (what := out_of_memory(exc)) is None:

@@ -137,6 +137,12 @@ def _bmp_bytes(img):
     return buf.getvalue()
 
 
+def test_cli_into_a_log_prints_its_summary_without_a_progress_bar(real_images, tmp_path):
+    """A bar's redraws run together in a pipe or a file (a Slurm log): only on a terminal."""
+    r = _cli(str(real_images), "--out", str(tmp_path / "o"), "--qualities", "10", "--workers", "1")
+    assert r.returncode == 0 and r.stdout.startswith("prepared 6 images into") and r.stderr == "", r.stderr
+
+
 def test_official_archives_extract_only_the_needed_images(photos, color_tiles_dir, tmp_path):
     rgb = [photos["astronaut"], photos["coffee"]]
     live = tmp_path / "databaserelease2.zip"
