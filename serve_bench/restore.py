@@ -40,7 +40,7 @@ from data_pipeline.images import BadImage, atomic_write_bytes, check_output_fold
 from data_pipeline.jpeg_tables import grid_blockiness, jpeg_quality
 from export.artifacts import DEPLOY_DIR, artifact_for
 from runtime.checkpoint import load_model
-from runtime.device import PRECISIONS, add_device_option, check_device, emulated_bf16_warning, keep_freed_memory, native_bf16
+from runtime.device import PRECISIONS, add_device_option, check_device, emulated_precision_warning, keep_freed_memory, native_bf16
 from runtime.inference import SHIPPED_GRAY, image_to_tensor, in_model_mode, is_conditioned, shipped_model, to_uint8, trained_qualities, with_quality
 from runtime.runners import make_runner, runners
 from runtime.tiling import tile_count
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
         raise UserError(f"--precision is for the torch backends; {args.backend} runs its exported file's precision")
     precision = args.precision if args.precision != "auto" else "bf16" if native_bf16(torch.device(args.device)) else "fp32"
     backend = f"{args.backend} {precision}" if torch_backend else args.backend
-    if slow := emulated_bf16_warning(precision, torch.device(args.device)):
+    if slow := emulated_precision_warning(precision, torch.device(args.device)):
         print(f"warning: {slow}", file=sys.stderr)
     tiles_per_call = args.tiles_per_call if args.tiles_per_call is not None else (4 if args.device.startswith("cuda") else 1)
     if tiles_per_call < 1:

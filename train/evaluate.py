@@ -38,7 +38,7 @@ from data_pipeline.images import (
 from data_pipeline.jpeg_tables import jpeg_quality
 from data_pipeline.sources import DataError, dataset_dir
 from data_pipeline.system import die_with_parent, usable_cpus
-from runtime.device import add_device_option, check_device, emulated_bf16_warning, keep_freed_memory
+from runtime.device import add_device_option, check_device, emulated_precision_warning, keep_freed_memory
 from runtime.figures import side_by_side
 from runtime.inference import Restorer, shipped_model
 from runtime.metrics import image_metrics, metrics
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     keep_freed_memory()
     args.device = check_device(args.device)
-    if not args.jpeg_only and (slow := emulated_bf16_warning(args.precision, torch.device(args.device))):
+    if not args.jpeg_only and (slow := emulated_precision_warning(args.precision, torch.device(args.device))):
         print(f"warning: {slow}", file=sys.stderr)
     try:
         qualities = [int(q) for q in args.qualities.split(",")]

@@ -27,7 +27,7 @@ from data_pipeline.loaders import build_loader
 from data_pipeline.prepare import prepare
 from data_pipeline.sources import dataset_dir, refuse_test_set
 from runtime import checkpoint as ckpt
-from runtime.device import autocast_for, emulated_bf16_warning, free_memory, resolve_precision
+from runtime.device import autocast_for, emulated_precision_warning, free_memory, resolve_precision
 from runtime.figures import side_by_side
 from runtime.models import build_model, macs_per_pixel, meta_model
 from runtime.tiling import TILE
@@ -62,7 +62,7 @@ class Trainer:
         self.cfg, self.out, self.info = cfg, Path(out), info
         self.device = info.device
         cfg.train.precision = resolve_precision(cfg.train.precision, self.device)
-        if slow := emulated_bf16_warning(cfg.train.precision, self.device):
+        if slow := emulated_precision_warning(cfg.train.precision, self.device):
             log.warning(slow)
         self.ckpt_dir = self.out / "checkpoints"
         self.best_path = Path(cfg.train.best_checkpoint) if cfg.train.best_checkpoint else self.out / "image_compression_model.pth"
