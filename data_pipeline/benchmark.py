@@ -67,6 +67,12 @@ def measure(prepared: Path, batches: int, device: torch.device, shapes=SHAPES, w
     return rows
 
 
+def check_datasets(data_root: str | None, modes: list[str]) -> None:
+    """Every mode's dataset is there: a missing one is said before minutes of measuring the others."""
+    for mode in modes:
+        dataset_dir(DATASETS[mode], data_root)
+
+
 def prepare_dataset(data_root: str | None, mode: str, out_root: Path = Path("outputs/prepared")) -> Path:
     """The benchmark's dataset of `mode`, prepared at q10-40 (kept across runs)."""
     prepared = out_root / f"{DATASETS[mode]}-{mode}"
@@ -95,6 +101,7 @@ def main(argv=None) -> int:
         variants(args.workers, only)  # unknown backend names fail here, before any data is prepared
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    check_datasets(args.data_root, modes)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     rows = [r for mode in modes for r in measure(prepare_dataset(args.data_root, mode), args.batches, device, workers=args.workers,

@@ -480,6 +480,25 @@ def test_benchmark_and_testset_commands_reject_bad_options_in_one_line(tmp_path,
     assert not (tmp_path / "bench.json").exists()
 
 
+@pytest.mark.parametrize("module, args", [
+    ("data_pipeline.benchmark", ["--modes", "gray,rgb"]),
+    ("train.benchmark", ["--loaders", "--modes", "gray,rgb"]),
+    ("train.benchmark", ["--end-to-end", "--dataset", "train_color"]),
+])
+def test_benchmarks_find_a_missing_dataset_before_measuring(tmp_path, tiles_dir, monkeypatch, capsys, module, args):
+    """The color set missing was found only once the gray one had been prepared and measured (the
+    --end-to-end bare loop timed first: minutes in fp16 on a CPU)."""
+    import importlib
+
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "train400").symlink_to(tiles_dir)
+    monkeypatch.chdir(tmp_path)  # prepared datasets would land in outputs/ here
+    assert importlib.import_module(module).main([*args, "--data-root", str(tmp_path / "root"), "--json", "b.json"]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == f"error: dataset 'train_color' not found in data root ({tmp_path / 'root' / 'train_color'} is missing)"
+    assert out == "" and not (tmp_path / "outputs").exists() and not (tmp_path / "b.json").exists()
+
+
 @pytest.mark.parametrize("module, args, message", [
     ("train.main", ["--smoke", "--out", "{file}"], "error: output {file} exists and is not a folder"),
     ("train.evaluate", ["--json", "{file}/results.json"], "error: output {file} exists and is not a folder"),

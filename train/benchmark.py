@@ -29,8 +29,9 @@ from data_pipeline import benchmark as loader_bench
 from data_pipeline.backends import backends
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import atomic_write_json, check_output_file
+from data_pipeline.sources import dataset_dir
 from data_pipeline.system import usable_cpus
-from runtime.device import autocast_for, device_name, keep_freed_memory, matmul_peak, native_bf16, resolve_precision
+from runtime.device import autocast_for, device_name, emulated_precision_warning, keep_freed_memory, matmul_peak, native_bf16, resolve_precision
 from runtime.models import architectures, build_model, build_problem, check_kwargs, macs_per_pixel
 
 from .loop.config import load_config
@@ -223,8 +224,14 @@ def main(argv=None) -> int:
     unknown = set(args.backends.split(",")) - set(backends())
     if unknown:
         raise UserError(f"unknown loader backend(s) {', '.join(sorted(unknown))}: choose from {', '.join(backends())}")
+    if args.loaders:  # a missing dataset is said before minutes of measuring
+        loader_bench.check_datasets(args.data_root, args.modes.split(","))
+    if args.end_to_end:
+        dataset_dir(args.dataset, args.data_root)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(args.precision, device)
+    if slow := emulated_precision_warning(precision, device):
+        print(f"warning: {slow}", file=sys.stderr)
     if args.loaders:
         return loaders_against_training(args, device, precision)
     if args.end_to_end:
