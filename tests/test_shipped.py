@@ -134,8 +134,13 @@ def test_figure_shows_every_model_on_two_images(data_root, tmp_path, capsys):
     assert label_height(512) >= 30  # a 1536-px strip of three panels keeps labels readable when previewed
     assert figure([str(SHIPPED_GRAY), "--data-root", str(data_root), "--images", "nope", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip().startswith("error: no image nope.png in")
+    # --scale 100 wrote a 38400x13391 PNG (514 MP) that Pillow itself then refuses to open
+    assert figure([str(SHIPPED_GRAY), "--data-root", str(data_root), "--images", "bikes", "--scale", "100", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == ("error: the figure would be at least 38400x12800 (492 MP), more than the "
+                                               "179 MP Pillow opens: lower --scale or --crop")
     for args, message in [(["--quality", "0"], "error: --quality must be a JPEG quality in 1..100, got 0"),
                           (["--crop", "0"], "error: --crop must be at least 8 pixels and --scale at least 1, got 0 and 2"),
+                          (["--images", "bikes,"], "error: --images must be comma-separated image names, got 'bikes,'"),
                           (["--out", str(tmp_path / "bad.txt")], f"error: --out must name a .png file (the figure is a PNG), got {tmp_path / 'bad.txt'}")]:
         assert figure([str(SHIPPED_GRAY), "--out", str(tmp_path / "bad.png"), *args]) == 2
         assert capsys.readouterr().err.strip() == message and not list(tmp_path.glob("bad.*"))

@@ -15,7 +15,7 @@ from PIL import Image
 from scipy.ndimage import uniform_filter
 
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import atomic_write_bytes, check_output_file, jpeg_roundtrip, png_bytes, read_image
+from data_pipeline.images import MAX_PIXELS, atomic_write_bytes, check_output_file, jpeg_roundtrip, png_bytes, read_image
 from data_pipeline.sources import DataError, dataset_dir
 from runtime.device import keep_freed_memory
 from runtime.figures import panel_strip
@@ -70,13 +70,21 @@ def main(argv=None) -> int:
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out must name a .png file (the figure is a PNG), got {args.out}")
     check_output_file(args.out, "--out")
+    names = args.images.split(",")
+    if not all(names):
+        raise UserError(f"--images must be comma-separated image names, got {args.images!r}")
     folder = dataset_dir(args.dataset, args.data_root)
     images = {}
-    for name in args.images.split(","):
+    for name in names:
         path = folder / f"{name}.png"
         if not path.is_file():
             raise DataError(f"no image {name}.png in {folder}")
         images[name] = read_image(path, None, min_size=8)
+    side = max(min(args.crop, *img.shape[:2]) for img in images.values()) * args.scale
+    width, height = (2 + len(args.checkpoints)) * side, len(images) * side
+    if width * height > MAX_PIXELS:  # Pillow's decompression-bomb limit: not even this project would read it
+        raise UserError(f"the figure would be at least {width}x{height} ({width * height / 1e6:.0f} MP), more than "
+                        f"the {MAX_PIXELS / 1e6:.0f} MP Pillow opens: lower --scale or --crop")
     restorers = [Restorer(c) for c in args.checkpoints]
     labels = args.labels.split(",") if args.labels else [r.meta["arch"] for r in restorers]
     if len(labels) != len(restorers):
