@@ -134,6 +134,7 @@ def model_kwargs(text: str, arch: str) -> dict:
 def loaders_against_training(args, device: torch.device, precision: str) -> int:
     """Each loader's patches/s and its headroom over what a bare `--arch` training step consumes."""
     kwargs = model_kwargs(args.kwargs, args.arch)
+    loader_bench.check_datasets(args.data_root, args.modes.split(","))  # a missing one said before minutes of measuring
     print(f"{device_name(device)}, {os.cpu_count()} cores, q10-40, {args.arch} {kwargs} step in {precision}")
     print(f"{'backend':<28} {'workers':>7} {'mode':>5} {'batch':>5} {'patch':>5} {'patches/s':>10} {'x training':>10}")
     rows, steps = [], []
@@ -159,6 +160,7 @@ def end_to_end(args, device: torch.device, precision: str) -> int:
     """The Trainer on real data with each loader backend against the bare loop of the same model,
     batch and patch: how much of the GPU (or CPU) the data path leaves idle."""
     kwargs = model_kwargs(args.kwargs, args.arch)
+    dataset_dir(args.dataset, args.data_root)  # a missing one said before the bare loop is timed
     shape = [f"model.kwargs={args.kwargs}", f"data.batch_size={args.batch}", f"data.patch_size={args.patch}"]
     if args.compile:
         shape.append("train.compile=true")
@@ -224,10 +226,6 @@ def main(argv=None) -> int:
     unknown = set(args.backends.split(",")) - set(backends())
     if unknown:
         raise UserError(f"unknown loader backend(s) {', '.join(sorted(unknown))}: choose from {', '.join(backends())}")
-    if args.loaders:  # a missing dataset is said before minutes of measuring
-        loader_bench.check_datasets(args.data_root, args.modes.split(","))
-    if args.end_to_end:
-        dataset_dir(args.dataset, args.data_root)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(args.precision, device)
     if slow := emulated_precision_warning(precision, device):
