@@ -23,6 +23,7 @@ from skimage.metrics import peak_signal_noise_ratio
 from .errors import command
 from .images import atomic_write_json, check_output_file, decode_jpeg, jpeg_bytes, list_images, png_bytes, read_image
 from .loaders import dali_available
+from .prepare import parse_qualities
 from .sources import DataError, dataset_dir
 
 
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root")
     ap.add_argument("--dataset", default="live1_gray", help="folder of original images (live1_gray, live1_color, or a path)")
     ap.add_argument("--mode", choices=["gray", "rgb"], help="default: rgb for a *color* dataset, else gray")
-    ap.add_argument("--qualities", default="10,20,40")
+    ap.add_argument("--qualities", default="10,20,40", help="comma-separated JPEG qualities, or a range: 5-95:5")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--json", type=Path, default=Path("outputs/decoder_check.json"))
     args = ap.parse_args(argv)
@@ -148,9 +149,12 @@ def main(argv=None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: this machine has no usable CUDA GPU")
     mode = args.mode or ("rgb" if "color" in args.dataset else "gray")
+    qualities = parse_qualities(args.qualities)
     folder = dataset_dir(args.dataset, args.data_root)
     originals = [read_image(p, mode) for p in list_images(folder)]
-    result = check(originals, [int(q) for q in args.qualities.split(",")], device, mode)
+    if not originals:
+        raise DataError(f"no images in {folder}")
+    result = check(originals, qualities, device, mode)
     result["dataset"] = str(folder)
     if device == "cuda":
         result["gpu"] = torch.cuda.get_device_name(0)

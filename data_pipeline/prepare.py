@@ -196,15 +196,20 @@ def check_files(prepared: Path | str, manifest: dict, records: list[dict], quali
 
 
 def parse_qualities(text: str) -> list[int]:
-    """'10,20,30,40', or a range with a step, '5-95:5' (both ends included)."""
+    """'10,20,30,40', or a range with a step, '5-95:5' (both ends included): the JPEG qualities in
+    ascending order, each once (prepare, evaluate and decoder_check read --qualities so)."""
     try:
         if "-" in text:
             span, _, step = text.partition(":")
             lo, hi = (int(v) for v in span.split("-"))
-            return list(range(lo, hi + 1, int(step or 1)))
-        return [int(q) for q in text.split(",") if q.strip()]
+            qualities = list(range(lo, hi + 1, int(step or 1)))
+        else:
+            qualities = [int(q) for q in text.split(",") if q.strip()]
     except ValueError:
         raise DataError(f"--qualities must be comma-separated integers or a range like 5-95:5, got {text!r}") from None
+    if not qualities or not all(1 <= q <= 100 for q in qualities):
+        raise DataError(f"--qualities must be in 1..100, got {text!r}")
+    return sorted(set(qualities))
 
 
 @command

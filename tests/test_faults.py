@@ -468,8 +468,13 @@ def test_restore_reports_its_own_peak_memory_not_its_parents(tmp_path, photo_pai
     ("data_pipeline.benchmark", ["--modes", "grey"], "error: --modes takes gray, rgb, got 'grey'"),
     ("data_pipeline.benchmark", ["--backends", "nope"], "error: unknown loader backend(s) nope: choose from"),
     ("data_pipeline.skimage_testset", ["/proc/jpeg-restore-testset"], "error: cannot write the test set into /proc/"),
+    # decoder_check took --qualities x as a traceback and 0 as a quality; evaluate said it in its own words
+    ("data_pipeline.decoder_check", ["--qualities", "x"], "error: --qualities must be comma-separated integers or a range like 5-95:5, got 'x'"),
+    ("data_pipeline.decoder_check", ["--qualities", "0,10"], "error: --qualities must be in 1..100, got '0,10'"),
+    ("train.evaluate", ["--qualities", "10;20"], "error: --qualities must be comma-separated integers or a range like 5-95:5"),
+    ("train.evaluate", ["--qualities", "95-105:5"], "error: --qualities must be in 1..100, got '95-105:5'"),
 ])
-def test_benchmark_and_testset_commands_reject_bad_options_in_one_line(tmp_path, capsys, module, args, message):
+def test_benchmark_check_and_testset_commands_reject_bad_options_in_one_line(tmp_path, capsys, module, args, message):
     """Before any measurement starts (a bad --arch used to fail only after every architecture had been timed)."""
     import importlib
 
@@ -478,6 +483,14 @@ def test_benchmark_and_testset_commands_reject_bad_options_in_one_line(tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and len(err.splitlines()) == 1, err
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_decoder_check_of_a_folder_without_images_is_one_line(tmp_path, capsys):
+    from data_pipeline.decoder_check import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["--dataset", str(tmp_path / "empty"), "--json", str(tmp_path / "c.json")]) == 2  # was an IndexError
+    assert capsys.readouterr().err.strip() == f"error: no images in {tmp_path / 'empty'}"
 
 
 @pytest.mark.parametrize("module, args", [

@@ -36,6 +36,7 @@ from data_pipeline.images import (
     read_image,
 )
 from data_pipeline.jpeg_tables import jpeg_quality
+from data_pipeline.prepare import parse_qualities
 from data_pipeline.sources import DataError, dataset_dir
 from data_pipeline.system import die_with_parent, usable_cpus
 from runtime.device import add_device_option, check_device, emulated_precision_warning, keep_freed_memory
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root", help="data root (default: $JPEG_RESTORE_DATA_ROOT)")
     ap.add_argument("--dataset", default="live1_gray", help="test folder in the data root, or a path: its images in any format Pillow reads "
                     "(PNG, BMP, TIFF, PPM/PGM, WebP, JPEG); other files are named and passed over")
-    ap.add_argument("--qualities", default="10,20,30,40")
+    ap.add_argument("--qualities", default="10,20,30,40", help="comma-separated JPEG qualities, or a range: 5-95:5")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--side-by-side", type=Path, help="write original | JPEG | restored PNGs here")
     ap.add_argument("--side-by-side-count", type=int, default=2)
@@ -203,12 +204,7 @@ def main(argv=None) -> int:
     args.device = check_device(args.device)
     if not args.jpeg_only and (slow := emulated_precision_warning(args.precision, torch.device(args.device))):
         print(f"warning: {slow}", file=sys.stderr)
-    try:
-        qualities = [int(q) for q in args.qualities.split(",")]
-    except ValueError:
-        raise UserError(f"--qualities must be comma-separated integers, got {args.qualities!r}") from None
-    if not all(1 <= q <= 100 for q in qualities):
-        raise UserError(f"--qualities must be JPEG qualities in 1..100, got {args.qualities!r}")
+    qualities = parse_qualities(args.qualities)
     if args.side_by_side_count < 1:
         raise UserError(f"--side-by-side-count must be at least 1, got {args.side_by_side_count}")
     if args.json:  # before minutes of evaluation
