@@ -46,13 +46,24 @@ from runtime.runners import make_runner, runners
 from runtime.tiling import tile_count
 
 
-def open_runner(checkpoint: Path, backend: str, device: str, deploy_dir: Path, precision: str = "fp32"):
-    """(runner, checkpoint metadata): the backend's file for this checkpoint (ONNX exported on demand);
-    `precision` is the torch backends' (the others run their file's)."""
-    _, meta = load_model(checkpoint)
-    cls = runners()[backend]
-    options = {"precision": precision} if cls.artifact == "checkpoint" else {}
-    return make_runner(backend, artifact_for(cls.artifact, checkpoint, deploy_dir, device=device), device, **options), meta
+class Models:
+    """The gray and the color images' (runner, checkpoint metadata). Each checkpoint is read now; its
+    runner opens when an image first needs it, so gray photos through --backend aoti or onnxruntime
+    never export the color model (a 25 s compile on a 2-core CPU)."""
+
+    def __init__(self, checkpoints: dict[str, Path], backend: str, device: str, deploy_dir: Path, precision: str):
+        self.checkpoints, self.backend, self.device, self.deploy_dir = checkpoints, backend, device, deploy_dir
+        self.meta = {kind: load_model(c)[1] for kind, c in checkpoints.items()}
+        cls = runners()[backend]
+        self.options = {"precision": precision} if cls.artifact == "checkpoint" else {}  # the others run their file's
+        self.opened: dict[Path, object] = {}
+
+    def __getitem__(self, kind: str) -> tuple[object, dict]:
+        checkpoint = self.checkpoints[kind]
+        if checkpoint not in self.opened:  # the file for this backend, exported on demand
+            artifact = artifact_for(runners()[self.backend].artifact, checkpoint, self.deploy_dir, device=self.device)
+            self.opened[checkpoint] = make_runner(self.backend, artifact, self.device, **self.options)
+        return self.opened[checkpoint], self.meta[kind]
 
 
 def restore_array(runner, meta: dict, img: np.ndarray, ensemble: bool = False, tiles_per_call: int = 1,
@@ -214,9 +225,8 @@ def main(argv=None) -> int:
     check_output_folder(args.out)
     gray_ckpt = args.checkpoint or SHIPPED_GRAY
     color_ckpt = args.color_checkpoint or args.checkpoint or shipped_model(color=True)
-    loaded = {"gray": open_runner(gray_ckpt, args.backend, args.device, args.deploy_dir, precision)}
-    loaded["color"] = loaded["gray"] if color_ckpt == gray_ckpt else open_runner(color_ckpt, args.backend, args.device, args.deploy_dir, precision)
-    blind = [c for c, kind in ((gray_ckpt, "gray"), (color_ckpt, "color")) if not is_conditioned(loaded[kind][1])]
+    models = Models({"gray": gray_ckpt, "color": color_ckpt}, args.backend, args.device, args.deploy_dir, precision)
+    blind = [c for c, kind in ((gray_ckpt, "gray"), (color_ckpt, "color")) if not is_conditioned(models.meta[kind])]
     if args.quality and blind:
         raise UserError(f"--quality is told to quality-conditioned models, and {blind[0]} is blind "
                         "(trained without data.quality_plane): it reads no quality")
@@ -246,7 +256,7 @@ def main(argv=None) -> int:
                 failed += 1
                 continue
             gray = is_gray(img)
-            runner, meta = loaded["gray" if gray else "color"]
+            runner, meta = models["gray" if gray else "color"]
             why = above_range(told, meta, args.max_quality)  # the bound of the model that restores it
             if why and not args.quality and told >= RESAVED_MIN_QUALITY:
                 blockiness = grid_blockiness(img if img.ndim == 2 else rgb_to_luma(img))

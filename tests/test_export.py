@@ -155,6 +155,21 @@ def test_exports_of_checkpoints_with_one_name_keep_each_other(tmp_path):
     assert latency_dir(first) != latency_dir(second)
 
 
+def test_restore_exports_only_the_models_its_images_need(tmp_path, photos):
+    """Gray photos through --backend onnxruntime exported the color model too (aoti: a 25 s compile
+    of NAFNet for nothing on a 2-core CPU)."""
+    gray, color = tiny_checkpoint("unet", tmp_path / "gray.pth"), tiny_checkpoint("unet", tmp_path / "color.pth", channels=3)
+    (tmp_path / "camera.jpg").write_bytes(jpeg_bytes(photos["camera"][:64, :64], 10))
+    (tmp_path / "coffee.jpg").write_bytes(jpeg_bytes(photos["coffee"][:64, :64], 10))
+    deploy = tmp_path / "deploy"
+    for image, exported in (("camera.jpg", {gray}), ("coffee.jpg", {gray, color})):
+        proc = subprocess.run([sys.executable, "-m", "serve_bench.restore", str(tmp_path / image), "-o", str(tmp_path / "out"),
+                               "--checkpoint", str(gray), "--color-checkpoint", str(color), "--backend", "onnxruntime",
+                               "--deploy-dir", str(deploy)], capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert {c for c in (gray, color) if onnx_path(c, deploy).is_file()} == exported, image
+
+
 def test_benchmark_measures_torch_and_onnxruntime_and_says_why_not_tensorrt(trained, tmp_path):
     path, _ = trained
     result = run_benchmark(path, shapes=[(64, 64, 1), (64, 64, 2)], warmup=1, iters=3,
