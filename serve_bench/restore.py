@@ -53,15 +53,16 @@ class Models:
 
     def __init__(self, checkpoints: dict[str, Path], backend: str, device: str, deploy_dir: Path, precision: str):
         self.checkpoints, self.backend, self.device, self.deploy_dir = checkpoints, backend, device, deploy_dir
-        self.meta = {kind: load_model(c)[1] for kind, c in checkpoints.items()}
-        cls = runners()[backend]
-        self.options = {"precision": precision} if cls.artifact == "checkpoint" else {}  # the others run their file's
+        read = {c: load_model(c)[1] for c in set(checkpoints.values())}  # one model for both kinds is read once
+        self.meta = {kind: read[c] for kind, c in checkpoints.items()}
+        self.artifact = runners()[backend].artifact
+        self.options = {"precision": precision} if self.artifact == "checkpoint" else {}  # the others run their file's
         self.opened: dict[Path, object] = {}
 
     def __getitem__(self, kind: str) -> tuple[object, dict]:
         checkpoint = self.checkpoints[kind]
         if checkpoint not in self.opened:  # the file for this backend, exported on demand
-            artifact = artifact_for(runners()[self.backend].artifact, checkpoint, self.deploy_dir, device=self.device)
+            artifact = artifact_for(self.artifact, checkpoint, self.deploy_dir, device=self.device)
             self.opened[checkpoint] = make_runner(self.backend, artifact, self.device, **self.options)
         return self.opened[checkpoint], self.meta[kind]
 
