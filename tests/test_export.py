@@ -156,7 +156,7 @@ def test_exports_of_checkpoints_with_one_name_keep_each_other(tmp_path):
 
 
 def test_restore_exports_only_the_models_its_images_need(tmp_path, photos):
-    """Gray photos through --backend onnxruntime exported the color model too (aoti: a 25 s compile
+    """Gray photos through --backend onnxruntime exported the color model too (aoti: 31 s of compiling
     of NAFNet for nothing on a 2-core CPU)."""
     gray, color = tiny_checkpoint("unet", tmp_path / "gray.pth"), tiny_checkpoint("unet", tmp_path / "color.pth", channels=3)
     (tmp_path / "camera.jpg").write_bytes(jpeg_bytes(photos["camera"][:64, :64], 10))
