@@ -20,7 +20,7 @@ import torch
 from .backends import backends
 from .config import DataConfig
 from .errors import UserError, command
-from .images import atomic_write_json, check_output_file
+from .images import atomic_write_json, check_output_file, output_file
 from .loaders import build_loader
 from .prepare import prepare
 from .sources import dataset_dir
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="torch workers / DALI threads (the torch backend also runs with 1)")
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--backends", help="comma-separated backends to measure (default: every available one)")
-    ap.add_argument("--json", type=Path, default=Path("outputs/loader_bench.json"))
+    ap.add_argument("--json", type=output_file, default=Path("outputs/loader_bench.json"))
     args = ap.parse_args(argv)
     check_output_file(args.json, "--json")
     modes = args.modes.split(",")

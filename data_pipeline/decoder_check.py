@@ -21,7 +21,7 @@ import numpy as np
 from skimage.metrics import peak_signal_noise_ratio
 
 from .errors import command
-from .images import atomic_write_json, check_output_file, decode_jpeg, jpeg_bytes, list_images, png_bytes, read_image
+from .images import atomic_write_json, check_output_file, decode_jpeg, jpeg_bytes, list_images, output_file, png_bytes, read_image
 from .loaders import dali_available
 from .prepare import parse_qualities
 from .sources import DataError, dataset_dir
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=["gray", "rgb"], help="default: rgb for a *color* dataset, else gray")
     ap.add_argument("--qualities", default="10,20,40", help="comma-separated JPEG qualities, or a range: 5-95:5")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--json", type=Path, default=Path("outputs/decoder_check.json"))
+    ap.add_argument("--json", type=output_file, default=Path("outputs/decoder_check.json"))
     args = ap.parse_args(argv)
     check_output_file(args.json, "--json")
     if not dali_available():

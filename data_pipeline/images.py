@@ -2,6 +2,7 @@
 BT.601 luma, Pillow JPEG round trips and atomic writes."""
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -190,6 +191,14 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
 
 def atomic_write_json(path: Path | str, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def output_file(text: str) -> Path:
+    """argparse type of an option naming a file to write: Path() drops a trailing slash, so
+    `--out new_folder/` would write a file named new_folder."""
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text} names a folder: name the file to write")
+    return Path(text)
 
 
 def check_output_file(path: Path, option: str) -> None:

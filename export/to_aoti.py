@@ -17,6 +17,7 @@ if __package__ in (None, ""):  # `python export/to_aoti.py`
 
 
 from data_pipeline.errors import command  # noqa: E402
+from data_pipeline.images import output_file  # noqa: E402
 from export.aoti_export import export_aoti  # noqa: E402
 from export.artifacts import pt2_path  # noqa: E402
 from export.parity import parity, parity_report  # noqa: E402
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=Path("image_compression_model.pth"))
     add_device_option(ap)
-    ap.add_argument("--out", type=Path, help="package (default: outputs/deploy/<checkpoint stem>-<SHA-256 prefix>.<device>.pt2)")
+    ap.add_argument("--out", type=output_file, help="package (default: outputs/deploy/<checkpoint stem>-<SHA-256 prefix>.<device>.pt2)")
     ap.add_argument("--data-root", help="for the parity check on LIVE1 (default: $JPEG_RESTORE_DATA_ROOT)")
     args = ap.parse_args(argv)
     keep_freed_memory()

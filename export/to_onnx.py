@@ -17,6 +17,7 @@ if __package__ in (None, ""):  # `python export/to_onnx.py`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from data_pipeline.errors import command  # noqa: E402
+from data_pipeline.images import output_file  # noqa: E402
 from export.artifacts import onnx_path  # noqa: E402
 from export.onnx_export import check_parity, export_onnx  # noqa: E402
 from export.parity import parity_report  # noqa: E402
@@ -27,7 +28,7 @@ from runtime.device import keep_freed_memory  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=Path("image_compression_model.pth"))
-    ap.add_argument("--out", type=Path, help="ONNX file (default: outputs/deploy/<checkpoint stem>-<SHA-256 prefix>[.fp16].onnx)")
+    ap.add_argument("--out", type=output_file, help="ONNX file (default: outputs/deploy/<checkpoint stem>-<SHA-256 prefix>[.fp16].onnx)")
     ap.add_argument("--fp16", action="store_true", help="export in fp16 (for GPU runtimes; no CPU parity check)")
     ap.add_argument("--data-root", help="for the parity check on LIVE1 (default: $JPEG_RESTORE_DATA_ROOT)")
     args = ap.parse_args(argv)

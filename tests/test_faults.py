@@ -542,6 +542,30 @@ def test_commands_check_where_they_write_before_any_work(tmp_path, capsys, modul
     assert err == message.format(**fill) and file.read_text() == "the user's"
 
 
+@pytest.mark.parametrize("module, option, args", [
+    ("train.ship", "--out", [str(REPO / "image_compression_model.pth")]),
+    ("export.to_onnx", "--out", []),
+    ("export.to_aoti", "--out", []),
+    ("train.figure", "--out", [str(REPO / "image_compression_model.pth")]),
+    ("train.evaluate", "--json", []),
+    ("train.benchmark", "--json", ["--steps", "1"]),
+    ("data_pipeline.benchmark", "--json", []),
+    ("data_pipeline.decoder_check", "--json", []),
+])
+def test_a_file_option_ending_in_a_slash_names_a_folder(tmp_path, capsys, module, option, args):
+    """`--out new_folder/` wrote a file named new_folder (Path() drops the slash): the shipped model,
+    an ONNX file, a figure or results where the user meant a folder."""
+    import importlib
+
+    target = f"{tmp_path}/new_folder/"
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main([*args, option, target])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"error: argument {option}: {target} names a folder: name the file to write"), err
+    assert not any(tmp_path.iterdir())
+
+
 def test_an_atomic_write_that_cannot_happen_is_one_user_error(tmp_path):
     from data_pipeline.errors import UserError
 

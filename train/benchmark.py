@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from data_pipeline import benchmark as loader_bench
 from data_pipeline.backends import backends
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import atomic_write_json, check_output_file
+from data_pipeline.images import atomic_write_json, check_output_file, output_file
 from data_pipeline.sources import dataset_dir
 from data_pipeline.system import usable_cpus
 from runtime.device import autocast_for, device_name, emulated_precision_warning, keep_freed_memory, matmul_peak, native_bf16, resolve_precision
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="dncnn", help="architecture for the trainer and process comparisons")
     ap.add_argument("--steps", type=int, default=12, help="timed steps per measurement window")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    ap.add_argument("--json", type=Path, default=Path("outputs/train_bench.json"))
+    ap.add_argument("--json", type=output_file, default=Path("outputs/train_bench.json"))
     ap.add_argument("--loaders", action="store_true", help="loader patches/s (Train400) beside what a training step consumes")
     ap.add_argument("--data-root", help="with --loaders / --end-to-end (default: $JPEG_RESTORE_DATA_ROOT)")
     ap.add_argument("--end-to-end", action="store_true", help="the Trainer on real data per loader backend vs the bare loop")

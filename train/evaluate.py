@@ -33,6 +33,7 @@ from data_pipeline.images import (
     image_files,
     is_gray,
     jpeg_roundtrip,
+    output_file,
     read_image,
 )
 from data_pipeline.jpeg_tables import jpeg_quality
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset", default="live1_gray", help="test folder in the data root, or a path: its images in any format Pillow reads "
                     "(PNG, BMP, TIFF, PPM/PGM, WebP, JPEG); other files are named and passed over")
     ap.add_argument("--qualities", default="10,20,30,40", help="comma-separated JPEG qualities, or a range: 5-95:5")
-    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--json", type=output_file, help="write the results here")
     ap.add_argument("--side-by-side", type=Path, help="write original | JPEG | restored PNGs here")
     ap.add_argument("--side-by-side-count", type=int, default=2)
     ap.add_argument("--checkpoint", type=Path, help="model checkpoint to evaluate (default: the shipped model)")

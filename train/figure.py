@@ -15,7 +15,7 @@ from PIL import Image
 from scipy.ndimage import uniform_filter
 
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import MAX_PIXELS, atomic_write_bytes, check_output_file, jpeg_roundtrip, png_bytes, read_image
+from data_pipeline.images import MAX_PIXELS, atomic_write_bytes, check_output_file, jpeg_roundtrip, output_file, png_bytes, read_image
 from data_pipeline.sources import DataError, dataset_dir
 from runtime.device import keep_freed_memory
 from runtime.figures import panel_strip
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quality", type=int, default=10)
     ap.add_argument("--crop", type=int, default=128, help="side of the crop shown, in pixels")
     ap.add_argument("--scale", type=int, default=2, help="enlargement of the crops")
-    ap.add_argument("--out", type=Path, required=True, help="PNG to write")
+    ap.add_argument("--out", type=output_file, required=True, help="PNG to write")
     args = ap.parse_args(argv)
     keep_freed_memory()
     if not 1 <= args.quality <= 100:

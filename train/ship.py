@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import jpeg_roundtrip, rgb_to_luma
+from data_pipeline.images import jpeg_roundtrip, output_file, rgb_to_luma
 from runtime import checkpoint as ckpt
 from runtime.device import keep_freed_memory
 from runtime.inference import SHIPPED_COLOR, SHIPPED_GRAY, Restorer
@@ -96,7 +96,7 @@ def ship(source: Path, out: Path | None = None, max_mb: float = MAX_MB, force: b
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", type=Path, help="a run's image_compression_model.pth")
-    ap.add_argument("--out", type=Path, help="default: the shipped gray or color model of the repository")
+    ap.add_argument("--out", type=output_file, help="default: the shipped gray or color model of the repository")
     ap.add_argument("--max-mb", type=float, default=MAX_MB, help="size cap of the shipped file (MB)")
     ap.add_argument("--force", action="store_true", help="replace the shipped model even when not better on validation")
     args = ap.parse_args(argv)
