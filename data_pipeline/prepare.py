@@ -130,6 +130,8 @@ def prepare(source: Path | str, out: Path | str, mode: str = "gray", qualities=(
             else:
                 records.append(rec)
 
+    records, copies = _without_copies(records)
+    skipped += copies
     report = {"source": str(source), "prepared": len(records), "skipped": skipped}
     if not records:
         atomic_write_json(out / REPORT, {**report, "written": 0, "kept": 0})
@@ -149,6 +151,27 @@ def prepare(source: Path | str, out: Path | str, mode: str = "gray", qualities=(
     atomic_write_json(out / REPORT, report)
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def _without_copies(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The records with one image of each content (the first by name), and the others as skips: a
+    copy under another name would be split apart, one in training and one in validation."""
+    first, kept, copies = {}, [], []
+    for r in sorted(records, key=lambda r: r["name"]):
+        same = first.setdefault(r["original"]["sha256"], r)
+        if same is r:
+            kept.append(r)
+        else:
+            copies.append({"file": r["source"], "reason": f"the same pixels as {same['source']} (prepared once: copies "
+                                                          "could sit in both training and validation)"})
+    return kept, copies
+
+
+def report_lines(out: Path | str) -> list[str]:
+    """What a preparation did, from its report: a summary line, then one line per skipped file."""
+    report = json.loads((Path(out) / REPORT).read_text())
+    return [f"prepared {report['prepared']} images into {out} ({report['written']} written, {report['kept']} "
+            f"already done, {len(report['skipped'])} skipped)"] + [f"  skipped {s['file']}: {s['reason']}" for s in report["skipped"]]
 
 
 def _refuse_another_preparation(out: Path, source: Path, mode: str) -> None:
@@ -232,11 +255,7 @@ def main(argv=None) -> int:
     if not (is_archive(src) or src.is_dir()):
         src = dataset_dir(args.source, args.data_root)
     prepare(src, args.out, args.mode, qualities, args.val_fraction, args.min_size, args.workers, progress=sys.stderr.isatty())
-    report = json.loads((args.out / REPORT).read_text())
-    print(f"prepared {report['prepared']} images into {args.out} "
-          f"({report['written']} written, {report['kept']} already done, {len(report['skipped'])} skipped)")
-    for s in report["skipped"]:
-        print(f"  skipped {s['file']}: {s['reason']}")
+    print("\n".join(report_lines(args.out)))
     return 0
 
 

@@ -67,6 +67,20 @@ def test_a_prepared_folder_keeps_its_source_and_mode(real_images, color_tiles_di
     assert sorted(p.name for p in (out / "original").iterdir()) == sorted(f["original"]["path"][9:] for f in manifest["files"])
 
 
+def test_a_copy_under_another_name_is_prepared_once(real_images, tmp_path):
+    """The split goes by name, so a copy renamed (or saved in another format) could sit in training
+    while the original validates: the first by name is prepared, the others are reported."""
+    originals = sorted(p.name for p in real_images.iterdir())
+    first = real_images / originals[0]
+    (real_images / "zz_copy.png").write_bytes(first.read_bytes())
+    Image.open(first).save(real_images / "zz_copy_as.bmp")
+    manifest = prepare(real_images, tmp_path / "prep", "gray", [10], val_fraction=0.5, progress=False)
+    assert [f["source"] for f in manifest["files"]] == originals
+    reason = f"the same pixels as {first.name} (prepared once: copies could sit in both training and validation)"
+    assert json.loads((tmp_path / "prep" / "report.json").read_text())["skipped"] == [
+        {"file": "zz_copy.png", "reason": reason}, {"file": "zz_copy_as.bmp", "reason": reason}]
+
+
 def test_split_is_deterministic_and_roughly_proportional():
     names = [f"img{i}" for i in range(2000)]
     val = [n for n in names if split_of(n, 0.1) == "val"]

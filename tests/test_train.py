@@ -294,6 +294,25 @@ def test_a_batch_larger_than_the_memory_is_one_line(tiles_dir, tmp_path):
         proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
 
 
+def test_a_run_reports_what_preparing_its_images_skipped(real_images, tmp_path):
+    """A file the run could not use was passed over in silence (named only in the prepared folder's
+    report.json): a folder of photos could lose most of its images unnoticed."""
+    good = sorted(real_images.iterdir())
+    (real_images / "cut.png").write_bytes(good[0].read_bytes()[:300])
+    (real_images / "notes.txt").write_text("not an image")
+    (real_images / "zz_copy.png").write_bytes(good[1].read_bytes())
+    proc = run([sys.executable, MAIN, *smoke_args(real_images), "--set", "data.val_fraction=0.5", "--out", str(tmp_path / "out")],
+               env_for(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.split("] ", 1)[-1] for line in proc.stderr.splitlines()]
+    prepared = tmp_path / "out" / "prepared" / f"{real_images.name}-gray"
+    start = lines.index(f"prepared 6 images into {prepared} (6 written, 0 already done, 3 skipped)")
+    assert lines[start + 1].startswith("skipped cut.png: not a readable image (OSError: ")
+    assert lines[start + 2].startswith("skipped notes.txt: not a readable image (UnidentifiedImageError: ")
+    assert lines[start + 3] == f"skipped zz_copy.png: the same pixels as {good[1].name} (prepared once: copies could sit " \
+                               "in both training and validation)"
+
+
 def test_missing_data_root_is_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JPEG_RESTORE_DATA_ROOT"}
     proc = run([sys.executable, MAIN, *SMOKE, "--out", str(tmp_path / "out")], env)

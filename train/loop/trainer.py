@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data_pipeline.errors import ReportedElsewhere, UserError, out_of_memory
 from data_pipeline.images import atomic_write_bytes, check_output_folder
 from data_pipeline.loaders import build_loader
-from data_pipeline.prepare import prepare
+from data_pipeline.prepare import prepare, report_lines
 from data_pipeline.sources import dataset_dir, refuse_test_set
 from runtime import checkpoint as ckpt
 from runtime.device import autocast_for, emulated_precision_warning, free_memory, resolve_precision
@@ -188,6 +188,10 @@ class Trainer:
             if source.is_dir():  # before preparing it (archives: training_pairs checks what they held)
                 refuse_test_set(list(source.iterdir()), source)
             prepare(source, prepared, d.mode, d.qualities, d.val_fraction, d.min_size, progress=sys.stderr.isatty())
+            summary, *skips = report_lines(prepared)
+            log.info("%s", summary)
+            for line in skips:
+                log.warning("%s", line.strip())
 
         on_main_rank(prepare_source, self.info)
         return replace(d, prepared_dir=str(prepared))
