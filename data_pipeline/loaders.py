@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .backends import backends
-from .prepare import check_files, load_manifest
+from .prepare import check_files, load_manifest, split_records
 from .sources import DataError, refuse_test_set
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def training_pairs(cfg, split: str = "train") -> list[Pair]:
     if manifest["mode"] != cfg.mode:
         raise DataError(f"{root} was prepared in {manifest['mode']} mode, the config asks for {cfg.mode}")
     refuse_test_set([Path(f["original"]["path"]) for f in manifest["files"]], root)
-    files = [f for f in manifest["files"] if f["split"] == split][:cfg.limit or None]
+    files = split_records(manifest, split, cfg.limit)
     if not files:
         raise DataError(f"{root}: the {split!r} split is empty (raise data.val_fraction or add images)")
     smallest = min(min(f["height"], f["width"]) for f in files)

@@ -199,6 +199,18 @@ def load_manifest(prepared: Path | str) -> dict:
     return manifest
 
 
+def split_records(manifest: dict, split: str, limit: int = 0) -> list[dict]:
+    """The records of one split ('train' or 'val'), the first `limit` of them if given."""
+    return [f for f in manifest["files"] if f["split"] == split][:limit or None]
+
+
+def split_fingerprints(manifest: dict, limit: int = 0) -> dict[str, list]:
+    """{split: [image count, SHA-256 over their names and source files' checksums]}: what a run
+    trains and validates on, by content, alike on every machine that holds the same source files."""
+    return {split: [len(files), _sha256("".join(f"{f['name']}:{f['source_sha256']}\n" for f in files).encode())]
+            for split in ("train", "val") for files in [split_records(manifest, split, limit)]}
+
+
 def check_files(prepared: Path | str, manifest: dict, records: list[dict], qualities=()) -> None:
     """The records' (of `manifest`) originals and JPEGs at `qualities` are there at their recorded
     sizes (a stat each, nothing read): a folder copied in part, or a file changed since it was

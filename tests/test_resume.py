@@ -12,6 +12,7 @@ import sys
 import mlflow
 import pytest
 import torch
+from PIL import Image
 from train_runs import MAIN, REPO, env_for, final_weights, mlflow_run, run, smoke_args
 
 from train.loop.state import latest_state
@@ -171,3 +172,31 @@ def test_resume_refuses_optimizer_and_schedule_changes_the_saved_state_would_und
         assert "train.init_from=" in last
     proc = run(args + ["--set", "optim.grad_clip=1.0", "--set", "train.max_steps=8", "--resume", "--out", str(out)], env)
     assert proc.returncode == 0 and "optim.grad_clip: 0.0 -> 1.0" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_resume_stops_when_the_held_out_images_changed(tiles_dir, tmp_path):
+    """A run continued on a source folder whose images changed between sessions validated on other
+    images than its best model had, and kept or replaced that model by numbers that do not compare.
+    Other held-out images stop it in one line; other training images are said, and it goes on."""
+    from data_pipeline.prepare import load_manifest, split_records
+
+    source = tmp_path / "photos"
+    shutil.copytree(tiles_dir, source)
+    env, out = env_for(tmp_path), tmp_path / "out"
+    args = [sys.executable, MAIN, *smoke_args(source), "--set", "tracking.enabled=false", "--out", str(out), "--resume"]
+    assert run(args, env).returncode == 0
+    manifest = load_manifest(out / "prepared" / "photos-gray")
+    held_out, trained = (source / split_records(manifest, split, 4)[0]["source"] for split in ("val", "train"))
+    kept = held_out.read_bytes()
+    Image.open(held_out).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(held_out)
+    proc = run([*args, "--set", "train.max_steps=9"], env)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: the held-out images of {source} changed since the run's last state (other images): its best validation "
+        f"PSNR, {torch.load(out / 'image_compression_model.pth', weights_only=True)['metrics']['val_psnr']:.3f} dB, would "
+        f"not compare. Put the images back as they were, or continue from its weights in a new run: another --out with "
+        f"--set train.init_from={out / 'image_compression_model.pth'}"), proc.stderr[-2000:]
+    held_out.write_bytes(kept)
+    Image.open(trained).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(trained)
+    proc = run([*args, "--set", "train.max_steps=9"], env)
+    assert proc.returncode == 0 and "step 9/9" in proc.stderr, proc.stderr[-2000:]
+    assert f"the training images of {source} changed since the run's last state (4 -> 4 images): it goes on" in proc.stderr

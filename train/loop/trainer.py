@@ -24,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data_pipeline.errors import ReportedElsewhere, UserError, out_of_memory
 from data_pipeline.images import atomic_write_bytes, check_output_folder
 from data_pipeline.loaders import build_loader
-from data_pipeline.prepare import prepare, report_lines
-from data_pipeline.sources import dataset_dir, refuse_test_set
+from data_pipeline.prepare import load_manifest, prepare, report_lines, split_fingerprints
+from data_pipeline.sources import DataError, dataset_dir, refuse_test_set
 from runtime import checkpoint as ckpt
 from runtime.device import autocast_for, emulated_precision_warning, free_memory, resolve_precision
 from runtime.figures import side_by_side
@@ -85,7 +85,8 @@ class Trainer:
 
         self.data_root = data_root or cfg.data.data_root or None
         self.data_cfg = self._prepare_data(self.data_root)
-        self.loader, self.validator = on_every_rank(self._build_data, info)  # a data error is printed once
+        saved_data = state.get("data") if state else None
+        self.loader, self.validator = on_every_rank(lambda: self._build_data(saved_data), info)  # a data error is printed once
         torch.manual_seed(cfg.train.seed + 1 + info.rank)  # dropout etc. differ between ranks
         if state is not None and "rng" in state:
             torch.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)].cpu())
@@ -171,11 +172,30 @@ class Trainer:
         return lock
 
     # ---- data ----
-    def _build_data(self) -> tuple:
+    def _build_data(self, saved_data: dict | None) -> tuple:
+        self.data_fingerprints = self._check_same_data(saved_data)
         loader = build_loader(self.data_cfg, self.info.rank, self.info.world_size, self.device)
         validator = Validator(self.data_cfg, self.cfg.train.precision, self.loss_fn, self.info) \
             if self.data_cfg.backend != "synthetic" else None  # synthetic data: nothing to validate on
         return loader, validator
+
+    def _check_same_data(self, saved: dict | None) -> dict | None:
+        """The prepared data's fingerprints (split_fingerprints). A resumed run whose held-out images
+        changed since a validation stops: its best model's PSNR would not compare; other changes are said."""
+        d = self.data_cfg
+        if not d.prepared_dir:  # synthetic data
+            return None
+        now = split_fingerprints(load_manifest(d.prepared_dir), d.limit)
+        changed = [split for split in ("train", "val") if saved and saved[split] != now[split]]
+        if "val" in changed and math.isfinite(self.best_psnr):
+            count = f"{saved['val'][0]} -> {now['val'][0]} images" if saved["val"][0] != now["val"][0] else "other images"
+            raise DataError(f"the held-out images of {d.dataset} changed since the run's last state ({count}): its best "
+                            f"validation PSNR, {self.best_psnr:.3f} dB, would not compare. Put the images back as they were, "
+                            f"or continue from its weights in a new run: another --out with --set train.init_from={self.best_path}")
+        for split in changed:
+            log.warning("the %s images of %s changed since the run's last state (%d -> %d images): it goes on with these",
+                        {"train": "training", "val": "held-out"}[split], d.dataset, saved[split][0], now[split][0])
+        return now
 
     def _prepare_data(self, data_root: str | None):
         d = self.cfg.data
@@ -231,7 +251,7 @@ class Trainer:
                 "history": self.history,
                 "max_steps": self.cfg.train.max_steps, "config": flatten(to_dict(self.cfg)),
                 "arch": self.cfg.model.arch, "kwargs": dict(self.cfg.model.kwargs), "mode": self.cfg.data.mode,
-                "mlflow_run_id": getattr(self, "tracker", None) and self.tracker.run_id,
+                "mlflow_run_id": getattr(self, "tracker", None) and self.tracker.run_id, "data": self.data_fingerprints,
                 **({"ema": self.ema.state_dict()} if self.ema else {})}
 
     def elapsed(self) -> float:

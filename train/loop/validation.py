@@ -17,7 +17,7 @@ import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.images import jpeg_roundtrip, read_image
-from data_pipeline.prepare import check_files, load_manifest
+from data_pipeline.prepare import check_files, load_manifest, split_records
 from data_pipeline.sources import DataError
 from data_pipeline.system import die_with_parent, usable_cpus
 from runtime.device import autocast_for, keep_freed_memory
@@ -45,7 +45,7 @@ def held_out_items(data: DataConfig) -> list[tuple[str, int, np.ndarray, np.ndar
     """(name, quality, JPEG input, original) for the held-out images, the JPEG made per the protocol."""
     root = Path(data.prepared_dir)
     manifest = load_manifest(root)
-    files = [f for f in manifest["files"] if f["split"] == "val"][:data.limit or None]
+    files = split_records(manifest, "val", data.limit)
     if not files:
         raise DataError(f"{root}: no validation images (raise data.val_fraction)")
     check_files(root, manifest, files)
