@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -23,7 +22,7 @@ from tqdm import tqdm
 from .errors import UserError, command
 from .images import MODES, BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, jpeg_bytes, png_bytes, read_image
 from .sources import DataError, dataset_dir, is_archive, source_images, subfolders
-from .system import die_with_parent, usable_cpus
+from .system import die_with_parent, spawned_pool, usable_cpus
 
 MANIFEST = "manifest.json"
 REPORT = "report.json"
@@ -120,7 +119,7 @@ def prepare(source: Path | str, out: Path | str, mode: str = "gray", qualities=(
 
     workers = workers or usable_cpus()
     records = []
-    with ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+    with spawned_pool(workers, die_with_parent, (os.getpid(),)) as pool:
         futures = [pool.submit(_prepare_one, f, name, out, mode, qualities, min_size) for f, name in jobs]
         for (f, _), fut in tqdm(zip(jobs, futures), total=len(jobs), desc=f"prepare {source.name}",
                                  disable=not progress, unit="img"):

@@ -5,8 +5,10 @@ threads on one allowed core ran the U-Net 24% slower), and workers that die with
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import signal
+from concurrent.futures import ProcessPoolExecutor
 
 
 def usable_cpus() -> int:
@@ -29,3 +31,11 @@ def die_with_parent(parent_pid: int) -> None:
         return
     if os.getppid() != parent_pid:  # it died before
         os._exit(1)
+
+
+def spawned_pool(workers: int, initializer, initargs: tuple = ()) -> ProcessPoolExecutor:
+    """A pool of fresh processes (`initializer` calls die_with_parent). Spawned, not forked: a fork
+    copies the parent's objects, and a worker whose garbage collector met a copied DALI pipeline
+    waited for ever in its destructor (a preparation after a DALI loader); CUDA and other threads'
+    locks do not survive a fork either."""
+    return ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=initializer, initargs=initargs)

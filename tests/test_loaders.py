@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -237,3 +240,40 @@ def test_a_file_damaged_during_training_is_named(real_images, tmp_path, backend,
     assert str(exc.value).startswith(f"{prepared}: 6 prepared file(s) missing or changed since preparation "
                                      f"({first} has {size // 3} bytes, not {size}, ...): prepare it again"), exc.value
     assert str(exc.value).endswith("; then --resume continues the run")
+
+
+AFTER_DALI = '''
+import sys
+from pathlib import Path
+
+from data_pipeline.config import DataConfig
+from data_pipeline.loaders import build_loader
+from data_pipeline.prepare import prepare
+
+
+def main(source, out):
+    prepare(source, out / "first", "gray", [10], val_fraction=0.0, progress=False)
+    loader = build_loader(DataConfig(prepared_dir=str(out / "first"), qualities=[10], patch_size=32, batch_size=2,
+                                     backend="dali", workers=1))
+    list(loader)
+    cycle = [loader]
+    cycle.append(cycle)
+    del loader, cycle  # garbage the collector has not met yet (a test's traceback left one so)
+    prepare(source, out / "second", "gray", [10], progress=False)
+    print("prepared after DALI")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
+'''
+
+
+@needs_dali
+def test_a_preparation_after_a_dali_loader_finishes(real_images, tmp_path):
+    """Preparation forked its workers, and a worker whose garbage collector met the copy of a DALI
+    pipeline the parent had left as garbage waited for ever in its destructor: the test session hung
+    in the preparation after the damaged-file test. Spawned workers copy nothing of the parent."""
+    (tmp_path / "after_dali.py").write_text(AFTER_DALI)
+    proc = subprocess.run([sys.executable, str(tmp_path / "after_dali.py"), str(real_images), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "prepared after DALI\n", proc.stderr[-2000:]

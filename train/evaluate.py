@@ -16,7 +16,6 @@ import argparse
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -39,7 +38,7 @@ from data_pipeline.images import (
 from data_pipeline.jpeg_tables import jpeg_quality
 from data_pipeline.prepare import parse_qualities
 from data_pipeline.sources import DataError, dataset_dir
-from data_pipeline.system import die_with_parent, usable_cpus
+from data_pipeline.system import die_with_parent, spawned_pool, usable_cpus
 from runtime.device import add_device_option, check_device, emulated_precision_warning, keep_freed_memory
 from runtime.figures import side_by_side
 from runtime.inference import Restorer, shipped_model
@@ -111,7 +110,7 @@ def model_fields(models: dict[str, tuple[Path, Restorer]]) -> dict:
 
 
 def _start_scorer(parent_pid: int) -> None:
-    keep_freed_memory()  # forked workers inherit it, but Python 3.14 forks no more by default (SSIM 3x slower without)
+    keep_freed_memory()  # a spawned worker starts without it (SSIM 3x slower without)
     die_with_parent(parent_pid)
 
 
@@ -127,7 +126,7 @@ def evaluate(images: dict[str, np.ndarray], qualities: list[int], restore: Resto
     `keep` > 0 also returns the first `keep` images' (original, jpeg, restored) for figures."""
     names = sorted(images)
     results, per_image, kept = {}, {}, {}
-    with ProcessPoolExecutor(max_workers=workers or usable_cpus(), initializer=_start_scorer, initargs=(os.getpid(),)) as pool:
+    with spawned_pool(workers or usable_cpus(), _start_scorer, (os.getpid(),)) as pool:
         for q in qualities:
             jpeg_out = list(pool.map(_jpeg_metrics, [(images[n], q) for n in names]))
             rows = {n: {"jpeg": m} for n, (_, m) in zip(names, jpeg_out)}

@@ -5,10 +5,9 @@ On a GPU the metrics (scikit-image, on the CPU) are scored in a pool of processe
 restores the next images."""
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.images import jpeg_roundtrip, read_image
 from data_pipeline.prepare import check_files, load_manifest, split_records
 from data_pipeline.sources import DataError
-from data_pipeline.system import die_with_parent, usable_cpus
+from data_pipeline.system import die_with_parent, spawned_pool, usable_cpus
 from runtime.device import autocast_for, keep_freed_memory
 from runtime.inference import image_to_tensor, to_uint8, with_quality
 from runtime.metrics import image_metrics
@@ -87,9 +86,7 @@ class Validator:
         self.jpeg_psnr = [psnr(original, jpeg) for _, _, jpeg, original in self.items[info.rank::info.world_size]]
         self.figures: list[tuple] = []  # (name, quality, original, JPEG, restored) of the last validation
         workers = metric_workers(info) if workers is None else workers
-        # spawned, not forked: the parent holds CUDA and torch's thread pools
-        self.pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_start_metric_worker,
-                                        initargs=(os.getpid(),)) if workers else None
+        self.pool = spawned_pool(workers, _start_metric_worker, (os.getpid(),)) if workers else None
 
     @torch.no_grad()
     def __call__(self, net: torch.nn.Module) -> dict[str, float]:
