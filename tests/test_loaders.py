@@ -246,12 +246,14 @@ AFTER_DALI = '''
 import sys
 from pathlib import Path
 
+import data_pipeline.prepare
 from data_pipeline.config import DataConfig
 from data_pipeline.loaders import build_loader
 from data_pipeline.prepare import prepare
 
 
 def main(source, out):
+    data_pipeline.prepare.IMAGES_PER_WORKER = 1  # a pool of workers even for a few images
     prepare(source, out / "first", "gray", [10], val_fraction=0.0, progress=False)
     loader = build_loader(DataConfig(prepared_dir=str(out / "first"), qualities=[10], patch_size=32, batch_size=2,
                                      backend="dali", workers=1))
