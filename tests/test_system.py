@@ -36,15 +36,17 @@ def test_onnx_runtime_threads_follow_the_cores_the_process_may_use(tmp_path):
     # the validation's spawned workers ignore stop signals: nothing else would end them
     """Validator(DataConfig(prepared_dir=PREPARED, qualities=[10], limit=2), "fp32", LOSSES["l1"],
               DistInfo(0, 0, 1, torch.device("cpu")), workers=2)(torch.nn.Identity()); killed()""",
-    # evaluate's forked workers would wait forever for work
+    # evaluate's workers would wait forever for work
     """evaluate({"a": np.full((64, 64), 128, np.uint8)}, [10], restore=killed, workers=2)""",
-    # and so would prepare's, killed as soon as they are there
-    """threading.Thread(target=killed_once_pooled, daemon=True).start(); prepare(TILES, OUT, workers=2, progress=False)"""],
+    # and so would prepare's (a pool even for the 100 tiles), killed as soon as they are there
+    """data_pipeline.prepare.IMAGES_PER_WORKER = 1; threading.Thread(target=killed_once_pooled, daemon=True).start(); """
+    """prepare(TILES, OUT, workers=2, progress=False)"""],
     ids=["validation", "evaluate", "prepare"])
 def test_pool_workers_die_with_a_parent_killed_outright(tiles_dir, tiles_prepared, tmp_path, scoring):
     """After the OOM killer or `timeout -k` kills the trainer, evaluate or prepare, their pools' processes go too."""
     script = tmp_path / "killed.py"
     script.write_text(f"""import multiprocessing, os, signal, threading, time, numpy as np, torch
+import data_pipeline.prepare
 from data_pipeline.config import DataConfig
 from data_pipeline.prepare import prepare
 from train.evaluate import evaluate
