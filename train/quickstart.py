@@ -21,7 +21,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import atomic_write_bytes, read_image
 from data_pipeline.loaders import build_loader
-from data_pipeline.prepare import load_manifest, prepare
+from data_pipeline.prepare import load_manifest, prepare, split_records
 from data_pipeline.sources import skimage_dir
 from runtime.device import keep_freed_memory
 from runtime.inference import Restorer
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     prepared = out / "prepared" / "skimage-gray"
 
     manifest = prepare(skimage_dir(), prepared, "gray", QUALITIES, val_fraction=VAL_FRACTION)
-    held_out = [f for f in manifest["files"] if f["split"] == "val"]
+    held_out = split_records(manifest, "val")
     print(f"prepared {len(manifest['files'])} scikit-image photographs into {prepared} ({len(held_out)} held out)")
     check_loaders(prepared)
 
@@ -95,8 +95,7 @@ def main(argv=None) -> int:
         return 128 + signal.Signals[trainer.stop_signal]
     best = trainer.best_path
 
-    images = {f["name"]: read_image(prepared / f["original"]["path"], "gray") for f in load_manifest(prepared)["files"]
-              if f["split"] == "val"}
+    images = {f["name"]: read_image(prepared / f["original"]["path"], "gray") for f in split_records(load_manifest(prepared), "val")}
     if args.eval_size:
         images = {name: centre_crop(img, args.eval_size) for name, img in images.items()}
     restorer = Restorer(best)

@@ -187,14 +187,15 @@ class Trainer:
             return None
         now = split_fingerprints(load_manifest(d.prepared_dir), d.limit)
         changed = [split for split in ("train", "val") if saved and saved[split] != now[split]]
+        where = self.cfg.data.prepared_dir or d.dataset  # what the user named
         if "val" in changed and math.isfinite(self.best_psnr):
             count = f"{saved['val'][0]} -> {now['val'][0]} images" if saved["val"][0] != now["val"][0] else "other images"
-            raise DataError(f"the held-out images of {d.dataset} changed since the run's last state ({count}): its best "
+            raise DataError(f"the held-out images of {where} changed since the run's last state ({count}): its best "
                             f"validation PSNR, {self.best_psnr:.3f} dB, would not compare. Put the images back as they were, "
                             f"or continue from its weights in a new run: another --out with --set train.init_from={self.best_path}")
         for split in changed:
             log.warning("the %s images of %s changed since the run's last state (%d -> %d images): it goes on with these",
-                        {"train": "training", "val": "held-out"}[split], d.dataset, saved[split][0], now[split][0])
+                        {"train": "training", "val": "held-out"}[split], where, saved[split][0], now[split][0])
         return now
 
     def _prepare_data(self, data_root: str | None):
