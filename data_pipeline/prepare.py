@@ -138,7 +138,7 @@ def prepare(source: Path | str, out: Path | str, mode: str = "gray", qualities=(
         else:
             records.append(rec)
 
-    records, copies = _without_copies(records)
+    records, copies = without_copies(records)
     skipped += copies
     report = {"source": str(source), "prepared": len(records), "skipped": skipped}
     if not records:
@@ -161,7 +161,7 @@ def prepare(source: Path | str, out: Path | str, mode: str = "gray", qualities=(
     return manifest
 
 
-def _without_copies(records: list[dict]) -> tuple[list[dict], list[dict]]:
+def without_copies(records: list[dict]) -> tuple[list[dict], list[dict]]:
     """The records with one image of each content (the first by name), and the others as skips: a
     copy under another name would be split apart, one in training and one in validation."""
     first, kept, copies = {}, [], []

@@ -9,10 +9,10 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.images import jpeg_bytes
-from data_pipeline.prepare import split_of
+from data_pipeline.prepare import prepare, split_of, split_records
 from runtime import checkpoint as ckpt
 from runtime.models import build_model, tiny_kwargs
-from train.quality_bound import proposed_bound
+from train.quality_bound import proposed_bound, validation_images
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,3 +107,20 @@ def test_restore_takes_a_jpeg_saved_again_after_a_worse_one(photo_pair, tmp_path
     assert proc.stderr.strip().startswith(f"left {inp / 'once.jpg'} as it is: JPEG q90 is above the q10-40")
     proc = run("serve_bench.restore", inp, "-o", tmp_path / "bounded", "--checkpoint", model, "--max-quality", "80")
     assert proc.returncode == 0 and "restored 0 of 2 images" in proc.stdout and "2 left as they are" in proc.stdout
+
+
+def test_validation_images_are_those_preparation_holds_out(tiles_dir, tmp_path):
+    """A copy under a later name is dropped by preparation even where it falls in validation."""
+    src = tmp_path / "src"
+    src.mkdir()
+    tiles = sorted(tiles_dir.glob("*.png"))[:12]
+    for p in tiles:
+        (src / p.name).write_bytes(p.read_bytes())
+    first = tiles[0].stem
+    copies = [f"{first}_copy{i}" for i in range(40)]
+    for name in [n for n in copies if split_of(n, 0.3) == "val"][:2]:  # sort after their twin, and are held out
+        (src / f"{name}.png").write_bytes(tiles[0].read_bytes())
+    data = {"dataset": str(src), "mode": "gray", "qualities": [10], "online": False, "val_fraction": 0.3, "min_size": 48}
+    held_out = [r["name"] for r in split_records(prepare(src, tmp_path / "prepared", "gray", [10], 0.3, progress=False), "val")]
+    assert sorted(validation_images({"config": {"data": data}}, None)) == held_out
+    assert sorted(validation_images({"config": {"data": {**data, "limit": 2}}}, None)) == held_out[:2]

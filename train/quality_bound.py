@@ -14,6 +14,7 @@ without a recorded bound restore keeps to the highest trained quality.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import sys
 import tempfile
@@ -23,7 +24,7 @@ import numpy as np
 
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import BadImage, read_image
-from data_pipeline.prepare import split_of
+from data_pipeline.prepare import split_of, without_copies
 from data_pipeline.sources import DataError, dataset_dir, source_images
 from runtime import checkpoint as ckpt
 from runtime.device import keep_freed_memory
@@ -38,16 +39,21 @@ def validation_images(meta: dict, data_root: str | None) -> dict[str, np.ndarray
     if not data or not data.get("dataset"):
         raise UserError("the checkpoint does not name the dataset it was trained on, so its validation images are unknown")
     with tempfile.TemporaryDirectory() as scratch:  # an archive dataset is extracted here
-        files = [f for f in source_images(dataset_dir(data["dataset"], data_root), Path(scratch))
-                 if split_of(f.stem, data["val_fraction"]) == "val"][:data.get("limit") or None]
-        images = {}
-        for f in files:
-            if f.stem in images:  # prepare keeps the first of a name too
+        records, held_out, names = [], {}, set()
+        for f in source_images(dataset_dir(data["dataset"], data_root), Path(scratch)):
+            if f.stem in names:  # prepare keeps the first of a name too
                 continue
+            names.add(f.stem)
             try:
-                images[f.stem] = read_image(f, data["mode"], min_size=data.get("min_size", 1))
+                img = read_image(f, data["mode"], min_size=data.get("min_size", 1))
             except BadImage:
-                pass  # prepare skipped it too
+                continue  # prepare skipped it too
+            records.append({"name": f.stem, "source": f.name, "original": {"sha256": hashlib.sha256(img.tobytes() + str(img.shape).encode()).hexdigest()}})
+            if split_of(f.stem, data["val_fraction"]) == "val":
+                held_out[f.stem] = img
+    records, _ = without_copies(records)  # a held-out copy of a training image is dropped, as prepare drops it
+    kept = sorted(r["name"] for r in records if r["name"] in held_out)[:data.get("limit") or None]
+    images = {name: held_out[name] for name in kept}
     if not images:
         raise DataError(f"no validation images in {data['dataset']} at val_fraction {data['val_fraction']}")
     return images
