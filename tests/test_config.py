@@ -6,6 +6,7 @@ import pytest
 
 from runtime.models import build_model
 from train.loop.config import ConfigError, load_config
+from train.loop.trainer import SMOKE_OVERRIDES
 
 TOMLS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
 SWEEPS = [p for p in TOMLS if "configs" in tomllib.loads(p.read_text())]  # sweep files list the configs they run
@@ -155,3 +156,22 @@ def test_film_without_the_quality_plane_is_rejected_in_one_line():
         load_config(None, ["model.arch=unet", "model.kwargs={film=true}"])
     cfg = load_config(None, ["model.arch=unet", "model.kwargs={cond_channels=1, film=true}", "data.quality_plane=true"])
     assert cfg.model.kwargs["film"] is True
+
+
+def test_print_config_shows_the_resolved_config_and_trains_nothing(tmp_path):
+    """--print-config: the config file, --smoke and --set resolved, as TOML that --config loads again."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    unet = repo / "configs" / "unet.toml"
+    args = [sys.executable, str(repo / "train" / "main.py"), "--config", str(unet), "--smoke", "--set", "optim.lr=3e-4",
+            "--out", str(tmp_path / "out"), "--print-config"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    (tmp_path / "resolved.toml").write_text(proc.stdout)
+    printed = load_config(tmp_path / "resolved.toml")
+    assert printed == load_config(unet, [*SMOKE_OVERRIDES, "optim.lr=3e-4"]) and printed.optim.lr == 3e-4
+    assert not (tmp_path / "out").exists()
+    proc = subprocess.run([*args[:-1], "--set", "optim.lr=-1", "--print-config"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.startswith("error: optim.lr"), proc.stderr

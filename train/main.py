@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # `python train/main.py` / `torchrun train/main.p
 
 from data_pipeline.errors import ReportedElsewhere, UserError, command  # noqa: E402
 from runtime.device import check_device, keep_freed_memory  # noqa: E402
-from train.loop.config import load_config  # noqa: E402
+from train.loop.config import load_config, to_toml  # noqa: E402
 from train.loop.distributed import cleanup, init_distributed  # noqa: E402
 from train.loop.trainer import SMOKE_OVERRIDES, Trainer  # noqa: E402
 
@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="dotted config override, e.g. --set optim.lr=2e-4 (repeatable)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="cuda: each rank's GPU (LOCAL_RANK)")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the config it would train with (the file, --smoke and --set resolved; every key) as TOML and exit")
     return ap.parse_args(argv)
 
 
@@ -62,6 +64,10 @@ def main(argv=None) -> int:
     trainer = None
     try:
         cfg = load_config_once_per_node(args)
+        if args.print_config:
+            if rank == 0:
+                print(to_toml(cfg), end="")
+            return 0
         info = init_distributed(cfg.train.ddp_timeout_s, check_device(args.device))
         trainer = Trainer(cfg, args.out, info, resume=args.resume, data_root=args.data_root)
         trainer.fit()
