@@ -96,6 +96,9 @@ def test_two_process_torchrun_trains_in_sync(tiles_dir, tmp_path):
     r = mlflow_run(env, blob["mlflow_run_id"])
     assert r.info.status == "FINISHED" and r.data.tags["world_size"] == "2" and r.data.tags["weights_in_sync"] == "true"
     assert {"val_psnr", "images_per_s", "train_loss"} <= set(r.data.metrics)
+    proc = run([sys.executable, MAIN, *smoke_args(tiles_dir), "--out", str(tmp_path / "out"), "--resume", "--set", "train.max_steps=8"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # a resume on one process says that the global batch halved
+    assert "resumed with changed settings: train.max_steps: 6 -> 8, ranks: 2 -> 1 (8 -> 4 patches a step)" in proc.stderr, proc.stderr[-3000:]
 
 
 def _rank_pid(out: Path, rank: int) -> int:

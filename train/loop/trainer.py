@@ -253,6 +253,7 @@ class Trainer:
                 "max_steps": self.cfg.train.max_steps, "config": flatten(to_dict(self.cfg)),
                 "arch": self.cfg.model.arch, "kwargs": dict(self.cfg.model.kwargs), "mode": self.cfg.data.mode,
                 "mlflow_run_id": getattr(self, "tracker", None) and self.tracker.run_id, "data": self.data_fingerprints,
+                "world_size": self.info.world_size,
                 **({"ema": self.ema.state_dict()} if self.ema else {})}
 
     def elapsed(self) -> float:
@@ -271,6 +272,9 @@ class Trainer:
             raise ckpt.CheckpointError(f"{source} was saved by a {have[0]} {have[2]} model {have[1]}, "
                                        f"the config asks for {want[0]} {want[2]} {want[1]}")
         changes = {k: f"{k}: {old} -> {new}" for k, (old, new) in self._changed_settings(state).items()}
+        ranks, batch = (state.get("world_size", self.info.world_size), self.info.world_size), self.cfg.data.batch_size
+        if ranks[0] != ranks[1]:  # the global batch with them (the learning rate was set for the old one)
+            changes["ranks"] = f"ranks: {ranks[0]} -> {ranks[1]} ({ranks[0] * batch} -> {ranks[1] * batch} patches a step)"
         fixed = [said for k, said in changes.items()
                  if k.startswith(STATE_SETTINGS) and k not in LIVE_SETTINGS and k in state["config"]]  # not a newer key
         if fixed:  # torch's load_state_dict would put the saved ones back, or fail on another kind
