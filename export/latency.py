@@ -167,7 +167,7 @@ def system_info() -> dict:
 def markdown_table(result: dict) -> str:
     lines = [f"Latency of {result['arch']} ({result['macs_per_pixel'] / 1e3:.0f} k MACs/pixel); "
              f"{result['system']['cpu']} x{result['system']['cpu_count']}, GPU: {result['system']['cuda'] or 'none'}; "
-             f"measured matmul peak {result['matmul_peak_gflops']['fp32']:.0f} GFLOP/s fp32, "
+             f"measured peak {result['matmul_peak_gflops']['fp32']:.0f} GFLOP/s fp32, "
              f"{result['matmul_peak_gflops']['bf16']:.0f} bf16", "",
              "| backend | device / provider | input | first call s | p50 ms | p90 ms | p99 ms | images/s | MP/s | GFLOP/s | vs torch fp32 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     print(f"device {device}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"batch {args.batch}, {args.patch}x{args.patch}, {precision} (native bf16: {native_bf16(device)}), channels_last")
     peak = matmul_peak(str(device))["bf16" if precision in ("bf16", "fp16") else "fp32"] * 1e9
-    print(f"measured matmul peak {peak / 1e12:.2f} TFLOP/s ({'bf16' if precision in ('bf16', 'fp16') else 'fp32'}): MFU's yardstick")
+    print(f"measured peak {peak / 1e12:.2f} TFLOP/s ({'bf16' if precision in ('bf16', 'fp16') else 'fp32'}): MFU's yardstick")
     archs = []
     for arch in architectures():
         model = build_model(arch, channels=1)
