@@ -56,7 +56,8 @@ def training_pairs(cfg, split: str = "train") -> list[Pair]:
     refuse_test_set([Path(f["original"]["path"]) for f in manifest["files"]], root)
     files = split_records(manifest, split, cfg.limit)
     if not files:
-        raise DataError(f"{root}: the {split!r} split is empty (raise data.val_fraction or add images)")
+        fraction = "lower" if split == "train" else "raise"
+        raise DataError(f"{root}: the {split!r} split is empty ({fraction} data.val_fraction or add images)")
     smallest = min(min(f["height"], f["width"]) for f in files)
     if smallest < cfg.patch_size:
         raise DataError(f"{root}: smallest image side {smallest} < data.patch_size {cfg.patch_size}")

@@ -118,6 +118,10 @@ def test_loader_errors_are_clear(tiles_prepared, tmp_path):
         build_loader(DataConfig(backend="torch", prepared_dir=str(tiles_prepared), batch_size=512, qualities=[10]))
     with pytest.raises(ValueError, match="data.backend must be one of"):
         DataConfig(backend="tf")
+    everything_held_out = tmp_path / "all_val"  # was told to raise data.val_fraction
+    prepare(sorted(tiles_prepared.glob("original"))[0], everything_held_out, "gray", [10], val_fraction=0.999999, progress=False)
+    with pytest.raises(DataError, match=r"the 'train' split is empty \(lower data.val_fraction or add images\)"):
+        build_loader(DataConfig(backend="torch", prepared_dir=str(everything_held_out), qualities=[10]))
 
 
 def test_resident_equals_torch_on_centre_crops(tiles_prepared):
