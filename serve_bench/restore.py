@@ -141,7 +141,7 @@ def peak_memory(device: str) -> str:
 def inputs_of(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     """(the files to restore, the other entries of named folders: files that are not images at all
     and subfolders). A folder gives its visible image files (a broken one is reported) and any other
-    file Pillow opens (WebP, GIF); a file named is always tried."""
+    file Pillow opens (WebP, GIF); a file named is always tried, once however often it is given."""
     files, others = [], []
     for p in paths:
         if p.is_dir():
@@ -152,7 +152,10 @@ def inputs_of(paths: list[Path]) -> tuple[list[Path], list[Path]]:
             files.append(p)
         else:
             raise UserError(f"{p} does not exist")
-    return files, others
+    once = {}
+    for f in files:
+        once.setdefault(f.resolve(), f)
+    return list(once.values()), others
 
 
 def some(names: list[str]) -> str:

@@ -77,6 +77,11 @@ def test_restore_gives_same_stem_inputs_distinct_outputs(jpegs, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["photo-2.png", "photo-3.png", "photo.png"]
     assert "restored 3 of 3" in proc.stdout
     assert proc.stdout.count("JPEG q10,") == 3  # the quality read from each file's own tables
+    # a file named twice, or named and in a named folder (restore a/photo.jpg a/), is restored once
+    proc = restore(jpegs / "b" / "photo.jpg", jpegs / "b", jpegs / "b" / ".." / "b" / "photo.jpg", "-o", tmp_path / "once",
+                   "--checkpoint", model)
+    assert proc.returncode == 0 and sorted(p.name for p in (tmp_path / "once").iterdir()) == ["photo.png"], proc.stderr
+    assert "restored 1 of 1" in proc.stdout
 
 
 def test_restore_of_a_folder_takes_what_pillow_opens_and_names_the_rest(jpegs, tmp_path, photo_pair):
