@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -219,6 +220,12 @@ def split_fingerprints(manifest: dict, limit: int = 0) -> dict[str, list]:
             for split in ("train", "val") for files in [split_records(manifest, split, limit)]}
 
 
+def prepare_command(source, out, mode: str, qualities, val_fraction: float, min_size: int) -> str:
+    """The shell command that prepares `source` into `out` with these settings."""
+    return shlex.join(["python", "-m", "data_pipeline.prepare", str(source), "--out", str(out), "--mode", mode,
+                       "--qualities", ",".join(map(str, qualities)), "--val-fraction", str(val_fraction), "--min-size", str(min_size)])
+
+
 def check_files(prepared: Path | str, manifest: dict, records: list[dict], qualities=()) -> None:
     """The records' (of `manifest`) originals and JPEGs at `qualities` are there at their recorded
     sizes (a stat each, nothing read): a folder copied in part, or a file changed since it was
@@ -231,9 +238,8 @@ def check_files(prepared: Path | str, manifest: dict, records: list[dict], quali
             if size != entry["bytes"]:
                 damaged.append(f"{entry['path']} " + ("is missing" if size is None else f"has {size} bytes, not {entry['bytes']}"))
     if damaged:
-        again = (f"python -m data_pipeline.prepare {manifest['source']} --out {root} --mode {manifest['mode']} "
-                 f"--qualities {','.join(map(str, manifest['qualities']))} --val-fraction {manifest['val_fraction']} "
-                 f"--min-size {manifest['min_size']}")
+        again = prepare_command(manifest["source"], root, manifest["mode"], manifest["qualities"], manifest["val_fraction"],
+                                manifest["min_size"])
         raise DataError(f"{root}: {len(damaged)} prepared file(s) missing or changed since preparation ({damaged[0]}"
                         f"{', ...' if len(damaged) > 1 else ''}): prepare it again, which redoes only those: {again}")
 

@@ -8,6 +8,7 @@ import os
 import pickle
 import pty
 import re
+import shlex
 import shutil
 import struct
 import subprocess
@@ -725,6 +726,24 @@ def test_a_damaged_prepared_folder_is_named_before_training(real_images, tmp_pat
     assert again[:3] == ["python", "-m", "data_pipeline.prepare"]
     assert prepare_main(again[3:]) == 0 and path.read_bytes() == good
     assert main([*args, "--out", str(tmp_path / "run2")]) == 0
+
+
+def test_a_prepared_dir_not_prepared_yet_gives_the_command_that_prepares_it(real_images, tmp_path, capsys):
+    """data.prepared_dir names a folder training reads, not one it prepares: without a manifest
+    there it said only "run python -m data_pipeline.prepare first"; it now gives the command."""
+    from data_pipeline.prepare import main as prepare_main
+    from train.main import main
+
+    prepared = tmp_path / "shared prep"
+    args = ["--smoke", "--set", f"data.dataset={real_images}", "--set", f"data.prepared_dir={prepared}", "--set", "data.qualities=[10, 40]",
+            "--set", "data.val_fraction=0.3", "--set", "tracking.enabled=false"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: no manifest.json in {prepared} (data.prepared_dir): prepare it first: python -m data_pipeline.prepare "), err
+    assert err.endswith(", or leave data.prepared_dir empty to prepare into <out>/prepared"), err
+    command = err.split("prepare it first: ")[1].split(", or leave")[0]
+    assert prepare_main(shlex.split(command)[3:]) == 0
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
 
 
 def test_a_rank_that_leaves_the_error_line_to_another_waits_for_it_to_print():

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data_pipeline.errors import ReportedElsewhere, UserError, out_of_memory
 from data_pipeline.images import atomic_write_bytes, check_output_folder
 from data_pipeline.loaders import build_loader
-from data_pipeline.prepare import load_manifest, prepare, report_lines, split_fingerprints
+from data_pipeline.prepare import MANIFEST, load_manifest, prepare, prepare_command, report_lines, split_fingerprints
 from data_pipeline.sources import DataError, dataset_dir, refuse_test_set
 from runtime import checkpoint as ckpt
 from runtime.device import autocast_for, emulated_precision_warning, free_memory, resolve_precision
@@ -200,7 +200,10 @@ class Trainer:
 
     def _prepare_data(self, data_root: str | None):
         d = self.cfg.data
-        if d.prepared_dir or d.backend == "synthetic":
+        if d.backend == "synthetic":
+            return d
+        if d.prepared_dir:  # read, not prepared, by training
+            on_main_rank(lambda: self._check_prepared(data_root), self.info)
             return d
         prepared = self.out / "prepared" / f"{Path(d.dataset).name}-{d.mode}"
 
@@ -216,6 +219,18 @@ class Trainer:
 
         on_main_rank(prepare_source, self.info)
         return replace(d, prepared_dir=str(prepared))
+
+    def _check_prepared(self, data_root: str | None) -> None:
+        d = self.cfg.data
+        if (Path(d.prepared_dir) / MANIFEST).is_file():
+            return
+        try:  # the command names the source by its path: it runs without the data root
+            source = dataset_dir(d.dataset, data_root)
+        except DataError:
+            source = d.dataset
+        command = prepare_command(source, d.prepared_dir, d.mode, d.qualities, d.val_fraction, d.min_size)
+        raise DataError(f"no {MANIFEST} in {d.prepared_dir} (data.prepared_dir): prepare it first: {command}, "
+                        "or leave data.prepared_dir empty to prepare into <out>/prepared")
 
     # ---- one step ----
     def train_step(self, inp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
