@@ -18,8 +18,9 @@ class DataConfig:
     dataset: str = "train400"
     """Training dataset: a folder name in the data root, a path, an archive, or 'skimage'."""
     prepared_dir: str = ""
-    """A folder prepared beforehand (python -m data_pipeline.prepare) that training reads as it is;
-    empty: training prepares data.dataset into <out>/prepared/<dataset>-<mode>."""
+    """A folder prepared beforehand (python -m data_pipeline.prepare) that training reads as it is,
+    taking its source, val_fraction and min_size (said where the config differs); empty: training
+    prepares data.dataset into <out>/prepared/<dataset>-<mode>."""
     mode: str = "gray"
     """'gray' (BT.601 luma, 1 channel) or 'rgb' (3 channels)."""
     qualities: list[int] = field(default_factory=lambda: [10, 20, 30, 40])

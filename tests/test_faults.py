@@ -746,6 +746,29 @@ def test_a_prepared_dir_not_prepared_yet_gives_the_command_that_prepares_it(real
     assert main([*args, "--out", str(tmp_path / "run")]) == 0
 
 
+def test_a_run_on_a_prepared_dir_records_the_split_it_was_prepared_with(real_images, tmp_path, caplog):
+    """A folder prepared at val_fraction 0.3 trained by a config saying 0.5 (and the default dataset)
+    used the folder's split but recorded the config's: train.ship compares validation PSNRs only
+    between runs of one recorded held-out set, and train.quality_bound rebuilds that set from it."""
+    from train.main import main
+
+    prepared = tmp_path / "prep"
+    prepare(real_images, prepared, "gray", [10], val_fraction=0.3, progress=False)
+    args = ["--smoke", "--set", f"data.prepared_dir={prepared}", "--set", "data.qualities=[10]", "--set", "data.val_fraction=0.5",
+            "--set", "data.min_size=100", "--set", "tracking.enabled=false", "--out", str(tmp_path / "run")]
+    with caplog.at_level("INFO"):
+        assert main(args) == 0
+    said = [r.getMessage() for r in caplog.records if "was prepared from" in r.getMessage()]
+    assert said and said[0].endswith(f"{prepared} was prepared from {real_images} with data.val_fraction 0.3, data.min_size 48: "
+                                     "the run takes them from there (the config said train400, 0.5, 100)"), said
+    data = ckpt.load(tmp_path / "run" / "image_compression_model.pth")["config"]["data"]
+    assert (data["dataset"], data["val_fraction"], data["min_size"]) == (str(real_images), 0.3, 48)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main([*args, "--resume", "--set", "train.max_steps=8"]) == 0  # takes them again: no setting changed
+    assert "resumed with changed settings: train.max_steps: 6 -> 8" in [r.getMessage() for r in caplog.records]
+
+
 def test_a_rank_that_leaves_the_error_line_to_another_waits_for_it_to_print():
     """torchrun stops every rank once one has failed: a silent rank that left at once could kill the
     rank printing the error before its line (2 of 20 two-process runs with a bad config on a loaded

@@ -56,7 +56,8 @@ def centre_crop(img, size: int):
 
 
 def train(prepared: Path, out: Path, steps: int) -> Trainer:
-    cfg = load_config(CONFIG, [f"data.prepared_dir={json.dumps(str(prepared))}", f"data.qualities={QUALITIES}",
+    cfg = load_config(CONFIG, [f"data.prepared_dir={json.dumps(str(prepared))}", "data.dataset=skimage",
+                               f"data.val_fraction={VAL_FRACTION}", f"data.qualities={QUALITIES}",
                                "data.batch_size=16", f"train.max_steps={steps}", f"train.val_every={max(steps // 2, 1)}",
                                f"train.ckpt_every={max(steps // 2, 1)}", f"train.log_every={max(steps // 20, 1)}",
                                "schedule.warmup_steps=0", "tracking.run_name=quickstart-unet"])

@@ -81,9 +81,11 @@ class Trainer:
         self.session_start: float | None = None
         self.history: dict[str, list] = {"step": [], "loss": [], "images_per_s": [], "val_step": [], "val_psnr": []}
         self.resume_changes = ""
+        self.data_root = data_root or cfg.data.data_root or None
+        if cfg.data.prepared_dir and cfg.data.backend != "synthetic":  # before a resume compares the settings
+            on_every_rank(self._take_prepared_settings, info)
         run_id, state = on_every_rank(lambda: self._build(resume), info)
 
-        self.data_root = data_root or cfg.data.data_root or None
         self.data_cfg = self._prepare_data(self.data_root)
         saved_data = state.get("data") if state else None
         self.loader, self.validator = on_every_rank(lambda: self._build_data(saved_data), info)  # a data error is printed once
@@ -203,7 +205,6 @@ class Trainer:
         if d.backend == "synthetic":
             return d
         if d.prepared_dir:  # read, not prepared, by training
-            on_main_rank(lambda: self._check_prepared(data_root), self.info)
             return d
         prepared = self.out / "prepared" / f"{Path(d.dataset).name}-{d.mode}"
 
@@ -220,17 +221,33 @@ class Trainer:
         on_main_rank(prepare_source, self.info)
         return replace(d, prepared_dir=str(prepared))
 
-    def _check_prepared(self, data_root: str | None) -> None:
+    def _take_prepared_settings(self) -> None:
+        """A data.prepared_dir holds one source split one way: the run records the source, val_fraction
+        and min_size it was prepared with (what ship and quality_bound read), saying where the config
+        differed. Without a manifest there: the command that prepares it."""
         d = self.cfg.data
-        if (Path(d.prepared_dir) / MANIFEST).is_file():
-            return
-        try:  # the command names the source by its path: it runs without the data root
-            source = dataset_dir(d.dataset, data_root)
-        except DataError:
-            source = d.dataset
-        command = prepare_command(source, d.prepared_dir, d.mode, d.qualities, d.val_fraction, d.min_size)
-        raise DataError(f"no {MANIFEST} in {d.prepared_dir} (data.prepared_dir): prepare it first: {command}, "
-                        "or leave data.prepared_dir empty to prepare into <out>/prepared")
+        if not (Path(d.prepared_dir) / MANIFEST).is_file():
+            try:  # the command names the source by its path: it runs without the data root
+                source = dataset_dir(d.dataset, self.data_root)
+            except DataError:
+                source = d.dataset
+            command = prepare_command(source, d.prepared_dir, d.mode, d.qualities, d.val_fraction, d.min_size)
+            raise DataError(f"no {MANIFEST} in {d.prepared_dir} (data.prepared_dir): prepare it first: {command}, "
+                            "or leave data.prepared_dir empty to prepare into <out>/prepared")
+        manifest = load_manifest(d.prepared_dir)
+        try:
+            same_source = dataset_dir(d.dataset, self.data_root).resolve() == Path(manifest["source"]).resolve()
+        except DataError:  # not there (another machine's data root): by name
+            same_source = Path(d.dataset).name == Path(manifest["source"]).name
+        prepared = {"dataset": d.dataset if same_source else manifest["source"],
+                    "val_fraction": manifest["val_fraction"], "min_size": manifest["min_size"]}
+        said = {k: getattr(d, k) for k, v in prepared.items() if getattr(d, k) != v}
+        if said:
+            log.warning("%s was prepared from %s with data.val_fraction %s, data.min_size %s: the run takes them from "
+                        "there (the config said %s)", d.prepared_dir, manifest["source"], manifest["val_fraction"],
+                        manifest["min_size"], ", ".join(map(str, said.values())))
+            for key, value in prepared.items():
+                setattr(d, key, value)
 
     # ---- one step ----
     def train_step(self, inp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
