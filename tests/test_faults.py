@@ -760,7 +760,7 @@ def test_a_run_on_a_prepared_dir_records_the_split_it_was_prepared_with(real_ima
         assert main(args) == 0
     said = [r.getMessage() for r in caplog.records if "was prepared from" in r.getMessage()]
     assert said and said[0].endswith(f"{prepared} was prepared from {real_images} with data.val_fraction 0.3, data.min_size 48: "
-                                     "the run takes them from there (the config said train400, 0.5, 100)"), said
+                                     "the run takes them from there (the config said data.dataset train400, data.val_fraction 0.5, data.min_size 100)"), said
     data = ckpt.load(tmp_path / "run" / "image_compression_model.pth")["config"]["data"]
     assert (data["dataset"], data["val_fraction"], data["min_size"]) == (str(real_images), 0.3, 48)
     caplog.clear()

@@ -202,9 +202,7 @@ class Trainer:
 
     def _prepare_data(self, data_root: str | None):
         d = self.cfg.data
-        if d.backend == "synthetic":
-            return d
-        if d.prepared_dir:  # read, not prepared, by training
+        if d.prepared_dir or d.backend == "synthetic":  # a prepared_dir is read, not prepared, by training
             return d
         prepared = self.out / "prepared" / f"{Path(d.dataset).name}-{d.mode}"
 
@@ -241,11 +239,11 @@ class Trainer:
             same_source = Path(d.dataset).name == Path(manifest["source"]).name
         prepared = {"dataset": d.dataset if same_source else manifest["source"],
                     "val_fraction": manifest["val_fraction"], "min_size": manifest["min_size"]}
-        said = {k: getattr(d, k) for k, v in prepared.items() if getattr(d, k) != v}
+        said = [f"data.{k} {getattr(d, k)}" for k, v in prepared.items() if getattr(d, k) != v]
         if said:
             log.warning("%s was prepared from %s with data.val_fraction %s, data.min_size %s: the run takes them from "
                         "there (the config said %s)", d.prepared_dir, manifest["source"], manifest["val_fraction"],
-                        manifest["min_size"], ", ".join(map(str, said.values())))
+                        manifest["min_size"], ", ".join(said))
             for key, value in prepared.items():
                 setattr(d, key, value)
 
