@@ -487,9 +487,10 @@ def test_validation_scores_in_worker_processes_as_in_process(tiles_prepared):
 
 
 @pytest.mark.parametrize("wall, steps", [(False, 8), (True, 2)])
-def test_a_wall_clock_budget_counts_the_time_outside_the_steps(tmp_path, wall, steps):
+def test_a_wall_clock_budget_counts_the_time_outside_the_steps(tmp_path, caplog, wall, steps):
     """A run that has spent its 1000 s on validations and checkpoints has nothing left of a wall-clock
-    budget (it stops at the first refit, on the second log window) and all of a steps budget."""
+    budget (it stops at the first refit, on the second log window) and all of a steps budget. Before
+    that refit its step count is unknown: the first line said step 1/<train.max_steps>, eta hours away."""
     from train.loop.distributed import DistInfo
     from train.loop.trainer import Trainer
 
@@ -499,10 +500,13 @@ def test_a_wall_clock_budget_counts_the_time_outside_the_steps(tmp_path, wall, s
     trainer = Trainer(load_config(None, overrides), tmp_path, DistInfo(0, 0, 1, torch.device("cpu")))
     trainer.wall_time = 1000.0  # as if resumed from such a run
     try:
-        trainer.fit()
+        with caplog.at_level("INFO", logger="train.loop.trainer"):
+            trainer.fit()
     finally:
         trainer.close()
     assert trainer.step == steps
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert lines[0].startswith("step 1/? ") and lines[0].endswith(" eta ?") and lines[1].startswith(f"step 2/{steps} "), lines
 
 
 def test_a_resumed_run_names_the_settings_it_changed(tmp_path, caplog):

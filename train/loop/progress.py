@@ -12,8 +12,9 @@ log = logging.getLogger("train.loop.trainer")
 
 
 class Progress:
-    def __init__(self, enabled: bool, total: int, initial: int, last_psnr: float | None = None):
-        """last_psnr: the validation PSNR a resumed run ended on (None: not validated yet)."""
+    def __init__(self, enabled: bool, total: int | None, initial: int, last_psnr: float | None = None):
+        """total: None while unknown (a time budget before its first fit); last_psnr: the validation
+        PSNR a resumed run ended on (None: not validated yet)."""
         self.enabled, self.total, self.start_step, self.start = enabled, total, initial, time.perf_counter()
         self.bar = None
         self.last_psnr = last_psnr
@@ -30,9 +31,9 @@ class Progress:
             self.bar.set_postfix(loss=f"{m['train_loss']:.4g}", psnr=self._psnr(), img_s=f"{m['images_per_s']:.0f}")
             return
         rate = (step - self.start_step) / max(time.perf_counter() - self.start, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        log.info("step %d/%d loss %.5f lr %.3g img/s %.1f data_wait %.3fs val_psnr %s eta %s",
-                 step, self.total, m["train_loss"], m["lr"], m["images_per_s"], m["data_wait_s"], self._psnr(),
+        eta = (self.total - step) / rate if rate > 0 and self.total is not None else float("nan")
+        log.info("step %d/%s loss %.5f lr %.3g img/s %.1f data_wait %.3fs val_psnr %s eta %s",
+                 step, "?" if self.total is None else self.total, m["train_loss"], m["lr"], m["images_per_s"], m["data_wait_s"], self._psnr(),
                  time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?")
 
     def _psnr(self) -> str:

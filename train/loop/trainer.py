@@ -405,7 +405,8 @@ class Trainer:
 
     def _fit(self) -> None:
         t = self.cfg.train
-        progress = Progress(self.info.is_main, t.max_steps, self.step, (self.history["val_psnr"] or [None])[-1])
+        planned = None if self.budget and self.step == 0 else t.max_steps  # a budget's first fit comes with its second window
+        progress = Progress(self.info.is_main, planned, self.step, (self.history["val_psnr"] or [None])[-1])
         self.session_start = time.perf_counter()
         self.next_stop_check, self.last_stop_check = self.step + 1, (self.step, self.elapsed_steps())
         window = {"loss": torch.zeros((), device=self.device), "n": 0, "data": 0.0, "start": time.perf_counter()}
@@ -418,10 +419,10 @@ class Trainer:
                 window["n"] += 1
                 self.step += 1
                 self.step_in_epoch += 1
+                if self.budget and self.step % t.log_every == 0:  # first: the window's line shows the count fitted
+                    self._fit_to_budget(progress)
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     self._log_window(window, progress)
-                if self.budget and self.step % t.log_every == 0:
-                    self._fit_to_budget(progress)
                 pause = time.perf_counter()
                 if self.step % t.val_every == 0 or self.step == t.max_steps:
                     self._validate_and_track(progress)
@@ -485,7 +486,7 @@ class Trainer:
         if total != self.cfg.train.max_steps:
             self.cfg.train.max_steps = total
             set_total_steps(self.scheduler, total, self.cfg.schedule.warmup_steps)
-            progress.set_total(total)
+        progress.set_total(total)
         self.tracker.log_metrics({"planned_steps": total}, self.step)
 
     def _kept(self) -> str:
