@@ -6,7 +6,8 @@ Layout of the output folder:
     original/<name>.png    q<Q>/<name>.jpg    meta/<name>.json (per-file record, for resume)
     manifest.json          report.json (skipped files with reasons)
 Idempotent and resumable: each file is written atomically, a file whose source checksum and
-settings match its record is skipped, and bad inputs are skipped and reported.
+settings match its record is skipped, and bad inputs are skipped and reported. Qualities add up:
+a folder keeps those prepared before (the runs trained on them read them).
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def prepare(source: Path | str, out: Path | str, mode: str = "gray", qualities=(
         raise DataError(f"JPEG qualities must be in 1..100, got {qualities}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    _refuse_another_preparation(out, source, mode)
+    qualities = sorted(set(qualities) | set(_earlier_qualities(out, source, mode)))
     files = source_images(source, out / "extracted")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -183,16 +184,18 @@ def report_lines(out: Path | str) -> list[str]:
             f"already done, {len(report['skipped'])} skipped)"] + [f"  skipped {s['file']}: {s['reason']}" for s in report["skipped"]]
 
 
-def _refuse_another_preparation(out: Path, source: Path, mode: str) -> None:
-    """A folder holds one source in one mode: preparing another there would mix their files and
+def _earlier_qualities(out: Path, source: Path, mode: str) -> list[int]:
+    """The qualities already prepared in `out`, which a preparation keeps (runs trained on them read
+    them). A folder holds one source in one mode: preparing another there would mix their files and
     replace the manifest that earlier runs were trained from."""
     try:
         earlier = load_manifest(out)
     except DataError:  # none yet, or unreadable: nothing to keep
-        return
+        return []
     if (Path(earlier["source"]).name, earlier["mode"]) != (source.name, mode):  # by name: a data root may move
         raise DataError(f"{out} holds {earlier['source']} prepared in {earlier['mode']} mode: prepare {source} "
                         f"({mode}) into another folder")
+    return earlier["qualities"]
 
 
 def load_manifest(prepared: Path | str) -> dict:

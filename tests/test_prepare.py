@@ -54,6 +54,12 @@ def test_rerun_skips_done_files_and_redoes_changed_ones(real_images, tmp_path):
     assert (report["written"], report["kept"]) == (2, 4)
     prepare(real_images, out, "gray", [10, 20], progress=False)  # a new quality redoes all
     assert json.loads((out / "report.json").read_text())["written"] == 6
+    # qualities add up: preparing q40 alone dropped q10 and q20 from the manifest, and a run trained on
+    # them was told to prepare them again (which in turn dropped q40)
+    manifest = prepare(real_images, out, "gray", [40], progress=False)
+    assert manifest["qualities"] == [10, 20, 40] and all(sorted(r["jpeg"]) == ["10", "20", "40"] for r in manifest["files"])
+    assert prepare(real_images, out, "gray", [20], progress=False)["qualities"] == [10, 20, 40]
+    assert json.loads((out / "report.json").read_text())["kept"] == 6
 
 
 def test_a_prepared_folder_keeps_its_source_and_mode(real_images, color_tiles_dir, tmp_path):
