@@ -11,6 +11,7 @@ import functools
 import re
 import sys
 import time
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -36,12 +37,37 @@ def first_line(exc: BaseException) -> str:
 
 
 HOST_ALLOCATION_REFUSED = "DefaultCPUAllocator: can't allocate memory"
+ONEDNN_FAILED = "could not create a primitive"  # oneDNN's error for any failure, a refused allocation among them
+
+
+def _bytes(proc_file_text: str, key: str) -> int:
+    """A `Key:   N kB` line of /proc/self/status or /proc/meminfo, in bytes."""
+    return int(re.search(rf"^{key}:\s+(\d+) kB", proc_file_text, re.M).group(1)) * 1024
+
+
+def host_memory_short() -> str | None:
+    """How the host is short of memory for this process, where it is: its address space at half its
+    limit or more (RLIMIT_AS, as `ulimit -v` sets), or under a tenth of the host's memory available."""
+    import resource
+
+    try:
+        status, meminfo = Path("/proc/self/status").read_text(), Path("/proc/meminfo").read_text()
+    except OSError:  # not Linux
+        return None
+    limit, used = resource.getrlimit(resource.RLIMIT_AS)[0], _bytes(status, "VmSize")
+    if limit != resource.RLIM_INFINITY and used >= limit / 2:
+        return f"{used / 2**30:.1f} of the process's {limit / 2**30:.1f} GiB address-space limit in use"
+    available, total = _bytes(meminfo, "MemAvailable"), _bytes(meminfo, "MemTotal")
+    if available < total / 10:
+        return f"{available / 2**30:.1f} of the host's {total / 2**30:.1f} GiB available"
+    return None
 
 
 def out_of_memory(exc: BaseException) -> str | None:
     """What ran out, where `exc` is torch's error for a GPU out of memory (torch.OutOfMemoryError),
     torch's or numpy's for a host allocation the system refused (ENOMEM: past what Linux overcommits,
-    or an address-space limit); else None. The OOM killer gives the process no error at all."""
+    or an address-space limit), or oneDNN's failure on a host short of memory; else None. The OOM
+    killer gives the process no error at all."""
     inner = getattr(exc, "inner_exception", None) or exc.__cause__  # torch.compile wraps what its compiler raised
     if isinstance(inner, BaseException) and (found := out_of_memory(inner)):
         return found
@@ -55,6 +81,8 @@ def out_of_memory(exc: BaseException) -> str | None:
     if HOST_ALLOCATION_REFUSED in text:
         size = re.search(r"allocate (\d+) bytes", text)
         return f"the host refused {int(size.group(1)) / 2**20:,.0f} MiB more" if size else "the host refused an allocation"
+    if ONEDNN_FAILED in text and (short := host_memory_short()):  # its allocation refused, most likely
+        return f"oneDNN could not create a primitive, {short}"
     return None
 
 

@@ -425,6 +425,17 @@ def test_out_of_memory_names_what_ran_out():
     wrapped = RuntimeError("a wrapper")
     wrapped.__cause__ = host  # raise ... from host
     assert out_of_memory(wrapped) == "the host refused 800 MiB more"
+    # oneDNN says only "could not create a primitive", a refused allocation among its causes (1 of 3
+    # trainings under a 4 GiB limit failed so): memory, where the process is near its limit
+    onednn = RuntimeError("could not create a primitive")
+    assert out_of_memory(onednn) is None  # here: no limit, memory to spare
+    code = ("import resource, re\nfrom data_pipeline.errors import out_of_memory\n"
+            "used = int(re.search(r'VmSize:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (int(used * 1.5),) * 2)\n"
+            "print(out_of_memory(RuntimeError('could not create a primitive')))")
+    near_limit = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert re.fullmatch(r"oneDNN could not create a primitive, [\d.]+ of the process's [\d.]+ GiB address-space limit in use\n",
+                        near_limit.stdout), near_limit.stderr[-2000:]
 
 
 @pytest.mark.slow
