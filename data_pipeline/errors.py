@@ -40,7 +40,7 @@ HOST_ALLOCATION_REFUSED = "DefaultCPUAllocator: can't allocate memory"
 ONEDNN_FAILED = "could not create a primitive"  # oneDNN's error for any failure, a refused allocation among them
 
 
-def _bytes(proc_file_text: str, key: str) -> int:
+def proc_field_bytes(proc_file_text: str, key: str) -> int:
     """A `Key:   N kB` line of /proc/self/status or /proc/meminfo, in bytes."""
     return int(re.search(rf"^{key}:\s+(\d+) kB", proc_file_text, re.M).group(1)) * 1024
 
@@ -54,10 +54,10 @@ def host_memory_short() -> str | None:
         status, meminfo = Path("/proc/self/status").read_text(), Path("/proc/meminfo").read_text()
     except OSError:  # not Linux
         return None
-    limit, used = resource.getrlimit(resource.RLIMIT_AS)[0], _bytes(status, "VmSize")
+    limit, used = resource.getrlimit(resource.RLIMIT_AS)[0], proc_field_bytes(status, "VmSize")
     if limit != resource.RLIM_INFINITY and used >= limit / 2:
         return f"{used / 2**30:.1f} of the process's {limit / 2**30:.1f} GiB address-space limit in use"
-    available, total = _bytes(meminfo, "MemAvailable"), _bytes(meminfo, "MemTotal")
+    available, total = proc_field_bytes(meminfo, "MemAvailable"), proc_field_bytes(meminfo, "MemTotal")
     if available < total / 10:
         return f"{available / 2**30:.1f} of the host's {total / 2**30:.1f} GiB available"
     return None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.errors import UserError
+from data_pipeline.errors import UserError, proc_field_bytes
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -44,7 +44,7 @@ def free_memory(device: torch.device) -> int | None:
         return torch.cuda.mem_get_info(device)[0]
     found = []
     try:
-        found.append(int(re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text()).group(1)) * 1024)
+        found.append(proc_field_bytes(Path("/proc/meminfo").read_text(), "MemAvailable"))
     except (OSError, AttributeError):
         pass
     for limit, usage in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
