@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import json
+import logging
 import os
 import socket
 import threading
@@ -19,6 +20,8 @@ from data_pipeline.images import check_output_folder
 
 DEFAULT_DIR = Path("mlruns")
 RECORD = "mlflow_record.jsonl"  # a run recorded without MLflow (train.loop.tracking.RecordTracker)
+# "Creating initial MLflow database tables..." in the middle of a run's log: MLflow's news, not the run's
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 CALL_TIMEOUT_S = 120.0  # the longest wait for one call (MLflow's retries take minutes, 20 for a hung server)
 
 

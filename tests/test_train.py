@@ -26,7 +26,7 @@ from train.loop.state import latest_state, state_path
 def smoke_run(tiles_dir, tmp_path_factory):
     """One single-process smoke training, shared by the tests that inspect its outputs."""
     tmp = tmp_path_factory.mktemp("smoke")
-    env = env_for(tmp)
+    env = {**env_for(tmp), "MPLCONFIGDIR": str(tmp / "matplotlib")}  # a new store and font cache: a fresh machine
     proc = run([sys.executable, MAIN, *smoke_args(tiles_dir), "--out", str(tmp / "out")], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "out", env, proc
@@ -47,6 +47,13 @@ def test_smoke_run_writes_a_self_describing_best_checkpoint(smoke_run):
     assert final.name == "step_00000006.pt"
     # saved inside the loop at the last step: its wall time must include this session
     assert torch.load(final, weights_only=True)["wall_time"] > 0
+
+
+def test_a_run_on_a_fresh_machine_logs_its_own_lines_only(smoke_run):
+    """MLflow creating its store and matplotlib building its font cache are not the run's news."""
+    lines = smoke_run[2].stderr.splitlines()
+    assert lines and all(re.match(r"\d\d:\d\d:\d\d \[rank 0\] ", line) for line in lines), lines
+    assert " 1 rank on cpu" in lines[2] and "in sync" not in lines[-1], lines
 
 
 def test_smoke_run_is_a_finished_mlflow_run_with_metrics_and_artifacts(smoke_run):

@@ -150,8 +150,8 @@ class Trainer:
         self.tracker.log_artifact(self.out / "config.toml")
         if self.resume_changes:  # MLflow keeps a run's first params
             self.tracker.set_tags({f"changed_at_step_{self.step}": self.resume_changes})
-        log.info("%s: %.3f M parameters, %d ranks on %s, %s, %d steps/epoch", cfg.model.arch, self.params / 1e6,
-                 self.info.world_size, self.device, cfg.train.precision, len(self.loader))
+        log.info("%s: %.3f M parameters, %s on %s, %s, %d steps/epoch", cfg.model.arch, self.params / 1e6,
+                 ranks_of(self.info.world_size), self.device, cfg.train.precision, len(self.loader))
 
     def _claim_outputs(self, resume: bool) -> OutputLock:
         """The output folder's lock, once nothing of an earlier run would be written over and the
@@ -543,6 +543,7 @@ class Trainer:
         self._write_curves()
 
     def _write_curves(self) -> None:
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)  # "generated new fontManager": not the run's news
         import matplotlib
 
         matplotlib.use("Agg")
@@ -577,8 +578,9 @@ class Trainer:
                                   "best_val_psnr": self.best_psnr}, self.step)
         self.tracker.set_tags({"weights_in_sync": "true", "best_checkpoint": str(self.best_path)})
         self._log_outputs()
-        log.info("done: %d steps in %.0f s, best validation PSNR %.3f dB, weights in sync on %d ranks -> %s",
-                 self.step, self.wall_time, self.best_psnr, self.info.world_size, self.best_path)
+        in_sync = f", weights in sync on {ranks_of(self.info.world_size)}" if self.info.world_size > 1 else ""
+        log.info("done: %d steps in %.0f s, best validation PSNR %.3f dB%s -> %s",
+                 self.step, self.wall_time, self.best_psnr, in_sync, self.best_path)
 
     def _log_outputs(self) -> None:
         """The best checkpoint, the curves and the validation images as artifacts of the MLflow run."""
@@ -624,6 +626,10 @@ def check_model_fits(cfg: Config, device: torch.device) -> None:
         raise ConfigError(f"{cfg.model.arch}({kwargs}) has {n / 1e6:,.0f} M parameters: their weights, gradients and "
                           f"{cfg.optim.name} state take {need / 2**30:.1f} GiB{here}, more than the {free / 2**30:.1f} GiB "
                           f"free on {device.type}: make the model smaller")
+
+
+def ranks_of(world_size: int) -> str:
+    return f"{world_size} rank{'s' if world_size > 1 else ''}"
 
 
 def steps_between_stop_checks(seconds: float, steps: int) -> int:
