@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .errors import UserError, command
 from .images import MODES, BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, jpeg_bytes, png_bytes, read_image
-from .sources import DataError, dataset_dir, is_archive, source_images, subfolders
+from .sources import DataError, dataset_dir, is_archive, not_a_file, source_images, subfolders
 from .system import die_with_parent, spawned_pool, usable_cpus
 
 MANIFEST = "manifest.json"
@@ -114,6 +114,9 @@ def prepare(source: Path | str, out: Path | str, mode: str = "gray", qualities=(
                     for d in subfolders(source) if d.resolve() != out.resolve()]
     for f in files:
         name = f.stem
+        if reason := not_a_file(f):
+            skipped.append({"file": f.name, "reason": reason})
+            continue
         if name in seen:
             skipped.append({"file": f.name, "reason": f"duplicate name (also {seen[name]})"})
             continue

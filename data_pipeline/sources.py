@@ -123,7 +123,8 @@ def source_images(source: Path, scratch: Path) -> list[Path]:
     if is_archive(source):
         files = extract_archive(source, scratch)
     elif source.is_dir():
-        files = [p for p in sorted(source.iterdir()) if p.is_file() and not p.name.startswith(".")]
+        # links to nothing and pipes stay in the list too: prepare reports them (not_a_file)
+        files = [p for p in sorted(source.iterdir()) if not p.is_dir() and not p.name.startswith(".")]
         if source.resolve() == skimage_dir().resolve():
             files = [p for p in files if p.name in SKIMAGE_NATURAL]
         # Other non-image files stay in the list so that they are reported as skipped.
@@ -135,6 +136,16 @@ def source_images(source: Path, scratch: Path) -> list[Path]:
                       "are not searched: name one of them as the source)") if folders else ""
         raise DataError(f"source {source} holds no images{unsearched}")
     return files
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why an entry of a source folder that is not a regular file cannot be read (a pipe is never
+    opened: reading it waits for a writer); None for a file."""
+    if path.is_file():
+        return None
+    if path.is_symlink() and not path.exists():
+        return f"a link to {path.readlink()}, which does not exist"
+    return "not a regular file (a pipe, socket or device)"
 
 
 def subfolders(folder: Path) -> list[Path]:

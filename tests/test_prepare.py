@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -132,6 +133,18 @@ def test_subfolders_of_a_source_are_reported_not_passed_over_silently(real_image
     (only_folders / "2020").mkdir()
     with pytest.raises(DataError, match=r"holds no images \(its subfolders 2019/, 2020/ are not searched: name one"):
         prepare(only_folders, tmp_path / "out", progress=False)
+
+
+def test_links_to_nothing_and_pipes_in_a_source_are_reported_not_dropped_or_waited_on(real_images, tmp_path):
+    """A dataset of links whose targets moved loses images: each is named (a pipe is never opened:
+    reading it would wait forever)."""
+    (real_images / "moved.png").symlink_to(tmp_path / "gone.png")
+    os.mkfifo(real_images / "stream.png")
+    manifest = prepare(real_images, tmp_path / "out", "gray", [10], progress=False)
+    assert len(manifest["files"]) == 6
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["skipped"] == [
+        {"file": "moved.png", "reason": f"a link to {tmp_path / 'gone.png'}, which does not exist"},
+        {"file": "stream.png", "reason": "not a regular file (a pipe, socket or device)"}]
 
 
 def _cli(*args, env=None):

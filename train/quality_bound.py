@@ -25,7 +25,7 @@ import numpy as np
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import BadImage, read_image
 from data_pipeline.prepare import split_of, without_copies
-from data_pipeline.sources import DataError, dataset_dir, source_images
+from data_pipeline.sources import DataError, dataset_dir, not_a_file, source_images
 from runtime import checkpoint as ckpt
 from runtime.device import keep_freed_memory
 from runtime.inference import Restorer, trained_qualities
@@ -41,7 +41,7 @@ def validation_images(meta: dict, data_root: str | None) -> dict[str, np.ndarray
     with tempfile.TemporaryDirectory() as scratch:  # an archive dataset is extracted here
         records, held_out, names = [], {}, set()
         for f in source_images(dataset_dir(data["dataset"], data_root), Path(scratch)):
-            if f.stem in names:  # prepare keeps the first of a name too
+            if not_a_file(f) or f.stem in names:  # prepare skips those and keeps the first of a name too
                 continue
             names.add(f.stem)
             try:
