@@ -8,7 +8,8 @@ from runtime.models import build_model
 from train.loop.config import ConfigError, load_config
 from train.loop.trainer import SMOKE_OVERRIDES
 
-TOMLS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+REPO = Path(__file__).resolve().parents[1]
+TOMLS = sorted((REPO / "configs").glob("*.toml"))
 SWEEPS = [p for p in TOMLS if "configs" in tomllib.loads(p.read_text())]  # sweep files list the configs they run
 CONFIGS = [p for p in TOMLS if p not in SWEEPS]
 
@@ -80,6 +81,20 @@ def test_missing_or_broken_file(tmp_path):
     (tmp_path / "bad.toml").write_text("[data\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(tmp_path / "bad.toml")
+    # what a user passes by mistake, each a one-line error: a folder, a checkpoint, a Latin-1 comment
+    (tmp_path / "latin1.toml").write_bytes("# r\u00e9sum\u00e9\n[data]\n".encode("latin-1"))
+    (tmp_path / "model.pth").write_bytes(b"PK\x03\x04\x14\x00\x80\x00")  # a checkpoint is a zip
+    for path, message in ((tmp_path, "is a folder, not a TOML file"),
+                          (tmp_path / "model.pth", "is not valid TOML (not UTF-8 text: byte 6 is 0x80)"),
+                          (tmp_path / "latin1.toml", "is not valid TOML (not UTF-8 text: byte 3 is 0xe9)")):
+        with pytest.raises(ConfigError, match=re.escape(f"config file {path} {message}")):
+            load_config(path)
+
+
+def test_a_config_saved_with_a_byte_order_mark_loads(tmp_path):
+    """Windows editors may start a UTF-8 file with a BOM, which TOML parsers call an invalid statement."""
+    (tmp_path / "bom.toml").write_bytes(b"\xef\xbb\xbf" + (REPO / "configs" / "unet.toml").read_bytes())
+    assert load_config(tmp_path / "bom.toml") == load_config(REPO / "configs" / "unet.toml")
 
 
 def test_sweep_file_lists_every_architecture_config_and_expands_the_grid(tmp_path):

@@ -231,9 +231,16 @@ def _parse_override(item: str) -> tuple[list[str], object]:
 
 def read_toml(path: str | Path, what: str = "config file") -> dict:
     try:
-        return tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_bytes().decode("utf-8-sig"))  # UTF-8, with a BOM as Windows editors write it
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder, not a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid TOML (not UTF-8 text: byte {exc.start} is "
+                          f"{exc.object[exc.start]:#04x})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{what} {path} is not valid TOML ({exc})") from None
 
