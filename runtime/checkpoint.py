@@ -53,6 +53,10 @@ def _reason(path: Path, exc: Exception) -> str:
 
 def load(path: Path | str, map_location="cpu") -> dict:
     path = Path(path)
+    if path.is_dir():  # a run's output folder, named instead of its model
+        inside = path / "image_compression_model.pth"
+        raise CheckpointError(f"checkpoint {path} is a folder: name the model file"
+                              + (f" ({inside})" if inside.is_file() else ""))
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     try:

@@ -1,6 +1,7 @@
 """Trainer building blocks on tiny tensors: schedules, losses, precision contexts, checkpoints."""
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -211,6 +212,11 @@ def test_model_checkpoint_round_trip_and_mismatch(tmp_path):
         ckpt.load_model(path)
     with pytest.raises(ckpt.CheckpointError, match="not found"):
         ckpt.load_model(tmp_path / "missing.pth")
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"checkpoint {tmp_path} is a folder: name the model file")):
+        ckpt.load_model(tmp_path)  # was "not found"
+    ckpt.save(blob, tmp_path / "image_compression_model.pth")
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"is a folder: name the model file ({tmp_path / 'image_compression_model.pth'})")):
+        ckpt.load_model(tmp_path)  # a run's output folder
 
 
 def test_state_files_newest_and_pruned(tmp_path):
