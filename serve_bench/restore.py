@@ -221,8 +221,10 @@ def main(argv=None) -> int:
                         "again; write them to another folder")
     files, others = inputs_of(args.inputs)
     folders = [f"{p.name}/" for p in others if p.is_dir()]
-    others = [p.name for p in others if not p.is_dir()]
+    dangling = [p.name for p in others if p.is_symlink() and not p.exists()]  # a moved or deleted target
+    others = [p.name for p in others if not p.is_dir() and p.exists()]
     for what, names in (("file(s) of the input folders that are not images", others),
+                        ("link(s) of the input folders to files that do not exist", dangling),
                         ("subfolder(s) of the input folders, which are not searched", folders)):
         if names:
             print(f"passed over {len(names)} {what} ({some(names)})", file=sys.stderr)

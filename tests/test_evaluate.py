@@ -79,9 +79,11 @@ def test_a_test_set_in_other_formats_is_read_and_other_files_are_named(photo_pai
     (tmp_path / "notes.txt").write_text("where the images came from\n")
     (tmp_path / "more").mkdir()
     Image.fromarray(gray).save(tmp_path / "more" / "d.png")
+    (tmp_path / "e.png").symlink_to(tmp_path / "moved" / "e.png")
     images, skipped = load_test_images(tmp_path)
     assert np.array_equal(images["a"], gray) and np.array_equal(images["b"], rgb) and np.array_equal(images["c"], rgb)
-    assert skipped == ["more/: a subfolder (not searched)", "notes.txt: not an image", "c.ppm: the set already has an image named c"]
+    assert skipped == [f"e.png: a link to {tmp_path / 'moved' / 'e.png'}, which does not exist", "more/: a subfolder (not searched)",
+                       "notes.txt: not an image", "c.ppm: the set already has an image named c"]
 
 
 def test_a_dataset_path_that_is_no_folder_is_one_line(tmp_path, capsys):

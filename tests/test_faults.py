@@ -93,10 +93,12 @@ def test_restore_of_a_folder_takes_what_pillow_opens_and_names_the_rest(jpegs, t
     (folder / ".hidden.jpg").write_bytes(b"editor's lock file")
     (folder / "2024").mkdir()
     shutil.copy(folder / "photo.jpg", folder / "2024" / "deeper.jpg")
+    (folder / "moved.jpg").symlink_to(tmp_path / "elsewhere.jpg")
     proc = restore(folder, "-o", tmp_path / "out", "--checkpoint", model)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["photo-2.png", "photo.png", "web.png"]
     assert "passed over 1 file(s) of the input folders that are not images (notes.txt)" in proc.stderr
+    assert "passed over 1 link(s) of the input folders to files that do not exist (moved.jpg)" in proc.stderr
     assert "passed over 1 subfolder(s) of the input folders, which are not searched (2024/)" in proc.stderr
     assert ".hidden" not in proc.stderr and "restored 3 of 3 images" in proc.stdout
     # a folder with nothing to restore is an error, not "restored 0 of 0"

@@ -37,7 +37,7 @@ from data_pipeline.images import (
 )
 from data_pipeline.jpeg_tables import jpeg_quality
 from data_pipeline.prepare import parse_qualities
-from data_pipeline.sources import DataError, dataset_dir
+from data_pipeline.sources import DataError, dataset_dir, not_a_file
 from data_pipeline.system import die_with_parent, spawned_pool, usable_cpus
 from runtime.device import add_device_option, check_device, emulated_precision_warning, keep_freed_memory
 from runtime.figures import side_by_side
@@ -53,7 +53,8 @@ def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, n
     gray photo stored as RGB, three equal channels, is gray: the same JPEG, the gray model).
     Returns the images and a list of 'file: reason' for the files skipped."""
     paths, others = image_files(folder)
-    images, skipped = {}, [f"{p.name}/: a subfolder (not searched)" if p.is_dir() else f"{p.name}: not an image" for p in others]
+    images, skipped = {}, [f"{p.name}/: a subfolder (not searched)" if p.is_dir() else f"{p.name}: {not_a_file(p) or 'not an image'}"
+                           for p in others]
     for path in paths:
         if path.stem in images:  # results are keyed by name
             skipped.append(f"{path.name}: the set already has an image named {path.stem}")
