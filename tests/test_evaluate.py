@@ -1,3 +1,4 @@
+import io
 import json
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipeline.images import jpeg_roundtrip
 from runtime.metrics.psnr import psnr
 from train.evaluate import evaluate, load_test_images
 
@@ -54,6 +56,19 @@ def test_restorer_results_and_side_by_side(tiles_dir, tmp_path):
     from train.evaluate import write_side_by_side
     [png] = write_side_by_side(extra["kept"], tmp_path)
     assert png.name == f"{sorted(images)[0]}_q10.png" and png.stat().st_size > 10_000
+
+
+def test_a_side_by_side_of_a_huge_image_shows_its_centre_on_the_block_grid(photo_pair):
+    """Three panels of a 60 MP photo made a 180 MP strip, over what Pillow (and restore) open."""
+    from runtime.figures import label_height, side_by_side
+    gray = photo_pair[0]  # 512x512
+    jpeg = jpeg_roundtrip(gray, 10)
+    cap = 3 * 128 * (128 + label_height(128))
+    strip = Image.open(io.BytesIO(side_by_side(gray, jpeg, gray, "astronaut q10", max_pixels=cap)))
+    assert strip.size == (3 * 128, 128 + label_height(128))
+    assert np.array_equal(np.asarray(strip.convert("L"))[label_height(128):, :128], gray[192:320, 192:320])
+    whole = Image.open(io.BytesIO(side_by_side(gray, jpeg, gray, "astronaut q10")))
+    assert whole.size == (3 * 512, 512 + label_height(512))
 
 
 def test_cli_missing_data_root_is_one_line(tmp_path):

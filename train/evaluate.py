@@ -191,7 +191,8 @@ def main(argv=None) -> int:
                     "(PNG, BMP, TIFF, PPM/PGM, WebP, JPEG); other files are named and passed over")
     ap.add_argument("--qualities", default="10,20,30,40", help="comma-separated JPEG qualities, or a range: 5-95:5")
     ap.add_argument("--json", type=output_file, help="write the results here")
-    ap.add_argument("--side-by-side", type=Path, help="write original | JPEG | restored PNGs here")
+    ap.add_argument("--side-by-side", type=Path, help="write original | JPEG | restored PNGs here (of an image over about 30 MP, "
+                    "its centre)")
     ap.add_argument("--side-by-side-count", type=int, default=2)
     ap.add_argument("--checkpoint", type=Path, help="model checkpoint to evaluate (default: the shipped model)")
     ap.add_argument("--jpeg-only", action="store_true", help="only the JPEG baseline, no model")
