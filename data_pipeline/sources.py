@@ -123,11 +123,10 @@ def source_images(source: Path, scratch: Path) -> list[Path]:
     if is_archive(source):
         files = extract_archive(source, scratch)
     elif source.is_dir():
-        # links to nothing and pipes stay in the list too: prepare reports them (not_a_file)
+        # files that are not images, links to nothing and pipes stay in the list: prepare reports them as skipped
         files = [p for p in sorted(source.iterdir()) if not p.is_dir() and not p.name.startswith(".")]
         if source.resolve() == skimage_dir().resolve():
             files = [p for p in files if p.name in SKIMAGE_NATURAL]
-        # Other non-image files stay in the list so that they are reported as skipped.
     else:
         raise DataError(f"source {source} is neither a folder nor a known archive")
     if not files:
@@ -138,12 +137,17 @@ def source_images(source: Path, scratch: Path) -> list[Path]:
     return files
 
 
+def dangling(path: Path) -> bool:
+    """A link whose target was moved or deleted."""
+    return path.is_symlink() and not path.exists()
+
+
 def not_a_file(path: Path) -> str | None:
     """Why an entry of a source folder that is not a regular file cannot be read (a pipe is never
     opened: reading it waits for a writer); None for a file."""
     if path.is_file():
         return None
-    if path.is_symlink() and not path.exists():
+    if dangling(path):
         return f"a link to {path.readlink()}, which does not exist"
     return "not a regular file (a pipe, socket or device)"
 

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from data_pipeline.errors import UserError, command, out_of_memory
 from data_pipeline.images import BadImage, atomic_write_bytes, check_output_folder, image_files, is_gray, png_bytes, read_image, rgb_to_luma, upright
 from data_pipeline.jpeg_tables import grid_blockiness, jpeg_quality
+from data_pipeline.sources import dangling
 from export.artifacts import DEPLOY_DIR, artifact_for
 from runtime.checkpoint import load_model
 from runtime.device import PRECISIONS, add_device_option, check_device, emulated_precision_warning, keep_freed_memory, native_bf16
@@ -221,10 +222,10 @@ def main(argv=None) -> int:
                         "again; write them to another folder")
     files, others = inputs_of(args.inputs)
     folders = [f"{p.name}/" for p in others if p.is_dir()]
-    dangling = [p.name for p in others if p.is_symlink() and not p.exists()]  # a moved or deleted target
-    others = [p.name for p in others if not p.is_dir() and p.exists()]
+    links = [p.name for p in others if dangling(p)]
+    others = [p.name for p in others if not p.is_dir() and not dangling(p)]
     for what, names in (("file(s) of the input folders that are not images", others),
-                        ("link(s) of the input folders to files that do not exist", dangling),
+                        ("link(s) of the input folders to files that do not exist", links),
                         ("subfolder(s) of the input folders, which are not searched", folders)):
         if names:
             print(f"passed over {len(names)} {what} ({some(names)})", file=sys.stderr)
