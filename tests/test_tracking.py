@@ -3,6 +3,7 @@ tracking server that goes away during a training costs it nothing."""
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +15,8 @@ import mlflow
 import pytest
 import torch
 from train_runs import MAIN, REPO, env_for, smoke_args
+
+from data_pipeline.errors import UserError
 
 WRITER = """
 import sys
@@ -61,6 +64,21 @@ def test_logging_to_a_run_of_another_store_says_so_and_creates_no_store(tmp_path
                           env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2 and not proc.stdout and proc.stderr.startswith("error: --log-mlflow: run "), proc.stderr[-2000:]
     assert "is not in the store" in proc.stderr
+
+
+def test_compare_of_an_experiment_not_in_the_store_names_those_that_are(tmp_path, monkeypatch):
+    """After the quickstart (experiment jpeg-restore) `train.compare` asks for the sweep's jpeg-sweep."""
+    from train.compare import collect
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    client.search_experiments()  # creates the store
+    with pytest.raises(UserError, match=re.escape(f"no MLflow experiment 'jpeg-sweep' in {uri} (it holds none yet)")):
+        collect("jpeg-sweep")
+    for name in ("jpeg-restore", "gpu-minutes"):
+        client.create_experiment(name)
+    with pytest.raises(UserError, match=re.escape("(it holds 'gpu-minutes', 'jpeg-restore': --experiment NAME)")):
+        collect("jpeg-sweep")
 
 
 def test_compare_shows_latency_columns_only_where_a_run_has_them():

@@ -52,7 +52,9 @@ def collect(experiment: str, dataset: str = "live1_gray") -> tuple[list[dict], d
     mlflow.set_tracking_uri(resolve_tracking_uri(create=False))
     client = mlflow.MlflowClient()
     if client.get_experiment_by_name(experiment) is None:
-        raise UserError(f"no MLflow experiment {experiment!r} in {mlflow.get_tracking_uri()}")
+        names = sorted(e.name for e in client.search_experiments() if e.name != "Default")  # MLflow's own, empty
+        there = f" (it holds {', '.join(map(repr, names))}: --experiment NAME)" if names else " (it holds none yet)"
+        raise UserError(f"no MLflow experiment {experiment!r} in {mlflow.get_tracking_uri()}{there}")
     rows, jpeg = [], {}
     for run in mlflow.search_runs(experiment_names=[experiment], output_format="list"):
         p, m, t = run.data.params, run.data.metrics, run.data.tags
