@@ -13,10 +13,12 @@ to the input, so the last convolution is negated.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from data_pipeline.errors import first_line
 from runtime.checkpoint import model_checkpoint, save
 from runtime.models import build_model
 
@@ -48,10 +50,12 @@ def main() -> None:
     ap.add_argument("mat", help="DnCNN3.mat from github.com/cszn/DnCNN (model/)")
     ap.add_argument("out", help="checkpoint to write")
     args = ap.parse_args()
+    if not Path(args.mat).is_file():
+        raise SystemExit(f"error: {args.mat} {'is a folder: name DnCNN3.mat in it' if Path(args.mat).is_dir() else 'not found'}")
     try:
         convs = read_convs(args.mat)
     except (OSError, KeyError) as exc:  # not HDF5, or not a MatConvNet net
-        raise SystemExit(f"error: {args.mat} is not a MatConvNet net saved as MATLAB v7.3: {exc}") from None
+        raise SystemExit(f"error: {args.mat} is not a MatConvNet net saved as MATLAB v7.3: {first_line(exc)}") from None
     model = build_model("dncnn", channels=1, **KWARGS)
     targets = [m for m in model.body if isinstance(m, torch.nn.Conv2d)]
     if len(convs) != len(targets):

@@ -798,3 +798,13 @@ def test_a_rank_that_leaves_the_error_line_to_another_waits_for_it_to_print():
     assert proc.poll() is None, proc.stderr.read()  # still waiting for the printing rank
     proc.terminate()  # as torchrun does once that rank has exited
     assert proc.wait(timeout=10) == -signal.SIGTERM and proc.stderr.read() == ""
+
+
+def test_converting_dncnn3_from_a_folder_or_a_missing_file_is_one_line(tmp_path):
+    """h5py's own message for a folder ran over two lines, and called a missing file 'not a MatConvNet net'."""
+    script = str(REPO / "scripts" / "convert_dncnn3.py")
+    for mat, said in ((tmp_path, f"error: {tmp_path} is a folder: name DnCNN3.mat in it"),
+                      (tmp_path / "DnCNN3.mat", f"error: {tmp_path / 'DnCNN3.mat'} not found")):
+        r = subprocess.run([sys.executable, script, str(mat), str(tmp_path / "dncnn3.pth")], capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 1 and r.stderr.strip() == said, r.stderr
+    assert not (tmp_path / "dncnn3.pth").exists()
