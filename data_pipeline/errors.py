@@ -31,6 +31,11 @@ class ReportedElsewhere(UserError):
     GRACE_S = 10
 
 
+def some(names: list[str]) -> str:
+    """The first three names of a list, for a message."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
 def first_line(exc: BaseException) -> str:
     """An exception in one line (torch's and the MLflow stores' messages run to tracebacks; some have none)."""
     return (str(exc).strip() or type(exc).__name__).splitlines()[0]

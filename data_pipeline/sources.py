@@ -8,7 +8,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, some
 from .images import atomic_write_bytes
 
 DATA_ROOT_ENV = "JPEG_RESTORE_DATA_ROOT"
@@ -131,7 +131,7 @@ def source_images(source: Path, scratch: Path) -> list[Path]:
         raise DataError(f"source {source} is neither a folder nor a known archive")
     if not files:
         folders = subfolders(source) if source.is_dir() else []
-        unsearched = (f" (its subfolders {', '.join(f'{d.name}/' for d in folders[:3])}{', ...' if len(folders) > 3 else ''} "
+        unsearched = (f" (its subfolders {some([f'{d.name}/' for d in folders])} "
                       "are not searched: name one of them as the source)") if folders else ""
         raise DataError(f"source {source} holds no images{unsearched}")
     return files

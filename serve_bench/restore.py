@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data_pipeline.errors import UserError, command, out_of_memory
+from data_pipeline.errors import UserError, command, out_of_memory, some
 from data_pipeline.images import BadImage, atomic_write_bytes, check_output_folder, image_files, is_gray, png_bytes, read_image, rgb_to_luma, upright
 from data_pipeline.jpeg_tables import grid_blockiness, jpeg_quality
 from data_pipeline.sources import dangling
@@ -157,10 +157,6 @@ def inputs_of(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     for f in files:
         once.setdefault(f.resolve(), f)
     return list(once.values()), others
-
-
-def some(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def plan_outputs(files: list[Path], out: Path) -> list[Path]:

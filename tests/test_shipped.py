@@ -133,7 +133,7 @@ def test_figure_shows_every_model_on_two_images(data_root, tmp_path, capsys):
     assert Image.open(out).size == (4 * 96 * 2, 2 * (96 * 2 + label_height(96 * 2)))
     assert label_height(512) >= 30  # a 1536-px strip of three panels keeps labels readable when previewed
     assert figure([str(SHIPPED_GRAY), "--data-root", str(data_root), "--images", "nope", "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip().startswith("error: no image nope.png in")
+    assert capsys.readouterr().err.strip() == f"error: no image named 'nope' in {data_root / 'live1_gray'} (it holds bikes, building2, buildings, ...)"
     # --scale 100 wrote a 38400x13391 PNG (514 MP) that Pillow itself then refuses to open
     assert figure([str(SHIPPED_GRAY), "--data-root", str(data_root), "--images", "bikes", "--scale", "100", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip() == ("error: the figure would be at least 38400x12800 (492 MP), more than the "
@@ -144,6 +144,18 @@ def test_figure_shows_every_model_on_two_images(data_root, tmp_path, capsys):
                           (["--out", str(tmp_path / "bad.txt")], f"error: --out must name a .png file (the figure is a PNG), got {tmp_path / 'bad.txt'}")]:
         assert figure([str(SHIPPED_GRAY), "--out", str(tmp_path / "bad.png"), *args]) == 2
         assert capsys.readouterr().err.strip() == message and not list(tmp_path.glob("bad.*"))
+
+
+def test_figure_takes_a_test_sets_images_in_any_format(photo_pair, tmp_path, capsys):
+    """Classic test sets ship BMP, PGM or TIFF: the figure looked for <name>.png alone."""
+    from train.figure import main as figure
+
+    Image.fromarray(photo_pair[0]).save(tmp_path / "astronaut.bmp")
+    Image.fromarray(photo_pair[0][:256, :256]).save(tmp_path / "crop.pgm")
+    out = tmp_path / "out" / "fig.png"
+    assert figure([str(SHIPPED_GRAY), "--dataset", str(tmp_path), "--images", "astronaut,crop", "--crop", "32", "--scale", "1",
+                   "--out", str(out)]) == 0, capsys.readouterr().err
+    assert Image.open(out).size == (3 * 32, 2 * (32 + label_height(32)))
 
 
 def test_shipped_files_fit_the_40_mb_cap():

@@ -14,8 +14,17 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import uniform_filter
 
-from data_pipeline.errors import UserError, command
-from data_pipeline.images import MAX_PIXELS, atomic_write_bytes, check_output_file, jpeg_roundtrip, output_file, png_bytes, read_image
+from data_pipeline.errors import UserError, command, some
+from data_pipeline.images import (
+    MAX_PIXELS,
+    atomic_write_bytes,
+    check_output_file,
+    image_files,
+    jpeg_roundtrip,
+    output_file,
+    png_bytes,
+    read_image,
+)
 from data_pipeline.sources import DataError, dataset_dir
 from runtime.device import keep_freed_memory
 from runtime.figures import panel_strip
@@ -74,12 +83,13 @@ def main(argv=None) -> int:
     if not all(names):
         raise UserError(f"--images must be comma-separated image names, got {args.images!r}")
     folder = dataset_dir(args.dataset, args.data_root)
+    by_name = {p.stem: p for p in reversed(image_files(folder)[0])}  # any format, the first of a name as in evaluate
     images = {}
     for name in names:
-        path = folder / f"{name}.png"
-        if not path.is_file():
-            raise DataError(f"no image {name}.png in {folder}")
-        images[name] = read_image(path, None, min_size=8)
+        if name not in by_name:
+            held = f"it holds {some(sorted(by_name))}" if by_name else "it holds no images"
+            raise DataError(f"no image named {name!r} in {folder} ({held})")
+        images[name] = read_image(by_name[name], None, min_size=8)
     side = max(min(args.crop, *img.shape[:2]) for img in images.values()) * args.scale
     width, height = (2 + len(args.checkpoints)) * side, len(images) * side
     if width * height > MAX_PIXELS:  # Pillow's decompression-bomb limit: not even this project would read it
