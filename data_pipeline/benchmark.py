@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", help="comma-separated backends to measure (default: every available one)")
     ap.add_argument("--json", type=output_file, default=Path("outputs/loader_bench.json"))
     args = ap.parse_args(argv)
-    check_output_file(args.json, "--json")
+    check_output_file(args.json, "--json", json_only=True)
     modes = args.modes.split(",")
     if not set(modes) <= set(DATASETS):
         raise UserError(f"--modes takes {', '.join(DATASETS)}, got {args.modes!r}")

@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--json", type=output_file, default=Path("outputs/decoder_check.json"))
     args = ap.parse_args(argv)
-    check_output_file(args.json, "--json")
+    check_output_file(args.json, "--json", json_only=True)
     if not dali_available():
         raise DataError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
     import torch

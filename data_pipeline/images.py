@@ -201,12 +201,24 @@ def output_file(text: str) -> Path:
     return Path(text)
 
 
-def check_output_file(path: Path, option: str) -> None:
+def check_output_file(path: Path, option: str, json_only: bool = False) -> None:
     """The file an option names can be written: not a folder, and its folder takes files (checked
-    before any work, not after minutes of it)."""
+    before any work, not after minutes of it). With json_only, a file already there is replaced
+    only if it is JSON (earlier results), not notes or code named by mistake."""
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder: name the file to write")
+    if json_only and path.is_file() and not _is_json(path):
+        raise UserError(f"{option} {path} exists and is not JSON (results this would replace): "
+                        f"choose another {option} or move it away")
     check_output_folder(path.parent)
+
+
+def _is_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_bytes())
+        return True
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return False
 
 
 def check_output_folder(out: Path) -> None:

@@ -110,6 +110,23 @@ def test_a_dataset_path_that_is_no_folder_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: dataset {tmp_path / 'a.png'} is a file, not a folder of images"
 
 
+def test_json_results_replace_earlier_results_but_never_a_file_that_is_not_json(photo_pair, tmp_path, capsys):
+    """`--json notes.md` wrote the results over the notes."""
+    from train.evaluate import main
+    (tmp_path / "set").mkdir()
+    Image.fromarray(photo_pair[0][:64, :64]).save(tmp_path / "set" / "a.png")
+    notes = tmp_path / "notes.md"
+    notes.write_text("# what I tried\n")
+    assert main(["--dataset", str(tmp_path / "set"), "--jpeg-only", "--qualities", "10", "--json", str(notes)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --json {notes} exists and is not JSON (results this would replace): "
+                                               "choose another --json or move it away")
+    assert notes.read_text() == "# what I tried\n"
+    results = tmp_path / "results.json"
+    for _ in range(2):  # the second run replaces the first one's results
+        assert main(["--dataset", str(tmp_path / "set"), "--jpeg-only", "--qualities", "10", "--json", str(results)]) == 0
+        assert json.loads(results.read_text())["images"] == 1
+
+
 def test_originals_that_are_low_quality_jpegs_are_named(photo_pair, tmp_path, capfd):
     """A q20 JPEG as the original: at q20 and above its 'JPEG input' nearly repeats it (PSNR inf at
     its own quality), so the figures are flagged; a PNG and a q95 JPEG (as the BSDS originals) are not."""

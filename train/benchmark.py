@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="with --end-to-end: torch.compile the bare loop and the Trainer")
     ap.add_argument("--workers", type=int, default=max(1, usable_cpus() - 2), help="torch workers / DALI threads")
     args = ap.parse_args(argv)
-    check_output_file(args.json, "--json")
+    check_output_file(args.json, "--json", json_only=True)
     keep_freed_memory()  # as train/main.py runs
     if args.loaders and args.end_to_end:
         raise UserError("--loaders and --end-to-end are two benchmarks: run one at a time")

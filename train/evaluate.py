@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     if args.side_by_side_count < 1:
         raise UserError(f"--side-by-side-count must be at least 1, got {args.side_by_side_count}")
     if args.json:  # before minutes of evaluation
-        check_output_file(args.json, "--json")
+        check_output_file(args.json, "--json", json_only=True)
     if args.side_by_side:
         check_output_folder(args.side_by_side)
     if args.log_mlflow:
