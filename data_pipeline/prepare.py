@@ -104,6 +104,7 @@ def prepare(source: Path | str, out: Path | str, mode: str = "gray", qualities=(
         raise DataError(f"JPEG qualities must be in 1..100, got {qualities}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    _check_files_are_preparations(out)
     qualities = sorted(set(qualities) | set(_earlier_qualities(out, source, mode)))
     files = source_images(source, out / "extracted")
     out.mkdir(parents=True, exist_ok=True)
@@ -185,6 +186,18 @@ def report_lines(out: Path | str) -> list[str]:
     report = json.loads((Path(out) / REPORT).read_text())
     return [f"prepared {report['prepared']} images into {out} ({report['written']} written, {report['kept']} "
             f"already done, {len(report['skipped'])} skipped)"] + [f"  skipped {s['file']}: {s['reason']}" for s in report["skipped"]]
+
+
+def _check_files_are_preparations(out: Path) -> None:
+    """A folder named by mistake (a web app's, with its own manifest.json) keeps its files: a
+    manifest or report that is JSON without preparation's keys is not replaced."""
+    for name, key in ((MANIFEST, "files"), (REPORT, "skipped")):
+        try:
+            found = json.loads((out / name).read_bytes())
+        except (OSError, ValueError):  # none, or damaged: a preparation's, prepared again
+            continue
+        if not (isinstance(found, dict) and key in found):
+            raise DataError(f"{out / name} was not written by preparation: prepare into another folder")
 
 
 def _earlier_qualities(out: Path, source: Path, mode: str) -> list[int]:

@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -145,6 +146,18 @@ def test_links_to_nothing_and_pipes_in_a_source_are_reported_not_dropped_or_wait
     assert json.loads((tmp_path / "out" / "report.json").read_text())["skipped"] == [
         {"file": "moved.png", "reason": f"a link to {tmp_path / 'gone.png'}, which does not exist"},
         {"file": "stream.png", "reason": "not a regular file (a pipe, socket or device)"}]
+
+
+def test_a_folder_with_a_manifest_of_its_own_is_not_prepared_into(real_images, tmp_path):
+    """`--out` naming a web app's folder replaced its manifest.json."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "manifest.json").write_text('{"name": "my app", "icons": []}')
+    with pytest.raises(DataError, match=re.escape(f"{app / 'manifest.json'} was not written by preparation: prepare into another folder")):
+        prepare(real_images, app, "gray", [10], progress=False)
+    assert (app / "manifest.json").read_text() == '{"name": "my app", "icons": []}' and sorted(os.listdir(app)) == ["manifest.json"]
+    (app / "manifest.json").write_text('{"files": [')  # a damaged manifest of a preparation: prepared again
+    assert len(prepare(real_images, app, "gray", [10], progress=False)["files"]) == 6
 
 
 def _cli(*args, env=None):
