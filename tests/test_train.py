@@ -342,6 +342,21 @@ def test_a_best_checkpoint_or_state_folder_that_cannot_be_written_fails_before_t
         assert proc.returncode == 2 and message in proc.stderr and "step 1/" not in proc.stderr, proc.stderr[-2000:]
 
 
+def test_a_new_run_keeps_the_files_of_a_folder_named_by_mistake(tiles_dir, tmp_path):
+    """A site's config.toml (or a curves.png with no run's config beside it) was replaced by the run's."""
+    site, plots = tmp_path / "site", tmp_path / "plots"
+    site.mkdir()
+    plots.mkdir()
+    (site / "config.toml").write_text('title = "my site"\n')
+    (plots / "curves.png").write_bytes(b"my plot")
+    for out, message in ((site, f"{site / 'config.toml'} is not a training run's config: another --out keeps it"),
+                         (plots, f"{plots / 'curves.png'} is not a training run's (no config.toml beside it): another --out keeps it")):
+        proc = run([sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "tracking.enabled=false", "--out", str(out)], env_for(tmp_path))
+        assert proc.returncode == 2 and proc.stderr.strip().endswith(f"error: {message}"), proc.stderr[-2000:]
+    assert (site / "config.toml").read_text() == 'title = "my site"\n' and (plots / "curves.png").read_bytes() == b"my plot"
+    assert sorted(os.listdir(site)) == ["config.toml"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["no data root", "bad config", "missing init_from", "bad MLflow store",
                                   "data every rank loads", "rank 0 fails to write during training"])

@@ -33,7 +33,7 @@ from runtime.models import build_model, macs_per_pixel, meta_model
 from runtime.tiling import TILE
 
 from .budget import TimeBudget, set_total_steps
-from .config import Config, ConfigError, to_dict, to_toml
+from .config import Config, ConfigError, read_toml, to_dict, to_toml
 from .distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, lost_other_ranks, max_over_ranks, on_every_rank, on_main_rank
 from .ema import WeightEMA
 from .optim import build_loss, build_optimizer, build_scheduler, state_bytes_per_parameter
@@ -164,6 +164,8 @@ class Trainer:
         if earlier and not resume:  # a new run here would write over them
             raise ckpt.CheckpointError(f"{self.out} holds an earlier run ({' and '.join(earlier)}): --resume continues "
                                        "it, another --out starts a new run")
+        if not earlier:
+            self._check_no_foreign_files()
         lock = OutputLock(self.out).acquire()
         try:
             for folder in (self.ckpt_dir, self.best_path.parent):
@@ -172,6 +174,20 @@ class Trainer:
             lock.release()
             raise
         return lock
+
+    def _check_no_foreign_files(self) -> None:
+        """An --out named by mistake keeps its files: a config.toml that is not a run's, or curves.png
+        without a run's config.toml (written first), would be replaced (a folder would not)."""
+        config, curves = self.out / "config.toml", self.out / "curves.png"
+        if config.is_file():
+            try:
+                model = read_toml(config).get("model")
+            except ConfigError:
+                model = None
+            if not (isinstance(model, dict) and "arch" in model):
+                raise UserError(f"{config} is not a training run's config: another --out keeps it")
+        elif curves.is_file():
+            raise UserError(f"{curves} is not a training run's (no config.toml beside it): another --out keeps it")
 
     # ---- data ----
     def _build_data(self, saved_data: dict | None) -> tuple:
