@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 from .loaders import backend_choices
 
+SEED_MAX = 2**31 - 1  # the range every generator takes (DALI's, numpy's, torch's)
+
 
 @dataclass
 class DataConfig:
@@ -75,6 +77,8 @@ class DataConfig:
         for name in ("workers", "cache_mb", "resident_mb", "limit"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be 0 or more, got {getattr(self, name)}")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"data.seed must be in 0..{SEED_MAX}, got {self.seed}")
         if not 0 <= self.blind_fraction <= 1:
             raise ValueError(f"data.blind_fraction must be in [0, 1], got {self.blind_fraction}")
         if not 0 <= self.val_fraction < 1:

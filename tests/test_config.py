@@ -69,6 +69,11 @@ def test_dotted_overrides_are_typed():
     ("train.time_budget_s=inf", "train.time_budget_s must be a finite number, got inf"),
     ("data.qualities=[10, nan]", "data.qualities[1] must be a finite number, got nan"),
     ("model={arch='unet', kwargs={dropout=nan}}", "model.kwargs.dropout must be a finite number, got nan"),
+    # tracebacks from torch, numpy and threading once the run started
+    ("data.seed=-1", "data.seed must be in 0..2147483647, got -1"),
+    ("train.seed=99999999999999999999", "train.seed must be in 0..2147483647, got 99999999999999999999"),
+    ("tracking.timeout_s=1e300", "tracking.timeout_s must be at most 9223372036, got 1e+300"),
+    ("train.ddp_timeout_s=99999999999999999999", "train.ddp_timeout_s must be at most 9223372036, got 1e+20"),
 ])
 def test_bad_keys_and_values_are_rejected_with_the_name(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -7,12 +7,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import threading
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.config import DataConfig
+from data_pipeline.config import SEED_MAX, DataConfig
 from data_pipeline.errors import UserError
 from runtime.device import PRECISIONS
 from runtime.models import architectures, build_problem, check_kwargs
@@ -140,6 +141,10 @@ class TrainConfig:
         _choice("train.precision", self.precision, PRECISIONS)
         _positive("train", self, ("max_steps", "time_budget_s", "val_every", "ckpt_every", "log_every", "ddp_timeout_s", "seed",
                                   "blocking_weight"), ("seed", "time_budget_s", "blocking_weight"))
+        if self.seed > SEED_MAX:
+            raise ValueError(f"train.seed must be in 0..{SEED_MAX}, got {self.seed}")
+        if self.ddp_timeout_s > threading.TIMEOUT_MAX:
+            raise ValueError(f"train.ddp_timeout_s must be at most {threading.TIMEOUT_MAX:.0f}, got {self.ddp_timeout_s:g}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.time_budget_wall and not self.time_budget_s:
@@ -168,6 +173,8 @@ class TrackingConfig:
 
     def __post_init__(self):
         _positive("tracking", self, ("timeout_s",))
+        if self.timeout_s > threading.TIMEOUT_MAX:  # the longest wait a thread takes (292 years)
+            raise ValueError(f"tracking.timeout_s must be at most {threading.TIMEOUT_MAX:.0f}, got {self.timeout_s:g}")
 
 
 @dataclass
