@@ -14,8 +14,10 @@ import torch
 from .backends import backends
 from .prepare import check_files, load_manifest, split_records
 from .sources import DataError, refuse_test_set
+from .system import usable_cpus
 
 log = logging.getLogger(__name__)
+WORKERS_PER_CPU = 4  # data.workers beyond this only compete (100000 spawned workers for ten minutes)
 
 Pair = tuple[str | None, str, int]  # (jpeg path or None for online mode, original path, quality or 0 online)
 
@@ -117,6 +119,9 @@ def build_loader(cfg, rank: int = 0, world_size: int = 1, device: str | torch.de
     steps = (len(pairs) // world_size) // cfg.batch_size
     if steps < 1:
         raise DataError(f"{len(pairs)} {split} pairs are too few for batch {cfg.batch_size} x {world_size} ranks")
+    if cfg.workers > (cap := WORKERS_PER_CPU * usable_cpus()):  # each a process (torch) or a thread (DALI)
+        raise DataError(f"data.workers {cfg.workers} is more than {cap}, {WORKERS_PER_CPU} for each of the "
+                        f"{usable_cpus()} CPUs this process may use")
     source = cls(pairs, cfg, rank, world_size, device)
     log.info("loader %s: %d %s pairs, %d steps/epoch on rank %d/%d", backend, len(pairs), split, steps, rank, world_size)
     return PairLoader(source, steps, device, backend, recheck=lambda: training_pairs(cfg, split))

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.loaders import build_loader, dali_available, resolve_backend, training_pairs
 from data_pipeline.prepare import load_manifest, prepare
 from data_pipeline.sources import DataError
+from data_pipeline.system import usable_cpus
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
 
@@ -122,6 +124,14 @@ def test_loader_errors_are_clear(tiles_prepared, tmp_path):
     prepare(sorted(tiles_prepared.glob("original"))[0], everything_held_out, "gray", [10], val_fraction=0.999999, progress=False)
     with pytest.raises(DataError, match=r"the 'train' split is empty \(lower data.val_fraction or add images\)"):
         build_loader(DataConfig(backend="torch", prepared_dir=str(everything_held_out), qualities=[10]))
+
+
+def test_more_loader_workers_than_the_cpus_can_run_is_one_line(tiles_prepared):
+    """data.workers=100000 started worker after worker for ten minutes, deaf to SIGTERM."""
+    cap = 4 * usable_cpus()
+    with pytest.raises(DataError, match=re.escape(f"data.workers 100000 is more than {cap}, 4 for each of the {usable_cpus()} CPUs")):
+        build_loader(DataConfig(backend="torch", prepared_dir=str(tiles_prepared), qualities=[10, 40], workers=100000))
+    assert build_loader(DataConfig(backend="torch", prepared_dir=str(tiles_prepared), qualities=[10, 40], workers=cap)).backend == "torch"
 
 
 def test_resident_equals_torch_on_centre_crops(tiles_prepared):
