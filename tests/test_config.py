@@ -69,6 +69,8 @@ def test_dotted_overrides_are_typed():
     ("train.time_budget_s=inf", "train.time_budget_s must be a finite number, got inf"),
     ("data.qualities=[10, nan]", "data.qualities[1] must be a finite number, got nan"),
     ("model={arch='unet', kwargs={dropout=nan}}", "model.kwargs.dropout must be a finite number, got nan"),
+    ("model={arch='dncnn', kwargs={depth=99999999999}}", "model.kwargs.depth must be at most 10000, got 99999999999"),
+    ("model={arch='unet', kwargs={levels=99999999999}}", "model.kwargs.levels must be at most 10000, got 99999999999"),
     # tracebacks from torch, numpy and threading once the run started
     ("data.seed=-1", "data.seed must be in 0..2147483647, got -1"),
     ("train.seed=99999999999999999999", "train.seed must be in 0..2147483647, got 99999999999999999999"),
