@@ -4,6 +4,7 @@ themselves take `data_root` (marked `data`): without $JPEG_RESTORE_DATA_ROOT the
 with the reason, except under CI (CI=true), where that is a failure."""
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 from pathlib import Path
@@ -39,9 +40,9 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.data)
         if "cluster" in names:
             item.add_marker(pytest.mark.slurm)
-    # files with slow tests first: the parallel workers (one file each at a time) then finish together
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: each file's order stays
+    # the files with the most slow tests first: the parallel workers (one file each at a time) then finish together
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])  # stable: each file's order stays
 
 
 @pytest.fixture(scope="session")

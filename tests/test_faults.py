@@ -663,8 +663,9 @@ def test_compare_says_how_long_a_running_run_has_been_silent(tmp_path, monkeypat
 
     from train.compare import collect
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)  # not the store an earlier test of this process set with mlflow.set_tracking_uri
     experiment = client.create_experiment("silence", artifact_location=str(tmp_path / "artifacts"))
     now_ms = int(time.time() * 1000)
     for name, last_log_ms in (("live", now_ms - 60_000), ("killed", now_ms - 3 * 3600_000), ("stalled", now_ms - 1200_000)):
