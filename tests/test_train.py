@@ -394,6 +394,9 @@ def test_resume_rejects_other_architectures_and_passes_over_a_corrupt_state(smok
     out, env, _ = smoke_run
     work = tmp_path / "out"
     shutil.copytree(out / "checkpoints", work / "checkpoints")
+    # a copy of the store: the resume continues the smoke run's MLflow run, which other tests read
+    shutil.copy(env["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"), tmp_path / "mlflow.db")
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     other = run([sys.executable, MAIN, "--config", str(REPO / "configs" / "unet.toml"), "--smoke", "--resume",
                  "--set", f"data.dataset={tiles_dir}", "--out", str(work)], env)
     assert other.returncode == 2 and "saved by a dncnn" in other.stderr and "asks for unet" in other.stderr, other.stderr[-2000:]
