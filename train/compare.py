@@ -84,6 +84,11 @@ def _fmt(v, digits=2) -> str:
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
+def _escape(text: str) -> str:
+    """A table cell as Markdown shows it: a run named 'unet | bs64' would split its row."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def markdown(rows: list[dict], jpeg: dict, dataset: str) -> str:
     qs = [q for q in QUALITIES if any(r[f"psnr_q{q}"] is not None for r in rows) or f"psnr_q{q}" in jpeg]
     head = ["run", "arch", "status", "params (M)", "MACs/px (k)", "train min", "img/s", "val PSNR", "val SSIM"]
@@ -104,7 +109,7 @@ def markdown(rows: list[dict], jpeg: dict, dataset: str) -> str:
                  _fmt(r["images_per_s"], 1), _fmt(r["best_val_psnr"]), _fmt(r["best_val_ssim"], 4)]
         cells += [_fmt(r[k], 1) for k, _ in latency]
         cells += [cell(r, q) for q in qs]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(_escape(str(c)) for c in cells) + " |")
     return "\n".join(lines)
 
 
