@@ -679,6 +679,27 @@ def test_compare_says_how_long_a_running_run_has_been_silent(tmp_path, monkeypat
                       "stalled": "RUNNING? (nothing logged for 20 min: killed?)", "done": "FINISHED"}, status
 
 
+def test_compare_before_any_validation_draws_its_curves_without_a_warning(tmp_path, monkeypatch, capsys):
+    """A sweep's first minutes: no run has validated, so there is no curve, and matplotlib warned "No
+    artists with labels found to put in legend" into the user's terminal."""
+    import warnings
+
+    import mlflow
+
+    from train.compare import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("jpeg-sweep", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(experiment, run_name="unet-task0")
+    client.log_metric(run.info.run_id, "train_loss", 0.1, step=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["--out", str(tmp_path / "cmp")]) == 0
+    assert "| unet-task0 |" in capsys.readouterr().out and (tmp_path / "cmp" / "val_psnr_curves.png").stat().st_size > 0
+
+
 def test_a_new_run_never_writes_over_an_earlier_run(tiles_dir, tmp_path, capsys):
     from train.main import main
 

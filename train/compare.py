@@ -162,11 +162,15 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         paths.append(_save(fig, out / name))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, r in enumerate(r for r in rows if r.get("curve")):  # 10 colours, then dashed, then dotted
+    curves = [r for r in rows if r.get("curve")]
+    for i, r in enumerate(curves):  # 10 colours, then dashed, then dotted
         ax.plot(*zip(*r["curve"]), marker=".", label=r["run"], linestyle=("-", "--", ":")[i // 10 % 3])
     ax.set(xlabel="training time (min, summed step times)", ylabel="validation PSNR (dB, held-out training images)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if curves:
+        ax.legend(fontsize=8)
+    else:  # no run has validated yet
+        ax.text(0.5, 0.5, "no validation yet", transform=ax.transAxes, ha="center")
     paths.append(_save(fig, out / "val_psnr_curves.png"))
     return paths
 
