@@ -89,6 +89,7 @@ def test_compare_shows_latency_columns_only_where_a_run_has_them():
            "cpu_ms_512": None, "gpu_ms_512": None, "psnr_q10": 29.0, "ssim_q10": 0.81, "psnrb_q10": 28.5,
            **{f"{m}_q{q}": None for q in (20, 30, 40) for m in ("psnr", "ssim", "psnrb")}}
     assert "GPU ms" not in markdown([row], {}, "live1_gray")
+    assert "| - | FINISHED |" in markdown([{**row, "arch": None}], {}, "live1_gray")  # a run of another tool: no model.arch
     timed = {**row, "run": "unet | bs64\nlr 2e-4", "gpu_ms_512": 2.4}  # a run name MLflow takes as it is
     lines = markdown([row, timed], {"psnr_q10": 27.77, "ssim_q10": 0.773, "psnrb_q10": 25.33}, "live1_gray").splitlines()
     assert "GPU ms 512²" in lines[0] and "CPU ms" not in lines[0]

@@ -105,7 +105,7 @@ def markdown(rows: list[dict], jpeg: dict, dataset: str) -> str:
     if jpeg:
         lines.append("| JPEG |" + " - |" * (8 + len(latency)) + " " + " | ".join(cell(jpeg, q) for q in qs) + " |")
     for r in rows:
-        cells = [r["run"], r["arch"], r["status"], _fmt(r["params_m"], 3), _fmt(r["macs_per_pixel_k"], 1), _fmt(r["train_time_min"], 1),
+        cells = [r["run"], _fmt(r["arch"]), r["status"], _fmt(r["params_m"], 3), _fmt(r["macs_per_pixel_k"], 1), _fmt(r["train_time_min"], 1),
                  _fmt(r["images_per_s"], 1), _fmt(r["best_val_psnr"]), _fmt(r["best_val_ssim"], 4)]
         cells += [_fmt(r[k], 1) for k, _ in latency]
         cells += [cell(r, q) for q in qs]
