@@ -700,6 +700,28 @@ def test_compare_before_any_validation_draws_its_curves_without_a_warning(tmp_pa
     assert "| unet-task0 |" in capsys.readouterr().out and (tmp_path / "cmp" / "val_psnr_curves.png").stat().st_size > 0
 
 
+def test_compare_names_the_datasets_its_runs_were_evaluated_on_when_asked_for_another(tmp_path, monkeypatch, capsys):
+    """--dataset live1-gray (a typo) showed a table without test columns, and no word why."""
+    import mlflow
+
+    from train.compare import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("jpeg-sweep", artifact_location=str(tmp_path / "artifacts"))
+    for dataset in ("live1_gray", "classic5"):
+        run = client.create_run(experiment, run_name=f"unet-{dataset}")
+        client.log_metric(run.info.run_id, f"{dataset}_model_psnr_q10", 29.3)
+    assert main(["--out", str(tmp_path / "cmp")]) == 0
+    captured = capsys.readouterr()
+    assert "live1_gray q10" in captured.out and "note:" not in captured.err
+    assert main(["--dataset", "live1-gray", "--out", str(tmp_path / "cmp")]) == 0
+    assert capsys.readouterr().err.strip() == ("note: no run of 'jpeg-sweep' was evaluated on live1-gray; they were on "
+                                               "classic5, live1_gray (--dataset NAME)")
+    assert "evaluated_on" not in (tmp_path / "cmp" / "compare.csv").read_text()
+
+
 def test_a_new_run_never_writes_over_an_earlier_run(tiles_dir, tmp_path, capsys):
     from train.main import main
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import re
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from runtime.mlflow_store import latency_metric, resolve_tracking_uri
 
 QUALITIES = (10, 20, 30, 40)
 SILENT_S = 600  # a RUNNING run that has logged nothing for this long is said to be silent
+EVALUATED = re.compile(r"(.+)_model_psnr_q\d+")  # train.evaluate --log-mlflow's metric names
 
 
 def _best_val(client, run_id: str) -> tuple[float | None, float | None]:
@@ -70,7 +72,8 @@ def collect(experiment: str, dataset: str = "live1_gray") -> tuple[list[dict], d
                "world_size": t.get("world_size"), "best_val_psnr": best_psnr, "best_val_ssim": best_ssim, "curve": curve,
                # serve_bench / to_trt logged on the checkpoint: torch eager fp32, one 512x512 image
                "cpu_ms_512": m.get(latency_metric("torch fp32", "cpu", 1, 512, 512)),
-               "gpu_ms_512": m.get(latency_metric("torch fp32", "cuda", 1, 512, 512)), "device_name": t.get("device_name", "")}
+               "gpu_ms_512": m.get(latency_metric("torch fp32", "cuda", 1, 512, 512)), "device_name": t.get("device_name", ""),
+               "evaluated_on": {match.group(1) for key in m if (match := EVALUATED.fullmatch(key))}}
         for q in QUALITIES:
             for metric in (m.name for m in metrics()):
                 row[f"{metric}_q{q}"] = m.get(f"{dataset}_model_{metric}_q{q}")
@@ -186,9 +189,13 @@ def main(argv=None) -> int:
     rows, jpeg = collect(args.experiment, args.dataset)
     if not rows:
         raise UserError(f"experiment {args.experiment!r} has no runs")
+    evaluated = set().union(*(r["evaluated_on"] for r in rows))
+    if evaluated and args.dataset not in evaluated:  # a typo would show a table without its test columns
+        print(f"note: no run of {args.experiment!r} was evaluated on {args.dataset}; they were on "
+              f"{', '.join(sorted(evaluated))} (--dataset NAME)", file=sys.stderr)
     table = markdown(rows, jpeg, args.dataset)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[k for k in rows[0] if k != "curve"], extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=[k for k in rows[0] if k not in ("curve", "evaluated_on")], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(args.out / "compare.md", (table + "\n").encode())
