@@ -56,7 +56,7 @@ def make_tracker(enabled: bool, out: Path, offline: bool = False, **kwargs) -> "
 class RecordTracker:
     """The Tracker interface, appending one JSON event per call to a record file (no MLflow)."""
 
-    enabled = True
+    enabled, ended = True, False
 
     def __init__(self, path: Path, run_id: str | None = None, run_name: str = "", experiment: str = "", tags: dict | None = None,
                  continues: str | None = None):
@@ -95,7 +95,9 @@ class RecordTracker:
             self._event(artifact=str(rel), artifact_path=artifact_path)
 
     def close(self, status: str = "FINISHED") -> None:
-        self._event(status=status)
+        if not self.ended:  # once, as Tracker: a stopped run ends KILLED before Trainer.close
+            self.ended = True
+            self._event(status=status)
 
 
 class Tracker:

@@ -465,9 +465,12 @@ class Trainer:
         self._finish()
 
     def _record_stop(self) -> None:
-        """A time-boxed chunk (GPU calls) keeps its best model and curves in the run."""
+        """A time-boxed chunk (GPU calls) keeps its best model and curves in the run, which ends KILLED
+        here, while the other ranks wait: the first rank to exit 128 + signal makes torchrun SIGTERM
+        the rest, and rank 0, its own handler gone after fit, died before close() and left it RUNNING."""
         self.tracker.set_tags({"stopped_by": self.stop_signal, "stopped_at_step": self.step})
         self._log_outputs()
+        self.tracker.close("KILLED")
 
     def _log_window(self, window: dict, progress: "Progress") -> None:
         n = max(window["n"], 1)
