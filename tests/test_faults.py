@@ -655,18 +655,23 @@ def test_compare_without_a_store_says_so_and_creates_none(tmp_path, monkeypatch,
     assert not (tmp_path / "mlruns").exists()
 
 
-def test_compare_says_how_long_a_running_run_has_been_silent(tmp_path, monkeypatch):
-    """A run killed outright (kill -9, the OOM killer) stays RUNNING in MLflow for ever."""
-    import time
-
+def _store_with_experiment(tmp_path, monkeypatch, name: str):
+    """A new SQLite store as $MLFLOW_TRACKING_URI, its client and an experiment `name` in it."""
     import mlflow
-
-    from train.compare import collect
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = mlflow.MlflowClient(uri)  # not the store an earlier test of this process set with mlflow.set_tracking_uri
-    experiment = client.create_experiment("silence", artifact_location=str(tmp_path / "artifacts"))
+    return client, client.create_experiment(name, artifact_location=str(tmp_path / "artifacts"))
+
+
+def test_compare_says_how_long_a_running_run_has_been_silent(tmp_path, monkeypatch):
+    """A run killed outright (kill -9, the OOM killer) stays RUNNING in MLflow for ever."""
+    import time
+
+    from train.compare import collect
+
+    client, experiment = _store_with_experiment(tmp_path, monkeypatch, "silence")
     now_ms = int(time.time() * 1000)
     for name, last_log_ms in (("live", now_ms - 60_000), ("killed", now_ms - 3 * 3600_000), ("stalled", now_ms - 1200_000)):
         run = client.create_run(experiment, start_time=now_ms - 4 * 3600_000, run_name=name)
@@ -684,14 +689,9 @@ def test_compare_before_any_validation_draws_its_curves_without_a_warning(tmp_pa
     artists with labels found to put in legend" into the user's terminal."""
     import warnings
 
-    import mlflow
-
     from train.compare import main
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    client = mlflow.MlflowClient(uri)
-    experiment = client.create_experiment("jpeg-sweep", artifact_location=str(tmp_path / "artifacts"))
+    client, experiment = _store_with_experiment(tmp_path, monkeypatch, "jpeg-sweep")
     run = client.create_run(experiment, run_name="unet-task0")
     client.log_metric(run.info.run_id, "train_loss", 0.1, step=1)
     with warnings.catch_warnings():
@@ -702,14 +702,10 @@ def test_compare_before_any_validation_draws_its_curves_without_a_warning(tmp_pa
 
 def test_compare_names_the_datasets_its_runs_were_evaluated_on_when_asked_for_another(tmp_path, monkeypatch, capsys):
     """--dataset live1-gray (a typo) showed a table without test columns, and no word why."""
-    import mlflow
 
     from train.compare import main
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    client = mlflow.MlflowClient(uri)
-    experiment = client.create_experiment("jpeg-sweep", artifact_location=str(tmp_path / "artifacts"))
+    client, experiment = _store_with_experiment(tmp_path, monkeypatch, "jpeg-sweep")
     for dataset in ("live1_gray", "classic5"):
         run = client.create_run(experiment, run_name=f"unet-{dataset}")
         client.log_metric(run.info.run_id, f"{dataset}_model_psnr_q10", 29.3)
