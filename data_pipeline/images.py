@@ -121,6 +121,16 @@ def read_image(path: Path | str, mode: str | None, min_size: int = 1) -> np.ndar
     return np.ascontiguousarray(arr)
 
 
+def check_detail(img: np.ndarray) -> None:
+    """Raise BadImage for an image of one flat value (a black frame, a blank page): it has no detail
+    to restore, and where a JPEG or a model gets it exactly its PSNR is infinite, which makes the
+    mean over a whole training or test set infinite."""
+    first = img.reshape(-1, img.shape[2] if img.ndim == 3 else 1)[0]
+    if (img == first).all():
+        value = int(first[0]) if img.ndim == 2 else tuple(int(v) for v in first)
+        raise BadImage(f"flat (every pixel {value}): no detail to restore, and its PSNR can be infinite")
+
+
 def jpeg_bytes(img: np.ndarray, quality: int) -> bytes:
     """Pillow/libjpeg encoding (IJG tables, 4:2:0 chroma for color) at `quality`."""
     buf = io.BytesIO()

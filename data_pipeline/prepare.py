@@ -22,7 +22,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import UserError, command
-from .images import MODES, BadImage, atomic_write_bytes, atomic_write_json, check_output_folder, jpeg_bytes, png_bytes, read_image
+from .images import (
+    MODES,
+    BadImage,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_detail,
+    check_output_folder,
+    jpeg_bytes,
+    png_bytes,
+    read_image,
+)
 from .sources import DataError, dataset_dir, is_archive, not_a_file, source_images, subfolders
 from .system import die_with_parent, spawned_pool, usable_cpus
 
@@ -73,6 +83,7 @@ def _prepare_one(src: Path, name: str, out: Path, mode: str, qualities: list[int
             pass  # damaged record: redo the file
     try:
         img = read_image(src, mode, min_size)
+        check_detail(img)
     except BadImage as exc:
         meta_path.unlink(missing_ok=True)
         return {"skip": str(exc)}

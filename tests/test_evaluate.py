@@ -85,6 +85,21 @@ def test_unreadable_test_images_are_reported(tiles_dir, tmp_path):
     assert list(images) == ["a"] and len(skipped) == 1 and skipped[0].startswith("b.png: not a readable image")
 
 
+def test_a_flat_test_image_is_skipped_and_the_means_stay_finite(tiles_dir, tmp_path, capsys):
+    """A black frame in a test set: its JPEG is exact, so its PSNR (and the set's mean) was infinite
+    and the gain over JPEG -inf."""
+    from train.evaluate import main
+    (tmp_path / "a.png").write_bytes(next(tiles_dir.glob("*.png")).read_bytes())
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "black.png")
+    Image.fromarray(np.full((64, 64, 3), (128, 0, 255), np.uint8)).save(tmp_path / "violet.png")
+    assert main(["--dataset", str(tmp_path), "--jpeg-only", "--qualities", "10", "--json", str(tmp_path / "r.json")]) == 0
+    err = capsys.readouterr().err
+    assert "skipped black.png: flat (every pixel 0): no detail to restore" in err
+    assert "skipped violet.png: flat (every pixel (128, 0, 255))" in err
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["images"] == 1 and np.isfinite(results["results"]["10"]["jpeg"]["psnr"])
+
+
 def test_a_test_set_in_other_formats_is_read_and_other_files_are_named(photo_pair, tmp_path):
     gray, rgb = photo_pair  # PGM/PPM as classic test sets ship them, an RGBA PNG that hides nothing
     Image.fromarray(gray).save(tmp_path / "a.pgm")

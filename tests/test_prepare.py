@@ -21,6 +21,7 @@ def _add_bad_files(folder, good):
     (folder / "notes.txt").write_text("not an image")
     (folder / "truncated.png").write_bytes(good.read_bytes()[:500])
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(folder / "tiny.png")
+    Image.fromarray(np.full((64, 64, 3), (255, 255, 255), np.uint8)).save(folder / "blank.png")  # a blank page
 
 
 def test_prepare_writes_originals_jpegs_manifest_and_reports_bad_files(real_images, tmp_path):
@@ -29,8 +30,9 @@ def test_prepare_writes_originals_jpegs_manifest_and_reports_bad_files(real_imag
     manifest = prepare(real_images, out, "gray", [10, 30], val_fraction=0.3, progress=False)
     report = json.loads((out / "report.json").read_text())
     reasons = {s["file"]: s["reason"] for s in report["skipped"]}
-    assert set(reasons) == {"empty.png", "notes.txt", "truncated.png", "tiny.png"}
+    assert set(reasons) == {"empty.png", "notes.txt", "truncated.png", "tiny.png", "blank.png"}
     assert "empty file" in reasons["empty.png"] and "too small" in reasons["tiny.png"]
+    assert reasons["blank.png"].startswith("flat (every pixel 235): no detail to restore")  # its studio-range luma
     assert len(manifest["files"]) == 6 and manifest["qualities"] == [10, 30]
     for rec in manifest["files"]:
         src = np.asarray(Image.open(real_images / rec["source"]))

@@ -110,7 +110,8 @@ def test_restore_takes_a_jpeg_saved_again_after_a_worse_one(photo_pair, tmp_path
 
 
 def test_validation_images_are_those_preparation_holds_out(tiles_dir, tmp_path):
-    """A copy under a later name is dropped by preparation even where it falls in validation."""
+    """A copy under a later name is dropped by preparation even where it falls in validation, and so
+    is a flat image (a black frame)."""
     src = tmp_path / "src"
     src.mkdir()
     tiles = sorted(tiles_dir.glob("*.png"))[:12]
@@ -120,7 +121,9 @@ def test_validation_images_are_those_preparation_holds_out(tiles_dir, tmp_path):
     copies = [f"{first}_copy{i}" for i in range(40)]
     for name in [n for n in copies if split_of(n, 0.3) == "val"][:2]:  # sort after their twin, and are held out
         (src / f"{name}.png").write_bytes(tiles[0].read_bytes())
+    black = next(n for n in (f"black{i}" for i in range(40)) if split_of(n, 0.3) == "val")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(src / f"{black}.png")
     data = {"dataset": str(src), "mode": "gray", "qualities": [10], "online": False, "val_fraction": 0.3, "min_size": 48}
     held_out = [r["name"] for r in split_records(prepare(src, tmp_path / "prepared", "gray", [10], 0.3, progress=False), "val")]
-    assert sorted(validation_images({"config": {"data": data}}, None)) == held_out
+    assert black not in held_out and sorted(validation_images({"config": {"data": data}}, None)) == held_out
     assert sorted(validation_images({"config": {"data": {**data, "limit": 2}}}, None)) == held_out[:2]

@@ -27,6 +27,7 @@ from data_pipeline.images import (
     BadImage,
     atomic_write_bytes,
     atomic_write_json,
+    check_detail,
     check_output_file,
     check_output_folder,
     image_files,
@@ -61,6 +62,7 @@ def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, n
             continue
         try:
             img = read_image(path, mode, min_size=8)
+            check_detail(img)
             images[path.stem] = img[..., 0].copy() if mode is None and img.ndim == 3 and is_gray(img) else img
         except (BadImage, OSError) as exc:
             skipped.append(f"{path.name}: {exc}")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.errors import UserError, command
-from data_pipeline.images import BadImage, read_image
+from data_pipeline.images import BadImage, check_detail, read_image
 from data_pipeline.prepare import split_of, without_copies
 from data_pipeline.sources import DataError, dataset_dir, not_a_file, source_images
 from runtime import checkpoint as ckpt
@@ -46,6 +46,7 @@ def validation_images(meta: dict, data_root: str | None) -> dict[str, np.ndarray
             names.add(f.stem)
             try:
                 img = read_image(f, data["mode"], min_size=data.get("min_size", 1))
+                check_detail(img)
             except BadImage:
                 continue  # prepare skipped it too
             records.append({"name": f.stem, "source": f.name, "original": {"sha256": hashlib.sha256(img.tobytes() + str(img.shape).encode()).hexdigest()}})
