@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 
 from .backends import backends
+from .errors import some
 from .prepare import check_files, load_manifest, split_records
 from .sources import DataError, refuse_test_set
 from .system import usable_cpus
 
 log = logging.getLogger(__name__)
+SPLIT_NAMES = {"train": "training", "val": "held-out"}
 WORKERS_PER_CPU = 4  # data.workers beyond this only compete (100000 spawned workers for ten minutes)
 
 Pair = tuple[str | None, str, int]  # (jpeg path or None for online mode, original path, quality or 0 online)
@@ -60,9 +62,15 @@ def training_pairs(cfg, split: str = "train") -> list[Pair]:
     if not files:
         fraction = "lower" if split == "train" else "raise"
         raise DataError(f"{root}: the {split!r} split is empty ({fraction} data.val_fraction or add images)")
-    smallest = min(min(f["height"], f["width"]) for f in files)
-    if smallest < cfg.patch_size:
-        raise DataError(f"{root}: smallest image side {smallest} < data.patch_size {cfg.patch_size}")
+    small = [f for f in files if min(f["height"], f["width"]) < cfg.patch_size]  # no patch fits: passed over
+    if len(small) == len(files):
+        largest = max(min(f["height"], f["width"]) for f in files)
+        raise DataError(f"{root}: every {SPLIT_NAMES[split]} image is smaller than data.patch_size {cfg.patch_size} "
+                        f"(the largest has {largest} px on its shorter side)")
+    if small:
+        log.warning("passed over %d %s image(s) smaller than data.patch_size %d: %s", len(small), SPLIT_NAMES[split],
+                    cfg.patch_size, some([f"{f['source']} ({f['width']}x{f['height']})" for f in small]))
+        files = [f for f in files if min(f["height"], f["width"]) >= cfg.patch_size]
     original = [str(root / f["original"]["path"]) for f in files]
     if cfg.online:
         check_files(root, manifest, files)

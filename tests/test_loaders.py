@@ -1,10 +1,12 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data_pipeline.config import DataConfig
 from data_pipeline.loaders import build_loader, dali_available, resolve_backend, training_pairs
@@ -108,7 +110,7 @@ def test_synthetic_backend():
 
 
 def test_loader_errors_are_clear(tiles_prepared, tmp_path):
-    with pytest.raises(DataError, match="smallest image side 160 < data.patch_size 256"):
+    with pytest.raises(DataError, match=r"every training image is smaller than data.patch_size 256 \(the largest has 160 px on its shorter side\)"):
         build_loader(DataConfig(backend="torch", prepared_dir=str(tiles_prepared), patch_size=256))
     with pytest.raises(DataError, match=r"no JPEGs at qualities \[20\]"):
         build_loader(DataConfig(backend="torch", prepared_dir=str(tiles_prepared), qualities=[20]))
@@ -124,6 +126,22 @@ def test_loader_errors_are_clear(tiles_prepared, tmp_path):
     prepare(sorted(tiles_prepared.glob("original"))[0], everything_held_out, "gray", [10], val_fraction=0.999999, progress=False)
     with pytest.raises(DataError, match=r"the 'train' split is empty \(lower data.val_fraction or add images\)"):
         build_loader(DataConfig(backend="torch", prepared_dir=str(everything_held_out), qualities=[10]))
+
+
+def test_training_images_smaller_than_a_patch_are_passed_over_and_named(tiles_dir, tmp_path, caplog):
+    """One 50x70 photo among a user's images stopped the whole training ("smallest image side 50 <
+    data.patch_size 64"), naming no file, and only when the hash split put it in training."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in sorted(tiles_dir.glob("*.png"))[:8]:
+        (src / p.name).write_bytes(p.read_bytes())
+    small = np.random.default_rng(0).integers(0, 256, (50, 70), dtype=np.uint8)
+    Image.fromarray(small).save(src / "small.png")
+    prepare(src, tmp_path / "prep", "gray", [10], val_fraction=0.0, progress=False)
+    with caplog.at_level("WARNING", logger="data_pipeline.loaders"):
+        pairs = training_pairs(DataConfig(prepared_dir=str(tmp_path / "prep"), qualities=[10], patch_size=64))
+    assert len(pairs) == 8 and "small.png" not in {Path(target).name for _, target, _ in pairs}
+    assert "passed over 1 training image(s) smaller than data.patch_size 64: small.png (70x50)" in caplog.text
 
 
 def test_more_loader_workers_than_the_cpus_can_run_is_one_line(tiles_prepared):
@@ -258,6 +276,7 @@ def test_a_file_damaged_during_training_is_named(real_images, tmp_path, backend,
 
 AFTER_DALI = '''
 import sys
+from pathlib import Path
 from pathlib import Path
 
 import data_pipeline.prepare

@@ -376,7 +376,7 @@ def test_an_error_under_torchrun_is_printed_once(tiles_dir, tmp_path, case):
     elif case == "bad MLflow store":
         extra, message = ["--set", "tracking.tracking_uri=bogus://x"], "MLflow store bogus://x cannot be used"
     elif case == "data every rank loads":
-        extra, message = ["--set", "data.patch_size=4096"], "< data.patch_size 4096"
+        extra, message = ["--set", "data.patch_size=4096"], "smaller than data.patch_size 4096"
     else:
         extra, message = [], "cannot write"
         (out / "curves.png").mkdir(parents=True)
