@@ -718,6 +718,18 @@ def test_compare_names_the_datasets_its_runs_were_evaluated_on_when_asked_for_an
     assert "evaluated_on" not in (tmp_path / "cmp" / "compare.csv").read_text()
 
 
+def test_compare_shows_an_infinite_metric_as_inf(tmp_path, monkeypatch, capsys):
+    """MLflow stores inf as the largest float: the table showed a 309-digit PSNR."""
+    from train.compare import main
+
+    client, experiment = _store_with_experiment(tmp_path, monkeypatch, "jpeg-sweep")
+    run = client.create_run(experiment, run_name="exact")
+    client.log_metric(run.info.run_id, "live1_gray_model_psnr_q10", float("inf"))
+    assert main(["--out", str(tmp_path / "cmp")]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| exact |"))
+    assert row.endswith("| inf / - / - |"), row
+
+
 def test_a_new_run_never_writes_over_an_earlier_run(tiles_dir, tmp_path, capsys):
     from train.main import main
 

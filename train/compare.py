@@ -84,6 +84,8 @@ def collect(experiment: str, dataset: str = "live1_gray") -> tuple[list[dict], d
 
 
 def _fmt(v, digits=2) -> str:
+    if isinstance(v, float) and abs(v) >= sys.float_info.max:  # MLflow stores an infinite metric as the largest float
+        return "inf" if v > 0 else "-inf"
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
