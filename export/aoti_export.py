@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,7 +38,9 @@ def export_aoti(checkpoint: Path | str, out: Path | str, device: str = "cpu") ->
         module, example = model, torch.rand(2, c, 4 * multiple * 3, 4 * multiple * 5, device=device)
         dims = {0: batch, 2: side("h"), 3: side("w")}
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's own deepcopy of the FX graph makes a pytree LeafSpec, whose deprecation warns (pytorch#167470)
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
         program = torch.export.export(module.eval(), (example,), dynamic_shapes={"x": dims})
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -309,11 +310,15 @@ def test_restore_command_errors_are_one_line(tmp_path, args, message):
 
 @pytest.mark.slow
 def test_aoti_package_runs_without_the_model_code_and_matches_pytorch(tmp_path, photo_pair):
-    """torch.export + AOTInductor on this CPU: a .pt2 that a bare `import torch` runs, at any size."""
+    """torch.export + AOTInductor on this CPU: a .pt2 that a bare `import torch` runs, at any size;
+    exported without the FutureWarning torch's own graph copy printed (restore --backend aoti, to_trt)."""
     from export.aoti_export import export_aoti
 
     path = tiny_checkpoint("unet", tmp_path / "unet.pth")
-    info = export_aoti(path, tmp_path / "unet.cpu.pt2", "cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = export_aoti(path, tmp_path / "unet.cpu.pt2", "cpu")
+    assert not [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
     assert info["multiple"] == 4 and info["compile_s"] > 0 and json.loads((tmp_path / "unet.cpu.pt2.json").read_text())["device"] == "cpu"
     code = ("import torch; p = torch._inductor.aoti_load_package(%r); "
             "print(tuple(p(torch.rand(3, 1, 40, 56)).shape))") % str(tmp_path / "unet.cpu.pt2")
