@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,8 +23,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data_pipeline.errors import ReportedElsewhere, UserError, out_of_memory
 from data_pipeline.images import atomic_write_bytes, check_output_folder
 from data_pipeline.loaders import build_loader
-from data_pipeline.prepare import MANIFEST, load_manifest, prepare, prepare_command, report_lines, split_fingerprints
-from data_pipeline.sources import DataError, dataset_dir, refuse_test_set
 from runtime import checkpoint as ckpt
 from runtime.device import autocast_for, emulated_precision_warning, free_memory, resolve_precision
 from runtime.figures import side_by_side
@@ -34,6 +31,7 @@ from runtime.tiling import TILE
 
 from .budget import TimeBudget, set_total_steps
 from .config import Config, ConfigError, read_toml, to_dict, to_toml
+from .data import check_same_data, prepared_data, take_prepared_settings
 from .distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, lost_other_ranks, max_over_ranks, on_every_rank, on_main_rank
 from .ema import WeightEMA
 from .optim import build_loss, build_optimizer, build_scheduler, state_bytes_per_parameter
@@ -83,10 +81,10 @@ class Trainer:
         self.resume_changes = ""
         self.data_root = data_root or cfg.data.data_root or None
         if cfg.data.prepared_dir and cfg.data.backend != "synthetic":  # before a resume compares the settings
-            on_every_rank(self._take_prepared_settings, info)
+            on_every_rank(lambda: take_prepared_settings(cfg.data, self.data_root), info)
         run_id, state = on_every_rank(lambda: self._build(resume), info)
 
-        self.data_cfg = self._prepare_data(self.data_root)
+        self.data_cfg = prepared_data(cfg.data, self.out, self.data_root, info)
         saved_data = state.get("data") if state else None
         self.loader, self.validator = on_every_rank(lambda: self._build_data(saved_data), info)  # a data error is printed once
         torch.manual_seed(cfg.train.seed + 1 + info.rank)  # dropout etc. differ between ranks
@@ -191,77 +189,12 @@ class Trainer:
 
     # ---- data ----
     def _build_data(self, saved_data: dict | None) -> tuple:
-        self.data_fingerprints = self._check_same_data(saved_data)
+        self.data_fingerprints = check_same_data(self.data_cfg, self.cfg.data.prepared_dir or self.data_cfg.dataset, saved_data,
+                                                 self.best_psnr, self.best_path)
         loader = build_loader(self.data_cfg, self.info.rank, self.info.world_size, self.device)
         validator = Validator(self.data_cfg, self.cfg.train.precision, self.loss_fn, self.info) \
             if self.data_cfg.backend != "synthetic" else None  # synthetic data: nothing to validate on
         return loader, validator
-
-    def _check_same_data(self, saved: dict | None) -> dict | None:
-        """The prepared data's fingerprints (split_fingerprints). A resumed run whose held-out images
-        changed since a validation stops: its best model's PSNR would not compare; other changes are said."""
-        d = self.data_cfg
-        if not d.prepared_dir:  # synthetic data
-            return None
-        now = split_fingerprints(load_manifest(d.prepared_dir), d.limit)
-        changed = [split for split in ("train", "val") if saved and saved[split] != now[split]]
-        where = self.cfg.data.prepared_dir or d.dataset  # what the user named
-        if "val" in changed and math.isfinite(self.best_psnr):
-            count = f"{saved['val'][0]} -> {now['val'][0]} images" if saved["val"][0] != now["val"][0] else "other images"
-            raise DataError(f"the held-out images of {where} changed since the run's last state ({count}): its best "
-                            f"validation PSNR, {self.best_psnr:.3f} dB, would not compare. Put the images back as they were, "
-                            f"or continue from its weights in a new run: another --out with --set train.init_from={self.best_path}")
-        for split in changed:
-            log.warning("the %s images of %s changed since the run's last state (%d -> %d images): it goes on with these",
-                        {"train": "training", "val": "held-out"}[split], where, saved[split][0], now[split][0])
-        return now
-
-    def _prepare_data(self, data_root: str | None):
-        d = self.cfg.data
-        if d.prepared_dir or d.backend == "synthetic":  # a prepared_dir is read, not prepared, by training
-            return d
-        prepared = self.out / "prepared" / f"{Path(d.dataset).name}-{d.mode}"
-
-        def prepare_source():
-            source = dataset_dir(d.dataset, data_root)
-            if source.is_dir():  # before preparing it (archives: training_pairs checks what they held)
-                refuse_test_set(list(source.iterdir()), source)
-            prepare(source, prepared, d.mode, d.qualities, d.val_fraction, d.min_size, progress=sys.stderr.isatty())
-            summary, *skips = report_lines(prepared)
-            log.info("%s", summary)
-            for line in skips:
-                log.warning("%s", line.strip())
-
-        on_main_rank(prepare_source, self.info)
-        return replace(d, prepared_dir=str(prepared))
-
-    def _take_prepared_settings(self) -> None:
-        """A data.prepared_dir holds one source split one way: the run records the source, val_fraction
-        and min_size it was prepared with (what ship and quality_bound read), saying where the config
-        differed. Without a manifest there: the command that prepares it."""
-        d = self.cfg.data
-        if not (Path(d.prepared_dir) / MANIFEST).is_file():
-            try:  # the command names the source by its path: it runs without the data root
-                source = dataset_dir(d.dataset, self.data_root)
-            except DataError:
-                source = d.dataset
-            command = prepare_command(source, d.prepared_dir, d.mode, d.qualities, d.val_fraction, d.min_size)
-            raise DataError(f"no {MANIFEST} in {d.prepared_dir} (data.prepared_dir): prepare it first: {command}, "
-                            "or leave data.prepared_dir empty to prepare into <out>/prepared")
-        manifest = load_manifest(d.prepared_dir)
-        try:
-            same_source = dataset_dir(d.dataset, self.data_root).resolve() == Path(manifest["source"]).resolve()
-        except DataError:  # not there (another machine's data root): by name
-            same_source = Path(d.dataset).name == Path(manifest["source"]).name
-        prepared = {"dataset": d.dataset if same_source else manifest["source"],
-                    "val_fraction": manifest["val_fraction"], "min_size": manifest["min_size"]}
-        said = [f"data.{k} {getattr(d, k)}" for k, v in prepared.items() if getattr(d, k) != v]
-        if said:
-            log.warning("%s was prepared from %s with data.val_fraction %s, data.min_size %s: the run takes them from "
-                        "there (the config said %s)", d.prepared_dir, manifest["source"], manifest["val_fraction"],
-                        manifest["min_size"], ", ".join(said))
-            for key, value in prepared.items():
-                setattr(d, key, value)
 
     # ---- one step ----
     def train_step(self, inp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
