@@ -13,12 +13,11 @@ import torch
 
 from .backends import backends
 from .errors import some
-from .prepare import check_files, load_manifest, split_records
+from .prepare import SPLIT_NAMES, check_files, load_manifest, split_records
 from .sources import DataError, refuse_test_set
 from .system import usable_cpus
 
 log = logging.getLogger(__name__)
-SPLIT_NAMES = {"train": "training", "val": "held-out"}
 WORKERS_PER_CPU = 4  # data.workers beyond this only compete (100000 spawned workers for ten minutes)
 
 Pair = tuple[str | None, str, int]  # (jpeg path or None for online mode, original path, quality or 0 online)

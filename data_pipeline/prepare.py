@@ -238,6 +238,9 @@ def load_manifest(prepared: Path | str) -> dict:
     return manifest
 
 
+SPLIT_NAMES = {"train": "training", "val": "held-out"}  # the splits as messages name them
+
+
 def split_records(manifest: dict, split: str, limit: int = 0) -> list[dict]:
     """The records of one split ('train' or 'val'), the first `limit` of them if given."""
     return [f for f in manifest["files"] if f["split"] == split][:limit or None]

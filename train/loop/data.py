@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from data_pipeline.config import DataConfig
-from data_pipeline.prepare import MANIFEST, load_manifest, prepare, prepare_command, report_lines, split_fingerprints
+from data_pipeline.prepare import MANIFEST, SPLIT_NAMES, load_manifest, prepare, prepare_command, report_lines, split_fingerprints
 from data_pipeline.sources import DataError, dataset_dir, refuse_test_set
 
 from .distributed import DistInfo, on_main_rank
@@ -81,5 +81,5 @@ def check_same_data(d: DataConfig, where: str, saved: dict | None, best_psnr: fl
                         f"or continue from its weights in a new run: another --out with --set train.init_from={best_path}")
     for split in changed:
         log.warning("the %s images of %s changed since the run's last state (%d -> %d images): it goes on with these",
-                    {"train": "training", "val": "held-out"}[split], where, saved[split][0], now[split][0])
+                    SPLIT_NAMES[split], where, saved[split][0], now[split][0])
     return now
