@@ -144,6 +144,7 @@ def test_training_images_smaller_than_a_patch_are_passed_over_and_named(tiles_di
     assert "passed over 1 training image(s) smaller than data.patch_size 64: small.png (70x50)" in caplog.text
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # torch's advice on the workers at the cap, wanted here
 def test_more_loader_workers_than_the_cpus_can_run_is_one_line(tiles_prepared):
     """data.workers=100000 started worker after worker for ten minutes, deaf to SIGTERM."""
     cap = 4 * usable_cpus()
