@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable
 
@@ -126,18 +127,28 @@ def _jpeg_metrics(args):
 def evaluate(images: dict[str, np.ndarray], qualities: list[int], restore: RestoreFn | None = None,
              workers: int | None = None, keep: int = 0) -> tuple[dict, dict]:
     """Mean metrics per quality: {"10": {"jpeg": {...}, "model": {...}}}, plus per-image values.
-    `keep` > 0 also returns the first `keep` images' (original, jpeg, restored) for figures."""
+    `keep` > 0 also returns the first `keep` images' (original, jpeg, restored) for figures. The pool
+    makes the JPEGs and scores the metrics a few images ahead of the model, no more: memory holds the
+    originals and those few copies, not a JPEG and a restored copy of every image."""
     names = sorted(images)
+    workers = workers or usable_cpus()
+    ahead = 2 * workers  # images in flight
     results, per_image, kept = {}, {}, {}
-    with spawned_pool(workers or usable_cpus(), _start_scorer, (os.getpid(),)) as pool:
+    with spawned_pool(workers, _start_scorer, (os.getpid(),)) as pool:
         for q in qualities:
-            jpeg_out = list(pool.map(_jpeg_metrics, [(images[n], q) for n in names]))
-            rows = {n: {"jpeg": m} for n, (_, m) in zip(names, jpeg_out)}
-            kept[q], scoring = [], {}
-            for n, (jpeg, _) in zip(names, jpeg_out):
+            jpegs = deque(pool.submit(_jpeg_metrics, (images[n], q)) for n in names[:ahead])
+            rows, kept[q], scoring, unscored = {}, [], {}, deque()
+            for i, n in enumerate(names):
+                jpeg, jpeg_scores = jpegs.popleft().result()
+                rows[n] = {"jpeg": jpeg_scores}
+                if i + ahead < len(names):
+                    jpegs.append(pool.submit(_jpeg_metrics, (images[names[i + ahead]], q)))
                 restored = restore(jpeg, q) if restore is not None else None  # q: as read from the file's tables
                 if restored is not None:  # scored by the pool while the model restores the next image
                     scoring[n] = pool.submit(image_metrics, images[n], restored)
+                    unscored.append(scoring[n])
+                    if len(unscored) > ahead:  # a fast model waits for the scoring, not to hold every image
+                        unscored.popleft().result()
                 if len(kept[q]) < keep:
                     kept[q].append((n, images[n], jpeg, restored))
             for n, future in scoring.items():
