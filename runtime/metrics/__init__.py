@@ -21,14 +21,16 @@ class Metric:
     higher_is_better: bool = True
     digits: int = 2  # decimals in tables
     order: int = 100  # column order in tables
+    min_side: int = 1  # the smallest image side it is defined on
 
 
 _REGISTRY: dict[str, Metric] = {}
 
 
-def register_metric(name: str, label: str, higher_is_better: bool = True, digits: int = 2, order: int = 100):
+def register_metric(name: str, label: str, higher_is_better: bool = True, digits: int = 2, order: int = 100,
+                    min_side: int = 1):
     def wrap(fn):
-        _REGISTRY[name] = Metric(name, label, fn, higher_is_better, digits, order)
+        _REGISTRY[name] = Metric(name, label, fn, higher_is_better, digits, order, min_side)
         return fn
     return wrap
 
@@ -45,6 +47,12 @@ def get(name: str) -> Metric:
     if name not in found:
         raise ValueError(f"unknown metric {name!r}; known: {', '.join(found)}")
     return found[name]
+
+
+def min_image_side() -> tuple[int, str]:
+    """The smallest image side every metric is defined on, and the metric that needs it."""
+    needs = max(metrics(), key=lambda m: m.min_side)
+    return needs.min_side, needs.label
 
 
 def image_metrics(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:

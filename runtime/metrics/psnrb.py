@@ -24,7 +24,7 @@ def blocking_effect_factor(img: np.ndarray, block: int = 8) -> float:
     return float(np.log2(block) / np.log2(min(h, w)) * (d_bound - d_inner))
 
 
-@register_metric("psnrb", "PSNR-B", order=2)
+@register_metric("psnrb", "PSNR-B", order=2, min_side=16)  # a block boundary each way (KAIR counts w // 8 - 1)
 def psnrb(ref: np.ndarray, out: np.ndarray) -> float:
     """10 log10(255^2 / (MSE + BEF(out))); color: mean over channels."""
     ref, out = ref.astype(np.float64), out.astype(np.float64)
