@@ -85,17 +85,20 @@ def test_unreadable_test_images_are_reported(tiles_dir, tmp_path):
     assert list(images) == ["a"] and len(skipped) == 1 and skipped[0].startswith("b.png: not a readable image")
 
 
-def test_a_flat_test_image_is_skipped_and_the_means_stay_finite(tiles_dir, tmp_path, capsys):
+def test_flat_and_tiny_test_images_are_skipped_and_the_means_stay_finite(tiles_dir, tmp_path, capsys):
     """A black frame in a test set: its JPEG is exact, so its PSNR (and the set's mean) was infinite
-    and the gain over JPEG -inf."""
+    and the gain over JPEG -inf. An image under 11 px a side stopped the run with SSIM's traceback;
+    under 16, PSNR-B miscounted its block boundaries (-inf or nan where it counted none)."""
     from train.evaluate import main
     (tmp_path / "a.png").write_bytes(next(tiles_dir.glob("*.png")).read_bytes())
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "black.png")
     Image.fromarray(np.full((64, 64, 3), (128, 0, 255), np.uint8)).save(tmp_path / "violet.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (15, 40), np.uint8)).save(tmp_path / "strip.png")
     assert main(["--dataset", str(tmp_path), "--jpeg-only", "--qualities", "10", "--json", str(tmp_path / "r.json")]) == 0
     err = capsys.readouterr().err
     assert "skipped black.png: flat (every pixel 0): no detail to restore" in err
     assert "skipped violet.png: flat (every pixel (128, 0, 255))" in err
+    assert "skipped strip.png: too small (40x15, need at least 16 px per side)" in err
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["images"] == 1 and np.isfinite(results["results"]["10"]["jpeg"]["psnr"])
 

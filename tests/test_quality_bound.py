@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data_pipeline.config import DataConfig
 from data_pipeline.images import jpeg_bytes
 from data_pipeline.prepare import prepare, split_of, split_records
 from runtime import checkpoint as ckpt
@@ -109,9 +110,11 @@ def test_restore_takes_a_jpeg_saved_again_after_a_worse_one(photo_pair, tmp_path
     assert proc.returncode == 0 and "restored 0 of 2 images" in proc.stdout and "2 left as they are" in proc.stdout
 
 
-def test_validation_images_are_those_preparation_holds_out(tiles_dir, tmp_path):
+def test_validation_images_are_those_preparation_holds_out(tiles_dir, tmp_path, caplog):
     """A copy under a later name is dropped by preparation even where it falls in validation, and so
-    is a flat image (a black frame)."""
+    is a flat image (a black frame). An image below PSNR-B's 16 px a side (data.min_size 8 keeps it)
+    is held out but passed over by validation, which crashed on it after the first training steps."""
+    from train.loop.validation import held_out_items
     src = tmp_path / "src"
     src.mkdir()
     tiles = sorted(tiles_dir.glob("*.png"))[:12]
@@ -121,9 +124,17 @@ def test_validation_images_are_those_preparation_holds_out(tiles_dir, tmp_path):
     copies = [f"{first}_copy{i}" for i in range(40)]
     for name in [n for n in copies if split_of(n, 0.3) == "val"][:2]:  # sort after their twin, and are held out
         (src / f"{name}.png").write_bytes(tiles[0].read_bytes())
-    black = next(n for n in (f"black{i}" for i in range(40)) if split_of(n, 0.3) == "val")
+    black, tiny = [n for n in (f"a{i}" for i in range(40)) if split_of(n, 0.3) == "val"][:2]
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(src / f"{black}.png")
-    data = {"dataset": str(src), "mode": "gray", "qualities": [10], "online": False, "val_fraction": 0.3, "min_size": 48}
-    held_out = [r["name"] for r in split_records(prepare(src, tmp_path / "prepared", "gray", [10], 0.3, progress=False), "val")]
-    assert black not in held_out and sorted(validation_images({"config": {"data": data}}, None)) == held_out
-    assert sorted(validation_images({"config": {"data": {**data, "limit": 2}}}, None)) == held_out[:2]
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 14), np.uint8)).save(src / f"{tiny}.png")
+    data = {"dataset": str(src), "mode": "gray", "qualities": [10], "online": False, "val_fraction": 0.3, "min_size": 8}
+    prepared = tmp_path / "prepared"
+    held_out = [r["name"] for r in split_records(prepare(src, prepared, "gray", [10], 0.3, min_size=8, progress=False), "val")]
+    assert black not in held_out and tiny in held_out
+    validated = [n for n in held_out if n != tiny]
+    assert sorted(validation_images({"config": {"data": data}}, None)) == validated
+    assert sorted(validation_images({"config": {"data": {**data, "limit": 3}}}, None)) == [n for n in held_out[:3] if n != tiny]
+    with caplog.at_level("WARNING", logger="train.loop.validation"):
+        items = held_out_items(DataConfig(prepared_dir=str(prepared), qualities=[10], min_size=8))
+    assert sorted(name for name, *_ in items) == validated
+    assert f"passed over 1 held-out image(s) smaller than the 16 px a side PSNR-B needs: {tiny}.png (14x12)" in caplog.text

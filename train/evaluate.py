@@ -44,7 +44,7 @@ from data_pipeline.system import die_with_parent, spawned_pool, usable_cpus
 from runtime.device import add_device_option, check_device, emulated_precision_warning, keep_freed_memory
 from runtime.figures import side_by_side
 from runtime.inference import Restorer, shipped_model
-from runtime.metrics import image_metrics, metrics
+from runtime.metrics import image_metrics, metrics, min_image_side
 from runtime.mlflow_store import log_to_run, resolve_tracking_uri, unloggable
 
 RestoreFn = Callable[[np.ndarray, int], np.ndarray]  # (uint8 JPEG-decoded image, its quality) -> uint8 restored image
@@ -62,7 +62,7 @@ def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, n
             skipped.append(f"{path.name}: the set already has an image named {path.stem}")
             continue
         try:
-            img = read_image(path, mode, min_size=8)
+            img = read_image(path, mode, min_size=max(8, min_image_side()[0]))
             check_detail(img)
             images[path.stem] = img[..., 0].copy() if mode is None and img.ndim == 3 and is_gray(img) else img
         except (BadImage, OSError) as exc:

@@ -29,6 +29,7 @@ from data_pipeline.sources import DataError, dataset_dir, not_a_file, source_ima
 from runtime import checkpoint as ckpt
 from runtime.device import keep_freed_memory
 from runtime.inference import Restorer, trained_qualities
+from runtime.metrics import min_image_side
 
 from .evaluate import evaluate
 
@@ -54,7 +55,8 @@ def validation_images(meta: dict, data_root: str | None) -> dict[str, np.ndarray
                 held_out[f.stem] = img
     records, _ = without_copies(records)  # a held-out copy of a training image is dropped, as prepare drops it
     kept = sorted(r["name"] for r in records if r["name"] in held_out)[:data.get("limit") or None]
-    images = {name: held_out[name] for name in kept}
+    side, _ = min_image_side()  # validation passes over the smaller ones
+    images = {name: held_out[name] for name in kept if min(held_out[name].shape[:2]) >= side}
     if not images:
         raise DataError(f"no validation images in {data['dataset']} at val_fraction {data['val_fraction']}")
     return images

@@ -5,6 +5,7 @@ On a GPU the metrics (scikit-image, on the CPU) are scored in a pool of processe
 restores the next images."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from concurrent.futures import Future
@@ -15,19 +16,21 @@ import numpy as np
 import torch
 
 from data_pipeline.config import DataConfig
+from data_pipeline.errors import some
 from data_pipeline.images import jpeg_roundtrip, read_image
 from data_pipeline.prepare import check_files, load_manifest, split_records
 from data_pipeline.sources import DataError
 from data_pipeline.system import die_with_parent, spawned_pool, usable_cpus
 from runtime.device import autocast_for, keep_freed_memory
 from runtime.inference import image_to_tensor, to_uint8, with_quality
-from runtime.metrics import image_metrics
+from runtime.metrics import image_metrics, min_image_side
 from runtime.metrics import metrics as registered_metrics
 from runtime.metrics.psnr import psnr
 from runtime.tiling import restore_tensor
 
 from .distributed import DistInfo, all_reduce_sum
 
+log = logging.getLogger(__name__)
 FIGURES = 2  # side-by-side images kept per validation (the first quality's first images)
 MAX_METRIC_WORKERS = 8
 
@@ -47,6 +50,14 @@ def held_out_items(data: DataConfig) -> list[tuple[str, int, np.ndarray, np.ndar
     files = split_records(manifest, "val", data.limit)
     if not files:
         raise DataError(f"{root}: no validation images (raise data.val_fraction)")
+    side, metric = min_image_side()
+    small = [f for f in files if min(f["height"], f["width"]) < side]  # data.min_size may let them in
+    if len(small) == len(files):
+        raise DataError(f"{root}: every held-out image is smaller than the {side} px a side {metric} needs")
+    if small:
+        log.warning("passed over %d held-out image(s) smaller than the %d px a side %s needs: %s", len(small), side, metric,
+                    some([f"{f['source']} ({f['width']}x{f['height']})" for f in small]))
+        files = [f for f in files if f not in small]
     check_files(root, manifest, files)
     items = []
     for f in files:
