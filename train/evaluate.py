@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -50,10 +51,33 @@ from runtime.mlflow_store import log_to_run, resolve_tracking_uri, unloggable
 RestoreFn = Callable[[np.ndarray, int], np.ndarray]  # (uint8 JPEG-decoded image, its quality) -> uint8 restored image
 
 
-def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Images of a test folder, by name; mode None keeps each file's own (L -> gray, RGB -> rgb; a
-    gray photo stored as RGB, three equal channels, is gray: the same JPEG, the gray model).
-    Returns the images and a list of 'file: reason' for the files skipped."""
+@dataclass(frozen=True)
+class ImageFile:
+    """A test image by its file: the pool's workers read it where they need it, so memory holds the
+    images in flight, not the folder."""
+    path: Path
+    mode: str | None
+    color: bool
+
+    def pixels(self) -> np.ndarray:
+        return read_test_image(self.path, self.mode)
+
+
+def read_test_image(path: Path, mode: str | None) -> np.ndarray:
+    """mode None keeps the file's own (L -> gray, RGB -> rgb; a gray photo stored as RGB, three equal
+    channels, is gray: the same JPEG, the gray model)."""
+    img = read_image(path, mode, min_size=max(8, min_image_side()[0]))
+    check_detail(img)
+    return img[..., 0].copy() if mode is None and img.ndim == 3 and is_gray(img) else img
+
+
+def pixels(image: np.ndarray | ImageFile) -> np.ndarray:
+    return image.pixels() if isinstance(image, ImageFile) else image
+
+
+def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, ImageFile], list[str]]:
+    """The images of a test folder by name, each read once here to check it (read_test_image).
+    Returns them and a list of 'file: reason' for the files skipped."""
     paths, others = image_files(folder)
     images, skipped = {}, [f"{p.name}/: a subfolder (not searched)" if p.is_dir() else f"{p.name}: {not_a_file(p) or 'not an image'}"
                            for p in others]
@@ -62,9 +86,7 @@ def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, n
             skipped.append(f"{path.name}: the set already has an image named {path.stem}")
             continue
         try:
-            img = read_image(path, mode, min_size=max(8, min_image_side()[0]))
-            check_detail(img)
-            images[path.stem] = img[..., 0].copy() if mode is None and img.ndim == 3 and is_gray(img) else img
+            images[path.stem] = ImageFile(path, mode, read_test_image(path, mode).ndim == 3)
         except (BadImage, OSError) as exc:
             skipped.append(f"{path.name}: {exc}")
     if not images:
@@ -84,13 +106,13 @@ def resaved_jpegs(folder: Path, names, qualities: list[int]) -> list[str]:
     return notes
 
 
-def kind_of(img: np.ndarray) -> str:
+def kind_of(img: np.ndarray | ImageFile) -> str:
     """A test image's kind, and its JPEG's: a color original stays color even where a low quality
     quantizes a faint tint away and the JPEG decodes to three equal channels."""
-    return "color" if img.ndim == 3 else "gray"
+    return "color" if (img.color if isinstance(img, ImageFile) else img.ndim == 3) else "gray"
 
 
-def load_models(images: dict[str, np.ndarray], checkpoint: Path | None, device: str, precision: str,
+def load_models(images: dict[str, np.ndarray | ImageFile], checkpoint: Path | None, device: str, precision: str,
                 ensemble: bool) -> dict[str, tuple[Path, Restorer]]:
     """{kind of image: (checkpoint, Restorer)} for the kinds in the folder: the checkpoint given, or
     the shipped model of each kind (as restore picks them), each loaded once."""
@@ -119,17 +141,21 @@ def _start_scorer(parent_pid: int) -> None:
 
 
 def _jpeg_metrics(args):
-    img, q = args
-    jpeg = jpeg_roundtrip(img, q)
-    return jpeg, image_metrics(img, jpeg)
+    original, q = pixels(args[0]), args[1]
+    jpeg = jpeg_roundtrip(original, q)
+    return jpeg, image_metrics(original, jpeg)
 
 
-def evaluate(images: dict[str, np.ndarray], qualities: list[int], restore: RestoreFn | None = None,
+def _model_metrics(image: np.ndarray | ImageFile, restored: np.ndarray) -> dict[str, float]:
+    return image_metrics(pixels(image), restored)
+
+
+def evaluate(images: dict[str, np.ndarray | ImageFile], qualities: list[int], restore: RestoreFn | None = None,
              workers: int | None = None, keep: int = 0) -> tuple[dict, dict]:
     """Mean metrics per quality: {"10": {"jpeg": {...}, "model": {...}}}, plus per-image values.
     `keep` > 0 also returns the first `keep` images' (original, jpeg, restored) for figures. The pool
-    makes the JPEGs and scores the metrics a few images ahead of the model, no more: memory holds the
-    originals and those few copies, not a JPEG and a restored copy of every image."""
+    reads the TestImages, makes the JPEGs and scores the metrics a few images ahead of the model, no
+    more: memory holds those few images, not the folder (nor a JPEG and a restored copy of each)."""
     names = sorted(images)
     workers = workers or usable_cpus()
     ahead = 2 * workers  # images in flight
@@ -145,12 +171,12 @@ def evaluate(images: dict[str, np.ndarray], qualities: list[int], restore: Resto
                     jpegs.append(pool.submit(_jpeg_metrics, (images[names[i + ahead]], q)))
                 restored = restore(jpeg, q) if restore is not None else None  # q: as read from the file's tables
                 if restored is not None:  # scored by the pool while the model restores the next image
-                    scoring[n] = pool.submit(image_metrics, images[n], restored)
+                    scoring[n] = pool.submit(_model_metrics, images[n], restored)
                     unscored.append(scoring[n])
                     if len(unscored) > ahead:  # a fast model waits for the scoring, not to hold every image
                         unscored.popleft().result()
                 if len(kept[q]) < keep:
-                    kept[q].append((n, images[n], jpeg, restored))
+                    kept[q].append((n, pixels(images[n]), jpeg, restored))
             for n, future in scoring.items():
                 rows[n]["model"] = future.result()
             kinds = ["jpeg"] + (["model"] if restore is not None else [])
