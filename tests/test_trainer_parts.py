@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -459,6 +460,23 @@ def test_validation_reports_the_gain_over_the_jpeg_inputs(tiles_prepared):
     torch.nn.init.constant_(blur.weight, 1 / 9)
     blurred = validator(blur)
     assert blurred["val_psnr_gain"] == pytest.approx(blurred["val_psnr"] - identity["val_psnr"]) and blurred["val_psnr_gain"] != 0
+
+
+def test_each_rank_holds_its_share_of_the_held_out_images_with_their_jpegs_encoded(tiles_prepared):
+    """Every rank decoded every held-out image and kept a decoded JPEG of each at each quality (a
+    DIV2K-sized set at four qualities: gigabytes a rank); validation used a quarter of them on 4 ranks."""
+    from data_pipeline.config import DataConfig
+    from data_pipeline.images import decode_jpeg, jpeg_roundtrip
+    from train.loop.validation import held_out_items
+
+    data = DataConfig(prepared_dir=str(tiles_prepared), qualities=[10, 40], limit=5)
+    every = held_out_items(data)
+    shares = [held_out_items(data, rank, 2) for rank in range(2)]
+    assert sorted((n, q) for share in shares for n, q, *_ in share) == sorted((n, q) for n, q, *_ in every)
+    assert not {n for n, *_ in shares[0]} & {n for n, *_ in shares[1]}  # each image on one rank, all its qualities
+    name, q, jpeg, original = every[-1]
+    assert isinstance(jpeg, bytes) and len(jpeg) < original.nbytes / 4
+    assert np.array_equal(decode_jpeg(jpeg), jpeg_roundtrip(original, q))
 
 
 def test_validation_scores_in_worker_processes_as_in_process(tiles_prepared):

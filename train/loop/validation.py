@@ -17,7 +17,7 @@ import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import some
-from data_pipeline.images import jpeg_roundtrip, read_image
+from data_pipeline.images import decode_jpeg, jpeg_bytes, read_image
 from data_pipeline.prepare import check_files, load_manifest, split_records
 from data_pipeline.sources import DataError
 from data_pipeline.system import die_with_parent, spawned_pool, usable_cpus
@@ -43,8 +43,10 @@ def metric_workers(info: DistInfo) -> int:
     return max(0, min(MAX_METRIC_WORKERS, usable_cpus() // info.world_size - 1))
 
 
-def held_out_items(data: DataConfig) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
-    """(name, quality, JPEG input, original) for the held-out images, the JPEG made per the protocol."""
+def held_out_items(data: DataConfig, rank: int = 0, world_size: int = 1) -> list[tuple[str, int, bytes, np.ndarray]]:
+    """(name, quality, JPEG file, original) for this rank's share of the held-out images, every
+    quality of each: the JPEG made per the protocol and kept encoded (a tenth of its pixels' size or
+    less), so a rank holds its share of the originals and little more."""
     root = Path(data.prepared_dir)
     manifest = load_manifest(root)
     files = split_records(manifest, "val", data.limit)
@@ -60,9 +62,9 @@ def held_out_items(data: DataConfig) -> list[tuple[str, int, np.ndarray, np.ndar
         files = [f for f in files if f not in small]
     check_files(root, manifest, files)
     items = []
-    for f in files:
+    for f in files[rank::world_size]:
         original = read_image(root / f["original"]["path"], data.mode)
-        items += [(f["name"], q, jpeg_roundtrip(original, q), original) for q in data.qualities]
+        items += [(f["name"], q, jpeg_bytes(original, q), original) for q in data.qualities]
     return items
 
 
@@ -92,9 +94,9 @@ def _stop_signals_held():
 class Validator:
     def __init__(self, data: DataConfig, precision: str, loss_fn, info: DistInfo, workers: int | None = None):
         self.data, self.precision, self.loss_fn, self.info = data, precision, loss_fn, info
-        self.items = held_out_items(data)
+        self.items = held_out_items(data, info.rank, info.world_size)
         # the JPEG inputs' own PSNR, once: each validation reports the model's gain over it
-        self.jpeg_psnr = [psnr(original, jpeg) for _, _, jpeg, original in self.items[info.rank::info.world_size]]
+        self.jpeg_psnr = [psnr(original, decode_jpeg(jpeg)) for _, _, jpeg, original in self.items]
         self.figures: list[tuple] = []  # (name, quality, original, JPEG, restored) of the last validation
         workers = metric_workers(info) if workers is None else workers
         self.pool = spawned_pool(workers, _start_metric_worker, (os.getpid(),)) if workers else None
@@ -108,7 +110,8 @@ class Validator:
         names = [m.name for m in registered_metrics()]
         sums = torch.zeros(len(qualities), 3 + len(names), dtype=torch.float64)  # count, loss, JPEG PSNR, metrics...
         self.figures, scored = [], []
-        for (name, q, jpeg, original), jpeg_psnr in zip(self.items[self.info.rank::self.info.world_size], self.jpeg_psnr):
+        for (name, q, jpeg_file, original), jpeg_psnr in zip(self.items, self.jpeg_psnr):
+            jpeg = decode_jpeg(jpeg_file)
             x = image_to_tensor(jpeg, device)
             if self.data.quality_plane:
                 x = with_quality(x, q)
