@@ -148,6 +148,8 @@ def test_a_tracking_server_that_goes_away_mid_run_costs_the_training_nothing(til
         run_id = torch.load(out / "image_compression_model.pth", weights_only=True)["mlflow_run_id"]
         record = [json.loads(line) for line in (out / "mlflow_record.jsonl").read_text().splitlines()]
         assert record[0]["start"]["continues"] == run_id and record[-1]["status"] == "FINISHED"
+        if failure == "killed":  # the import of the record is the same after either
+            return
 
         server = _mlflow_server(tmp_path, port)  # back, on the same database
         client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
