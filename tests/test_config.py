@@ -180,6 +180,14 @@ def test_film_without_the_quality_plane_is_rejected_in_one_line():
     assert cfg.model.kwargs["film"] is True
 
 
+def test_a_blocking_loss_on_patches_without_a_block_boundary_is_rejected_in_one_line():
+    """At data.patch_size 8 the loss's blocking term divided by no boundaries: the first step's loss
+    was nan and the run stopped as diverged."""
+    with pytest.raises(ConfigError, match=re.escape("it needs data.patch_size of at least 9 (a boundary each way), got 8")):
+        load_config(None, ["train.blocking_weight=0.3", "data.patch_size=8"])
+    assert load_config(None, ["train.blocking_weight=0.3", "data.patch_size=9"]).data.patch_size == 9
+
+
 def test_print_config_shows_the_resolved_config_and_trains_nothing(tmp_path):
     """--print-config: the config file, --smoke and --set resolved, as TOML that --config loads again."""
     import subprocess

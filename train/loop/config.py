@@ -272,6 +272,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if cfg.model.kwargs.get("film") and not cfg.data.quality_plane:
         raise ConfigError("model.kwargs.film = true modulates by the quality: it needs data.quality_plane = true "
                           "and model.kwargs.cond_channels = 1")
+    if cfg.train.blocking_weight and cfg.data.patch_size < 9:  # its steps across boundaries over none: nan
+        raise ConfigError(f"train.blocking_weight measures the steps across 8x8 block boundaries: it needs "
+                          f"data.patch_size of at least 9 (a boundary each way), got {cfg.data.patch_size}")
     bad = build_problem(cfg.model.arch, cfg.model.kwargs, cfg.data.channels)
     if bad:
         raise ConfigError(f"model.kwargs: {bad}")
