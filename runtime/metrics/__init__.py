@@ -2,7 +2,9 @@
 metric, `@register_metric(name, label, ...)` on a function (uint8 reference, uint8 output) -> float.
 
 Validation, evaluation, the comparison table and MLflow logging iterate this registry, so adding
-a metric is one file here plus its test."""
+a metric is one file here plus its test. Metrics go over an image a band of rows at a time
+(row_bands), so a large photo takes buffers of a band, not copies of the photo, in each process
+that scores."""
 from __future__ import annotations
 
 import importlib
@@ -25,6 +27,22 @@ class Metric:
 
 
 _REGISTRY: dict[str, Metric] = {}
+BAND_PIXELS = 1 << 18  # a quarter megapixel of rows: float64 buffers of 2 MB
+
+
+def row_bands(height: int, width: int, start: int = 0, stop: int | None = None) -> list[slice]:
+    """Consecutive slices of about BAND_PIXELS pixels' rows that cover rows start..stop."""
+    stop = height if stop is None else stop
+    rows = max(1, BAND_PIXELS // width)
+    return [slice(top, min(top + rows, stop)) for top in range(start, stop, rows)]
+
+
+def squared_error_sum(ref: np.ndarray, out: np.ndarray) -> int:
+    """The exact sum of squared differences of two uint8 images (what a float64 sum of them gives too:
+    every partial sum is an integer below 2^53)."""
+    if ref.shape != out.shape:
+        raise ValueError(f"images of shapes {ref.shape} and {out.shape} do not compare")
+    return sum(int(np.square(ref[rows].astype(np.int32) - out[rows]).sum(dtype=np.int64)) for rows in row_bands(*ref.shape[:2]))
 
 
 def register_metric(name: str, label: str, higher_is_better: bool = True, digits: int = 2, order: int = 100,
