@@ -154,7 +154,7 @@ def evaluate(images: dict[str, np.ndarray | ImageFile], qualities: list[int], re
              workers: int | None = None, keep: int = 0) -> tuple[dict, dict]:
     """Mean metrics per quality: {"10": {"jpeg": {...}, "model": {...}}}, plus per-image values.
     `keep` > 0 also returns the first `keep` images' (original, jpeg, restored) for figures. The pool
-    reads the TestImages, makes the JPEGs and scores the metrics a few images ahead of the model, no
+    reads the image files, makes the JPEGs and scores the metrics a few images ahead of the model, no
     more: memory holds those few images, not the folder (nor a JPEG and a restored copy of each)."""
     names = sorted(images)
     workers = workers or usable_cpus()
