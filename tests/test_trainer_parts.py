@@ -479,6 +479,29 @@ def test_each_rank_holds_its_share_of_the_held_out_images_with_their_jpegs_encod
     assert np.array_equal(decode_jpeg(jpeg), jpeg_roundtrip(original, q))
 
 
+def test_a_flat_held_out_image_of_an_older_prepared_folder_is_passed_over(tiles_prepared, tmp_path, caplog):
+    """Preparation skips flat images now; a folder prepared before kept them, and a black frame held
+    out made the JPEG inputs' mean PSNR infinite and val_psnr_gain -inf."""
+    import json
+    import shutil
+
+    from data_pipeline.config import DataConfig
+    from data_pipeline.prepare import split_records
+    from train.loop.validation import held_out_items
+
+    old = tmp_path / "prepared"
+    shutil.copytree(tiles_prepared, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    record = split_records(manifest, "val")[0]
+    Image.new("L", (record["width"], record["height"])).save(old / record["original"]["path"])  # black, as it was kept
+    record["original"]["bytes"] = (old / record["original"]["path"]).stat().st_size
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="train.loop.validation"):
+        items = held_out_items(DataConfig(prepared_dir=str(old), qualities=[10], limit=3))
+    assert [name for name, *_ in items] == [r["name"] for r in split_records(manifest, "val", 3)[1:]]
+    assert f"passed over held-out image {record['source']}: flat (every pixel 0)" in caplog.text
+
+
 def test_validation_scores_in_worker_processes_as_in_process(tiles_prepared):
     """GPU runs score the metrics in a pool of processes: the same figures, and the workers outlive a
     stop signal to the process group (the trainer validates once more after one)."""

@@ -17,7 +17,7 @@ import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import some
-from data_pipeline.images import decode_jpeg, jpeg_bytes, read_image
+from data_pipeline.images import BadImage, check_detail, decode_jpeg, jpeg_bytes, read_image
 from data_pipeline.prepare import check_files, load_manifest, split_records
 from data_pipeline.sources import DataError
 from data_pipeline.system import die_with_parent, spawned_pool, usable_cpus
@@ -64,6 +64,11 @@ def held_out_items(data: DataConfig, rank: int = 0, world_size: int = 1) -> list
     items = []
     for f in files[rank::world_size]:
         original = read_image(root / f["original"]["path"], data.mode)
+        try:  # prepare skips flat images since 2026-12-06; a folder prepared before may hold one
+            check_detail(original)
+        except BadImage as exc:
+            log.warning("passed over held-out image %s: %s", f["source"], exc)
+            continue
         items += [(f["name"], q, jpeg_bytes(original, q), original) for q in data.qualities]
     return items
 
