@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -75,20 +76,29 @@ def pixels(image: np.ndarray | ImageFile) -> np.ndarray:
     return image.pixels() if isinstance(image, ImageFile) else image
 
 
+def _is_color(path: Path, mode: str | None) -> bool | Exception:
+    try:
+        return read_test_image(path, mode).ndim == 3
+    except (BadImage, OSError) as exc:
+        return exc
+
+
 def load_test_images(folder: Path, mode: str | None = None) -> tuple[dict[str, ImageFile], list[str]]:
-    """The images of a test folder by name, each read once here to check it (read_test_image).
-    Returns them and a list of 'file: reason' for the files skipped."""
+    """The images of a test folder by name, each read once here to check it (read_test_image), on
+    threads (Pillow decodes without the GIL). Returns them and a list of 'file: reason' for the
+    files skipped."""
     paths, others = image_files(folder)
     images, skipped = {}, [f"{p.name}/: a subfolder (not searched)" if p.is_dir() else f"{p.name}: {not_a_file(p) or 'not an image'}"
                            for p in others]
-    for path in paths:
-        if path.stem in images:  # results are keyed by name
-            skipped.append(f"{path.name}: the set already has an image named {path.stem}")
-            continue
-        try:
-            images[path.stem] = ImageFile(path, mode, read_test_image(path, mode).ndim == 3)
-        except (BadImage, OSError) as exc:
-            skipped.append(f"{path.name}: {exc}")
+    with ThreadPoolExecutor(usable_cpus()) as threads:
+        checked = threads.map(_is_color, paths, [mode] * len(paths))
+        for path, color in zip(paths, checked):
+            if path.stem in images:  # results are keyed by name
+                skipped.append(f"{path.name}: the set already has an image named {path.stem}")
+            elif isinstance(color, Exception):
+                skipped.append(f"{path.name}: {color}")
+            else:
+                images[path.stem] = ImageFile(path, mode, color)
     if not images:
         reasons = f" ({'; '.join(skipped[:2])}{'; ...' if len(skipped) > 2 else ''})" if skipped else ""
         raise DataError(f"{folder} holds no readable images{reasons}")
