@@ -22,6 +22,16 @@ def test_bef_sees_blocks_and_not_smooth_ramps():
     assert blocking_effect_factor(blocks) > 10
 
 
+@pytest.mark.filterwarnings("error")
+def test_identical_images_score_without_a_warning(photo_pair):
+    """A model that returns its input, validated on an image whose JPEG is exact and that has no
+    blocking: PSNR-B printed numpy's divide-by-zero warning (once per worker, among the log lines)."""
+    ramp = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))
+    assert psnr(ramp, ramp) == psnrb(ramp, ramp) == float("inf")
+    img = photo_pair[0]  # itself a JPEG once: blocky, so PSNR-B stays finite
+    assert psnr(img, img) == float("inf") and 30 < psnrb(img, img) < float("inf")
+
+
 def test_psnrb_penalises_jpeg_blocking(photo_pair):
     img = photo_pair[0]
     out = jpeg_roundtrip(img, 10)
