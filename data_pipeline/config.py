@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .loaders import backend_choices
+from .prepare import MIN_TILE
 
 SEED_MAX = 2**31 - 1  # the range every generator takes (DALI's, numpy's, torch's)
 
@@ -54,6 +55,11 @@ class DataConfig:
     """Memory the resident backend may take for the decoded dataset (MiB; GPU memory on CUDA)."""
     min_size: int = 48
     """Images with a side below this are skipped by preparation."""
+    tile_size: int = 0
+    """Preparation cuts training images larger than this into tiles of this side, overlapping by half,
+    so the torch and DALI backends decode a tile, not a whole photo, for each patch (for sets of
+    megapixel photos such as DIV2K that do not fit data.resident_mb); held-out images stay whole.
+    0 keeps whole images. At least data.patch_size."""
     seed: int = 0
     """Seed of shuffling and augmentation."""
     limit: int = 0
@@ -81,6 +87,9 @@ class DataConfig:
             raise ValueError(f"data.seed must be in 0..{SEED_MAX}, got {self.seed}")
         if not 0 <= self.blind_fraction <= 1:
             raise ValueError(f"data.blind_fraction must be in [0, 1], got {self.blind_fraction}")
+        if self.tile_size and self.tile_size < max(self.patch_size, MIN_TILE) or self.tile_size < 0:
+            raise ValueError(f"data.tile_size must be 0 (whole images) or at least data.patch_size {self.patch_size} "
+                             f"(and {MIN_TILE}), got {self.tile_size}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
 

@@ -13,7 +13,7 @@ import torch
 
 from .backends import backends
 from .errors import some
-from .prepare import SPLIT_NAMES, check_files, load_manifest, split_records
+from .prepare import SPLIT_NAMES, check_files, load_manifest, parts, split_records
 from .sources import DataError, refuse_test_set
 from .system import usable_cpus
 
@@ -56,20 +56,21 @@ def training_pairs(cfg, split: str = "train") -> list[Pair]:
     manifest = load_manifest(root)
     if manifest["mode"] != cfg.mode:
         raise DataError(f"{root} was prepared in {manifest['mode']} mode, the config asks for {cfg.mode}")
-    refuse_test_set([Path(f["original"]["path"]) for f in manifest["files"]], root)
+    refuse_test_set([Path(f"{f['name']}.png") for f in manifest["files"]], root)
     files = split_records(manifest, split, cfg.limit)
     if not files:
         fraction = "lower" if split == "train" else "raise"
         raise DataError(f"{root}: the {split!r} split is empty ({fraction} data.val_fraction or add images)")
-    small = [f for f in files if min(f["height"], f["width"]) < cfg.patch_size]  # no patch fits: passed over
+    small = [f for f in files if max(min(p["height"], p["width"]) for p in parts(f)) < cfg.patch_size]  # no patch fits: passed over
     if len(small) == len(files):
-        largest = max(min(f["height"], f["width"]) for f in files)
-        raise DataError(f"{root}: every {SPLIT_NAMES[split]} image is smaller than data.patch_size {cfg.patch_size} "
+        largest = max(min(p["height"], p["width"]) for f in files for p in parts(f))
+        tiles = f" or tile (prepared in tiles of {manifest['tile_size']} px)" if manifest.get("tile_size") else ""
+        raise DataError(f"{root}: every {SPLIT_NAMES[split]} image{tiles} is smaller than data.patch_size {cfg.patch_size} "
                         f"(the largest has {largest} px on its shorter side)")
     if small:
         log.warning("passed over %d %s image(s) smaller than data.patch_size %d: %s", len(small), SPLIT_NAMES[split],
                     cfg.patch_size, some([f"{f['source']} ({f['width']}x{f['height']})" for f in small]))
-        files = [f for f in files if min(f["height"], f["width"]) >= cfg.patch_size]
+    files = [p for f in files for p in parts(f) if min(p["height"], p["width"]) >= cfg.patch_size]  # a tile too: one pair
     original = [str(root / f["original"]["path"]) for f in files]
     if cfg.online:
         check_files(root, manifest, files)

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from train_runs import limited_memory
 
+from data_pipeline.config import DataConfig
 from data_pipeline.errors import out_of_memory
 from data_pipeline.images import atomic_write_bytes, jpeg_bytes, jpeg_roundtrip, rgb_to_luma
 from data_pipeline.prepare import load_manifest, prepare
@@ -825,7 +826,8 @@ def test_a_run_on_a_prepared_dir_records_the_split_it_was_prepared_with(real_ima
     with caplog.at_level("INFO"):
         assert main(args) == 0
     said = [r.getMessage() for r in caplog.records if "was prepared from" in r.getMessage()]
-    assert said and said[0].endswith(f"{prepared} was prepared from {real_images} with data.val_fraction 0.3, data.min_size 48: "
+    assert said and said[0].endswith(f"{prepared} was prepared from {real_images} with data.val_fraction 0.3, data.min_size 48, "
+                                     "data.tile_size 0: "
                                      "the run takes them from there (the config said data.dataset train400, data.val_fraction 0.5, data.min_size 100)"), said
     data = ckpt.load(tmp_path / "run" / "image_compression_model.pth")["config"]["data"]
     assert (data["dataset"], data["val_fraction"], data["min_size"]) == (str(real_images), 0.3, 48)
@@ -833,6 +835,26 @@ def test_a_run_on_a_prepared_dir_records_the_split_it_was_prepared_with(real_ima
     with caplog.at_level("INFO"):
         assert main([*args, "--resume", "--set", "train.max_steps=8"]) == 0  # takes them again: no setting changed
     assert "resumed with changed settings: train.max_steps: 6 -> 8" in [r.getMessage() for r in caplog.records]
+
+
+def test_a_run_with_tiles_prepares_them_apart_and_records_the_tiling(real_images, tmp_path, caplog):
+    """data.tile_size: the run prepares its source in tiles into a folder of their own (a folder in
+    whole images, or in other tiles, is not mixed), trains on the tiles, validates whole images."""
+    from data_pipeline.loaders import training_pairs
+    from train.main import main
+
+    args = ["--smoke", "--set", f"data.dataset={real_images}", "--set", "data.qualities=[10]", "--set", "data.val_fraction=0.3",
+            "--set", "tracking.enabled=false"]
+    assert main([*args, "--set", "data.tile_size=96", "--out", str(tmp_path / "run")]) == 0
+    prepared = tmp_path / "run" / "prepared" / f"{real_images.name}-gray-tile96"
+    manifest = load_manifest(prepared)
+    assert manifest["tile_size"] == 96 and all(("tiles" in f) == (f["split"] == "train") for f in manifest["files"])
+    data = ckpt.load(tmp_path / "run" / "image_compression_model.pth")["config"]["data"]
+    assert data["tile_size"] == 96 and len(training_pairs(DataConfig(**{**data, "prepared_dir": str(prepared)}))) == 4 * 9
+    assert main([*args, "--out", str(tmp_path / "run2"), "--set", f"data.prepared_dir={prepared}"]) == 0
+    assert ckpt.load(tmp_path / "run2" / "image_compression_model.pth")["config"]["data"]["tile_size"] == 96
+    with pytest.raises(ValueError, match=r"data.tile_size must be 0 \(whole images\) or at least data.patch_size 64 \(and 16\), got 48"):
+        DataConfig(tile_size=48)
 
 
 def test_a_rank_that_leaves_the_error_line_to_another_waits_for_it_to_print():

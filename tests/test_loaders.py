@@ -1,3 +1,4 @@
+import json
 import re
 import subprocess
 import sys
@@ -144,6 +145,25 @@ def test_training_images_smaller_than_a_patch_are_passed_over_and_named(tiles_di
     assert "passed over 1 training image(s) smaller than data.patch_size 64: small.png (70x50)" in caplog.text
 
 
+@pytest.mark.parametrize("backend", ["torch", "resident", pytest.param("dali", marks=needs_dali)])
+def test_a_tiled_preparation_gives_a_pair_per_tile(real_images, tmp_path, backend):
+    """Prepared in tiles (prepare --tile), each tile is a pair: the loaders crop their patches from
+    a tile's files, which hold that part of the image and its JPEG."""
+    manifest = prepare(real_images, tmp_path / "prep", "gray", [10], val_fraction=0.0, progress=False, tile=96)
+    cfg = DataConfig(backend=backend, prepared_dir=str(tmp_path / "prep"), qualities=[10], batch_size=6, augment=False)
+    assert len(training_pairs(cfg)) == 6 * 9  # 160 px: tiles at 0, 48, 64 a side
+    batches = _epoch(cfg)
+    assert len(batches) == 9
+    targets, inputs = torch.cat([y for _, y in batches]), torch.cat([x for x, _ in batches])
+    tiles = [(rec, t) for rec in manifest["files"] for t in rec["tiles"]][:len(targets)]
+    for (rec, t), target, inp in zip(tiles, targets, inputs):  # centre crops: 16 px into each 96 px tile
+        src = np.asarray(Image.open(real_images / rec["source"]))
+        y, x = t["y"] + 16, t["x"] + 16
+        assert np.array_equal((target[0] * 255).round().byte().numpy(), src[y:y + 64, x:x + 64])
+        jpeg = np.asarray(Image.open(tmp_path / "prep" / t["jpeg"]["10"]["path"]))[16:80, 16:80]
+        assert np.array_equal((inp[0] * 255).round().byte().numpy(), jpeg)
+
+
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # torch's advice on the workers at the cap, wanted here
 def test_more_loader_workers_than_the_cpus_can_run_is_one_line(tiles_prepared):
     """data.workers=100000 started worker after worker for ten minutes, deaf to SIGTERM."""
@@ -232,6 +252,25 @@ def test_loader_benchmark_measures_only_the_backends_asked_for(tiles_prepared):
     assert [(r["backend"], r["workers"]) for r in rows] == [("resident", 0)]
     with pytest.raises(ValueError, match="unknown loader backend.*nvjpeg"):
         benchmark.variants(2, ["resident", "nvjpeg"])
+
+
+def test_loader_benchmark_measures_a_dataset_of_ones_own_in_tiles(real_images, tmp_path, monkeypatch, capsys):
+    """--dataset, --tile, --cache-mb: the benchmark that shows whether a set of large photos starves the GPU."""
+    from data_pipeline import benchmark
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--dataset", str(real_images), "--backends", "torch", "--workers", "1", "--batches", "1", "--cache-mb", "0"]
+    assert benchmark.main([*args, "--tile", "128", "--json", "tiles.json"]) == 0
+    report = json.loads((tmp_path / "tiles.json").read_text())
+    assert report["prepared"] == {"gray": str(Path("outputs/prepared") / f"{real_images.name}-gray-tile128")}
+    assert (report["tile"], report["cache_mb"]) == (128, 0) and len(report["rows"]) == 2
+    assert load_manifest(tmp_path / report["prepared"]["gray"])["tile_size"] == 128
+    assert f"{real_images.name}-gray-tile128, torch workers' cache 0 MiB" in capsys.readouterr().out
+    assert benchmark.main([*args, "--modes", "gray,rgb"]) == 2
+    assert benchmark.main([*args, "--tile", "96"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-2:] == [
+        "error: --dataset is prepared in one mode: give --modes gray or --modes rgb, got 'gray,rgb'",
+        "error: --cache-mb must be 0 or more and --tile 0 or at least the largest patch, 128, got 0 and 96"]
 
 
 @needs_dali

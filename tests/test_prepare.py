@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipeline.images import jpeg_bytes
 from data_pipeline.prepare import load_manifest, prepare, split_of
 from data_pipeline.sources import DataError
 
@@ -89,6 +90,58 @@ def test_a_copy_under_another_name_is_prepared_once(real_images, tmp_path):
     reason = f"the same pixels as {first.name} (prepared once: copies could sit in both training and validation)"
     assert json.loads((tmp_path / "prep" / "report.json").read_text())["skipped"] == [
         {"file": "zz_copy.png", "reason": reason}, {"file": "zz_copy_as.bmp", "reason": reason}]
+
+
+def test_tiles_cover_each_training_image_and_are_its_crops_compressed_alone(real_images, tmp_path):
+    """--tile: a training image larger than the tile is stored as overlapping tiles, each the exact
+    crop and its own JPEG (what the loaders decode for a patch); held-out images stay whole."""
+    out = tmp_path / "prep"
+    manifest = prepare(real_images, out, "gray", [10], val_fraction=0.3, progress=False, tile=64)
+    assert manifest["tile_size"] == 64 and {f["split"] for f in manifest["files"]} == {"train", "val"}
+    for rec in manifest["files"]:
+        src = np.asarray(Image.open(real_images / rec["source"]))
+        if rec["split"] == "val":
+            assert "tiles" not in rec and np.array_equal(np.asarray(Image.open(out / rec["original"]["path"])), src)
+            continue
+        assert "original" not in rec and [(t["y"], t["x"]) for t in rec["tiles"]] == [
+            (y, x) for y in (0, 32, 64, 96) for x in (0, 32, 64, 96)]  # 160 px: every 32, the last flush
+        covered = np.zeros(src.shape, bool)
+        for t in rec["tiles"]:
+            crop = src[t["y"]:t["y"] + 64, t["x"]:t["x"] + 64]
+            assert np.array_equal(np.asarray(Image.open(out / t["original"]["path"])), crop)
+            assert (out / t["jpeg"]["10"]["path"]).read_bytes() == jpeg_bytes(crop, 10)
+            covered[t["y"]:t["y"] + 64, t["x"]:t["x"] + 64] = True
+        assert covered.all()
+    prepare(real_images, out, "gray", [10, 20], val_fraction=0.3, progress=False, tile=64)  # a quality more
+    report = json.loads((out / "report.json").read_text())
+    assert report["written"] == 6 and (out / "q20").is_dir()
+    prepare(real_images, out, "gray", [10, 20], val_fraction=0.3, progress=False, tile=64)
+    assert json.loads((out / "report.json").read_text())["kept"] == 6
+    (out / next(f for f in manifest["files"] if f["split"] == "train")["tiles"][5]["jpeg"]["10"]["path"]).unlink()
+    prepare(real_images, out, "gray", [10, 20], val_fraction=0.3, progress=False, tile=64)  # a tile lost: its image redone
+    assert json.loads((out / "report.json").read_text())["written"] == 1
+    before = (out / "manifest.json").read_bytes()
+    for tile, said in ((0, "in whole images"), (96, "in tiles of 96 px")):
+        with pytest.raises(DataError, match=f"{out} holds {real_images} in tiles of 64 px: prepare it {said} into another folder"):
+            prepare(real_images, out, "gray", [10], val_fraction=0.3, progress=False, tile=tile)
+    assert (out / "manifest.json").read_bytes() == before
+    with pytest.raises(DataError, match="tiles must be at least 16 px"):
+        prepare(real_images, tmp_path / "other", "gray", [10], progress=False, tile=8)
+
+
+def test_a_copy_is_found_between_a_tiled_and_a_whole_image(real_images, tmp_path):
+    """A copy under a name that is held out stays whole while its twin is tiled: found all the same."""
+    names = [f"copy{i}" for i in range(40)]
+    held_out = next(n for n in names if split_of(n, 0.5) == "val")
+    trained = next(n for n in names if split_of(n, 0.5) == "train")
+    first = sorted(real_images.iterdir())[0]
+    for p in sorted(real_images.iterdir())[1:]:
+        p.unlink()
+    first.rename(real_images / f"{trained}.png")
+    (real_images / f"{held_out}.png").write_bytes((real_images / f"{trained}.png").read_bytes())
+    prepare(real_images, tmp_path / "prep", "gray", [10], val_fraction=0.5, progress=False, tile=64)
+    skipped = json.loads((tmp_path / "prep" / "report.json").read_text())["skipped"]
+    assert [s["file"] for s in skipped] == [f"{max(held_out, trained)}.png"]
 
 
 def test_split_is_deterministic_and_roughly_proportional():

@@ -19,16 +19,17 @@ log = logging.getLogger(__name__)
 
 def prepared_data(d: DataConfig, out: Path, data_root: str | None, info: DistInfo) -> DataConfig:
     """The data config the run reads: a data.prepared_dir as it is, else the source prepared (on
-    rank 0, the others waiting) into <out>/prepared/<source>-<mode>, its skips in the log."""
+    rank 0, the others waiting) into <out>/prepared/<source>-<mode>[-tile<T>], its skips in the log."""
     if d.prepared_dir or d.backend == "synthetic":  # a prepared_dir is read, not prepared, by training
         return d
-    prepared = out / "prepared" / f"{Path(d.dataset).name}-{d.mode}"
+    prepared = out / "prepared" / f"{Path(d.dataset).name}-{d.mode}{f'-tile{d.tile_size}' if d.tile_size else ''}"
 
     def prepare_source():
         source = dataset_dir(d.dataset, data_root)
         if source.is_dir():  # before preparing it (archives: training_pairs checks what they held)
             refuse_test_set(list(source.iterdir()), source)
-        prepare(source, prepared, d.mode, d.qualities, d.val_fraction, d.min_size, progress=sys.stderr.isatty())
+        prepare(source, prepared, d.mode, d.qualities, d.val_fraction, d.min_size, progress=sys.stderr.isatty(),
+                tile=d.tile_size)
         summary, *skips = report_lines(prepared)
         log.info("%s", summary)
         for line in skips:
@@ -39,15 +40,15 @@ def prepared_data(d: DataConfig, out: Path, data_root: str | None, info: DistInf
 
 
 def take_prepared_settings(d: DataConfig, data_root: str | None) -> None:
-    """A data.prepared_dir holds one source split one way: the run records the source, val_fraction
-    and min_size it was prepared with (what ship and quality_bound read), saying where the config
-    differed. Without a manifest there: the command that prepares it."""
+    """A data.prepared_dir holds one source split one way: the run records the source, val_fraction,
+    min_size and tile_size it was prepared with (what ship and quality_bound read), saying where the
+    config differed. Without a manifest there: the command that prepares it."""
     if not (Path(d.prepared_dir) / MANIFEST).is_file():
         try:  # the command names the source by its path: it runs without the data root
             source = dataset_dir(d.dataset, data_root)
         except DataError:
             source = d.dataset
-        command = prepare_command(source, d.prepared_dir, d.mode, d.qualities, d.val_fraction, d.min_size)
+        command = prepare_command(source, d.prepared_dir, d.mode, d.qualities, d.val_fraction, d.min_size, d.tile_size)
         raise DataError(f"no {MANIFEST} in {d.prepared_dir} (data.prepared_dir): prepare it first: {command}, "
                         "or leave data.prepared_dir empty to prepare into <out>/prepared")
     manifest = load_manifest(d.prepared_dir)
@@ -56,12 +57,13 @@ def take_prepared_settings(d: DataConfig, data_root: str | None) -> None:
     except DataError:  # not there (another machine's data root): by name
         same_source = Path(d.dataset).name == Path(manifest["source"]).name
     prepared = {"dataset": d.dataset if same_source else manifest["source"],
-                "val_fraction": manifest["val_fraction"], "min_size": manifest["min_size"]}
+                "val_fraction": manifest["val_fraction"], "min_size": manifest["min_size"],
+                "tile_size": manifest.get("tile_size", 0)}
     said = [f"data.{k} {getattr(d, k)}" for k, v in prepared.items() if getattr(d, k) != v]
     if said:
-        log.warning("%s was prepared from %s with data.val_fraction %s, data.min_size %s: the run takes them from "
-                    "there (the config said %s)", d.prepared_dir, manifest["source"], manifest["val_fraction"],
-                    manifest["min_size"], ", ".join(said))
+        log.warning("%s was prepared from %s with data.val_fraction %s, data.min_size %s, data.tile_size %s: the run "
+                    "takes them from there (the config said %s)", d.prepared_dir, manifest["source"], manifest["val_fraction"],
+                    manifest["min_size"], prepared["tile_size"], ", ".join(said))
         for key, value in prepared.items():
             setattr(d, key, value)
 
