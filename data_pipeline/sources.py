@@ -1,5 +1,5 @@
 """Where images come from: the user's data root, dataset folders inside it, the official
-archives (LIVE IQA release 2, BSDS500) and the natural images shipped with scikit-image."""
+archives (LIVE IQA release 2, BSDS500, DIV2K, Flickr2K) and the natural images shipped with scikit-image."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,10 @@ DATA_ROOT_ENV = "JPEG_RESTORE_DATA_ROOT"
 ARCHIVE_LAYOUTS = {
     "live1": re.compile(r"(^|/)refimgs/[^/]+\.bmp$", re.I),  # databaserelease2.zip
     "bsds500": re.compile(r"(^|/)BSDS500/data/images/(train|test|val)/[^/]+\.jpg$", re.I),  # BSR_bsds500.tgz
+    "div2k": re.compile(r"(^|/)DIV2K_(train|valid)_HR/[^/]+\.png$", re.I),  # DIV2K_train_HR.zip, DIV2K_valid_HR.zip
+    "flickr2k": re.compile(r"(^|/)Flickr2K_HR/[^/]+\.png$", re.I),  # Flickr2K.tar (not its downscaled LR folders)
 }
+ARCHIVE_NAMES = "LIVE release-2 zip, BSR_bsds500.tgz, DIV2K_{train,valid}_HR.zip or Flickr2K.tar"
 
 # Natural photographs that ship inside scikit-image (no download); synthetic ones are left out.
 SKIMAGE_NATURAL = [
@@ -81,7 +84,7 @@ def extract_archive(archive: Path, dest: Path) -> list[Path]:
     members = _archive_members(archive)
     layout = next((k for k, pat in ARCHIVE_LAYOUTS.items() if any(pat.search(m) for m in members)), None)
     if layout is None:
-        raise DataError(f"{archive.name}: not a known archive (expected LIVE release-2 zip or BSR_bsds500.tgz)")
+        raise DataError(f"{archive.name}: not a known archive (expected {ARCHIVE_NAMES}); extract it and prepare its folder")
     wanted = [m for m in members if ARCHIVE_LAYOUTS[layout].search(m)]
     out = []
     for member, data_size, read in _iter_members(archive, set(wanted)):

@@ -279,10 +279,22 @@ def test_official_archives_extract_only_the_needed_images(photos, color_tiles_di
     m = prepare(bsds, tmp_path / "bsds", "gray", [10], progress=False)
     assert len(m["files"]) == 3
 
+    div2k = tmp_path / "DIV2K_train_HR.zip"  # a folder of PNGs; Flickr2K.tar holds its LR versions beside them
+    flickr = tmp_path / "Flickr2K.tar"
+    with zipfile.ZipFile(div2k, "w") as z, tarfile.open(flickr, "w") as t:
+        for i, p in enumerate(sorted(color_tiles_dir.iterdir())[:3]):
+            z.write(p, f"DIV2K_train_HR/{i + 1:04d}.png")
+            t.add(p, f"Flickr2K/Flickr2K_HR/{i + 1:06d}.png")
+            t.add(p, f"Flickr2K/Flickr2K_LR_bicubic/X2/{i + 1:06d}x2.png")
+    assert [f["name"] for f in prepare(div2k, tmp_path / "div2k", "rgb", [10], progress=False)["files"]] == ["0001", "0002", "0003"]
+    assert [f["name"] for f in prepare(flickr, tmp_path / "flickr", "rgb", [10], progress=False)["files"]] == [
+        "000001", "000002", "000003"]
+
     other = tmp_path / "other.zip"
     with zipfile.ZipFile(other, "w") as z:
         z.writestr("pics/a.bmp", _bmp_bytes(rgb[0]))
-    with pytest.raises(DataError, match="not a known archive"):
+    with pytest.raises(DataError, match=r"not a known archive \(expected LIVE release-2 zip, BSR_bsds500.tgz, "
+                                        r"DIV2K_\{train,valid\}_HR.zip or Flickr2K.tar\); extract it and prepare its folder"):
         prepare(other, tmp_path / "o", progress=False)
     (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(DataError, match="unreadable archive"):
