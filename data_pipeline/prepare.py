@@ -8,7 +8,8 @@ Layout of the output folder:
 With --tile T, a training image larger than T is cut into T x T tiles overlapping by half (BasicSR's
 sub-images), each its own PNG and JPEGs: original/<name>/<y>_<x>.png, q<Q>/<name>/<y>_<x>.jpg. The
 torch and DALI loaders decode a whole file for each patch, so a tile, not a photo of megapixels
-(DIV2K: 11 -> 190 patches/s). Held-out images stay whole: validation scores whole images.
+(24 photos of 2040x1356, torch loader, 2 workers: 23 -> 270 patches/s). Held-out images stay whole:
+validation scores whole images.
 Idempotent and resumable: each file is written atomically, a file whose source checksum and
 settings match its record is skipped, and bad inputs are skipped and reported. Qualities add up:
 a folder keeps those prepared before (the runs trained on them read them).
@@ -88,7 +89,12 @@ def pool_size(files: list[Path], cap: int) -> int:
     """Workers for preparing `files`: one per IMAGES_PER_WORKER images or MB_PER_WORKER of files,
     whichever gives more, at most `cap`. A spawned worker imports its parent's main module first (a
     training's: torch, 1.3 s); 100 small tiles take 0.2 s in this process, a photo of DIV2K's size 1 s."""
-    source_mb = sum(f.stat().st_size for f in files) / 2**20
+    def size(f: Path) -> int:
+        try:
+            return f.stat().st_size
+        except OSError:  # gone since it was listed: its job reports it
+            return 0
+    source_mb = sum(map(size, files)) / 2**20
     return min(cap, max(-(-len(files) // IMAGES_PER_WORKER), math.ceil(source_mb / MB_PER_WORKER)))
 
 
