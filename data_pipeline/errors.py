@@ -8,6 +8,8 @@ keep their traceback. It lives in the lowest layer so every command can use it.
 from __future__ import annotations
 
 import functools
+import json
+import os
 import re
 import sys
 import time
@@ -91,6 +93,19 @@ def out_of_memory(exc: BaseException) -> str | None:
     return None
 
 
+def say_error(line: str) -> None:
+    """Print a command's error line; under torchrun also write it to this worker's error file
+    (TORCHELASTIC_ERROR_FILE), which torchrun's closing summary shows as the root cause in place of
+    "To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html"."""
+    print(line, file=sys.stderr)
+    if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        try:
+            record = {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}
+            Path(path).write_text(json.dumps({"message": record}))  # the layout torch's own @record writes
+        except OSError:  # the line is printed: that is what matters
+            pass
+
+
 def command(main):
     """Wraps a command's main(argv) -> int: one `error:` line and exit 2 on a UserError."""
     @functools.wraps(main)
@@ -101,12 +116,12 @@ def command(main):
             time.sleep(ReportedElsewhere.GRACE_S)
             return 2
         except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            say_error(f"error: {exc}")
             return 2
         except (RuntimeError, MemoryError) as exc:
             if (what := out_of_memory(exc)) is None:
                 raise
-            print(f"error: out of memory ({what})", file=sys.stderr)
+            say_error(f"error: out of memory ({what})")
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -386,6 +386,8 @@ def test_an_error_under_torchrun_is_printed_once(tiles_dir, tmp_path, case):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
     assert "[rank1]" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
+    # torchrun's closing summary names the line as the root cause (it said "To enable traceback see: <url>")
+    assert proc.stderr.rstrip().splitlines()[-2] == f"  traceback : {errors[0]}", proc.stderr[-1500:]
     if case.startswith("rank 0"):
         assert "validation at step 3" in proc.stderr and "curves.png" in errors[0]
 
