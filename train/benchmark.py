@@ -5,6 +5,7 @@ and 1 against 2 processes (torchrun, gloo on CPU).
     python -m train.benchmark --loaders --modes gray,rgb --data-root ../shared/data   # loaders beside what a step consumes
     python -m train.benchmark --end-to-end --arch unet --kwargs "{width = 64, levels = 3}" --batch 64 --patch 128 \\
         --dataset train_color --backends resident,torch --data-root ../shared/data   # Trainer + real data vs bare loop
+    python -m train.benchmark --end-to-end ... --dataset DIV2K_train_HR --tile 480 --backends torch   # large photos
 
 All on synthetic batches (batch 32, 64x64 unless --batch / --patch, channels_last, AdamW, L1; --precision auto is bf16
 autocast where the device has native bf16, fp32 on other CPUs), so the figures measure the
@@ -29,6 +30,7 @@ from data_pipeline import benchmark as loader_bench
 from data_pipeline.backends import backends
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import atomic_write_json, check_output_file, output_file
+from data_pipeline.prepare import MIN_TILE
 from data_pipeline.sources import dataset_dir
 from data_pipeline.system import usable_cpus
 from runtime.device import autocast_for, device_name, emulated_precision_warning, keep_freed_memory, matmul_peak, native_bf16, resolve_precision
@@ -83,9 +85,10 @@ def _synthetic_overrides(arch: str, steps: int, precision: str) -> list[str]:
 
 
 def trainer_rate(arch: str, steps: int, device: torch.device, out: Path, precision: str, extra: list[str] = (),
-                 data_root: str | None = None) -> float:
+                 data_root: str | None = None) -> tuple[float, int]:
     """Patches/s of Trainer.fit over its logged windows after the first (warm-up) one: their harmonic
-    mean, the aggregate rate of equal-step windows (the arithmetic mean overstates it)."""
+    mean, the aggregate rate of equal-step windows (the arithmetic mean overstates it); and the
+    steps of an epoch of its data."""
     cfg = load_config(None, _synthetic_overrides(arch, steps, precision) + list(extra))
     trainer = Trainer(cfg, out, DistInfo(0, 0, 1, device), data_root=data_root)
     try:
@@ -93,7 +96,7 @@ def trainer_rate(arch: str, steps: int, device: torch.device, out: Path, precisi
     finally:
         trainer.close()
     rates = trainer.history["images_per_s"][1:]
-    return len(rates) / sum(1 / r for r in rates)
+    return len(rates) / sum(1 / r for r in rates), len(trainer.loader)
 
 
 def processes_rate(arch: str, steps: int, nproc: int, out: Path, precision: str) -> float:
@@ -170,12 +173,13 @@ def end_to_end(args, device: torch.device, precision: str) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends.split(","):
-            data = [f"data.backend={backend}", f"data.dataset={args.dataset}", f"data.workers={args.workers}", "data.qualities=[10, 20, 30, 40]"]
-            rate = trainer_rate(args.arch, args.steps, device, Path(tmp) / backend, precision, shape + data, args.data_root)
-            rows.append({"backend": backend, "trainer_patches_per_s": rate, "trainer_over_bare": rate / bare})
-            print(f"Trainer + {backend:<9} {rate:8.1f} patches/s = {rate / bare:.3f}x the bare loop", flush=True)
+            data = [f"data.backend={backend}", f"data.dataset={args.dataset}", f"data.workers={args.workers}", "data.qualities=[10, 20, 30, 40]",
+                    f"data.tile_size={args.tile}"]
+            rate, epoch = trainer_rate(args.arch, args.steps, device, Path(tmp) / backend, precision, shape + data, args.data_root)
+            rows.append({"backend": backend, "trainer_patches_per_s": rate, "trainer_over_bare": rate / bare, "steps_per_epoch": epoch})
+            print(f"Trainer + {backend:<9} {rate:8.1f} patches/s = {rate / bare:.3f}x the bare loop ({epoch} steps an epoch)", flush=True)
     atomic_write_json(args.json, {"device": str(device), "device_name": device_name(device), "arch": args.arch, "kwargs": kwargs, "batch": args.batch,
-                                  "patch": args.patch, "dataset": args.dataset, "precision": precision, "compile": args.compile,
+                                  "patch": args.patch, "dataset": args.dataset, "tile": args.tile, "precision": precision, "compile": args.compile,
                                   "bare_patches_per_s": bare, "rows": rows})
     print(f"wrote {args.json}")
     return 0
@@ -184,7 +188,7 @@ def end_to_end(args, device: torch.device, precision: str) -> int:
 # options that only some benchmarks read; given elsewhere they would be silently ignored
 ONLY_WITH = {"kwargs": ("--loaders", "--end-to-end"), "data_root": ("--loaders", "--end-to-end"),
              "workers": ("--loaders", "--end-to-end"), "dataset": ("--end-to-end",), "backends": ("--end-to-end",),
-             "compile": ("--end-to-end",), "modes": ("--loaders",), "batch": ("the default benchmark", "--end-to-end"),
+             "compile": ("--end-to-end",), "tile": ("--end-to-end",), "modes": ("--loaders",), "batch": ("the default benchmark", "--end-to-end"),
              "patch": ("the default benchmark", "--end-to-end"), "steps": ("the default benchmark", "--end-to-end")}
 
 
@@ -203,6 +207,8 @@ def main(argv=None) -> int:
     ap.add_argument("--patch", type=int, default=PATCH)
     ap.add_argument("--dataset", default="train400", help="with --end-to-end: training dataset (gray luma of color sets)")
     ap.add_argument("--backends", default="resident,torch", help="with --end-to-end: loader backends to compare")
+    ap.add_argument("--tile", type=int, default=0,
+                    help="with --end-to-end: prepare the dataset's training images in tiles of this side (data.tile_size)")
     ap.add_argument("--modes", default="gray", help="with --loaders: gray (Train400) and/or rgb (train_color)")
     ap.add_argument("--compile", action="store_true", help="with --end-to-end: torch.compile the bare loop and the Trainer")
     ap.add_argument("--workers", type=int, default=max(1, usable_cpus() - 2), help="torch workers / DALI threads")
@@ -221,6 +227,8 @@ def main(argv=None) -> int:
     if min(args.steps, args.batch, args.patch, args.workers) < 1:
         raise UserError(f"--steps, --batch, --patch and --workers must be at least 1, got "
                         f"{args.steps}, {args.batch}, {args.patch} and {args.workers}")
+    if args.tile and args.tile < max(args.patch, MIN_TILE) or args.tile < 0:
+        raise UserError(f"--tile must be 0 (whole images) or at least --patch {args.patch} (and {MIN_TILE}), got {args.tile}")
     if not set(args.modes.split(",")) <= set(loader_bench.DATASETS):
         raise UserError(f"--modes takes {', '.join(loader_bench.DATASETS)}, got {args.modes!r}")
     unknown = set(args.backends.split(",")) - set(backends())
@@ -251,7 +259,7 @@ def main(argv=None) -> int:
               f"{row['bare_patches_per_s']:8.1f} patches/s (bare loop) {row['tflops']:7.3f} TFLOP/s MFU {row['mfu']:6.1%}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         bare = bare_loop_rate(args.arch, 2 * args.steps, device, precision=precision)
-        trained = trainer_rate(args.arch, args.steps, device, Path(tmp) / "trainer", precision)
+        trained, _ = trainer_rate(args.arch, args.steps, device, Path(tmp) / "trainer", precision)
         print(f"{args.arch}: Trainer {trained:.1f} vs bare loop {bare:.1f} patches/s = {trained / bare:.3f}x", flush=True)
         skip = "one GPU here" if device.type == "cuda" else None if importlib.util.find_spec("mlflow") else "MLflow is not installed"
         if skip is None:
