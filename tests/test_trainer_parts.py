@@ -244,14 +244,14 @@ def test_end_to_end_benchmark_compares_the_trainer_on_real_data_with_the_bare_lo
     out = tmp_path / "e2e.json"
     proc = subprocess.run([sys.executable, "-m", "train.benchmark", "--end-to-end", "--arch", "unet", "--kwargs",
                            "{width = 8, levels = 2}", "--batch", "4", "--patch", "32", "--steps", "4", "--precision", "fp32",
-                           "--backends", "resident,torch", "--dataset", str(tiles_dir), "--tile", "96", "--json", str(out)],
+                           "--backends", "resident,torch", "--dataset", str(tiles_dir), "--tile", "128", "--json", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert [r["backend"] for r in result["rows"]] == ["resident", "torch"] and result["bare_patches_per_s"] > 0
-    # --tile 96: the Trainer trained on 9 tiles of each 160 px training photo, 4 qualities, batch 4
+    # --tile 128: the Trainer trained on 4 tiles of each 160 px training photo, 4 qualities, batch 4
     training_photos = sum(split_of(p.stem, 0.1) == "train" for p in tiles_dir.iterdir())
-    assert result["tile"] == 96 and [r["steps_per_epoch"] for r in result["rows"]] == [training_photos * 9 * 4 // 4] * 2
+    assert result["tile"] == 128 and [r["steps_per_epoch"] for r in result["rows"]] == [training_photos * 4 * 4 // 4] * 2
     for r in result["rows"]:
         assert r["trainer_over_bare"] == pytest.approx(r["trainer_patches_per_s"] / result["bare_patches_per_s"])
         assert f"Trainer + {r['backend']}" in proc.stdout
