@@ -23,7 +23,7 @@ from .backends import backends
 from .config import DataConfig
 from .errors import UserError, command
 from .images import atomic_write_json, check_output_file, output_file
-from .loaders import build_loader
+from .loaders import build_loader, training_pairs
 from .prepare import prepare
 from .sources import dataset_dir
 
@@ -65,7 +65,8 @@ def measure(prepared: Path, batches: int, device: torch.device, shapes=SHAPES, w
             cfg = DataConfig(backend=backend, prepared_dir=str(prepared), mode=mode, patch_size=patch, batch_size=batch,
                              workers=w, qualities=list(qualities), cache_mb=cache_mb)
             rows.append({"backend": backend, "workers": w, "mode": mode, "batch": batch, "patch": patch,
-                         "patches_per_s": loader_rate(cfg, batches, device)})
+                         "patches_per_s": loader_rate(cfg, batches, device),
+                         "steps_per_epoch": len(training_pairs(cfg)) // batch})
     return rows
 
 
@@ -126,7 +127,10 @@ def main(argv=None) -> int:
           + ", ".join(f"{p.name}" for p in prepared.values()) + f", torch workers' cache {args.cache_mb} MiB")
     print(f"{'backend':<12} {'workers':>7} {'mode':>5} {'batch':>5} {'patch':>5} {'patches/s':>10}")
     for r in rows:
-        print(f"{r['backend']:<12} {r['workers']:>7} {r['mode']:>5} {r['batch']:>5} {r['patch']:>5} {r['patches_per_s']:10.0f}")
+        short = " *" if r["backend"] == "torch" and r["steps_per_epoch"] < r["workers"] else ""
+        print(f"{r['backend']:<12} {r['workers']:>7} {r['mode']:>5} {r['batch']:>5} {r['patch']:>5} {r['patches_per_s']:10.0f}{short}")
+    if any(r["backend"] == "torch" and r["steps_per_epoch"] < r["workers"] for r in rows):
+        print("* an epoch has fewer batches than workers: the torch loader keeps only that many busy")
     atomic_write_json(args.json, {"device": str(device), "device_name": name, "cpu_count": os.cpu_count(),
                                   "torch": torch.__version__, "prepared": {m: str(p) for m, p in prepared.items()},
                                   "tile": args.tile, "cache_mb": args.cache_mb, "rows": rows})

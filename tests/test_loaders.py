@@ -265,8 +265,14 @@ def test_loader_benchmark_measures_a_dataset_of_ones_own_in_tiles(real_images, t
     report = json.loads((tmp_path / "tiles.json").read_text())
     assert report["prepared"] == {"gray": str(Path("outputs/prepared") / f"{real_images.name}-gray-tile128")}
     assert (report["tile"], report["cache_mb"]) == (128, 0) and len(report["rows"]) == 2
-    assert load_manifest(tmp_path / report["prepared"]["gray"])["tile_size"] == 128
-    assert f"{real_images.name}-gray-tile128, torch workers' cache 0 MiB" in capsys.readouterr().out
+    manifest = load_manifest(tmp_path / report["prepared"]["gray"])
+    pairs = sum(len(f["tiles"]) for f in manifest["files"] if f["split"] == "train") * 4  # q10-40
+    assert manifest["tile_size"] == 128 and [r["steps_per_epoch"] for r in report["rows"]] == [pairs // 32, pairs // 64]
+    out = capsys.readouterr().out
+    assert f"{real_images.name}-gray-tile128, torch workers' cache 0 MiB" in out and "fewer batches than workers" not in out
+    assert pairs // 64 < 2 and benchmark.main([*args[:5], "2", *args[6:], "--tile", "128", "--json", "two.json"]) == 0
+    assert "\n* an epoch has fewer batches than workers: the torch loader keeps only that many busy\nwrote two.json\n" in \
+        capsys.readouterr().out
     assert benchmark.main([*args, "--modes", "gray,rgb"]) == 2
     assert benchmark.main([*args, "--tile", "96"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-2:] == [
