@@ -142,6 +142,7 @@ def _prepare_one(src: Path, name: str, out: Path, mode: str, qualities: list[int
     rec = {"name": name, "source": src.name, "source_sha256": src_sha, "mode": mode, "min_size": min_size}
     h, w = img.shape[:2]
     if tile and max(h, w) > tile:
+        # content_sha256: the whole image's PNG hashed (not written), the key whole images' copies are found by
         rec.update(height=h, width=w, tile_size=tile, content_sha256=_sha256(png_bytes(img)),
                    tiles=[{"y": y, "x": x, **files(img[y:y + tile, x:x + tile], f"{name}/{y}_{x}")}
                           for y in tile_origins(h, tile) for x in tile_origins(w, tile)])
