@@ -24,7 +24,7 @@ from .config import DataConfig
 from .errors import UserError, command
 from .images import atomic_write_json, check_output_file, output_file
 from .loaders import build_loader, training_pairs
-from .prepare import prepare
+from .prepare import prepare, prepared_name
 from .sources import dataset_dir
 
 
@@ -81,7 +81,7 @@ def prepare_dataset(data_root: str | None, mode: str, out_root: Path = Path("out
     """The benchmark's dataset of `mode` (or `dataset`), prepared at q10-40, in tiles of `tile` px
     if given (kept across runs)."""
     source = dataset_dir(dataset or DATASETS[mode], data_root)
-    prepared = out_root / f"{source.name}-{mode}{f'-tile{tile}' if tile else ''}"
+    prepared = out_root / prepared_name(source, mode, tile)
     prepare(source, prepared, mode, [10, 20, 30, 40], progress=False, tile=tile)
     return prepared
 

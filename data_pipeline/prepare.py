@@ -312,6 +312,11 @@ def split_fingerprints(manifest: dict, limit: int = 0) -> dict[str, list]:
             for split in ("train", "val") for files in [split_records(manifest, split, limit)]}
 
 
+def prepared_name(source: str | Path, mode: str, tile: int = 0) -> str:
+    """The folder name a source is prepared into by training and the benchmarks: <source>-<mode>[-tile<T>]."""
+    return f"{Path(source).name}-{mode}{f'-tile{tile}' if tile else ''}"
+
+
 def prepare_command(source, out, mode: str, qualities, val_fraction: float, min_size: int, tile: int = 0) -> str:
     """The shell command that prepares `source` into `out` with these settings."""
     return shlex.join(["python", "-m", "data_pipeline.prepare", str(source), "--out", str(out), "--mode", mode,

@@ -9,7 +9,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from data_pipeline.config import DataConfig
-from data_pipeline.prepare import MANIFEST, SPLIT_NAMES, load_manifest, prepare, prepare_command, report_lines, split_fingerprints
+from data_pipeline.prepare import (
+    MANIFEST,
+    SPLIT_NAMES,
+    load_manifest,
+    prepare,
+    prepare_command,
+    prepared_name,
+    report_lines,
+    split_fingerprints,
+)
 from data_pipeline.sources import DataError, dataset_dir, refuse_test_set
 
 from .distributed import DistInfo, on_main_rank
@@ -22,7 +31,7 @@ def prepared_data(d: DataConfig, out: Path, data_root: str | None, info: DistInf
     rank 0, the others waiting) into <out>/prepared/<source>-<mode>[-tile<T>], its skips in the log."""
     if d.prepared_dir or d.backend == "synthetic":  # a prepared_dir is read, not prepared, by training
         return d
-    prepared = out / "prepared" / f"{Path(d.dataset).name}-{d.mode}{f'-tile{d.tile_size}' if d.tile_size else ''}"
+    prepared = out / "prepared" / prepared_name(d.dataset, d.mode, d.tile_size)
 
     def prepare_source():
         source = dataset_dir(d.dataset, data_root)
