@@ -23,12 +23,13 @@ from .backends import backends
 from .config import DataConfig
 from .errors import UserError, command
 from .images import atomic_write_json, check_output_file, output_file
-from .loaders import build_loader, training_pairs
+from .loaders import build_loader
 from .prepare import prepare, prepared_name
 from .sources import dataset_dir
 
 
-def loader_rate(cfg: DataConfig, batches: int, device: torch.device = torch.device("cpu")) -> float:
+def loader_rate(cfg: DataConfig, batches: int, device: torch.device = torch.device("cpu")) -> tuple[float, int]:
+    """Patches/s over `batches` after a warm-up, and the loader's steps an epoch."""
     loader = build_loader(cfg, device=device)
     stream = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())  # across epochs
     for _ in range(2):
@@ -36,7 +37,7 @@ def loader_rate(cfg: DataConfig, batches: int, device: torch.device = torch.devi
     start = time.perf_counter()
     for _ in range(batches):
         next(stream)
-    return batches * cfg.batch_size / (time.perf_counter() - start)
+    return batches * cfg.batch_size / (time.perf_counter() - start), len(loader)
 
 
 SHAPES = ((32, 64), (64, 128))  # (batch, patch)
@@ -64,9 +65,9 @@ def measure(prepared: Path, batches: int, device: torch.device, shapes=SHAPES, w
         for backend, w in variants(workers, only):
             cfg = DataConfig(backend=backend, prepared_dir=str(prepared), mode=mode, patch_size=patch, batch_size=batch,
                              workers=w, qualities=list(qualities), cache_mb=cache_mb)
+            rate, steps = loader_rate(cfg, batches, device)
             rows.append({"backend": backend, "workers": w, "mode": mode, "batch": batch, "patch": patch,
-                         "patches_per_s": loader_rate(cfg, batches, device),
-                         "steps_per_epoch": len(training_pairs(cfg)) // batch})
+                         "patches_per_s": rate, "steps_per_epoch": steps})
     return rows
 
 
@@ -124,12 +125,13 @@ def main(argv=None) -> int:
     rows = [r for mode in modes for r in measure(prepared[mode], args.batches, device, workers=args.workers, mode=mode,
                                                  only=only, cache_mb=args.cache_mb)]
     print(f"{name} ({device}), {os.cpu_count()} cores, torch {torch.__version__}, q10-40, "
-          + ", ".join(f"{p.name}" for p in prepared.values()) + f", torch workers' cache {args.cache_mb} MiB")
+          + ", ".join(p.name for p in prepared.values()) + f", torch workers' cache {args.cache_mb} MiB")
     print(f"{'backend':<12} {'workers':>7} {'mode':>5} {'batch':>5} {'patch':>5} {'patches/s':>10}")
-    for r in rows:
-        short = " *" if r["backend"] == "torch" and r["steps_per_epoch"] < r["workers"] else ""
-        print(f"{r['backend']:<12} {r['workers']:>7} {r['mode']:>5} {r['batch']:>5} {r['patch']:>5} {r['patches_per_s']:10.0f}{short}")
-    if any(r["backend"] == "torch" and r["steps_per_epoch"] < r["workers"] for r in rows):
+    short = [r["backend"] == "torch" and r["steps_per_epoch"] < r["workers"] for r in rows]
+    for r, idle in zip(rows, short):
+        print(f"{r['backend']:<12} {r['workers']:>7} {r['mode']:>5} {r['batch']:>5} {r['patch']:>5} {r['patches_per_s']:10.0f}"
+              f"{' *' if idle else ''}")
+    if any(short):
         print("* an epoch has fewer batches than workers: the torch loader keeps only that many busy")
     atomic_write_json(args.json, {"device": str(device), "device_name": name, "cpu_count": os.cpu_count(),
                                   "torch": torch.__version__, "prepared": {m: str(p) for m, p in prepared.items()},
