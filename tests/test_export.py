@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_runs import private_store
 
 from data_pipeline.images import jpeg_bytes, jpeg_roundtrip, read_image
 from export.artifacts import onnx_path
@@ -34,7 +35,7 @@ TRT_WHY = runners()["tensorrt"].unavailable("cuda")
 
 def no_data_env(tmp: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "JPEG_RESTORE_DATA_ROOT"}
-    return {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+    return {**env, "MLFLOW_TRACKING_URI": private_store(tmp)}
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,13 @@
 """Helpers for the tests that launch training as users do (train/main.py in a subprocess)."""
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import resource
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -21,10 +25,29 @@ def smoke_args(tiles: Path) -> list[str]:
     return [*SMOKE, "--set", f"data.dataset={tiles}"]
 
 
+@functools.cache
+def _empty_store() -> Path:
+    """An MLflow SQLite store with its tables and nothing in them, made once per test process."""
+    folder = tempfile.mkdtemp(prefix="empty_mlflow_store_")
+    atexit.register(shutil.rmtree, folder, True)
+    mlflow.MlflowClient(f"sqlite:///{folder}/mlflow.db").search_experiments()  # creates the tables
+    return Path(folder) / "mlflow.db"
+
+
+def private_store(tmp: Path) -> str:
+    """The URI of an MLflow store of its own in `tmp`: a copy of an empty one, as a run's first use
+    of a new store leaves it (its tables take 2 s of each training process to create; the tests
+    that name their own store, as the quickstart's, still have them created)."""
+    db = tmp / "mlflow.db"
+    if not db.exists():
+        shutil.copy(_empty_store(), db)
+    return f"sqlite:///{db}"
+
+
 def env_for(tmp: Path) -> dict:
     """An empty data root (nothing is read from it) and a private MLflow store."""
     (tmp / "empty_root").mkdir(exist_ok=True)
-    return {**os.environ, "JPEG_RESTORE_DATA_ROOT": str(tmp / "empty_root"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+    return {**os.environ, "JPEG_RESTORE_DATA_ROOT": str(tmp / "empty_root"), "MLFLOW_TRACKING_URI": private_store(tmp)}
 
 
 def run(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
