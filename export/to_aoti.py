@@ -18,10 +18,11 @@ if __package__ in (None, ""):  # `python export/to_aoti.py`
 
 from data_pipeline.errors import command  # noqa: E402
 from data_pipeline.images import output_file  # noqa: E402
+from data_pipeline.system import keep_freed_memory  # noqa: E402
 from export.aoti_export import export_aoti  # noqa: E402
 from export.artifacts import pt2_path  # noqa: E402
 from export.parity import parity, parity_report  # noqa: E402
-from runtime.device import add_device_option, check_device, keep_freed_memory  # noqa: E402
+from runtime.device import add_device_option, check_device  # noqa: E402
 from runtime.runners import make_runner  # noqa: E402
 
 

@@ -18,10 +18,10 @@ if __package__ in (None, ""):  # `python export/to_onnx.py`
 
 from data_pipeline.errors import command  # noqa: E402
 from data_pipeline.images import output_file  # noqa: E402
+from data_pipeline.system import keep_freed_memory  # noqa: E402
 from export.artifacts import onnx_path  # noqa: E402
 from export.onnx_export import check_parity, export_onnx  # noqa: E402
 from export.parity import parity_report  # noqa: E402
-from runtime.device import keep_freed_memory  # noqa: E402
 
 
 @command

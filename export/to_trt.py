@@ -28,13 +28,13 @@ import torch  # noqa: E402
 
 from data_pipeline.errors import command  # noqa: E402
 from data_pipeline.images import atomic_write_bytes  # noqa: E402
+from data_pipeline.system import keep_freed_memory  # noqa: E402
 from export.artifacts import DEPLOY_DIR, engine_path, ensure_onnx, latency_dir  # noqa: E402
 from export.latency import add_benchmark_args, benchmark_choices, report, run_benchmark  # noqa: E402
 from export.onnx_export import check_parity  # noqa: E402
 from export.parity import parity, parity_report  # noqa: E402
 from runtime.artifacts import check_replaceable, file_sha256, write_meta  # noqa: E402
 from runtime.checkpoint import load_model  # noqa: E402
-from runtime.device import keep_freed_memory  # noqa: E402
 from runtime.inference import input_channels  # noqa: E402
 from runtime.runners import make_runner, runners  # noqa: E402
 

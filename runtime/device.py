@@ -3,7 +3,6 @@ layout and allocator setting, the device's name and its measured GEMM peak (the 
 latency table's GFLOP/s)."""
 from __future__ import annotations
 
-import ctypes
 import platform
 import re
 import time
@@ -102,24 +101,6 @@ def inference_channels_last(device: torch.device) -> bool:
     NHWC convolutions; 1.1-2.0x in fp32 for every architecture on a 2-core AVX2 EPYC, outputs equal
     to 4e-7). GPUs keep NCHW for fp32 (not measured there)."""
     return torch.device(device).type == "cpu"
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
-
-
-def keep_freed_memory(limit: int = 1 << 30) -> bool:
-    """Keep freed buffers of up to `limit` bytes for reuse instead of giving them back to the OS.
-    glibc returns every buffer above 32 MiB (a 512² activation of 32 channels is 34 MB), and the
-    next one of that size page-faults afresh: a third of CPU inference went to the kernel. Freed
-    memory then stays with the process (the peak RSS of a 12-megapixel restore did not move). False
-    where the C library has no mallopt (not glibc); called first by the commands that run models."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    # the mmap threshold first: a trim threshold alone would pin the mmap one at its 128 KiB default
-    return bool(mallopt(M_MMAP_THRESHOLD, limit) and mallopt(M_TRIM_THRESHOLD, limit))
-
 
 
 def cpu_model() -> str:

@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 
 from data_pipeline.errors import command
+from data_pipeline.system import keep_freed_memory
 from export.artifacts import DEPLOY_DIR, latency_dir
 from export.latency import add_benchmark_args, benchmark_choices, report, run_benchmark
 from runtime.checkpoint import load_model
-from runtime.device import add_device_option, check_device, keep_freed_memory
+from runtime.device import add_device_option, check_device
 
 
 @command

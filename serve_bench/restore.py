@@ -39,9 +39,10 @@ from data_pipeline.errors import UserError, command, out_of_memory, some
 from data_pipeline.images import BadImage, atomic_write_bytes, check_output_folder, image_files, is_gray, png_bytes, read_image, rgb_to_luma, upright
 from data_pipeline.jpeg_tables import grid_blockiness, jpeg_quality
 from data_pipeline.sources import dangling
+from data_pipeline.system import keep_freed_memory
 from export.artifacts import DEPLOY_DIR, artifact_for
 from runtime.checkpoint import load_model
-from runtime.device import PRECISIONS, add_device_option, check_device, emulated_precision_warning, keep_freed_memory, native_bf16
+from runtime.device import PRECISIONS, add_device_option, check_device, emulated_precision_warning, native_bf16
 from runtime.inference import SHIPPED_GRAY, image_to_tensor, in_model_mode, is_conditioned, shipped_model, to_uint8, trained_qualities, with_quality
 from runtime.runners import make_runner, runners
 from runtime.tiling import tile_count

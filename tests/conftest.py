@@ -16,7 +16,7 @@ from PIL import Image
 from data_pipeline.images import read_image, rgb_to_luma
 from data_pipeline.prepare import prepare
 from data_pipeline.sources import DATA_ROOT_ENV, SKIMAGE_NATURAL, skimage_dir
-from runtime.device import keep_freed_memory
+from data_pipeline.system import keep_freed_memory
 
 TILE = 160  # Train400-like gray tiles (Train400: 180x180)
 

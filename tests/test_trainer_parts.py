@@ -134,7 +134,7 @@ def test_half_precision_asked_for_where_it_is_emulated_is_warned_about(tmp_path,
 
 PAGE_FAULTS = """
 import resource, sys, torch
-from runtime.device import keep_freed_memory
+from data_pipeline.system import keep_freed_memory
 from runtime.models import build_model
 if sys.argv[1] == "keep":
     assert keep_freed_memory()

@@ -32,8 +32,8 @@ from data_pipeline.errors import UserError, command
 from data_pipeline.images import atomic_write_json, check_output_file, output_file
 from data_pipeline.prepare import MIN_TILE
 from data_pipeline.sources import dataset_dir
-from data_pipeline.system import usable_cpus
-from runtime.device import autocast_for, device_name, emulated_precision_warning, keep_freed_memory, matmul_peak, native_bf16, resolve_precision
+from data_pipeline.system import keep_freed_memory, usable_cpus
+from runtime.device import autocast_for, device_name, emulated_precision_warning, matmul_peak, native_bf16, resolve_precision
 from runtime.models import architectures, build_model, build_problem, check_kwargs, macs_per_pixel
 
 from .loop.config import load_config

@@ -26,7 +26,7 @@ from data_pipeline.images import (
     read_image,
 )
 from data_pipeline.sources import DataError, dataset_dir
-from runtime.device import keep_freed_memory
+from data_pipeline.system import keep_freed_memory
 from runtime.figures import panel_strip
 from runtime.inference import Restorer
 from runtime.metrics.psnr import psnr

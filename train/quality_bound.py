@@ -26,8 +26,8 @@ from data_pipeline.errors import UserError, command
 from data_pipeline.images import BadImage, check_detail, read_image
 from data_pipeline.prepare import split_of, without_copies
 from data_pipeline.sources import DataError, dataset_dir, not_a_file, source_images
+from data_pipeline.system import keep_freed_memory
 from runtime import checkpoint as ckpt
-from runtime.device import keep_freed_memory
 from runtime.inference import Restorer, trained_qualities
 from runtime.metrics import min_image_side
 

@@ -23,7 +23,7 @@ from data_pipeline.images import atomic_write_bytes, read_image
 from data_pipeline.loaders import build_loader
 from data_pipeline.prepare import load_manifest, prepare, split_records
 from data_pipeline.sources import skimage_dir
-from runtime.device import keep_freed_memory
+from data_pipeline.system import keep_freed_memory
 from runtime.inference import Restorer
 from runtime.mlflow_store import log_to_run
 

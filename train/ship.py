@@ -19,8 +19,8 @@ import torch
 
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import jpeg_roundtrip, output_file, rgb_to_luma
+from data_pipeline.system import keep_freed_memory
 from runtime import checkpoint as ckpt
-from runtime.device import keep_freed_memory
 from runtime.inference import SHIPPED_COLOR, SHIPPED_GRAY, Restorer
 from runtime.metrics.psnr import psnr
 

@@ -20,8 +20,8 @@ from data_pipeline.errors import some
 from data_pipeline.images import BadImage, check_detail, decode_jpeg, jpeg_bytes, read_image
 from data_pipeline.prepare import check_files, load_manifest, split_records
 from data_pipeline.sources import DataError
-from data_pipeline.system import die_with_parent, spawned_pool, usable_cpus
-from runtime.device import autocast_for, keep_freed_memory
+from data_pipeline.system import STOP_SIGNALS, spawned_pool, start_worker, usable_cpus
+from runtime.device import autocast_for
 from runtime.inference import image_to_tensor, to_uint8, with_quality
 from runtime.metrics import image_metrics, min_image_side
 from runtime.metrics import metrics as registered_metrics
@@ -73,19 +73,6 @@ def held_out_items(data: DataConfig, rank: int = 0, world_size: int = 1) -> list
     return items
 
 
-# A stop signal to the process group (Ctrl-C, timeout, scancel) is the trainer's to handle: it validates
-# once more before it saves. Workers ignore them, and hold them blocked until they do from their start.
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def _start_metric_worker(trainer_pid: int) -> None:
-    keep_freed_memory()  # else scikit-image's SSIM page-faults its buffers afresh every image: 3x slower
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    die_with_parent(trainer_pid)  # nothing else would end it after an outright kill (OOM, timeout -k)
-
-
 @contextmanager
 def _stop_signals_held():
     """Stop signals wait (they are not lost) while a worker may start: it inherits the block."""
@@ -104,7 +91,7 @@ class Validator:
         self.jpeg_psnr = [psnr(original, decode_jpeg(jpeg)) for _, _, jpeg, original in self.items]
         self.figures: list[tuple] = []  # (name, quality, original, JPEG, restored) of the last validation
         workers = metric_workers(info) if workers is None else workers
-        self.pool = spawned_pool(workers, _start_metric_worker, (os.getpid(),)) if workers else None
+        self.pool = spawned_pool(workers, start_worker, (os.getpid(), True)) if workers else None  # stop signals: the trainer's
 
     @torch.no_grad()
     def __call__(self, net: torch.nn.Module) -> dict[str, float]:
