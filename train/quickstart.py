@@ -15,22 +15,21 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from data_pipeline.backends import backends
-from data_pipeline.config import DataConfig
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import atomic_write_bytes, read_image
-from data_pipeline.loaders import build_loader
 from data_pipeline.prepare import load_manifest, prepare, split_records
 from data_pipeline.sources import skimage_dir
 from data_pipeline.system import keep_freed_memory
-from runtime.inference import Restorer
 from runtime.mlflow_store import log_to_run
 
 from .evaluate import evaluate, format_table, write_side_by_side
-from .loop.config import load_config
-from .loop.distributed import cleanup, init_distributed
-from .loop.trainer import Trainer
+
+# torch, the loaders and the trainer are imported in the functions that use them: the evaluation's
+# metric workers import this module again (spawn does), as train/evaluate.py says
+if TYPE_CHECKING:
+    from .loop.trainer import Trainer
 
 QUALITIES = [10, 20, 30, 40]
 VAL_FRACTION = 0.2  # holds out 3 of the 17 photographs: astronaut, camera, retina
@@ -40,6 +39,10 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "unet_bn.toml"
 
 
 def check_loaders(prepared: Path) -> None:
+    from data_pipeline.backends import backends
+    from data_pipeline.config import DataConfig
+    from data_pipeline.loaders import build_loader
+
     for backend in [name for name, cls in backends().items() if cls.unavailable() is None]:
         loader = build_loader(DataConfig(backend=backend, prepared_dir=str(prepared), batch_size=8))
         start, n = time.perf_counter(), 0
@@ -56,6 +59,10 @@ def centre_crop(img, size: int):
 
 
 def train(prepared: Path, out: Path, steps: int) -> Trainer:
+    from .loop.config import load_config
+    from .loop.distributed import cleanup, init_distributed
+    from .loop.trainer import Trainer
+
     cfg = load_config(CONFIG, [f"data.prepared_dir={json.dumps(str(prepared))}", "data.dataset=skimage",
                                f"data.val_fraction={VAL_FRACTION}", f"data.qualities={QUALITIES}",
                                "data.batch_size=16", f"train.max_steps={steps}", f"train.val_every={max(steps // 2, 1)}",
@@ -99,6 +106,8 @@ def main(argv=None) -> int:
     images = {f["name"]: read_image(prepared / f["original"]["path"], "gray") for f in split_records(load_manifest(prepared), "val")}
     if args.eval_size:
         images = {name: centre_crop(img, args.eval_size) for name, img in images.items()}
+    from runtime.inference import Restorer
+
     restorer = Restorer(best)
     results, extra = evaluate(images, QUALITIES, restore=restorer, keep=2)
     print(log_to_run(restorer.meta.get("mlflow_run_id"),
