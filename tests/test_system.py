@@ -83,19 +83,20 @@ if __name__ == "__main__":
     assert not any(map(alive, workers))
 
 
-@pytest.mark.parametrize("pool", ["evaluate", "training", "quickstart"])
+@pytest.mark.parametrize("pool", ["evaluate", "training", "quickstart", "quality_bound"])
 def test_a_metric_worker_starts_without_torch(pool):
     """A spawned worker imports its command's main module again before it runs anything: the metric
-    workers of evaluate, the trainer and the quickstart each imported torch, 1.6 s and 230 MB a
-    worker before it scored anything, where 0.2-0.3 s and 30-41 MB do. Here as spawn prepares a
-    worker, then the modules of what the pool runs in it."""
+    workers of evaluate, the trainer, the quickstart and quality_bound each imported torch, 1.6 s
+    and 230 MB a worker before it scored anything, where 0.2-0.3 s and 30-41 MB do. Here as spawn
+    prepares a worker, then the modules of what the pool runs in it."""
     from data_pipeline.system import start_worker
     from runtime.metrics import image_metrics
     from train import evaluate
 
     main, run = {"evaluate": ({"init_main_from_name": "train.evaluate"}, [evaluate._jpeg_metrics, evaluate.ImageFile]),
                  "training": ({"init_main_from_path": str(REPO / "train" / "main.py")}, [image_metrics]),
-                 "quickstart": ({"init_main_from_name": "train.quickstart"}, [evaluate._jpeg_metrics])}[pool]
+                 "quickstart": ({"init_main_from_name": "train.quickstart"}, [evaluate._jpeg_metrics]),
+                 "quality_bound": ({"init_main_from_name": "train.quality_bound"}, [evaluate._jpeg_metrics])}[pool]
     modules = [f.__module__ for f in (start_worker, *run)]
     code = (f"import importlib, multiprocessing.spawn, sys\nmultiprocessing.spawn.prepare({main!r})\n"
             f"for m in {modules!r}:\n    importlib.import_module(m)\n"

@@ -27,11 +27,12 @@ from data_pipeline.images import BadImage, check_detail, read_image
 from data_pipeline.prepare import split_of, without_copies
 from data_pipeline.sources import DataError, dataset_dir, not_a_file, source_images
 from data_pipeline.system import keep_freed_memory
-from runtime import checkpoint as ckpt
-from runtime.inference import Restorer, trained_qualities
 from runtime.metrics import min_image_side
 
 from .evaluate import evaluate
+
+# torch and the model are imported in main: the evaluation's metric workers import this module again
+# (spawn does), as train/evaluate.py says
 
 
 def validation_images(meta: dict, data_root: str | None) -> dict[str, np.ndarray]:
@@ -76,6 +77,9 @@ def proposed_bound(gains: dict[int, tuple[float, float]], trained_max: int, min_
 
 @command
 def main(argv=None) -> int:
+    from runtime import checkpoint as ckpt
+    from runtime.inference import Restorer, trained_qualities
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--data-root", help="data root (default: $JPEG_RESTORE_DATA_ROOT)")
