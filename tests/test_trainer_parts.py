@@ -652,3 +652,15 @@ def test_the_step_line_shows_no_psnr_before_a_validation_and_a_resumed_runs_last
         fresh.update(3, step)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [line.split(" val_psnr ")[1].split()[0] for line in lines] == ["-", "31.25", "30.50"], lines
+
+
+def test_a_run_imports_dali_only_where_its_loader_is_dali():
+    """Every run's tags named DALI's version, imported for that alone where the loader was torch's
+    or the resident one: 0.3 s and 66 MB of rank 0's process."""
+    from data_pipeline.loaders import dali_available
+
+    code = ("import sys, torch\nfrom train.loop.tracking import system_tags\n"
+            "for loader in ('torch', 'dali'):\n"
+            "    print(loader, 'dali' in system_tags(torch.device('cpu'), 1, 'fp32', loader), 'nvidia.dali' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.stdout == f"torch False False\ndali {dali_available()} {dali_available()}\n", proc.stderr[-2000:]

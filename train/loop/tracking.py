@@ -29,13 +29,14 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def system_tags(device, world_size: int, precision: str) -> dict[str, str]:
+def system_tags(device, world_size: int, precision: str, loader: str) -> dict[str, str]:
     import torch
 
     tags = {"device": str(device), "device_name": device_name(device),
-            "world_size": str(world_size), "precision": precision, "torch": torch.__version__,
+            "world_size": str(world_size), "precision": precision, "loader": loader, "torch": torch.__version__,
             "python": platform.python_version(), "host": platform.node(), "cpu_threads": str(torch.get_num_threads())}
-    for name, module in (("dali", "nvidia.dali"), ("mlflow", "mlflow")):
+    # DALI's version where the run's loader is DALI's: imported for a tag alone, it cost rank 0 0.3 s and 66 MB
+    for name, module in [("mlflow", "mlflow")] + ([("dali", "nvidia.dali")] if loader == "dali" else []):
         try:
             tags[name] = __import__(module, fromlist=["__version__"]).__version__
         except ImportError:

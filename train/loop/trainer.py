@@ -139,8 +139,8 @@ class Trainer:
         self.tracker = make_tracker(cfg.tracking.enabled, self.out, cfg.tracking.offline, experiment=cfg.tracking.experiment,
                                     run_name=cfg.tracking.run_name or f"{cfg.model.arch}-{self.out.resolve().name}",
                                     tracking_uri=cfg.tracking.tracking_uri, run_id=run_id, timeout_s=cfg.tracking.timeout_s,
-                                    tags={**system_tags(self.device, self.info.world_size, cfg.train.precision),
-                                          "arch": cfg.model.arch, "loader": self.loader.backend,
+                                    tags={**system_tags(self.device, self.info.world_size, cfg.train.precision, self.loader.backend),
+                                          "arch": cfg.model.arch,
                                           "data_root": str(self.data_root or ""), **{k: str(v) for k, v in cfg.tracking.tags.items()}})
         atomic_write_bytes(self.out / "config.toml", to_toml(cfg).encode())
         self.tracker.log_params({**flatten(to_dict(cfg)), "params": self.params, "out": str(self.out),
