@@ -79,6 +79,8 @@ def train(prepared: Path, out: Path, steps: int) -> Trainer:
 
 @command
 def main(argv=None) -> int:
+    from runtime.inference import Restorer
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("outputs/quickstart"))
     ap.add_argument("--steps", type=int, default=400, help="training steps (400: a few minutes on 2 CPU cores)")
@@ -106,8 +108,6 @@ def main(argv=None) -> int:
     images = {f["name"]: read_image(prepared / f["original"]["path"], "gray") for f in split_records(load_manifest(prepared), "val")}
     if args.eval_size:
         images = {name: centre_crop(img, args.eval_size) for name, img in images.items()}
-    from runtime.inference import Restorer
-
     restorer = Restorer(best)
     results, extra = evaluate(images, QUALITIES, restore=restorer, keep=2)
     print(log_to_run(restorer.meta.get("mlflow_run_id"),
