@@ -12,7 +12,7 @@ from PIL import Image
 from data_pipeline.images import is_gray
 
 from .checkpoint import load_model
-from .device import autocast_for, inference_channels_last
+from .device import autocast_for, inference_channels_last, resolve_precision
 from .tiling import restore_tensor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ class Restorer:
         self.model, self.meta = load_model(checkpoint, self.device)
         layout = torch.channels_last if inference_channels_last(self.device) else torch.contiguous_format
         self.model.to(self.device, memory_format=layout)
-        self.mode, self.autocast = self.meta["mode"], lambda: autocast_for(precision, self.device)
+        self.mode, self.precision = self.meta["mode"], resolve_precision(precision, self.device)  # 'auto' resolved
         self.ensemble = ensemble
         self.conditioned = is_conditioned(self.meta)
 
@@ -104,7 +104,7 @@ class Restorer:
         x = image_to_tensor(img, self.device)
         if self.conditioned:
             x = with_quality(x, quality)
-        with self.autocast():
+        with autocast_for(self.precision, self.device):
             y = restore_tensor(self.model, x, ensemble=self.ensemble)
         del x  # the input's float copy, before rounding the output needs memory (as restore does)
         return to_uint8(y[0])

@@ -9,9 +9,11 @@ import sys
 import time
 
 import pytest
+import torch
 from train_runs import REPO, run
 
 from runtime.checkpoint import load_model
+from runtime.device import resolve_precision
 
 
 @pytest.mark.slow
@@ -25,6 +27,7 @@ def test_quickstart_runs_end_to_end_on_embedded_images(tmp_path):
     res = json.loads((tmp_path / "qs" / "results.json").read_text())
     assert res["images"] == ["astronaut", "camera", "retina"]
     assert set(res["results"]) == {"10", "20", "30", "40"} and "model" in res["results"]["10"]
+    assert res["precision"] == resolve_precision("auto", torch.device("cpu"))  # as it trained: bf16 where native
     assert len(list((tmp_path / "qs" / "side_by_side").glob("*.png"))) == 2
     assert load_model(tmp_path / "qs" / "run" / "image_compression_model.pth")[1]["arch"] == "unet"
 

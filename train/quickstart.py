@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     images = {f["name"]: read_image(prepared / f["original"]["path"], "gray") for f in split_records(load_manifest(prepared), "val")}
     if args.eval_size:
         images = {name: centre_crop(img, args.eval_size) for name, img in images.items()}
-    restorer = Restorer(best)
+    restorer = Restorer(best, precision="auto")  # bf16 where it is native, as the training ran: 3x faster there
     results, extra = evaluate(images, QUALITIES, restore=restorer, keep=2)
     print(log_to_run(restorer.meta.get("mlflow_run_id"),
                      {f"skimage_heldout_{kind}_{m}_q{q}": v for q, r in results.items() for kind, ms in r.items() for m, v in ms.items()}))
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     print(table)
     atomic_write_bytes(out / "results.md", ("```\n" + table + "\n```\n").encode())
     atomic_write_bytes(out / "results.json", json.dumps({"dataset": "skimage held-out", "images": sorted(images),
-                                                          "checkpoint": str(best), "results": results}, indent=2).encode())
+                                                          "checkpoint": str(best), "precision": restorer.precision, "results": results}, indent=2).encode())
     figures = write_side_by_side({10: extra["kept"][10]}, out / "side_by_side")
     print(f"wrote {out / 'results.md'}, {best} and {len(figures)} side-by-side images in {out / 'side_by_side'}")
     return 0
