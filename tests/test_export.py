@@ -3,6 +3,7 @@ photographs with real ONNX Runtime. A small DnCNN is trained for real (about 15 
 on tiles of the embedded photographs (camera and coffee held out for the restore test)."""
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -67,32 +68,42 @@ def tiny_checkpoint(arch: str, path: Path, channels: int = 1) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """arch -> (its tiny checkpoint, the info of its ONNX export), each exported once for the tests
+    below (torch's export of the tiny NAFNet with dynamic height and width takes 9 s here)."""
+    @functools.cache
+    def export(arch: str) -> tuple[Path, dict]:
+        folder = tmp_path_factory.mktemp(f"tiny_{arch}")
+        path = tiny_checkpoint(arch, folder / f"{arch}.pth")
+        return path, export_onnx(path, folder / f"{arch}.onnx")
+    return export
+
+
 @pytest.mark.parametrize("arch", architectures())
-def test_onnx_round_trip_parity_for_every_architecture(arch, tmp_path, photo_pair):
+def test_onnx_round_trip_parity_for_every_architecture(arch, tiny_export, photo_pair):
     """A real photograph crop (odd size) through PyTorch and through ONNX Runtime: same pixels."""
-    path = tiny_checkpoint(arch, tmp_path / f"{arch}.pth")
-    info = export_onnx(path, tmp_path / f"{arch}.onnx")
+    path, info = tiny_export(arch)
     model, _ = ckpt.load_model(path)
     assert info["tile"] == getattr(model, "tile", 0)
     x = image_to_tensor(jpeg_roundtrip(photo_pair[0][:75, :101], 10), "cpu")
     torch_out = make_runner("torch", path).restore(x)
-    ort_out = make_runner("onnxruntime", tmp_path / f"{arch}.onnx").restore(x)  # tile size from the sidecar
+    ort_out = make_runner("onnxruntime", info["path"]).restore(x)  # tile size from the sidecar
     assert ort_out.shape == x.shape
     assert float((torch_out - ort_out).abs().max()) <= 1e-4
 
 
 @pytest.mark.parametrize("arch", ["nafnet", "restormer"])
-def test_channel_layernorm_exports_as_one_fused_node(arch, tmp_path):
+def test_channel_layernorm_exports_as_one_fused_node(arch, tiny_export):
     """Each LayerNorm2d is one LayerNormalization node in the ONNX graph (which ONNX Runtime and
     TensorRT run fused), not the mean, variance and division spelled out."""
     import onnx
 
     from runtime.models.nafnet import LayerNorm2d
 
-    path = tiny_checkpoint(arch, tmp_path / f"{arch}.pth")
-    export_onnx(path, tmp_path / f"{arch}.onnx")
+    path, info = tiny_export(arch)
     norms = sum(isinstance(m, LayerNorm2d) for m in ckpt.load_model(path)[0].modules())
-    ops = [n.op_type for n in onnx.load(tmp_path / f"{arch}.onnx").graph.node]
+    ops = [n.op_type for n in onnx.load(info["path"]).graph.node]
     assert norms > 0 and ops.count("LayerNormalization") == norms and "Pow" not in ops
 
 
