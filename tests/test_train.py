@@ -82,10 +82,11 @@ def test_evaluate_cli_runs_a_checkpoint_on_test_images(smoke_run, tmp_path, tile
     for name in sorted(p.name for p in tiles_dir.iterdir())[-3:]:
         shutil.copy(tiles_dir / name, subset / name)
     proc = run([sys.executable, "-m", "train.evaluate", "--checkpoint", str(out / "image_compression_model.pth"),
-                "--dataset", str(subset), "--qualities", "10", "--json", str(tmp_path / "r.json"), "--log-mlflow"], env)
+                "--dataset", str(subset), "--qualities", "10", "--json", str(tmp_path / "r.json"), "--log-mlflow", "--precision", "auto"], env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["arch"] == "dncnn" and res["images"] == 3
+    assert res["precision"] == resolve_precision("auto", torch.device("cpu"))  # what ran, not 'auto'
     jpeg, model = res["results"]["10"]["jpeg"], res["results"]["10"]["model"]
     assert 20 < jpeg["psnr"] < 40 and 15 < model["psnr"] < 45  # 6 smoke steps: about the JPEG itself
     run_id = torch.load(out / "image_compression_model.pth", weights_only=True)["mlflow_run_id"]

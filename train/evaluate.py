@@ -235,7 +235,7 @@ def write_side_by_side(kept: dict, out_dir: Path) -> list[Path]:
 def main(argv=None) -> int:
     import torch
 
-    from runtime.device import add_device_option, check_device, emulated_precision_warning
+    from runtime.device import add_device_option, check_device, emulated_precision_warning, resolve_precision
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", help="data root (default: $JPEG_RESTORE_DATA_ROOT)")
@@ -294,7 +294,8 @@ def main(argv=None) -> int:
     print(format_table(title, results))
     if args.json:
         atomic_write_json(args.json, {"dataset": args.dataset, "images": len(images), "skipped": skipped, **fields,
-                                      "self_ensemble": bool(models and args.self_ensemble), "precision": args.precision,
+                                      "self_ensemble": bool(models and args.self_ensemble),
+                                      "precision": resolve_precision(args.precision, torch.device(args.device)),  # what ran: not 'auto'
                                       "results": results, "per_image": extra["per_image"]})
     if args.side_by_side:
         write_side_by_side(extra["kept"], args.side_by_side)
