@@ -319,6 +319,21 @@ def test_dali_cpu_decodes_and_distorts_like_pillow(photo_pair, mode):
     assert row["distortion_max_abs_diff"] == 0 and result["png_decode_ms"] > 0
 
 
+@needs_dali
+def test_dali_reads_the_data_files_without_mapping_them(real_images, tmp_path):
+    """DALI's file reader mapped the files it read ahead: one cut short under a mapping killed the
+    process with SIGBUS (the damaged-file test below crashed its pytest worker so, once in many
+    runs) instead of the error that names it."""
+    prepared = tmp_path / "prep"
+    prepare(real_images, prepared, "gray", [10], val_fraction=0.0, progress=False)
+    loader = build_loader(DataConfig(prepared_dir=str(prepared), qualities=[10], patch_size=32, batch_size=2,
+                                     backend="dali", workers=0, cache_mb=0))
+    next(iter(loader))
+    assert [line for line in Path("/proc/self/maps").read_text().splitlines() if str(prepared) in line] == []
+    del loader
+    gc.collect()
+
+
 @pytest.mark.parametrize("backend, workers", [("torch", 0), ("torch", 2), pytest.param("dali", 0, marks=needs_dali)])
 def test_a_file_damaged_during_training_is_named(real_images, tmp_path, backend, workers):
     """The files are checked before the first step; one cut short after that (the backends read them
