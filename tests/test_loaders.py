@@ -319,15 +319,20 @@ def test_dali_cpu_decodes_and_distorts_like_pillow(photo_pair, mode):
     assert row["distortion_max_abs_diff"] == 0 and result["png_decode_ms"] > 0
 
 
+def _small_loader(real_images, tmp_path, backend: str, workers: int):
+    """The six photographs prepared at q10 (nothing held out) and a loader of 32-px patches, batch 2."""
+    prepared = tmp_path / "prep"
+    prepare(real_images, prepared, "gray", [10], val_fraction=0.0, progress=False)
+    return prepared, build_loader(DataConfig(prepared_dir=str(prepared), qualities=[10], patch_size=32, batch_size=2,
+                                             backend=backend, workers=workers, cache_mb=0))
+
+
 @needs_dali
 def test_dali_reads_the_data_files_without_mapping_them(real_images, tmp_path):
     """DALI's file reader mapped the files it read ahead: one cut short under a mapping killed the
     process with SIGBUS (the damaged-file test below crashed its pytest worker so, once in many
     runs) instead of the error that names it."""
-    prepared = tmp_path / "prep"
-    prepare(real_images, prepared, "gray", [10], val_fraction=0.0, progress=False)
-    loader = build_loader(DataConfig(prepared_dir=str(prepared), qualities=[10], patch_size=32, batch_size=2,
-                                     backend="dali", workers=0, cache_mb=0))
+    prepared, loader = _small_loader(real_images, tmp_path, "dali", 0)
     next(iter(loader))
     assert [line for line in Path("/proc/self/maps").read_text().splitlines() if str(prepared) in line] == []
     del loader
@@ -338,11 +343,7 @@ def test_dali_reads_the_data_files_without_mapping_them(real_images, tmp_path):
 def test_a_file_damaged_during_training_is_named(real_images, tmp_path, backend, workers):
     """The files are checked before the first step; one cut short after that (the backends read them
     again each epoch) failed with the backend's decode traceback. It is named as before training."""
-    prepared = tmp_path / "prep"
-    prepare(real_images, prepared, "gray", [10], val_fraction=0.0, progress=False)
-    cfg = DataConfig(prepared_dir=str(prepared), qualities=[10], patch_size=32, batch_size=2, backend=backend,
-                     workers=workers, cache_mb=0)
-    loader = build_loader(cfg)
+    prepared, loader = _small_loader(real_images, tmp_path, backend, workers)
     assert len(list(loader)) == 3  # six images, batch 2
     sizes = {}
     for f in load_manifest(prepared)["files"]:  # every JPEG cut short: DALI has read ahead into the next epoch
