@@ -301,7 +301,7 @@ def test_a_batch_larger_than_the_memory_is_one_line(tiles_dir, tmp_path):
     assert re.fullmatch(
         r"error: out of memory on cpu in training step 1 \((the host refused [\d,]+ MiB more|oneDNN could not create a primitive, "
         r"[\d.]+ of the process's [\d.]+ GiB address-space limit in use)\): a batch of 16 160x160 "
-        rf"patches through dncnn \(9.5 M parameters, {resolve_precision('auto', torch.device('cpu'))}\) needs more than "
+        rf"patches through dncnn \(9.46 M parameters, {resolve_precision('auto', torch.device('cpu'))}\) needs more than "
         r"the device has: lower data.batch_size or data.patch_size; nothing kept from before",
         proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
 

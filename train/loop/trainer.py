@@ -453,7 +453,7 @@ class Trainer:
 
     def _out_of_memory(self, found: str) -> "OutOfMemory":
         d, t = self.cfg.data, self.cfg.train
-        model = f"{self.cfg.model.arch} ({self.params / 1e6:.1f} M parameters, {t.precision})"
+        model = f"{self.cfg.model.arch} ({self.params / 1e6:.3g} M parameters, {t.precision})"  # 3 digits: 0.0201 M, 9.46 M
         where = f"out of memory on {self.device}" + (f" (rank {self.info.rank})" if self.info.distributed else "")
         if self.validating:
             what = (f"validating at step {self.step} ({found}): {model} on the held-out images in {TILE}-px tiles needs "
