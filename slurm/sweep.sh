@@ -38,9 +38,10 @@ ARGS_TEXT=$(python -m train.sweep args "$INDEX" --sweep "$SWEEP_FILE" --sweep-id
 mapfile -t TASK_ARGS <<< "$ARGS_TEXT"
 echo "sweep $SWEEP_ID task $INDEX (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname): $NPROC processes x $OMP_NUM_THREADS threads -> $OUT"
 
-# --shutdown-timeout: after passing SIGTERM on, torchrun waits this long (not its 30 s) for the workers
-# to save before it SIGKILLs them; Slurm's own kill comes 120 s after the signal
-srun --kill-on-bad-exit=1 python -m torch.distributed.run --shutdown-timeout 100 --standalone --nproc_per_node "$NPROC" \
+# train.launch is torchrun with a stop by a signal said in one line, not a traceback. --shutdown-timeout:
+# after passing SIGTERM on, torchrun waits this long (not its 30 s) for the workers to save before it
+# SIGKILLs them; Slurm's own kill comes 120 s after the signal
+srun --kill-on-bad-exit=1 python -m train.launch --shutdown-timeout 100 --standalone --nproc_per_node "$NPROC" \
     train/main.py "${TASK_ARGS[@]}" --out "$OUT" --resume "$@" &
 child=$!
 requeue() {

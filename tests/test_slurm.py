@@ -111,6 +111,7 @@ def test_sigterm_checkpoints_requeues_and_resumes(cluster, sweep_env, tmp_path):
     text = log.read_text()
     assert set(states.values()) == {"COMPLETED"}, f"{states}\n{text[-3000:]}"
     assert "got SIGTERM, saving a checkpoint and requeueing" in text and "(restart 1)" in text, text[-3000:]
+    assert "Traceback" not in text and "torchrun: stopped by SIGTERM, passed on to the workers" in text, text[-6000:]
     assert f"note: the sweep has 8 tasks (0..7) and this job array ends at {unet}; sbatch --array=0-7" in text
     stopped = int(text.split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert 10 <= stopped < 60 and f"at step {stopped} (epoch" in text  # resumed where it stopped
