@@ -215,3 +215,37 @@ def log_to_run(run_id: str | None, metrics: dict[str, float], files: list[Path] 
     except Exception as exc:  # noqa: BLE001 - a store that does not answer
         return f"not logged to MLflow run {run_id}: {first_line(exc)}"
     return f"logged {len(metrics)} metrics to MLflow run {target}"
+
+
+SHIPPED_ALIAS = "shipped"
+
+
+def register_shipped(run_id: str | None, model_file: Path, tags: dict[str, str]) -> str:
+    """A shipped model file as a new version of the registered model named by its stem, with the
+    alias `shipped` on it: the file is logged to its training run (artifacts `shipped/<name>/`), so
+    the MLflow UI's Models page lists what was shipped when and from which run, and a version stays
+    downloadable (`mlflow artifacts download -u models:/<name>/<version>`) after the file is
+    replaced. One line on what happened; a checkpoint whose run is not in the store is said, not raised."""
+    name = Path(model_file).stem
+    try:
+        target = _destination(run_id, None)
+        import mlflow
+
+        client = mlflow.MlflowClient()
+
+        def call(fn, *args, **kwargs):
+            return within(CALL_TIMEOUT_S, lambda: retry(fn, *args, **kwargs))
+        call(client.log_artifact, target, str(model_file), f"shipped/{name}")
+        try:
+            call(client.create_registered_model, name, description="the model `python -m train.ship` writes to "
+                                                                    f"{Path(model_file).name}; alias {SHIPPED_ALIAS}: the one shipped now")
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = call(client.create_model_version, name, f"runs:/{target}/shipped/{name}", target, tags=tags)
+        call(client.set_registered_model_alias, name, SHIPPED_ALIAS, version.version)
+    except UserError as exc:
+        return f"not registered in MLflow: {exc}"
+    except Exception as exc:  # noqa: BLE001 - a store that does not answer
+        return f"not registered in MLflow (run {run_id}): {first_line(exc)}"
+    return f"registered in MLflow as {name} version {version.version} (alias {SHIPPED_ALIAS}), from run {target}"

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,3 +197,39 @@ def test_ship_refuses_the_shipped_file_onto_itself_a_cap_of_zero_and_a_folder(tm
     with pytest.raises(UserError, match=f"--out {tmp_path} is a folder: name the model file"):
         ship(SHIPPED_GRAY, tmp_path, force=True)  # was "checkpoint ... not found", naming the folder
     assert SHIPPED_GRAY.read_bytes() == before and not (tmp_path / "out.pth").exists()
+
+
+def test_ship_makes_each_shipped_file_a_version_of_an_mlflow_registered_model(tmp_path, monkeypatch, capsys):
+    """Each ship of a checkpoint whose run is in the store is a new version of the registered model
+    named by the file, the alias `shipped` on the newest, its bytes kept in the run's artifacts; a
+    checkpoint whose run is not in the store is shipped all the same and said not registered."""
+    import mlflow
+    from train_runs import private_store
+
+    from runtime import checkpoint as ckpt
+    from runtime.artifacts import file_sha256
+    from train.ship import main
+
+    uri = private_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("jpeg-restore", (tmp_path / "artifacts").as_uri()))
+    trained = tmp_path / "run" / "image_compression_model.pth"  # the shipped U-Net as that run's best model
+    ckpt.save({**torch.load(SHIPPED_GRAY, weights_only=True), "mlflow_run_id": run.info.run_id}, trained)
+    out = tmp_path / "image_compression_model.pth"
+    for version, args in ((1, []), (2, ["--force"])):  # the same validation PSNR: forced the second time
+        assert main([str(trained), "--out", str(out), *args]) == 0
+        said = capsys.readouterr().out.strip().splitlines()
+        assert said[-1] == f"registered in MLflow as image_compression_model version {version} (alias shipped), " \
+                           f"from run {run.info.run_id}", said
+    shipped = client.get_model_version_by_alias("image_compression_model", "shipped")
+    assert int(shipped.version) == 2 and shipped.run_id == run.info.run_id
+    assert shipped.tags["sha256"] == file_sha256(out) and shipped.tags["arch"] == "unet" and shipped.tags["val_psnr"] == "32.3331"
+    got = Path(mlflow.artifacts.download_artifacts("models:/image_compression_model@shipped", dst_path=str(tmp_path / "got")))
+    assert (got / "image_compression_model.pth").read_bytes() == out.read_bytes()
+
+    assert main([str(SHIPPED_GRAY), "--out", str(tmp_path / "elsewhere.pth")]) == 0  # its run: another store's
+    said = capsys.readouterr().out.strip().splitlines()
+    assert said[-1] == f"not registered in MLflow: run 829b448857454669bd7d40b27bdf8c50 is not in the store {uri} " \
+                       "(a model trained against another store: point MLFLOW_TRACKING_URI at that one)", said
+    assert (tmp_path / "elsewhere.pth").is_file() and [m.name for m in client.search_registered_models()] == ["image_compression_model"]

@@ -6,7 +6,9 @@ float weights are stored as fp16 (they load back into fp32 models; the output ch
     python -m train.ship runs/unet-gpu/image_compression_model.pth
 
 It replaces the shipped model only when the new one validated better on the same held-out images
-(same dataset, channel mode, qualities and split); --force ships it anyway.
+(same dataset, channel mode, qualities and split); --force ships it anyway. The shipped file then
+becomes a new version of the MLflow registered model of its name (alias `shipped`), logged to the
+checkpoint's training run, when that run is in the store.
 """
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ from data_pipeline.errors import UserError, command
 from data_pipeline.images import jpeg_roundtrip, output_file, rgb_to_luma
 from data_pipeline.system import keep_freed_memory
 from runtime import checkpoint as ckpt
+from runtime.artifacts import file_sha256
 from runtime.inference import SHIPPED_COLOR, SHIPPED_GRAY, Restorer
 from runtime.metrics.psnr import psnr
+from runtime.mlflow_store import register_shipped
 
 MAX_MB = 40.0
 WEIGHT_KEYS = ("format", "arch", "kwargs", "mode", "channels", "state_dict", "config", "metrics", "step", "mlflow_run_id",
@@ -56,10 +60,14 @@ def output_change_db(fp32_file: Path, fp16_file: Path, mode: str) -> float:
     return float("inf") if np.array_equal(a, b) else psnr(a, b)
 
 
+def shipped_file(mode: str) -> Path:
+    return SHIPPED_COLOR if mode == "rgb" else SHIPPED_GRAY
+
+
 def ship(source: Path, out: Path | None = None, max_mb: float = MAX_MB, force: bool = False) -> str:
     ckpt.load_model(source)  # a model checkpoint that rebuilds, or a one-line error
     blob = {k: v for k, v in ckpt.load(source).items() if k in WEIGHT_KEYS}
-    out = out or (SHIPPED_COLOR if blob["mode"] == "rgb" else SHIPPED_GRAY)
+    out = out or shipped_file(blob["mode"])
     if out.exists() and out.resolve() == Path(source).resolve():
         raise UserError(f"{source} is {out} itself: ship a run's checkpoint, not the shipped file")
     if not max_mb > 0:
@@ -92,6 +100,15 @@ def ship(source: Path, out: Path | None = None, max_mb: float = MAX_MB, force: b
     return f"{report}, {size:.1f} MB"
 
 
+def register(shipped: Path) -> str:
+    """The shipped file as a new version of its MLflow registered model, tagged with what it is."""
+    blob = ckpt.load(shipped)
+    val_psnr = blob.get("metrics", {}).get("val_psnr", float("nan"))
+    tags = {"arch": blob["arch"], "mode": blob["mode"], "val_psnr": f"{val_psnr:.4f}", "validated_on": validation_set(blob),
+            "file": str(shipped.resolve()), "sha256": file_sha256(shipped)}
+    return register_shipped(blob.get("mlflow_run_id"), shipped, tags)
+
+
 @command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,6 +119,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     keep_freed_memory()
     print(ship(args.checkpoint, args.out, args.max_mb, args.force))
+    out = args.out or shipped_file(ckpt.load(args.checkpoint)["mode"])
+    print(register(out))
     return 0
 
 
