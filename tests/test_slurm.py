@@ -17,6 +17,7 @@ import mlflow
 import pytest
 import torch
 from slurm_cluster import LocalSlurm, ensure_installed
+from train_runs import private_store
 
 from train.loop.state import latest_state
 from train.sweep import load_sweep, tasks
@@ -125,6 +126,22 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_the_multi_node_script_trains_on_the_nodes_it_is_given(cluster, tiles_dir, tmp_path):
+    """slurm/train.sbatch on the one node there is: two processes rendezvous (c10d) at the first node of
+    the allocation and train one model, recorded in the MLflow store the job was submitted with."""
+    env = {"MLFLOW_TRACKING_URI": private_store(tmp_path), "CPU_PROCS": "2", "RDZV_PORT": str(_free_port())}
+    job = cluster.run("sbatch", "--parsable", "--nodes=1", "--cpus-per-task=2", f"--output={tmp_path}/slurm-%j.out",
+                      "slurm/train.sbatch", "--config", str(REPO / "configs" / "arcnn.toml"), "--smoke", "--set", "data.backend=torch",
+                      "--set", f"data.dataset={tiles_dir}", "--out", str(tmp_path / "out"), cwd=REPO, env=env)
+    states = cluster.wait_done(job, timeout=600)
+    text = (tmp_path / f"slurm-{job}.out").read_text()
+    assert states == {job: "COMPLETED"}, f"{states}\n{text[-3000:]}"
+    assert f"job {job}: 1 nodes x 2 processes x 1 threads" in text and "weights in sync on 2 ranks" in text, text[-3000:]
+    assert "Setting OMP_NUM_THREADS" not in text, text[-3000:]  # torchrun's 1 thread a process, whatever the job has
+    (run,) = _runs(env, "jpeg-restore")
+    assert run.info.status == "FINISHED" and (tmp_path / "out" / "image_compression_model.pth").is_file()
 
 
 def test_two_simulated_nodes_train_one_model(tiles_dir, tmp_path):
