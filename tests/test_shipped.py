@@ -227,6 +227,7 @@ def test_ship_makes_each_shipped_file_a_version_of_an_mlflow_registered_model(tm
     assert shipped.tags["sha256"] == file_sha256(out) and shipped.tags["arch"] == "unet" and shipped.tags["val_psnr"] == "32.3331"
     got = Path(mlflow.artifacts.download_artifacts("models:/image_compression_model@shipped", dst_path=str(tmp_path / "got")))
     assert (got / "image_compression_model.pth").read_bytes() == out.read_bytes()
+    assert torch.load(out, weights_only=True)["restore_max_quality"] == 75  # restore's bound, as the checkpoint had it
 
     assert main([str(SHIPPED_GRAY), "--out", str(tmp_path / "elsewhere.pth")]) == 0  # its run: another store's
     said = capsys.readouterr().out.strip().splitlines()
