@@ -249,3 +249,13 @@ def register_shipped(run_id: str | None, model_file: Path, tags: dict[str, str])
     except Exception as exc:  # noqa: BLE001 - a store that does not answer
         return f"not registered in MLflow (run {run_id}): {first_line(exc)}"
     return f"registered in MLflow as {name} version {version.version} (alias {SHIPPED_ALIAS}), from run {target}"
+
+
+def shipped_runs(client) -> dict[str, list[str]]:
+    """{run id: the registered models whose `shipped` version came from it} in the client's store."""
+    found: dict[str, list[str]] = {}
+    for model in client.search_registered_models():
+        if SHIPPED_ALIAS in model.aliases:
+            version = client.get_model_version(model.name, model.aliases[SHIPPED_ALIAS])
+            found.setdefault(version.run_id, []).append(model.name)
+    return found

@@ -208,6 +208,7 @@ def test_ship_makes_each_shipped_file_a_version_of_an_mlflow_registered_model(tm
 
     from runtime import checkpoint as ckpt
     from runtime.artifacts import file_sha256
+    from train.compare import main as main_compare
     from train.ship import main
 
     uri = private_store(tmp_path)
@@ -228,6 +229,9 @@ def test_ship_makes_each_shipped_file_a_version_of_an_mlflow_registered_model(tm
     got = Path(mlflow.artifacts.download_artifacts("models:/image_compression_model@shipped", dst_path=str(tmp_path / "got")))
     assert (got / "image_compression_model.pth").read_bytes() == out.read_bytes()
     assert torch.load(out, weights_only=True)["restore_max_quality"] == 75  # restore's bound, as the checkpoint had it
+    assert main_compare(["--experiment", "jpeg-restore", "--out", str(tmp_path / "compare")]) == 0
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row.startswith(f"| {run.info.run_name} (shipped as image_compression_model) |"), row
 
     assert main([str(SHIPPED_GRAY), "--out", str(tmp_path / "elsewhere.pth")]) == 0  # its run: another store's
     said = capsys.readouterr().out.strip().splitlines()

@@ -1,7 +1,8 @@
 """Compare the runs of an MLflow experiment (e.g. a sweep): one row per run with arch, params,
 MACs per pixel, training time, images/s, best validation PSNR/SSIM and LIVE1 PSNR/SSIM/PSNR-B
 per quality (logged by `train.evaluate --log-mlflow`), as markdown and CSV, plus plots of PSNR
-against training time and against parameters.
+against training time and against parameters. The run of a shipped model (`train.ship`, the MLflow
+registry's alias `shipped`) says so.
 
     python -m train.compare --experiment jpeg-sweep [--out outputs/compare] [--dataset live1_gray]
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import atomic_write_bytes, check_output_folder
 from runtime.metrics import metrics
-from runtime.mlflow_store import latency_metric, resolve_tracking_uri
+from runtime.mlflow_store import latency_metric, resolve_tracking_uri, shipped_runs
 
 QUALITIES = (10, 20, 30, 40)
 SILENT_S = 600  # a RUNNING run that has logged nothing for this long is said to be silent
@@ -57,14 +58,15 @@ def collect(experiment: str, dataset: str = "live1_gray") -> tuple[list[dict], d
         names = sorted(e.name for e in client.search_experiments() if e.name != "Default")  # MLflow's own, empty
         there = f" (it holds {', '.join(map(repr, names))}: --experiment NAME)" if names else " (it holds none yet)"
         raise UserError(f"no MLflow experiment {experiment!r} in {mlflow.get_tracking_uri()}{there}")
-    rows, jpeg = [], {}
+    rows, jpeg, shipped = [], {}, shipped_runs(client)
     for run in mlflow.search_runs(experiment_names=[experiment], output_format="list"):
         p, m, t = run.data.params, run.data.metrics, run.data.tags
         history = client.get_metric_history(run.info.run_id, "images_per_s")
         rate = sorted(history, key=lambda h: h.step)[1:] or history  # the first window includes start-up
         best_psnr, best_ssim = _best_val(client, run.info.run_id)
         curve = val_curve(client, run.info.run_id)
-        row = {"run": run.info.run_name, "run_id": run.info.run_id, "status": _status(run, history), "arch": p.get("model.arch"),
+        row = {"run": run.info.run_name, "run_id": run.info.run_id, "shipped_as": " ".join(shipped.get(run.info.run_id, [])),
+               "status": _status(run, history), "arch": p.get("model.arch"),
                "grid_point": t.get("grid_point", ""), "params_m": float(p["params"]) / 1e6 if "params" in p else None,
                "macs_per_pixel_k": float(p["macs_per_pixel"]) / 1e3 if "macs_per_pixel" in p else None,
                "train_time_min": m["total_wall_time_s"] / 60 if "total_wall_time_s" in m else None,
@@ -110,7 +112,8 @@ def markdown(rows: list[dict], jpeg: dict, dataset: str) -> str:
     if jpeg:
         lines.append("| JPEG |" + " - |" * (8 + len(latency)) + " " + " | ".join(cell(jpeg, q) for q in qs) + " |")
     for r in rows:
-        cells = [r["run"], _fmt(r["arch"]), r["status"], _fmt(r["params_m"], 3), _fmt(r["macs_per_pixel_k"], 1), _fmt(r["train_time_min"], 1),
+        name = r["run"] + (f" (shipped as {r['shipped_as']})" if r.get("shipped_as") else "")
+        cells = [name, _fmt(r["arch"]), r["status"], _fmt(r["params_m"], 3), _fmt(r["macs_per_pixel_k"], 1), _fmt(r["train_time_min"], 1),
                  _fmt(r["images_per_s"], 1), _fmt(r["best_val_psnr"]), _fmt(r["best_val_ssim"], 4)]
         cells += [_fmt(r[k], 1) for k, _ in latency]
         cells += [cell(r, q) for q in qs]
