@@ -98,6 +98,11 @@ def within(seconds: float, call, setting: str = ""):
     return result.get("value")
 
 
+def call(fn, *args, **kwargs):
+    """fn(*args, **kwargs) against the store: retried while SQLite is locked, at most CALL_TIMEOUT_S."""
+    return within(CALL_TIMEOUT_S, lambda: retry(fn, *args, **kwargs))
+
+
 @contextmanager
 def store_lock(uri: str):
     """Serialises creating the SQLite schema and experiment across processes (a sweep's tasks
@@ -172,7 +177,7 @@ def _destination(run_id: str | None, record_dir: Path | None) -> str | None:
             raise UserError(f"run {run_id} was recorded offline and not imported (python -m train.import_run)")
         run_id = imported
     try:
-        within(CALL_TIMEOUT_S, lambda: retry(mlflow.MlflowClient().get_run, run_id))
+        call(mlflow.MlflowClient().get_run, run_id)
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise UserError(f"run {run_id} is not in the store {uri} (a model trained against another store: "
@@ -206,10 +211,9 @@ def log_to_run(run_id: str | None, metrics: dict[str, float], files: list[Path] 
 
         client = mlflow.MlflowClient()
         stamp = int(time.time() * 1000)
-        within(CALL_TIMEOUT_S, lambda: retry(client.log_batch, target, [mlflow.entities.Metric(k, float(v), stamp, 0)
-                                                                      for k, v in metrics.items()]))
+        call(client.log_batch, target, [mlflow.entities.Metric(k, float(v), stamp, 0) for k, v in metrics.items()])
         for f in files:
-            within(CALL_TIMEOUT_S, lambda f=f: retry(client.log_artifact, target, str(f), artifact_path))
+            call(client.log_artifact, target, str(f), artifact_path)
     except UserError as exc:  # a store that cannot be used, e.g. a server that does not answer
         return f"not logged to MLflow: {exc}"
     except Exception as exc:  # noqa: BLE001 - a store that does not answer
@@ -232,13 +236,10 @@ def register_shipped(run_id: str | None, model_file: Path, tags: dict[str, str])
         import mlflow
 
         client = mlflow.MlflowClient()
-
-        def call(fn, *args, **kwargs):
-            return within(CALL_TIMEOUT_S, lambda: retry(fn, *args, **kwargs))
         call(client.log_artifact, target, str(model_file), f"shipped/{name}")
         try:
-            call(client.create_registered_model, name, description="the model `python -m train.ship` writes to "
-                                                                    f"{Path(model_file).name}; alias {SHIPPED_ALIAS}: the one shipped now")
+            call(client.create_registered_model, name,
+                 description=f"{Path(model_file).name} as `python -m train.ship` wrote it; alias {SHIPPED_ALIAS}: the one shipped now")
         except mlflow.exceptions.MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
