@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 from data_pipeline.errors import UserError, first_line
 from data_pipeline.images import check_output_folder
 
+from .artifacts import file_sha256
+
 DEFAULT_DIR = Path("mlruns")
 RECORD = "mlflow_record.jsonl"  # a run recorded without MLflow (train.loop.tracking.RecordTracker)
 # "Creating initial MLflow database tables..." in the middle of a run's log: MLflow's news, not the run's
@@ -226,7 +228,8 @@ SHIPPED_ALIAS = "shipped"
 
 def register_shipped(run_id: str | None, model_file: Path, tags: dict[str, str]) -> str:
     """A shipped model file as a new version of the registered model named by its stem, with the
-    alias `shipped` on it: the file is logged to its training run (artifacts `shipped/<name>/`), so
+    alias `shipped` on it: the file is logged to its training run (artifacts `shipped/<name>/<the
+    first 12 digits of its SHA-256>/`, so a second ship of the same run keeps the first's bytes), so
     the MLflow UI's Models page lists what was shipped when and from which run, and a version stays
     downloadable (`mlflow artifacts download -u models:/<name>/<version>`) after the file is
     replaced. One line on what happened; a checkpoint whose run is not in the store is said, not raised."""
@@ -236,14 +239,15 @@ def register_shipped(run_id: str | None, model_file: Path, tags: dict[str, str])
         import mlflow
 
         client = mlflow.MlflowClient()
-        call(client.log_artifact, target, str(model_file), f"shipped/{name}")
+        folder = f"shipped/{name}/{file_sha256(model_file)[:12]}"
+        call(client.log_artifact, target, str(model_file), folder)
         try:
             call(client.create_registered_model, name,
                  description=f"{Path(model_file).name} as `python -m train.ship` wrote it; alias {SHIPPED_ALIAS}: the one shipped now")
         except mlflow.exceptions.MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        version = call(client.create_model_version, name, f"runs:/{target}/shipped/{name}", target, tags=tags)
+        version = call(client.create_model_version, name, f"runs:/{target}/{folder}", target, tags=tags)
         call(client.set_registered_model_alias, name, SHIPPED_ALIAS, version.version)
     except UserError as exc:
         return f"not registered in MLflow: {exc}"

@@ -218,16 +218,21 @@ def test_ship_makes_each_shipped_file_a_version_of_an_mlflow_registered_model(tm
     trained = tmp_path / "run" / "image_compression_model.pth"  # the shipped U-Net as that run's best model
     ckpt.save({**torch.load(SHIPPED_GRAY, weights_only=True), "mlflow_run_id": run.info.run_id}, trained)
     out = tmp_path / "image_compression_model.pth"
-    for version, args in ((1, []), (2, ["--force"])):  # the same validation PSNR: forced the second time
+    files = []
+    # the same validation PSNR: forced the second time, in fp16 (other bytes from the same run)
+    for version, args in ((1, []), (2, ["--force", "--max-mb", "5"])):
         assert main([str(trained), "--out", str(out), *args]) == 0
         said = capsys.readouterr().out.strip().splitlines()
         assert said[-1] == f"registered in MLflow as image_compression_model version {version} (alias shipped), " \
                            f"from run {run.info.run_id}", said
+        files.append(out.read_bytes())
     shipped = client.get_model_version_by_alias("image_compression_model", "shipped")
     assert int(shipped.version) == 2 and shipped.run_id == run.info.run_id
     assert shipped.tags["sha256"] == file_sha256(out) and shipped.tags["arch"] == "unet" and shipped.tags["val_psnr"] == "32.3331"
-    got = Path(mlflow.artifacts.download_artifacts("models:/image_compression_model@shipped", dst_path=str(tmp_path / "got")))
-    assert (got / "image_compression_model.pth").read_bytes() == out.read_bytes()
+    for version, model in ((1, "models:/image_compression_model/1"), (2, "models:/image_compression_model@shipped")):
+        got = Path(mlflow.artifacts.download_artifacts(model, dst_path=str(tmp_path / f"got{version}")))
+        assert (got / "image_compression_model.pth").read_bytes() == files[version - 1]  # the first kept by the second
+    assert files[0] != files[1]
     assert torch.load(out, weights_only=True)["restore_max_quality"] == 75  # restore's bound, as the checkpoint had it
     assert main_compare(["--experiment", "jpeg-restore", "--out", str(tmp_path / "compare")]) == 0
     row = capsys.readouterr().out.splitlines()[2]
