@@ -64,10 +64,11 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tiles_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_run_recorded_without_mlflow_is_imported_and_continued(tiles_dir, tmp_path, monkeypatch, capsys):
-    """The GPU machine has no MLflow: the run is recorded to a file, imported here, and a later
-    call continues from its weights (train.init_from)."""
+    """The GPU machine has no MLflow: the run is recorded to a file, imported here (where its model,
+    once shipped, is registered to it), and a later call continues from its weights (train.init_from)."""
     from train.evaluate import main as evaluate
     from train.import_run import main as import_run
+    from train.ship import main as ship
 
     tiles, env = tiles_dir, env_for(tmp_path)
     for key in ("JPEG_RESTORE_DATA_ROOT", "MLFLOW_TRACKING_URI"):  # the in-process commands below read them too
@@ -85,6 +86,8 @@ def test_a_run_recorded_without_mlflow_is_imported_and_continued(tiles_dir, tmp_
     eval_args = ["--checkpoint", str(out / "image_compression_model.pth"), "--dataset", str(few), "--qualities", "10", "--log-mlflow"]
     assert evaluate(eval_args) == 0  # evaluated on the GPU machine, before the import: added to the record
     assert f"to {out / 'mlflow_record.jsonl'}" in capsys.readouterr().out
+    assert ship([str(out / "image_compression_model.pth"), "--out", str(tmp_path / "early.pth")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("not registered in MLflow: run offline-")
     assert import_run([str(out), "--tag", "gpu=none (test)"]) == 0
     (r,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert r.info.status == "FINISHED" and r.data.tags["gpu"] == "none (test)" and r.info.run_name == "dncnn-gpu-run"
@@ -93,6 +96,9 @@ def test_a_run_recorded_without_mlflow_is_imported_and_continued(tiles_dir, tmp_
     assert [m.step for m in mlflow.MlflowClient().get_metric_history(r.info.run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
     assert {"config.toml", "image_compression_model.pth", "curves.png"} <= {a.path for a in mlflow.MlflowClient().list_artifacts(r.info.run_id)}
     capsys.readouterr()
+    assert ship([str(out / "image_compression_model.pth"), "--out", str(tmp_path / "shipped.pth")]) == 0  # to the imported run
+    assert capsys.readouterr().out.strip().splitlines()[-1] == \
+        f"registered in MLflow as shipped version 1 (alias shipped), from run {r.info.run_id}"
     assert import_run([str(out)]) == 2 and "already in the store" in capsys.readouterr().err
     assert evaluate(eval_args) == 0 and f"to MLflow run {r.info.run_id}" in capsys.readouterr().out
     best = out / "image_compression_model.pth"
