@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -231,8 +232,8 @@ def register_shipped(run_id: str | None, model_file: Path, tags: dict[str, str])
     alias `shipped` on it: the file is logged to its training run (artifacts `shipped/<name>/<the
     first 12 digits of its SHA-256>/`, so a second ship of the same run keeps the first's bytes), so
     the MLflow UI's Models page lists what was shipped when and from which run, and a version stays
-    downloadable (`mlflow artifacts download -u models:/<name>/<version>`) after the file is
-    replaced. One line on what happened; a checkpoint whose run is not in the store is said, not raised."""
+    usable after the file is replaced (`--checkpoint models:/<name>/<version>`: checkpoint_path).
+    One line on what happened; a checkpoint whose run is not in the store is said, not raised."""
     name = Path(model_file).stem
     try:
         target = _destination(run_id, None)
@@ -264,3 +265,40 @@ def shipped_runs(client) -> dict[str, list[str]]:
             version = client.get_model_version(model.name, model.aliases[SHIPPED_ALIAS])
             found.setdefault(version.run_id, []).append(model.name)
     return found
+
+
+REGISTRY_DIR = Path("outputs/registry")  # registered versions downloaded once: a version's file never changes
+
+
+def checkpoint_path(value: str, cache: Path = REGISTRY_DIR) -> Path:
+    """A command's checkpoint argument: a file, or a registered model version as MLflow names it,
+    `models:/<name>/<version>` or `models:/<name>@<alias>` (`models:/image_compression_model@shipped`),
+    whose file is downloaded once into outputs/registry/<name>/<version>/."""
+    if not value.startswith("models:/"):
+        return Path(value)
+    import mlflow
+
+    ref = value[len("models:/"):]
+    name, by_alias, alias = ref.partition("@")
+    number = ""
+    if not by_alias:
+        name, _, number = ref.rpartition("/")
+    if not name or not (alias or number.isdigit()):
+        raise UserError(f"{value}: a registered model is models:/<name>/<version> or models:/<name>@<alias>")
+    uri = resolve_tracking_uri(create=False)
+    client = mlflow.MlflowClient(uri)
+    try:
+        version = call(client.get_model_version_by_alias, name, alias) if alias else call(client.get_model_version, name, number)
+    except mlflow.exceptions.MlflowException as exc:
+        raise UserError(f"{value}: {first_line(exc)} (store {uri})") from None
+    folder = cache / name / str(version.version)
+    if not folder.is_dir():
+        check_output_folder(cache)
+        partial = folder.with_name(f"{folder.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        call(mlflow.artifacts.download_artifacts, f"models:/{name}/{version.version}", dst_path=str(partial), tracking_uri=uri)
+        partial.rename(folder)
+    files = sorted(folder.glob("*.pth"))
+    if len(files) != 1:
+        raise UserError(f"{value}: version {version.version} holds {len(files)} .pth files in {folder}, not one")
+    return files[0]

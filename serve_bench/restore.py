@@ -44,6 +44,7 @@ from export.artifacts import DEPLOY_DIR, artifact_for
 from runtime.checkpoint import load_model
 from runtime.device import PRECISIONS, add_device_option, check_device, emulated_precision_warning, native_bf16
 from runtime.inference import SHIPPED_GRAY, image_to_tensor, in_model_mode, is_conditioned, shipped_model, to_uint8, trained_qualities, with_quality
+from runtime.mlflow_store import checkpoint_path
 from runtime.runners import make_runner, runners
 from runtime.tiling import tile_count
 
@@ -180,8 +181,9 @@ def main(argv=None) -> int:
     ap.add_argument("inputs", nargs="+", type=Path, help="JPEG images or folders of images")
     ap.add_argument("-o", "--out", type=Path, required=True, help="output folder for the restored PNGs")
     ap.add_argument("--backend", default="torch", choices=names)
-    ap.add_argument("--checkpoint", type=Path, help="model for gray images (and color, unless --color-checkpoint)")
-    ap.add_argument("--color-checkpoint", type=Path, help="RGB model for color images")
+    ap.add_argument("--checkpoint", type=checkpoint_path, help="model for gray images (and color, unless --color-checkpoint); "
+                    "a file, or a registered version: models:/NAME@ALIAS, models:/NAME/VERSION")
+    ap.add_argument("--color-checkpoint", type=checkpoint_path, help="RGB model for color images")
     ap.add_argument("--deploy-dir", type=Path, default=DEPLOY_DIR, help="exported ONNX files / TensorRT engines (python export/to_trt.py)")
     add_device_option(ap)
     ap.add_argument("--precision", choices=PRECISIONS, default="auto",

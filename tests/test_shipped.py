@@ -199,15 +199,17 @@ def test_ship_refuses_the_shipped_file_onto_itself_a_cap_of_zero_and_a_folder(tm
     assert SHIPPED_GRAY.read_bytes() == before and not (tmp_path / "out.pth").exists()
 
 
-def test_ship_makes_each_shipped_file_a_version_of_an_mlflow_registered_model(tmp_path, monkeypatch, capsys):
+def test_ship_makes_each_shipped_file_a_version_of_an_mlflow_registered_model(photos, tmp_path, monkeypatch, capsys):
     """Each ship of a checkpoint whose run is in the store is a new version of the registered model
-    named by the file, the alias `shipped` on the newest, its bytes kept in the run's artifacts; a
-    checkpoint whose run is not in the store is shipped all the same and said not registered."""
+    named by the file, the alias `shipped` on the newest, its bytes kept in the run's artifacts, and
+    the commands take a version or alias where they take a checkpoint; a checkpoint whose run is not
+    in the store is shipped all the same and said not registered."""
     import mlflow
     from train_runs import private_store
 
     from runtime import checkpoint as ckpt
     from runtime.artifacts import file_sha256
+    from serve_bench.restore import main as restore
     from train.compare import main as main_compare
     from train.ship import main
 
@@ -233,6 +235,19 @@ def test_ship_makes_each_shipped_file_a_version_of_an_mlflow_registered_model(tm
         got = Path(mlflow.artifacts.download_artifacts(model, dst_path=str(tmp_path / f"got{version}")))
         assert (got / "image_compression_model.pth").read_bytes() == files[version - 1]  # the first kept by the second
     assert files[0] != files[1]
+    monkeypatch.chdir(tmp_path)  # versions are downloaded into outputs/registry/ once
+    Image.fromarray(jpeg_roundtrip(rgb_to_luma(photos["coffee"])[:96, :128], 10)).save(tmp_path / "photo.jpg", quality=10)
+    restored = {}
+    for name, model in (("alias", "models:/image_compression_model@shipped"), ("v1", "models:/image_compression_model/1"),
+                        ("file", str(out))):
+        assert restore([str(tmp_path / "photo.jpg"), "-o", str(tmp_path / name), "--checkpoint", model]) == 0
+        restored[name] = (tmp_path / name / "photo.png").read_bytes()
+    assert (tmp_path / "outputs/registry/image_compression_model/1/image_compression_model.pth").read_bytes() == files[0]
+    assert restored["alias"] == restored["file"]  # the alias: the file shipped now (version 1: the fp32 weights, above)
+    capsys.readouterr()
+    assert restore([str(tmp_path / "photo.jpg"), "-o", str(tmp_path / "none"), "--checkpoint", "models:/image_compression_model/9"]) == 2
+    assert capsys.readouterr().err.strip() == "error: models:/image_compression_model/9: Model Version (name=image_compression_model, " \
+                                              f"version=9) not found (store {uri})"
     assert torch.load(out, weights_only=True)["restore_max_quality"] == 75  # restore's bound, as the checkpoint had it
     assert main_compare(["--experiment", "jpeg-restore", "--out", str(tmp_path / "compare")]) == 0
     row = capsys.readouterr().out.splitlines()[2]

@@ -44,7 +44,7 @@ from data_pipeline.sources import DataError, dataset_dir, not_a_file
 from data_pipeline.system import keep_freed_memory, spawned_pool, start_worker, usable_cpus
 from runtime.figures import side_by_side
 from runtime.metrics import image_metrics, metrics, min_image_side
-from runtime.mlflow_store import log_to_run, resolve_tracking_uri, unloggable
+from runtime.mlflow_store import checkpoint_path, log_to_run, resolve_tracking_uri, unloggable
 
 # torch and the models are imported where they are used: the metric workers import this module again
 # (spawn does), and without torch each starts in 0.3 s and 41 MB instead of 1.6 s and 228 MB
@@ -246,7 +246,8 @@ def main(argv=None) -> int:
     ap.add_argument("--side-by-side", type=Path, help="write original | JPEG | restored PNGs here (of an image over about 30 MP, "
                     "its centre)")
     ap.add_argument("--side-by-side-count", type=int, default=2)
-    ap.add_argument("--checkpoint", type=Path, help="model checkpoint to evaluate (default: the shipped model)")
+    ap.add_argument("--checkpoint", type=checkpoint_path, help="model checkpoint to evaluate (default: the shipped model); "
+                    "a file, or a registered version: models:/NAME@ALIAS, models:/NAME/VERSION")
     ap.add_argument("--jpeg-only", action="store_true", help="only the JPEG baseline, no model")
     add_device_option(ap, default="cpu")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"], help="inference precision")

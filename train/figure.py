@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -30,6 +29,7 @@ from data_pipeline.system import keep_freed_memory
 from runtime.figures import panel_strip
 from runtime.inference import Restorer
 from runtime.metrics.psnr import psnr
+from runtime.mlflow_store import checkpoint_path
 
 
 def worst_crop(original: np.ndarray, jpeg: np.ndarray, size: int) -> tuple[slice, slice]:
@@ -61,7 +61,7 @@ def figure(images: dict[str, np.ndarray], models: list[tuple[str, Restorer]], qu
 @command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoints", nargs="+", type=Path, help="models, one column each (labelled by architecture)")
+    ap.add_argument("checkpoints", nargs="+", type=checkpoint_path, help="models, one column each (labelled by architecture)")
     ap.add_argument("--labels", help="comma-separated column labels (default: each checkpoint's arch)")
     ap.add_argument("--data-root", help="data root (default: $JPEG_RESTORE_DATA_ROOT)")
     ap.add_argument("--dataset", default="live1_gray")
