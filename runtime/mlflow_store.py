@@ -294,10 +294,12 @@ def checkpoint_path(value: str, cache: Path = REGISTRY_DIR) -> Path:
     folder = cache / name / str(version.version)
     if not folder.is_dir():
         check_output_folder(cache)
-        partial = folder.with_name(f"{folder.name}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
+        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")  # renamed when complete
         call(mlflow.artifacts.download_artifacts, f"models:/{name}/{version.version}", dst_path=str(partial), tracking_uri=uri)
-        partial.rename(folder)
+        try:
+            partial.rename(folder)
+        except OSError:  # another process got it there first
+            shutil.rmtree(partial, ignore_errors=True)
     files = sorted(folder.glob("*.pth"))
     if len(files) != 1:
         raise UserError(f"{value}: version {version.version} holds {len(files)} .pth files in {folder}, not one")
