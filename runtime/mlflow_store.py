@@ -228,8 +228,8 @@ SHIPPED_ALIAS = "shipped"
 
 
 def register_shipped(run_id: str | None, model_file: Path, tags: dict[str, str]) -> str:
-    """A shipped model file as a new version of the registered model named by its stem, with the
-    alias `shipped` on it: the file is logged to its training run (artifacts `shipped/<name>/<the
+    """A shipped model file as a new version of the registered model named by its stem, tagged with
+    `tags` and its SHA-256, with the alias `shipped` on it: the file is logged to its training run (artifacts `shipped/<name>/<the
     first 12 digits of its SHA-256>/`, so a second ship of the same run keeps the first's bytes), so
     the MLflow UI's Models page lists what was shipped when and from which run, and a version stays
     usable after the file is replaced (`--checkpoint models:/<name>/<version>`: checkpoint_path).
@@ -240,7 +240,8 @@ def register_shipped(run_id: str | None, model_file: Path, tags: dict[str, str])
         import mlflow
 
         client = mlflow.MlflowClient()
-        folder = f"shipped/{name}/{file_sha256(model_file)[:12]}"
+        sha256 = file_sha256(model_file)
+        folder = f"shipped/{name}/{sha256[:12]}"
         call(client.log_artifact, target, str(model_file), folder)
         try:
             call(client.create_registered_model, name,
@@ -248,7 +249,7 @@ def register_shipped(run_id: str | None, model_file: Path, tags: dict[str, str])
         except mlflow.exceptions.MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        version = call(client.create_model_version, name, f"runs:/{target}/{folder}", target, tags=tags)
+        version = call(client.create_model_version, name, f"runs:/{target}/{folder}", target, tags={**tags, "sha256": sha256})
         call(client.set_registered_model_alias, name, SHIPPED_ALIAS, version.version)
     except UserError as exc:
         return f"not registered in MLflow: {exc}"

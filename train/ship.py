@@ -23,7 +23,6 @@ from data_pipeline.errors import UserError, command
 from data_pipeline.images import jpeg_roundtrip, output_file, rgb_to_luma
 from data_pipeline.system import keep_freed_memory
 from runtime import checkpoint as ckpt
-from runtime.artifacts import file_sha256
 from runtime.inference import SHIPPED_COLOR, SHIPPED_GRAY, Restorer
 from runtime.metrics.psnr import psnr
 from runtime.mlflow_store import register_shipped
@@ -105,7 +104,7 @@ def register(shipped: Path) -> str:
     blob = ckpt.load(shipped)
     val_psnr = blob.get("metrics", {}).get("val_psnr", float("nan"))
     tags = {"arch": blob["arch"], "mode": blob["mode"], "val_psnr": f"{val_psnr:.4f}", "validated_on": validation_set(blob),
-            "file": str(shipped.resolve()), "sha256": file_sha256(shipped)}
+            "file": str(shipped.resolve())}
     return register_shipped(blob.get("mlflow_run_id"), shipped, tags)
 
 
