@@ -349,7 +349,10 @@ def parse_qualities(text: str) -> list[int]:
         if "-" in text:
             span, _, step = text.partition(":")
             lo, hi = (int(v) for v in span.split("-"))
-            qualities = list(range(lo, hi + 1, int(step or 1)))
+            step = int(step or 1)
+            if lo > hi or step < 1:
+                raise DataError(f"--qualities range goes from low to high by a step of at least 1, got {text!r}")
+            qualities = list(range(lo, hi + 1, step))
         else:
             qualities = [int(q) for q in text.split(",") if q.strip()]
     except ValueError:

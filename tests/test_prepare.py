@@ -307,3 +307,6 @@ def test_quality_ranges_for_blind_training():
     assert parse_qualities("5-95:5") == list(range(5, 96, 5)) and parse_qualities("10,40") == [10, 40]
     with pytest.raises(DataError, match="range like 5-95:5"):
         parse_qualities("ten")
+    for backwards in ("40-10", "5-95:-5", "5-95:0"):  # said to be outside 1..100, or a traceback, before
+        with pytest.raises(DataError, match="range goes from low to high by a step of at least 1"):
+            parse_qualities(backwards)
