@@ -15,6 +15,24 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
+def test_every_console_script_runs_and_the_readme_names_it(capsys):
+    """`pip install -e .` puts each [project.scripts] command on the PATH: each one's --help works, and the
+    Layout section's list of them is complete (train.ship and train.quality_bound had none)."""
+    import importlib
+    import tomllib
+
+    import pytest
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1]
+    assert not [name for name in scripts if f"`{name}`" not in layout], "console scripts the README does not name"
+    for module in ("train.ship", "train.quality_bound", "train.figure"):  # users' steps in the README
+        assert f"{module}:main" in scripts.values(), f"{module} has no console script"
+    for name, target in scripts.items():
+        module, _, func = target.partition(":")
+        with pytest.raises(SystemExit) as exit_:
+            getattr(importlib.import_module(module), func)(["--help"])
+        assert exit_.value.code == 0 and "usage:" in capsys.readouterr().out, name
 
 
 def _github_anchor(heading: str) -> str:
