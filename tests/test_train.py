@@ -325,10 +325,17 @@ def test_a_run_reports_what_preparing_its_images_skipped(real_images, tmp_path):
                                "in both training and validation)"
 
 
-def test_missing_data_root_is_one_line(tmp_path):
+def test_missing_data_root_is_one_line_and_leaves_no_folder(tmp_path):
+    """The start made <out>/.lock and <out>/checkpoints/ (and the folders above), which stayed; a folder
+    that was there keeps what it held."""
     env = {k: v for k, v in os.environ.items() if k != "JPEG_RESTORE_DATA_ROOT"}
-    proc = run([sys.executable, MAIN, *SMOKE, "--out", str(tmp_path / "out")], env)
+    proc = run([sys.executable, MAIN, *SMOKE, "--out", str(tmp_path / "new" / "out")], env)
     assert proc.returncode == 2 and "error: no data root" in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    proc = run([sys.executable, MAIN, *SMOKE, "--out", str(tmp_path / "mine")], env)
+    assert proc.returncode == 2 and os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 
 def test_a_best_checkpoint_or_state_folder_that_cannot_be_written_fails_before_the_first_step(tiles_dir, tmp_path):

@@ -83,7 +83,10 @@ class OutputLock:
         self.file = f
         return self
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """remove: the lock file goes too (a run that stopped before it began)."""
+        if self.file is not None and remove:
+            self.path.unlink(missing_ok=True)
         if self.file is not None:
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
