@@ -338,6 +338,17 @@ def test_missing_data_root_is_one_line_and_leaves_no_folder(tmp_path):
     assert proc.returncode == 2 and os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 
+def test_a_run_that_fails_as_it_starts_its_mlflow_run_ends_it_failed(tiles_dir, tmp_path):
+    """The run's config.toml cannot be written (a folder of that name): the MLflow run just begun stayed RUNNING."""
+    (tmp_path / "out" / "config.toml").mkdir(parents=True)
+    env = env_for(tmp_path)
+    proc = run([sys.executable, MAIN, *smoke_args(tiles_dir), "--out", str(tmp_path / "out")], env)
+    assert proc.returncode == 2 and "config.toml: Is a directory" in proc.stderr, proc.stderr[-2000:]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    (r,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert r.info.status == "FAILED"
+
+
 def test_a_best_checkpoint_or_state_folder_that_cannot_be_written_fails_before_the_first_step(tiles_dir, tmp_path):
     (tmp_path / "a_file").write_text("")
     (tmp_path / "out2").mkdir()
