@@ -664,7 +664,7 @@ def test_compare_without_a_store_says_so_and_creates_none(tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip()
     assert err == f"error: no MLflow store at {tmp_path / 'mlruns' / 'mlflow.db'} (train a model first, or point " \
                   "MLFLOW_TRACKING_URI at the store)", err
-    assert not (tmp_path / "mlruns").exists()
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "cmp").exists()  # nor its --out (it did)
 
 
 def _store_with_experiment(tmp_path, monkeypatch, name: str):
