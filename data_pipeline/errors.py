@@ -106,24 +106,47 @@ def say_error(line: str) -> None:
             pass
 
 
+_UNDO: list = []  # what the running command takes back if it fails, newest first
+
+
+def undo_on_failure(action) -> None:
+    """Something a command does before its work (an output folder made at its check) that it takes back
+    when it fails, so a wrong option or a missing data root leaves nothing behind."""
+    _UNDO.append(action)
+
+
 def command(main):
-    """Wraps a command's main(argv) -> int: one `error:` line and exit 2 on a UserError."""
+    """Wraps a command's main(argv) -> int: one `error:` line and exit 2 on a UserError; a command that
+    fails (any exit but 0) takes back what it registered with undo_on_failure."""
     @functools.wraps(main)
     def wrapped(argv=None) -> int:
+        start, code = len(_UNDO), 1  # a command run by another (the quickstart's) takes back only its own
         try:
-            return main(argv)
-        except ReportedElsewhere:
-            time.sleep(ReportedElsewhere.GRACE_S)
-            return 2
-        except UserError as exc:
-            say_error(f"error: {exc}")
-            return 2
-        except (RuntimeError, MemoryError) as exc:
-            if (what := out_of_memory(exc)) is None:
-                raise
-            say_error(f"error: out of memory ({what})")
-            return 2
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
+            code = _run(main, argv)
+        finally:
+            while len(_UNDO) > start:
+                action = _UNDO.pop()
+                if code not in (0, None):
+                    action()
+        return code
     return wrapped
+
+
+def _run(main, argv) -> int:
+    """main(argv), its user errors as one line and exit 2."""
+    try:
+        return main(argv)
+    except ReportedElsewhere:
+        time.sleep(ReportedElsewhere.GRACE_S)
+        return 2
+    except UserError as exc:
+        say_error(f"error: {exc}")
+        return 2
+    except (RuntimeError, MemoryError) as exc:
+        if (what := out_of_memory(exc)) is None:
+            raise
+        say_error(f"error: out of memory ({what})")
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

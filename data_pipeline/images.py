@@ -3,6 +3,7 @@ BT.601 luma, Pillow JPEG round trips and atomic writes."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import UserError, WriteError
+from .errors import UserError, WriteError, undo_on_failure
 
 IMAGE_SUFFIXES = {".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg"}
 MODES = ("gray", "rgb")
@@ -177,6 +178,11 @@ def _umask() -> int:
     return mask
 
 
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # something was written into it
+        folder.rmdir()
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """Write via a temp file in the same folder and rename, so readers never see a partial file."""
     path = Path(path)
@@ -232,9 +238,12 @@ def _is_json(path: Path) -> bool:
 
 
 def check_output_folder(out: Path) -> None:
-    """The output folder exists (or is made) and takes files: commands check it before any work."""
+    """The output folder exists (or is made) and takes files: commands check it before any work. The
+    folders made go again, if still empty, when the command fails."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a folder")
+    for folder in reversed([p for p in (Path(out).absolute(), *Path(out).absolute().parents) if not p.exists()]):
+        undo_on_failure(lambda folder=folder: _remove_if_empty(folder))  # outermost first: undone last
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix=".write-probe-")

@@ -655,6 +655,25 @@ def test_a_device_this_machine_lacks_is_one_line_before_any_work(tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("module, args", [
+    ("serve_bench.restore", [str(REPO / "docs" / "side_by_side_shipped_gray_q10.png"), "-o", "out/restored", "--checkpoint", "none.pth"]),
+    ("train.evaluate", ["--side-by-side", "out/sbs", "--json", "results/live1.json"]),
+    ("data_pipeline.prepare", ["train400", "--out", "out/prepared"]),
+    ("train.figure", ["none.pth", "--out", "out/figure.png"]),
+])
+def test_a_command_that_fails_leaves_no_folder_it_made(tmp_path, monkeypatch, capsys, module, args):
+    """Each checked its output folders before any work, making them, and left them empty when it then
+    failed (no data root, no checkpoint); a folder that was there stays."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JPEG_RESTORE_DATA_ROOT", raising=False)
+    (tmp_path / "mine").mkdir()
+    assert importlib.import_module(module).main(args) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert os.listdir(tmp_path) == ["mine"]
+
+
 def test_compare_without_a_store_says_so_and_creates_none(tmp_path, monkeypatch, capsys):
     from train.compare import main
 

@@ -48,11 +48,11 @@ def _status(run, history) -> str:
         f"RUNNING? (nothing logged for {silent / 60:.0f} min: killed?)"
 
 
-def collect(experiment: str, dataset: str = "live1_gray", tracking_uri: str = "") -> tuple[list[dict], dict]:
+def collect(experiment: str, dataset: str = "live1_gray") -> tuple[list[dict], dict]:
     """Rows for the runs of `experiment` (newest first) and the JPEG baseline found on them."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri or resolve_tracking_uri(create=False))
+    mlflow.set_tracking_uri(resolve_tracking_uri(create=False))
     client = mlflow.MlflowClient()
     if client.get_experiment_by_name(experiment) is None:
         names = sorted(e.name for e in client.search_experiments() if e.name != "Default")  # MLflow's own, empty
@@ -190,9 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset", default="live1_gray", help="evaluation dataset whose logged metrics to show")
     ap.add_argument("--out", type=Path, default=Path("outputs/compare"))
     args = ap.parse_args(argv)
-    store = resolve_tracking_uri(create=False)  # no store: nothing to write, so no --out made
     check_output_folder(args.out)
-    rows, jpeg = collect(args.experiment, args.dataset, store)
+    rows, jpeg = collect(args.experiment, args.dataset)
     if not rows:
         raise UserError(f"experiment {args.experiment!r} has no runs")
     evaluated = set().union(*(r["evaluated_on"] for r in rows))

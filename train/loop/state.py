@@ -11,6 +11,7 @@ import socket
 import time
 from pathlib import Path
 
+from data_pipeline.errors import undo_on_failure
 from data_pipeline.images import check_output_folder
 from runtime import checkpoint as ckpt
 
@@ -67,6 +68,8 @@ class OutputLock:
 
     def acquire(self) -> "OutputLock":
         check_output_folder(self.path.parent)
+        if not self.path.exists():  # so that a command that fails leaves no lock file in a folder it made
+            undo_on_failure(lambda: self.path.unlink(missing_ok=True))
         f = open(self.path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -83,10 +86,7 @@ class OutputLock:
         self.file = f
         return self
 
-    def release(self, remove: bool = False) -> None:
-        """remove: the lock file goes too (a run that stopped before it began)."""
-        if self.file is not None and remove:
-            self.path.unlink(missing_ok=True)
+    def release(self) -> None:
         if self.file is not None:
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()

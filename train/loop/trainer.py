@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import math
@@ -71,7 +70,7 @@ class Trainer:
         try:
             self._set_up(resume, data_root)
         except BaseException:
-            self.close(started=False)
+            self.close()  # the MLflow run a failed start began ends FAILED
             raise
 
     def _set_up(self, resume: bool, data_root: str | None) -> None:
@@ -173,8 +172,6 @@ class Trainer:
                                        "it, another --out starts a new run")
         if not earlier:
             self._check_no_foreign_files()
-        made = {p for folder in (self.out, self.ckpt_dir, self.best_path.parent) for p in (folder, *folder.parents) if not p.exists()}
-        self.made_folders = sorted(made, key=lambda p: len(p.parts), reverse=True)  # innermost first
         lock = OutputLock(self.out).acquire()
         try:
             for folder in (self.ckpt_dir, self.best_path.parent):
@@ -554,20 +551,15 @@ class Trainer:
             for p in sorted((self.out / "val_images").iterdir()):
                 self.tracker.log_artifact(p, "val_images")
 
-    def close(self, started: bool = True) -> None:
-        """Ends the MLflow run: FINISHED after a complete run, KILLED when stopped, FAILED on error.
-        Not started (set-up failed): the output folder goes again if the start made it and it holds nothing."""
+    def close(self) -> None:
+        """Ends the MLflow run: FINISHED after a complete run, KILLED when stopped, FAILED on error."""
         if hasattr(self, "tracker"):
             failed = sys.exc_info()[0] is not None
             self.tracker.close("FINISHED" if self.finished else ("KILLED" if self.stop_signal and not failed else "FAILED"))
         if getattr(self, "validator", None) is not None:
             self.validator.close()
         if self.lock is not None:
-            self.lock.release(remove=not started)
-        if not started:
-            for folder in getattr(self, "made_folders", []):
-                with contextlib.suppress(OSError):  # not empty: something was written into it
-                    folder.rmdir()
+            self.lock.release()
 
 
 class TrainingDiverged(UserError, RuntimeError):
