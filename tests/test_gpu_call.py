@@ -34,3 +34,16 @@ def test_carried_data_accumulates_across_calls_and_is_never_overwritten(tmp_path
     assert (merged / "same.jpg").read_bytes() == b"kept"
     assert proc.returncode == 2 and "unknown step nosuchstep" in proc.stdout
     assert "unknown step nosuchstep" in (tmp_path / "out2/log").read_text() and (tmp_path / "out2/results.tgz").is_file()
+
+
+def test_fits_says_whether_a_call_carrying_paths_stays_within_64_mib(tmp_path):
+    """Measured here before a session's calls: the checkout travels with what a call carries."""
+    small, large = tmp_path / "small", tmp_path / "large"
+    small.mkdir()
+    (small / "a.jpg").write_bytes(b"x" * 1000)
+    with open(large, "wb") as f:
+        f.truncate(64 * 2**20)  # sparse: its size, not its blocks, is what travels
+    fits = subprocess.run(["bash", "scripts/gpu/fits.sh", str(small)], cwd=ROOT, capture_output=True, text=True)
+    assert fits.returncode == 0 and fits.stdout.startswith("fits: checkout ") and "of 64 MiB" in fits.stdout, fits.stderr
+    over = subprocess.run(["bash", "scripts/gpu/fits.sh", str(small), str(large)], cwd=ROOT, capture_output=True, text=True)
+    assert over.returncode == 1 and over.stderr.startswith("too large: checkout ") and "carried 64.0 MiB" in over.stderr, over.stderr

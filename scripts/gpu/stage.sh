@@ -4,11 +4,20 @@
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 DATA=${1:-../shared/data}
-PART_MB=${PART_MB:-40}  # the checkout itself travels too (~22 MB): 64 MiB a call in all
+PART_MB=${PART_MB:-40}  # the checkout travels too (26 MiB in 2026-12): 64 MiB a call in all (scripts/gpu/fits.sh)
 mkdir -p .gpu/data .gpu/wheels .gpu/parts
 for d in train400 live1_gray train_color live1_color; do
     [ -d ".gpu/data/$d" ] || cp -r "$DATA/$d" .gpu/data/
 done
+# train_color in two halves (hard links), for a call whose checkout leaves no room for all of it (a larger shipped model)
+if [ ! -d .gpu/data_b/train_color ]; then
+    mkdir -p .gpu/data_a/train_color .gpu/data_b/train_color
+    half=a
+    for f in .gpu/data/train_color/*; do
+        ln -f "$f" ".gpu/data_$half/train_color/"
+        [ $half = a ] && half=b || half=a
+    done
+fi
 # DALI for Python 3.12 and what the GPU machine's image lacks (its pip list: scripts/gpu/README.md)
 WHEELS="nvidia-dali-cuda130==2.4.0 nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-libnvcomp-cu13==5.3.0.16 nvidia-nvjpeg==13.3.2.43
         astunparse==1.6.3 gast==0.7.0 optree==0.20.0 nvtx==0.2.17 makefun==1.16.0 libcst==1.9.0"
@@ -32,5 +41,5 @@ if [ "${ORT_GPU:-0}" = 1 ] && [ ! -e .gpu/parts/ortsite.txz.00 ]; then  # onnxru
     tar cf - -C "$site" . | xz -9e -T0 > .gpu/ortsite.txz
     split -d -b "${PART_MB}M" .gpu/ortsite.txz .gpu/parts/ortsite.txz. && rm -rf "$site" .gpu/ortsite.txz
 fi
-du -sh .gpu/data/* .gpu/parts/* | sed 's/^/  /'
+du -sh .gpu/data/* .gpu/data_?/* .gpu/parts/* | sed 's/^/  /'
 echo "staged; carry one line of scripts/gpu/README.md per call"
