@@ -242,7 +242,8 @@ def check_output_folder(out: Path) -> None:
     folders made go again, if still empty, when the command fails."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a folder")
-    for folder in reversed([p for p in (Path(out).absolute(), *Path(out).absolute().parents) if not p.exists()]):
+    absolute = Path(out).absolute()
+    for folder in reversed([p for p in (absolute, *absolute.parents) if not p.exists()]):
         undo_on_failure(lambda folder=folder: _remove_if_empty(folder))  # outermost first: undone last
     try:
         out.mkdir(parents=True, exist_ok=True)

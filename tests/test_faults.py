@@ -232,6 +232,28 @@ def test_a_second_training_on_a_busy_out_stops_at_once(tmp_path):
     OutputLock(tmp_path).acquire().release()  # free again
 
 
+def test_a_lock_file_removed_while_it_was_being_taken_is_taken_again(tmp_path, monkeypatch):
+    """A command that fails removes the lock file it made; a training that opened that file just before
+    locked a file no longer at the path, and a third could then lock the new one beside it."""
+    import fcntl
+
+    real_flock, calls = fcntl.flock, []
+
+    def flock_as_the_file_is_replaced(f, op):
+        calls.append(op)
+        if len(calls) == 1:  # between this process's open and its flock, the failing holder's undo ran
+            (tmp_path / ".lock").unlink()
+            (tmp_path / ".lock").touch()
+        return real_flock(f, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_as_the_file_is_replaced)
+    held = OutputLock(tmp_path).acquire()
+    try:
+        assert os.path.samestat(os.fstat(held.file.fileno()), os.stat(tmp_path / ".lock")) and len(calls) == 2
+    finally:
+        held.release()
+
+
 def test_a_dead_holders_lock_is_taken_over(tmp_path):
     code = f"from train.loop.state import OutputLock; OutputLock({str(tmp_path)!r}).acquire(); import os; os._exit(0)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

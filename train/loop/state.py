@@ -60,7 +60,8 @@ def prune_states(directory: Path, keep: int = 2) -> None:
 
 class OutputLock:
     """An exclusive lock on an output folder (flock on `<out>/.lock`, released by the kernel when
-    the holder dies, so a stale lock is taken over). The file names the holder for the error."""
+    the holder dies, so a stale lock is taken over). The file names the holder for the error. A
+    command that fails removes the lock file it made: a lock taken on a file since removed is taken again."""
 
     def __init__(self, out: Path):
         self.path = Path(out) / ".lock"
@@ -68,17 +69,24 @@ class OutputLock:
 
     def acquire(self) -> "OutputLock":
         check_output_folder(self.path.parent)
-        if not self.path.exists():  # so that a command that fails leaves no lock file in a folder it made
+        if not self.path.exists():
             undo_on_failure(lambda: self.path.unlink(missing_ok=True))
-        f = open(self.path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise ckpt.CheckpointError(f"{self.path.parent} is in use by another training ({holder}); "
-                                       "wait for it or choose another --out") from None
+        while True:
+            f = open(self.path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                f.close()
+                raise ckpt.CheckpointError(f"{self.path.parent} is in use by another training ({holder}); "
+                                           "wait for it or choose another --out") from None
+            try:
+                if os.path.samestat(os.fstat(f.fileno()), os.stat(self.path)):
+                    break
+            except FileNotFoundError:
+                pass
+            f.close()  # its holder removed the file as it let go: the lock is on the path's file now
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
