@@ -296,8 +296,9 @@ def main(argv=None) -> int:
         turned += f", EXIF not all readable ({exif_problem}): not turned" if exif_problem else ""
         print(f"{f} -> {target} ({img.shape[1]}x{img.shape[0]}, {saved}, {meta['arch']} {how}, {backend}{turned})")
     left = f", {kept} left as they are (quality above the model's)" if kept else ""
-    print(f"restored {len(files) - failed - kept} of {len(files)} images into {args.out}{left}; "
-          f"peak memory {peak_memory(args.device)}")
+    restored = len(files) - failed - kept
+    where = f"into {args.out}" if restored else "(nothing written)"
+    print(f"restored {restored} of {len(files)} images {where}{left}; peak memory {peak_memory(args.device)}")
     return 1 if failed else 0
 
 

@@ -84,6 +84,9 @@ def test_restore_gives_same_stem_inputs_distinct_outputs(jpegs, tmp_path):
                    "--checkpoint", model)
     assert proc.returncode == 0 and sorted(p.name for p in (tmp_path / "once").iterdir()) == ["photo.png"], proc.stderr
     assert "restored 1 of 1" in proc.stdout
+    (tmp_path / "bad.jpg").write_text("not an image")  # nothing restored: the folder the check made goes again
+    proc = restore(tmp_path / "bad.jpg", "-o", tmp_path / "none", "--checkpoint", model)
+    assert proc.returncode == 1 and "restored 0 of 1 images (nothing written);" in proc.stdout and not (tmp_path / "none").exists()
 
 
 def test_restore_of_a_folder_takes_what_pillow_opens_and_names_the_rest(jpegs, tmp_path, photo_pair):
