@@ -168,3 +168,28 @@ def test_a_tracking_server_that_goes_away_mid_run_costs_the_training_nothing(til
     finally:
         with contextlib.suppress(ProcessLookupError):  # gone already when an assertion came first
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_importing_a_folder_of_records_passes_over_those_in_the_store_and_reports_bad_ones(tmp_path, monkeypatch, capsys):
+    """`import_run docs/results/gpu/runs/*/` again after a new run's record was added: the first record
+    already in the store stopped the import before the new one (and a folder without a record too)."""
+    from train.import_run import main as import_run
+    from train.loop.tracking import make_tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name in ("a", "b"):
+        tracker = make_tracker(True, tmp_path / name, offline=True, experiment="gpu-runs", run_name=name)
+        tracker.log_params({"model.arch": "unet"})
+        tracker.log_metrics({"val_psnr": 32.0}, 100)
+        tracker.close("FINISHED")
+    (tmp_path / "c").mkdir()  # no record
+    assert import_run([str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert import_run([str(tmp_path / name) for name in ("a", "c", "b")]) == 1  # c could not be imported
+    out, err = capsys.readouterr()
+    assert err.splitlines()[0].startswith(f"skipped {tmp_path / 'a'}: {tmp_path / 'a' / 'mlflow_record.jsonl'} is already in the store as run ")
+    assert err.splitlines()[1] == f"skipped {tmp_path / 'c'}: no run record {tmp_path / 'c' / 'mlflow_record.jsonl'} (a run recorded without MLflow writes one)"
+    assert out.startswith(f"imported {tmp_path / 'b' / 'mlflow_record.jsonl'} as MLflow run ")
+    runs = mlflow.search_runs(experiment_names=["gpu-runs"], output_format="list")
+    assert sorted(r.info.run_name for r in runs) == ["a", "b"]
+    assert import_run([str(tmp_path / "a"), str(tmp_path / "b")]) == 0  # both in the store: nothing to do, not a failure

@@ -5,7 +5,8 @@ step and time, status and artifacts (files under <out>, which travel with the re
     python -m train.import_run outputs/gpu-run [--experiment jpeg-gpu] [--tag gpu=H100]
 
 The new run is tagged `offline_run_id`, so the checkpoint's recorded run id still finds it
-(`train.evaluate --log-mlflow`); importing the same record twice is refused; a record without an end
+(`train.evaluate --log-mlflow`); importing the same record twice is refused (of several run folders,
+one already in the store, or one that cannot be imported, is a reported skip); a record without an end
 (its process killed) makes a KILLED run. A record that
 continues an MLflow run (its store stopped answering during training) goes into that run; a later
 import adds what was recorded since.
@@ -23,6 +24,10 @@ from runtime.mlflow_store import artifact_location, resolve_tracking_uri, retry,
 from .loop.tracking import RECORD
 
 IMPORTED = "record_events_imported"  # on a run that a record continues: how many of its events the run holds
+
+
+class AlreadyImported(UserError):
+    """The record is in the store already: importing a folder of records again passes over it."""
 
 
 def read_record(path: Path) -> list[dict]:
@@ -59,11 +64,11 @@ def import_run(out: Path, experiment: str | None = None, extra_tags: dict | None
             raise UserError(f"{out / RECORD} continues MLflow run {rid}, which the store {uri} does not hold") from None
         events = recorded[done:]
         if not events:
-            raise UserError(f"{out / RECORD} is already in the store: run {rid} holds all its {done} events")
+            raise AlreadyImported(f"{out / RECORD} is already in the store: run {rid} holds all its {done} events")
         tags, status = dict(extra_tags or {}), None
     else:
         if run_for(start["run_id"]):
-            raise UserError(f"{out / RECORD} is already in the store as run {run_for(start['run_id'])}")
+            raise AlreadyImported(f"{out / RECORD} is already in the store as run {run_for(start['run_id'])}")
         name = experiment or start["experiment"] or "jpeg-restore"
         with store_lock(uri):
             exp = retry(client.get_experiment_by_name, name)
@@ -116,10 +121,18 @@ def main(argv=None) -> int:
             raise UserError(f"--tag {t!r} must look like key=value")
         k, v = t.split("=", 1)
         tags[k] = v
+    failed = 0
     for out in args.runs:
-        rid = import_run(out, args.experiment, tags)
+        try:
+            rid = import_run(out, args.experiment, tags)
+        except UserError as exc:  # of several runs (docs/results/gpu/runs/*/), the others are still imported
+            if len(args.runs) == 1:
+                raise
+            print(f"skipped {out}: {exc}", file=sys.stderr)
+            failed += not isinstance(exc, AlreadyImported)
+            continue
         print(f"imported {out / RECORD} as MLflow run {rid} into {resolve_tracking_uri()}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
