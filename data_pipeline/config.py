@@ -35,7 +35,7 @@ class DataConfig:
     patch_size: int = 64
     """Side of the square training patches (a multiple of 8 keeps the JPEG grid under flips)."""
     batch_size: int = 32
-    """Patches per batch on each process."""
+    """Patches per batch on each process (a micro-batch with train.grad_accum_steps)."""
     val_fraction: float = 0.1
     """Share of the training images held out for validation (deterministic, by name hash)."""
     augment: bool = True

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from train_runs import MAIN, REPO, SMOKE, env_for, limited_memory, mlflow_run, run, smoke_args
+from train_runs import MAIN, REPO, SMOKE, env_for, final_weights, limited_memory, mlflow_run, run, smoke_args
 
 from runtime.checkpoint import load_model
 from runtime.device import resolve_precision
@@ -104,9 +104,33 @@ def test_two_process_torchrun_trains_in_sync(tiles_dir, tmp_path):
     r = mlflow_run(env, blob["mlflow_run_id"])
     assert r.info.status == "FINISHED" and r.data.tags["world_size"] == "2" and r.data.tags["weights_in_sync"] == "true"
     assert {"val_psnr", "images_per_s", "train_loss"} <= set(r.data.metrics)
+    shutil.copytree(tmp_path / "out", tmp_path / "copy")
     proc = run([sys.executable, MAIN, *smoke_args(tiles_dir), "--out", str(tmp_path / "out"), "--resume", "--set", "train.max_steps=8"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]  # a resume on one process says that the global batch halved
     assert "resumed with changed settings: train.max_steps: 6 -> 8, ranks: 2 -> 1 (8 -> 4 patches a step)" in proc.stderr, proc.stderr[-3000:]
+    proc = run([sys.executable, MAIN, *smoke_args(tiles_dir), "--out", str(tmp_path / "copy"), "--resume", "--set", "train.max_steps=8",
+                "--set", "train.grad_accum_steps=2"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # or that accumulating two micro-batches keeps it
+    assert "train.max_steps: 6 -> 8, train.grad_accum_steps: 1 -> 2, ranks: 2 -> 1 (8 -> 8 patches a step)" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_ranks_accumulating_micro_batches_step_as_one_process_taking_them_at_once(tiles_dir, tmp_path):
+    """The resident loader gives a step of 2 ranks x batch 2 x 2 micro-batches the 8 patches one
+    process's batch 8 takes: DDP, which synchronises the last micro-batch's gradients only, must
+    end with that process's weights (a network without BatchNorm, which normalises per batch)."""
+    env = env_for(tmp_path)
+    args = [*smoke_args(tiles_dir), "--set", "model.kwargs={depth = 3, width = 8, batch_norm = false}", "--set", "data.backend=resident",
+            "--set", "train.precision=fp32", "--set", "optim.name=sgd", "--set", "optim.lr=0.5", "--set", "schedule.name=constant",
+            "--set", "schedule.warmup_steps=0", "--set", "train.max_steps=3"]
+    ddp = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", MAIN, *args,
+               "--set", "data.batch_size=2", "--set", "train.grad_accum_steps=2", "--out", str(tmp_path / "ddp")], env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = run([sys.executable, MAIN, *args, "--set", "data.batch_size=8", "--out", str(tmp_path / "one")], env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    ddp_w, one_w = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "one")
+    assert all(torch.allclose(v, ddp_w[k], atol=1e-5) for k, v in one_w.items())
+    assert "in sync on 2 ranks" in ddp.stderr and all("8 patches a step, 2 steps/epoch" in p.stderr for p in (ddp, one))
 
 
 def _rank_pid(out: Path, rank: int) -> int:
@@ -302,7 +326,8 @@ def test_a_batch_larger_than_the_memory_is_one_line(tiles_dir, tmp_path):
         r"error: out of memory on cpu in training step 1 \((the host refused [\d,]+ MiB more|oneDNN could not create a primitive, "
         r"[\d.]+ of the process's [\d.]+ GiB address-space limit in use)\): a batch of 16 160x160 "
         rf"patches through dncnn \(9.46 M parameters, {resolve_precision('auto', torch.device('cpu'))}\) needs more than "
-        r"the device has: lower data.batch_size or data.patch_size; nothing kept from before",
+        r"the device has: lower data.batch_size \(train.grad_accum_steps keeps the patches a step\) or data.patch_size; "
+        r"nothing kept from before",
         proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
 
 

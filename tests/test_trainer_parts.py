@@ -664,3 +664,32 @@ def test_a_run_imports_dali_only_where_its_loader_is_dali():
             "    print(loader, 'dali' in system_tags(torch.device('cpu'), 1, 'fp32', loader), 'nvidia.dali' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.stdout == f"torch False False\ndali {dali_available()} {dali_available()}\n", proc.stderr[-2000:]
+
+
+def _trained_weights(out: Path, prepared: Path, batch: int, accum: int) -> dict:
+    from train.loop.distributed import DistInfo
+    from train.loop.trainer import Trainer
+
+    cfg = load_config(None, ["model.arch=unet", "model.kwargs={width = 4, levels = 1}", f"data.prepared_dir={prepared}",
+                             "data.backend=resident", "data.qualities=[10, 40]", "data.patch_size=32", f"data.batch_size={batch}",
+                             f"train.grad_accum_steps={accum}", "train.max_steps=3", "train.val_every=100", "train.precision=fp32",
+                             "optim.name=sgd", "optim.lr=0.5", "schedule.name=constant", "tracking.enabled=false"])
+    trainer = Trainer(cfg, out, DistInfo(0, 0, 1, torch.device("cpu")))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return trainer.model.state_dict()
+
+
+def test_a_step_of_accumulated_micro_batches_is_a_step_of_them_all_at_once(tmp_path, tiles_prepared):
+    """The resident loader gives batch 8 the patches of batch 4's two next batches, so 4 x 2
+    accumulated steps as 8; 4 x 1 (half the patches) does not."""
+    whole, accumulated, half = (_trained_weights(tmp_path / f"b{b}x{k}", tiles_prepared, b, k) for b, k in ((8, 1), (4, 2), (4, 1)))
+    assert all(torch.allclose(v, accumulated[k], atol=1e-6) for k, v in whole.items())
+    assert not all(torch.allclose(v, half[k], atol=1e-3) for k, v in whole.items())
+
+
+def test_more_micro_batches_than_an_epoch_holds_is_one_line(tmp_path, tiles_prepared):
+    with pytest.raises(ValueError, match=r"fewer than the 1000 micro-batches of a step \(train.grad_accum_steps\)"):
+        _trained_weights(tmp_path, tiles_prepared, 4, 1000)

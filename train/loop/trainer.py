@@ -8,7 +8,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 import logging
 import math
 import os
@@ -78,7 +80,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         if info.is_main:
             remove_partial_writes(self.out, self.ckpt_dir)
-        self.step = self.epoch = self.step_in_epoch = 0
+        self.step = self.epoch = self.batch_in_epoch = 0  # batch: the loader's, of each rank
         self.best_psnr = -math.inf
         self.wall_time = 0.0  # seconds of the finished sessions of this run
         self.step_time = 0.0  # of which in training steps (not validations and checkpoints)
@@ -131,7 +133,7 @@ class Trainer:
             state_file, state = found
             run_id = state.get("mlflow_run_id")
             self.load_state_dict(state, state_file)
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", state_file, self.step, self.epoch, self.step_in_epoch)
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", state_file, self.step, self.epoch, self.batch_in_epoch)
             if self.resume_changes:
                 log.info("resumed with changed settings: %s", self.resume_changes)
         self.ema = WeightEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None  # from the weights as they start
@@ -156,8 +158,9 @@ class Trainer:
         self.tracker.log_artifact(self.out / "config.toml")
         if self.resume_changes:  # MLflow keeps a run's first params
             self.tracker.set_tags({f"changed_at_step_{self.step}": self.resume_changes})
-        log.info("%s: %.3f M parameters, %s on %s, %s, %d steps/epoch", cfg.model.arch, self.params / 1e6,
-                 ranks_of(self.info.world_size), self.device, cfg.train.precision, len(self.loader))
+        log.info("%s: %.3f M parameters, %s on %s, %s, %d patches a step, %d steps/epoch", cfg.model.arch, self.params / 1e6,
+                 ranks_of(self.info.world_size), self.device, cfg.train.precision,
+                 cfg.data.batch_size * self.info.world_size * cfg.train.grad_accum_steps, len(self.loader) // cfg.train.grad_accum_steps)
 
     def _claim_outputs(self, resume: bool) -> OutputLock:
         """The output folder's lock, once nothing of an earlier run would be written over and the
@@ -200,19 +203,28 @@ class Trainer:
         self.data_fingerprints = check_same_data(self.data_cfg, self.cfg.data.prepared_dir or self.data_cfg.dataset, saved_data,
                                                  self.best_psnr, self.best_path)
         loader = build_loader(self.data_cfg, self.info.rank, self.info.world_size, self.device)
+        if len(loader) < (k := self.cfg.train.grad_accum_steps):
+            raise ConfigError(f"an epoch holds {len(loader)} batches of {self.data_cfg.batch_size} on each rank, fewer than "
+                              f"the {k} micro-batches of a step (train.grad_accum_steps): lower it or data.batch_size")
         validator = Validator(self.data_cfg, self.cfg.train.precision, self.loss_fn, self.info) \
             if self.data_cfg.backend != "synthetic" else None  # synthetic data: nothing to validate on
         return loader, validator
 
     # ---- one step ----
-    def train_step(self, inp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.cfg.train.channels_last:
-            inp, target = inp.contiguous(memory_format=torch.channels_last), target.contiguous(memory_format=torch.channels_last)
-        with autocast_for(self.cfg.train.precision, self.device):
-            out = self.step_model(inp)
-        loss = self.loss_fn(out.float(), target)
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One optimizer step on the gradients of the micro-batches (train.grad_accum_steps); their mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        total = 0
+        for i, (inp, target) in enumerate(batches):
+            if self.cfg.train.channels_last:
+                inp, target = inp.contiguous(memory_format=torch.channels_last), target.contiguous(memory_format=torch.channels_last)
+            local = self.ddp_model.no_sync() if self.info.distributed and i < len(batches) - 1 else contextlib.nullcontext()
+            with local:  # DDP averages the summed gradients over the ranks in the last backward only
+                with autocast_for(self.cfg.train.precision, self.device):
+                    out = self.step_model(inp)
+                loss = self.loss_fn(out.float(), target) / len(batches)
+                self.scaler.scale(loss).backward()
+            total = total + loss.detach()
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -222,7 +234,7 @@ class Trainer:
             self.scheduler.step()
         if self.ema:
             self.ema.update(self.step)
-        return loss.detach()
+        return total
 
     # ---- validation ----
     @property
@@ -234,7 +246,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "best_psnr": self.best_psnr, "wall_time": self.elapsed(), "step_time": self.elapsed_steps(),
                 "history": self.history,
                 "max_steps": self.cfg.train.max_steps, "config": flatten(to_dict(self.cfg)),
@@ -259,9 +271,12 @@ class Trainer:
             raise ckpt.CheckpointError(f"{source} was saved by a {have[0]} {have[2]} model {have[1]}, "
                                        f"the config asks for {want[0]} {want[2]} {want[1]}")
         changes = {k: f"{k}: {old} -> {new}" for k, (old, new) in self._changed_settings(state).items()}
-        ranks, batch = (state.get("world_size", self.info.world_size), self.info.world_size), self.cfg.data.batch_size
+        ranks = (state.get("world_size", self.info.world_size), self.info.world_size)
         if ranks[0] != ranks[1]:  # the global batch with them (the learning rate was set for the old one)
-            changes["ranks"] = f"ranks: {ranks[0]} -> {ranks[1]} ({ranks[0] * batch} -> {ranks[1] * batch} patches a step)"
+            saved, t = state.get("config") or {}, self.cfg.train
+            patches = (int(saved.get("data.batch_size", self.cfg.data.batch_size)) * int(saved.get("train.grad_accum_steps", 1)),
+                       self.cfg.data.batch_size * t.grad_accum_steps)
+            changes["ranks"] = f"ranks: {ranks[0]} -> {ranks[1]} ({ranks[0] * patches[0]} -> {ranks[1] * patches[1]} patches a step)"
         fixed = [said for k, said in changes.items()
                  if k.startswith(STATE_SETTINGS) and k not in LIVE_SETTINGS and k in state["config"]]  # not a newer key
         if fixed:  # torch's load_state_dict would put the saved ones back, or fail on another kind
@@ -273,8 +288,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        for key in ("step", "epoch", "step_in_epoch", "best_psnr", "wall_time"):
+        for key in ("step", "epoch", "best_psnr", "wall_time"):
             setattr(self, key, state[key])
+        self.batch_in_epoch = state.get("batch_in_epoch", state.get("step_in_epoch"))  # older states: one batch a step
         self.step_time = state.get("step_time", self.wall_time)  # states of older versions: all of it
         self.history = {**self.history, **state["history"]}
         if self.budget and "max_steps" in state:  # the step count fitted to the time budget so far
@@ -369,13 +385,13 @@ class Trainer:
         window = {"loss": torch.zeros((), device=self.device), "n": 0, "data": 0.0, "start": time.perf_counter()}
         stopped = False
         while self.step < t.max_steps and not stopped:
-            self.loader.set_epoch(self.epoch, self.step_in_epoch)
+            self.loader.set_epoch(self.epoch, self.batch_in_epoch)
             epoch_start = time.perf_counter()
-            for inp, target in _timed(self.loader, window):
-                window["loss"] += self.train_step(inp, target)
+            for batches in _in_groups(_timed(self.loader, window), t.grad_accum_steps):
+                window["loss"] += self.train_step(batches)
                 window["n"] += 1
                 self.step += 1
-                self.step_in_epoch += 1
+                self.batch_in_epoch += len(batches)
                 if self.budget and self.step % t.log_every == 0:  # first: the window's line shows the count fitted
                     self._fit_to_budget(progress)
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
@@ -393,7 +409,7 @@ class Trainer:
                     break
             else:  # the epoch ran to its end
                 self.tracker.log_metrics({"epoch_time_s": time.perf_counter() - epoch_start, "epoch": self.epoch}, self.step)
-                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         self.wall_time, self.step_time = self.elapsed(), self.elapsed_steps()
         self.session_start, self.paused = None, 0.0
         progress.close()
@@ -419,7 +435,7 @@ class Trainer:
         loss = float(window["loss"]) / n  # the one host sync of the logging interval
         if any_rank(not math.isfinite(loss), self.info):
             self._diverged(f"the training loss is {loss} over the last {n} steps")
-        images = n * self.cfg.data.batch_size * self.info.world_size
+        images = n * self.cfg.data.batch_size * self.info.world_size * self.cfg.train.grad_accum_steps
         metrics = {"train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": images / elapsed,
                    # forward 2 FLOP per MAC, backward about twice the forward: 6 FLOP per MAC and pixel
                    "train_tflops": images * self.cfg.data.patch_size**2 * 6 * self.macs_per_pixel / elapsed / 1e12,
@@ -468,7 +484,8 @@ class Trainer:
                     f"more than the device has: make the model smaller")
         else:
             what = (f"in training step {self.step + 1} ({found}): a batch of {d.batch_size} {d.patch_size}x{d.patch_size} "
-                    f"patches through {model} needs more than the device has: lower data.batch_size or data.patch_size")
+                    f"patches through {model} needs more than the device has: lower data.batch_size (train.grad_accum_steps keeps the patches a "
+                    "step) or data.patch_size")
         return OutOfMemory(f"{where} {what}; {self._kept()}")
 
     def _validate_and_track(self, progress: "Progress") -> None:
@@ -596,6 +613,13 @@ def steps_between_stop_checks(seconds: float, steps: int) -> int:
     """As many steps as take STOP_CHECK_S at the pace of the last `steps` (which took `seconds`), 1 to STOP_CHECK_EVERY."""
     per_step = seconds / max(steps, 1)
     return STOP_CHECK_EVERY if per_step * STOP_CHECK_EVERY <= STOP_CHECK_S else max(1, int(STOP_CHECK_S / per_step))
+
+
+def _in_groups(batches, size: int):
+    """Lists of `size` consecutive batches; a shorter last one is passed over (the epoch ends there)."""
+    batches = iter(batches)
+    while len(group := list(itertools.islice(batches, size))) == size:
+        yield group
 
 
 def _timed(loader, window: dict):
