@@ -693,3 +693,46 @@ def test_a_step_of_accumulated_micro_batches_is_a_step_of_them_all_at_once(tmp_p
 def test_more_micro_batches_than_an_epoch_holds_is_one_line(tmp_path, tiles_prepared):
     with pytest.raises(ValueError, match=r"fewer than the 1000 micro-batches of a step \(train.grad_accum_steps\)"):
         _trained_weights(tmp_path, tiles_prepared, 4, 1000)
+
+
+def test_profiled_steps_leave_a_trace_and_a_table_in_the_run(tmp_path, tiles_prepared):
+    import json
+
+    import mlflow
+
+    from train.loop.distributed import DistInfo
+    from train.loop.trainer import Trainer
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config(None, ["model.arch=unet", "model.kwargs={width = 4, levels = 1}", f"data.prepared_dir={tiles_prepared}",
+                             "data.backend=resident", "data.qualities=[10, 40]", "data.patch_size=32", "data.batch_size=4",
+                             "train.max_steps=5", "train.val_every=100", "train.profile_steps=2", f"tracking.tracking_uri={store}"])
+    trainer = Trainer(cfg, tmp_path / "out", DistInfo(0, 0, 1, torch.device("cpu")))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    profile = tmp_path / "out" / "profile"
+    assert sorted(p.name for p in profile.iterdir()) == ["rank0_steps_3-4.json", "rank0_steps_3-4.txt"]  # steps 1-2 passed over
+    events = {e.get("name") for e in json.loads((profile / "rank0_steps_3-4.json").read_text())["traceEvents"]}
+    assert {"ProfilerStep#3", "ProfilerStep#4"} <= events and "ProfilerStep#5" not in events and "aten::convolution_backward" in events
+    assert "aten::convolution_backward" in (profile / "rank0_steps_3-4.txt").read_text()
+    artifacts = mlflow.MlflowClient(store).list_artifacts(trainer.tracker.run_id, "profile")
+    assert [a.path for a in artifacts] == ["profile/rank0_steps_3-4.txt"]
+
+
+def test_a_trace_of_steps_profiled_before_is_kept(tmp_path):
+    """A run resumed from an earlier state steps through the same steps again: a second trace."""
+    from train.loop.profiling import StepProfiler
+
+    step = [0]
+    for _ in range(2):
+        step[0] = 0
+        profiler = StepProfiler(1, tmp_path, 0, torch.device("cpu"), lambda: step[0])
+        for _ in range(3):
+            torch.ones(4).sum()
+            step[0] += 1
+            profiler.step()
+        profiler.close()
+    assert sorted(p.name for p in (tmp_path / "profile").iterdir()) == [
+        "rank0_steps_3-3-2.json", "rank0_steps_3-3-2.txt", "rank0_steps_3-3.json", "rank0_steps_3-3.txt"]

@@ -135,6 +135,10 @@ class TrainConfig:
     """Micro-batches of data.batch_size each rank adds up before an optimizer step: a step takes
     batch_size x ranks x this patches (a 4-GPU run's global batch on one GPU: 4). DDP synchronises
     the gradients once, on the last; BatchNorm normalises each micro-batch on its own."""
+    profile_steps: int = 0
+    """Trace this many training steps of each session with torch.profiler, from its third step on:
+    <out>/profile/rank<R>_steps_<A>-<B>.json for ui.perfetto.dev and a table of the costliest ops
+    beside it (train/loop/profiling.py). 0: off."""
     ema_decay: float = 0.0
     """Keep an exponential moving average of the weights (e.g. 0.999: about the last 1000 steps,
     fewer early in the run) and validate, save and ship it instead of the raw weights
@@ -144,7 +148,8 @@ class TrainConfig:
         _choice("train.loss", self.loss, tuple(LOSSES))
         _choice("train.precision", self.precision, PRECISIONS)
         _positive("train", self, ("max_steps", "time_budget_s", "val_every", "ckpt_every", "log_every", "ddp_timeout_s", "seed",
-                                  "blocking_weight", "grad_accum_steps"), ("seed", "time_budget_s", "blocking_weight"))
+                                  "blocking_weight", "grad_accum_steps", "profile_steps"),
+                  ("seed", "time_budget_s", "blocking_weight", "profile_steps"))
         if self.seed > SEED_MAX:
             raise ValueError(f"train.seed must be in 0..{SEED_MAX}, got {self.seed}")
         if self.ddp_timeout_s > threading.TIMEOUT_MAX:

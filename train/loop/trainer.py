@@ -37,6 +37,7 @@ from .data import check_same_data, prepared_data, take_prepared_settings
 from .distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, lost_other_ranks, max_over_ranks, on_every_rank, on_main_rank
 from .ema import WeightEMA
 from .optim import build_loss, build_optimizer, build_scheduler, state_bytes_per_parameter
+from .profiling import StepProfiler
 from .progress import Progress
 from .state import OutputLock, latest_state, load_latest, prune_states, remove_partial_writes, state_path
 from .tracking import flatten, make_tracker, system_tags
@@ -363,6 +364,7 @@ class Trainer:
     def fit(self) -> None:
         """Trains to train.max_steps; SIGTERM / SIGINT meanwhile save a state and stop (_on_signal)."""
         earlier = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.profiler = StepProfiler(self.cfg.train.profile_steps, self.out, self.info.rank, self.device, lambda: self.step)
         try:
             self._fit()
         except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
@@ -373,6 +375,7 @@ class Trainer:
                 raise ReportedElsewhere(said) from None
             raise
         finally:  # after fit the signals act as before (a SIGTERM while the quickstart evaluates ends it)
+            self.profiler.close()  # after an error: the trace up to it
             for sig, handler in earlier.items():
                 signal.signal(sig, handler)
 
@@ -401,6 +404,7 @@ class Trainer:
                     self._validate_and_track(progress)
                 if self.step % t.ckpt_every == 0:
                     self.save_state()
+                self.profiler.step()  # writes the trace after its last step
                 paused = time.perf_counter() - pause
                 window["start"] += paused  # throughput and the time budget count training steps only
                 self.paused += paused
@@ -410,6 +414,7 @@ class Trainer:
             else:  # the epoch ran to its end
                 self.tracker.log_metrics({"epoch_time_s": time.perf_counter() - epoch_start, "epoch": self.epoch}, self.step)
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self.profiler.close()  # a window the session ended in: the steps recorded
         self.wall_time, self.step_time = self.elapsed(), self.elapsed_steps()
         self.session_start, self.paused = None, 0.0
         progress.close()
@@ -560,13 +565,14 @@ class Trainer:
                  self.step, self.wall_time, self.best_psnr, in_sync, self.best_path)
 
     def _log_outputs(self) -> None:
-        """The best checkpoint, the curves and the validation images as artifacts of the MLflow run."""
+        """The best checkpoint, the curves, the validation images and rank 0's profiles (their tables;
+        the traces stay in <out>/profile) as artifacts of the MLflow run."""
         for path in (self.best_path, self.out / "curves.png"):
             if path.is_file():
                 self.tracker.log_artifact(path)
-        if (self.out / "val_images").is_dir():
-            for p in sorted((self.out / "val_images").iterdir()):
-                self.tracker.log_artifact(p, "val_images")
+        for folder, files in (("val_images", "*"), ("profile", "rank0_*.txt")):
+            for p in sorted((self.out / folder).glob(files)):
+                self.tracker.log_artifact(p, folder)
 
     def close(self) -> None:
         """Ends the MLflow run: FINISHED after a complete run, KILLED when stopped, FAILED on error."""
