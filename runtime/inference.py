@@ -13,6 +13,7 @@ from data_pipeline.images import is_gray
 
 from .checkpoint import load_model
 from .device import autocast_for, inference_channels_last, resolve_precision
+from .models import fold_batch_norm
 from .tiling import restore_tensor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +89,7 @@ class Restorer:
     def __init__(self, checkpoint: Path | str, device: str = "cpu", precision: str = "fp32", ensemble: bool = False):
         self.device = torch.device(device)
         self.model, self.meta = load_model(checkpoint, self.device)
+        fold_batch_norm(self.model)
         layout = torch.channels_last if inference_channels_last(self.device) else torch.contiguous_format
         self.model.to(self.device, memory_format=layout)
         self.mode, self.precision = self.meta["mode"], resolve_precision(precision, self.device)  # 'auto' resolved

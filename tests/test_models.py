@@ -226,3 +226,32 @@ def test_every_architecture_computes_the_same_in_channels_last(arch):
         out.square().mean().backward()
     for (name, a), b in zip(nchw.named_parameters(), nhwc.parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("arch", ["unet", "dncnn", "autoencoder"])
+def test_batch_norm_folded_for_inference_computes_the_same_without_it(arch):
+    from runtime.models import fold_batch_norm
+
+    torch.manual_seed(0)
+    model = build_model(arch, **{**TINY[arch], "batch_norm": True})
+    for m in model.modules():  # trained-looking statistics and affine terms: folding them must matter
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.2, 0.2)
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        want = model.eval()(x)
+        folded = fold_batch_norm(model)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        assert torch.allclose(folded(x), want, atol=1e-5) and not folded.training
+
+
+def test_the_inference_paths_run_the_model_folded(tmp_path):
+    from runtime import checkpoint as ckpt
+    from runtime.inference import Restorer
+    from runtime.runners.torch_eager import TorchRunner
+
+    model = build_model("unet", **TINY["unet"], batch_norm=True)
+    path = tmp_path / "model.pth"
+    ckpt.save(ckpt.model_checkpoint(model, "unet", {**TINY["unet"], "batch_norm": True}, "gray", {}, {}, 1), path)
+    for runner in (Restorer(path), TorchRunner.open(path)):
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in runner.model.modules())

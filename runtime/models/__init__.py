@@ -135,3 +135,21 @@ def macs_per_pixel(model: nn.Module, channels: int, size: int = 64) -> float:
         model(torch.zeros(1, channels, size, size, device=next(model.parameters()).device))
     model.train(was_training)
     return counter.get_total_flops() / 2 / size**2
+
+
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """The model for inference: every BatchNorm right after a convolution in an nn.Sequential folded
+    into that convolution's weights (torch's fuse_conv_bn_eval) and replaced by an identity, a pass
+    over the features fewer. The same outputs to float rounding; the shipped U-Net's 512² on a 2-core
+    AMX Xeon: bf16 NHWC -14 to -16%, fp32 -3 to -6% (AOTInductor's package: the same either way).
+    Changes `model` in place (eval mode) and returns it."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.eval()
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            conv, norm = seq[i], seq[i + 1]
+            if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) and isinstance(norm, nn.BatchNorm2d):
+                seq[i] = fuse_conv_bn_eval(conv, norm, transpose=isinstance(conv, nn.ConvTranspose2d))
+                seq[i + 1] = nn.Identity()
+    return model

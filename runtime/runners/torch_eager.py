@@ -6,6 +6,7 @@ import torch
 
 from ..checkpoint import load_model
 from ..device import autocast_for, inference_channels_last, native_bf16
+from ..models import fold_batch_norm
 from . import Runner, register_runner
 
 
@@ -16,7 +17,8 @@ class TorchRunner(Runner):
     def __init__(self, model: torch.nn.Module, device: str = "cpu", precision: str = "fp32", channels_last: bool | None = None):
         self.device = torch.device(device)
         channels_last = inference_channels_last(self.device) if channels_last is None else channels_last
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = fold_batch_norm(model).to(self.device, memory_format=layout)
         self.precision, self.channels_last = precision, channels_last
 
     @classmethod
