@@ -38,8 +38,10 @@ class CompiledRunner(TorchRunner):
     def __call__(self, x):
         if self.mode != "default":
             torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs may be overwritten
-        try:
-            return super().__call__(x)
+        try:  # freezing on CPU, read as a call compiles: the weights become constants, which inductor prepacks for
+            # oneDNN, fusing each convolution's ReLU into it (torch.compile's options= does not reach it)
+            with torch._inductor.config.patch(freezing=self.device.type == "cpu"):
+                return super().__call__(x)
         except Exception as exc:  # noqa: BLE001 - inductor errors have many types
             raise RunnerUnavailable(f"torch.compile failed: {str(exc).strip().splitlines()[0][:160]}") from None
 
