@@ -21,7 +21,7 @@ SKIPPED, WARMUP = 1, 1  # steps of a session before the recorded ones: not trace
 class StepProfiler:
     def __init__(self, steps: int, out: Path, rank: int, device: torch.device, current_step: Callable[[], int]):
         """`current_step()`: the training step that has just ended (the trace's last)."""
-        self.steps, self.folder, self.rank, self.device, self.current_step = steps, Path(out) / "profile", rank, device, current_step
+        self.folder, self.rank, self.device, self.current_step = Path(out) / "profile", rank, device, current_step
         self.profiler = None
         if steps > 0:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

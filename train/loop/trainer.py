@@ -274,9 +274,9 @@ class Trainer:
         changes = {k: f"{k}: {old} -> {new}" for k, (old, new) in self._changed_settings(state).items()}
         ranks = (state.get("world_size", self.info.world_size), self.info.world_size)
         if ranks[0] != ranks[1]:  # the global batch with them (the learning rate was set for the old one)
-            saved, t = state.get("config") or {}, self.cfg.train
+            saved = state.get("config") or {}
             patches = (int(saved.get("data.batch_size", self.cfg.data.batch_size)) * int(saved.get("train.grad_accum_steps", 1)),
-                       self.cfg.data.batch_size * t.grad_accum_steps)
+                       self.cfg.data.batch_size * self.cfg.train.grad_accum_steps)
             changes["ranks"] = f"ranks: {ranks[0]} -> {ranks[1]} ({ranks[0] * patches[0]} -> {ranks[1] * patches[1]} patches a step)"
         fixed = [said for k, said in changes.items()
                  if k.startswith(STATE_SETTINGS) and k not in LIVE_SETTINGS and k in state["config"]]  # not a newer key
