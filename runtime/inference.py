@@ -89,10 +89,11 @@ class Restorer:
     def __init__(self, checkpoint: Path | str, device: str = "cpu", precision: str = "fp32", ensemble: bool = False):
         self.device = torch.device(device)
         self.model, self.meta = load_model(checkpoint, self.device)
-        fold_batch_norm(self.model)
+        self.mode, self.precision = self.meta["mode"], resolve_precision(precision, self.device)  # 'auto' resolved
+        if self.precision == "fp32":
+            fold_batch_norm(self.model)
         layout = torch.channels_last if inference_channels_last(self.device) else torch.contiguous_format
         self.model.to(self.device, memory_format=layout)
-        self.mode, self.precision = self.meta["mode"], resolve_precision(precision, self.device)  # 'auto' resolved
         self.ensemble = ensemble
         self.conditioned = is_conditioned(self.meta)
 

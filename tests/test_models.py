@@ -245,7 +245,7 @@ def test_batch_norm_folded_for_inference_computes_the_same_without_it(arch):
         assert torch.allclose(folded(x), want, atol=1e-5) and not folded.training
 
 
-def test_the_inference_paths_run_the_model_folded(tmp_path):
+def test_the_inference_paths_run_the_model_folded_in_fp32(tmp_path):
     from runtime import checkpoint as ckpt
     from runtime.inference import Restorer
     from runtime.runners.torch_eager import TorchRunner
@@ -253,5 +253,6 @@ def test_the_inference_paths_run_the_model_folded(tmp_path):
     model = build_model("unet", **TINY["unet"], batch_norm=True)
     path = tmp_path / "model.pth"
     ckpt.save(ckpt.model_checkpoint(model, "unet", {**TINY["unet"], "batch_norm": True}, "gray", {}, {}, 1), path)
-    for runner in (Restorer(path), TorchRunner.open(path)):
-        assert not any(isinstance(m, nn.BatchNorm2d) for m in runner.model.modules())
+    for precision, folded in (("fp32", True), ("bf16", False)):  # bf16 would round the folded shift
+        for runner in (Restorer(path, precision=precision), TorchRunner.open(path, precision=precision)):
+            assert any(isinstance(m, nn.BatchNorm2d) for m in runner.model.modules()) != folded

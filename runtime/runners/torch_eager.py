@@ -18,7 +18,7 @@ class TorchRunner(Runner):
         self.device = torch.device(device)
         channels_last = inference_channels_last(self.device) if channels_last is None else channels_last
         layout = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = fold_batch_norm(model).to(self.device, memory_format=layout)
+        self.model = (fold_batch_norm(model) if precision == "fp32" else model.eval()).to(self.device, memory_format=layout)
         self.precision, self.channels_last = precision, channels_last
 
     @classmethod
