@@ -736,3 +736,49 @@ def test_a_trace_of_steps_profiled_before_is_kept(tmp_path):
         profiler.close()
     assert sorted(p.name for p in (tmp_path / "profile").iterdir()) == [
         "rank0_steps_3-3-2.json", "rank0_steps_3-3-2.txt", "rank0_steps_3-3.json", "rank0_steps_3-3.txt"]
+
+
+def _count_all_reduces(rank: int, port: int, out: Path, results) -> None:
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    from train.loop.distributed import DistInfo
+    from train.loop.trainer import Trainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    cfg = load_config(None, ["model.arch=unet", "model.kwargs={width = 4, levels = 1}", "data.backend=synthetic", "data.batch_size=2",
+                             "data.patch_size=16", "train.grad_accum_steps=2", "train.max_steps=3", "train.precision=fp32",
+                             "tracking.enabled=false"])
+    trainer = Trainer(cfg, out, DistInfo(rank, rank, 2, torch.device("cpu")))
+    calls = []
+
+    def counted(state, bucket):  # DDP's own all-reduce, counted
+        calls.append(bucket.index())
+        return default_hooks.allreduce_hook(state, bucket)
+    trainer.ddp_model.register_comm_hook(None, counted)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    results.put((rank, len(calls)))
+    dist.destroy_process_group()
+
+
+def test_accumulating_ranks_all_reduce_their_gradients_once_a_step(tmp_path):
+    """Two real gloo processes, 3 steps of 2 micro-batches: one all-reduce (one bucket) a step, not one a micro-batch."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_count_all_reduces, args=(r, port, tmp_path, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert got == {0: 3, 1: 3}
