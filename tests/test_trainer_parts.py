@@ -579,6 +579,26 @@ def test_a_resumed_run_names_the_settings_it_changed(tmp_path, caplog):
     assert "resumed with changed settings: optim.grad_clip: 0.0 -> 1.0, train.max_steps: 2 -> 4" in caplog.text
 
 
+def _on_two_gloo_ranks(target, arg) -> dict:
+    """{rank: result} of target(rank, port, arg, results) in two spawned processes, which put (rank, result)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, port, arg, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    return got
+
+
 def _raise_on(ranks: tuple, rank: int):
     from data_pipeline.errors import UserError
 
@@ -616,21 +636,7 @@ def _rank_outcomes(rank: int, port: int, failing: tuple, results) -> None:
 ])
 def test_a_user_error_on_some_ranks_is_printed_once_and_stops_them_all(failing, every_rank, main_rank):
     """Two real gloo processes: the lowest rank that failed prints, every other rank stops silently."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_outcomes, args=(r, port, failing, results)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    got = dict(results.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(60)
+    got = _on_two_gloo_ranks(_rank_outcomes, failing)
     assert [got[r][0] for r in (0, 1)] == every_rank
     assert [got[r][1] for r in (0, 1)] == main_rank
 
@@ -766,19 +772,4 @@ def _count_all_reduces(rank: int, port: int, out: Path, results) -> None:
 
 def test_accumulating_ranks_all_reduce_their_gradients_once_a_step(tmp_path):
     """Two real gloo processes, 3 steps of 2 micro-batches: one all-reduce (one bucket) a step, not one a micro-batch."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_count_all_reduces, args=(r, port, tmp_path, results)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    got = dict(results.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(60)
-    assert got == {0: 3, 1: 3}
+    assert _on_two_gloo_ranks(_count_all_reduces, tmp_path) == {0: 3, 1: 3}
