@@ -131,6 +131,12 @@ def test_two_ranks_accumulating_micro_batches_step_as_one_process_taking_them_at
     ddp_w, one_w = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "one")
     assert all(torch.allclose(v, ddp_w[k], atol=1e-5) for k, v in one_w.items())
     assert "in sync on 2 ranks" in ddp.stderr and all("8 patches a step, 2 steps/epoch" in p.stderr for p in (ddp, one))
+    # both stopped a batch into epoch 1; one more step, each on one process with batch 8, takes the same patches
+    for out in ("ddp", "one"):
+        more = run([sys.executable, MAIN, *args, "--set", "data.batch_size=8", "--set", "train.max_steps=4", "--out", str(tmp_path / out), "--resume"], env)
+        assert more.returncode == 0 and "at step 3 (epoch 1, batch 1)" in more.stderr, more.stderr[-3000:]
+    ddp_w, one_w = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "one")
+    assert all(torch.allclose(v, ddp_w[k], atol=1e-4) for k, v in one_w.items())  # the last step's rounding, amplified
 
 
 def _rank_pid(out: Path, rank: int) -> int:

@@ -672,15 +672,15 @@ def test_a_run_imports_dali_only_where_its_loader_is_dali():
     assert proc.stdout == f"torch False False\ndali {dali_available()} {dali_available()}\n", proc.stderr[-2000:]
 
 
-def _trained_weights(out: Path, prepared: Path, batch: int, accum: int) -> dict:
+def _trained_weights(out: Path, prepared: Path, batch: int, accum: int, steps: int = 3, resume: bool = False) -> dict:
     from train.loop.distributed import DistInfo
     from train.loop.trainer import Trainer
 
     cfg = load_config(None, ["model.arch=unet", "model.kwargs={width = 4, levels = 1}", f"data.prepared_dir={prepared}",
                              "data.backend=resident", "data.qualities=[10, 40]", "data.patch_size=32", f"data.batch_size={batch}",
-                             f"train.grad_accum_steps={accum}", "train.max_steps=3", "train.val_every=100", "train.precision=fp32",
+                             f"train.grad_accum_steps={accum}", f"train.max_steps={steps}", "train.val_every=100", "train.precision=fp32",
                              "optim.name=sgd", "optim.lr=0.5", "schedule.name=constant", "tracking.enabled=false"])
-    trainer = Trainer(cfg, out, DistInfo(0, 0, 1, torch.device("cpu")))
+    trainer = Trainer(cfg, out, DistInfo(0, 0, 1, torch.device("cpu")), resume=resume)
     try:
         trainer.fit()
     finally:
@@ -694,6 +694,27 @@ def test_a_step_of_accumulated_micro_batches_is_a_step_of_them_all_at_once(tmp_p
     whole, accumulated, half = (_trained_weights(tmp_path / f"b{b}x{k}", tiles_prepared, b, k) for b, k in ((8, 1), (4, 2), (4, 1)))
     assert all(torch.allclose(v, accumulated[k], atol=1e-6) for k, v in whole.items())
     assert not all(torch.allclose(v, half[k], atol=1e-3) for k, v in whole.items())
+
+
+def test_a_run_resumed_with_smaller_batches_continues_the_epoch_where_it_stood(tmp_path, tiles_prepared):
+    """A step of batch 8 resumed as batch 4 x 2 micro-batches: the loader goes on at the 9th patch of
+    the epoch (its third batch of 4), so the run ends with the weights of 3 steps of batch 8."""
+    whole = _trained_weights(tmp_path / "whole", tiles_prepared, 8, 1)
+    _trained_weights(tmp_path / "split", tiles_prepared, 8, 1, steps=1)
+    resumed = _trained_weights(tmp_path / "split", tiles_prepared, 4, 2, resume=True)
+    assert all(torch.allclose(v, resumed[k], atol=1e-6) for k, v in whole.items())
+
+
+def test_a_resumed_position_between_two_batches_says_what_comes_again(tmp_path, tiles_prepared, caplog):
+    import logging
+
+    _trained_weights(tmp_path, tiles_prepared, 8, 1, steps=1)
+    with caplog.at_level(logging.INFO, logger="train.loop.trainer"):
+        _trained_weights(tmp_path, tiles_prepared, 3, 1, steps=2, resume=True)
+    said = [r.getMessage() for r in caplog.records]
+    assert "the run took 8 patches of epoch 0, not a whole number of this run's 3-patch batches (1 ranks x data.batch_size 3): " \
+           "the last 2 come again" in said, said
+    assert any(m.startswith("resumed from ") and m.endswith("at step 1 (epoch 0, batch 2)") for m in said), said
 
 
 def test_more_micro_batches_than_an_epoch_holds_is_one_line(tmp_path, tiles_prepared):

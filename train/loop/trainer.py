@@ -291,13 +291,27 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         for key in ("step", "epoch", "best_psnr", "wall_time"):
             setattr(self, key, state[key])
-        self.batch_in_epoch = state.get("batch_in_epoch", state.get("step_in_epoch"))  # older states: one batch a step
+        self.batch_in_epoch = self._position_in_epoch(state)
         self.step_time = state.get("step_time", self.wall_time)  # states of older versions: all of it
         self.history = {**self.history, **state["history"]}
         if self.budget and "max_steps" in state:  # the step count fitted to the time budget so far
             self.cfg.train.max_steps = min(state["max_steps"], self.budget.max_steps)
         elif state.get("max_steps", self.cfg.train.max_steps) != self.cfg.train.max_steps:
             self._refit_schedule(state["max_steps"])
+
+    def _position_in_epoch(self, state: dict) -> int:
+        """The saved run's position in its epoch in this run's batches: its ranks took a prefix of
+        the epoch's order (each a stride of it), so another rank count or batch size continues the
+        same stream, exactly where this run's batches of all ranks divide the patches taken."""
+        batches = state.get("batch_in_epoch", state.get("step_in_epoch"))  # older states: one batch a step
+        saved_batch = int((state.get("config") or {}).get("data.batch_size", self.cfg.data.batch_size))
+        taken = batches * saved_batch * state.get("world_size", self.info.world_size)
+        per_batch = self.cfg.data.batch_size * self.info.world_size
+        if taken % per_batch:
+            log.warning("the run took %d patches of epoch %d, not a whole number of this run's %d-patch batches (%d ranks x "
+                        "data.batch_size %d): the last %d come again", taken, state["epoch"], per_batch, self.info.world_size,
+                        self.cfg.data.batch_size, taken % per_batch)
+        return taken // per_batch
 
     def _refit_schedule(self, saved_steps: int) -> None:
         """A run resumed with another train.max_steps: its cosine ends at the new count (torch's is
