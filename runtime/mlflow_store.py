@@ -123,7 +123,8 @@ def store_lock(uri: str):
 
 
 def run_for(offline_run_id: str) -> str | None:
-    """The store's run imported from an offline record (tag offline_run_id), if any."""
+    """The store's run that stands for a run recorded elsewhere (tag offline_run_id): imported from
+    an offline record, or made from a shipped file's record (train.ship --register), if any."""
     import mlflow
 
     mlflow.set_tracking_uri(resolve_tracking_uri())
@@ -182,10 +183,13 @@ def _destination(run_id: str | None, record_dir: Path | None) -> str | None:
     try:
         call(mlflow.MlflowClient().get_run, run_id)
     except mlflow.exceptions.MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        stand_in = run_for(run_id)
+        if stand_in is None:
             raise UserError(f"run {run_id} is not in the store {uri} (a model trained against another store: "
                             "point MLFLOW_TRACKING_URI at that one)") from None
-        raise
+        run_id = stand_in
     return run_id
 
 
@@ -241,6 +245,9 @@ def register_shipped(run_id: str | None, model_file: Path, tags: dict[str, str])
 
         client = mlflow.MlflowClient()
         sha256 = file_sha256(model_file)
+        now = _shipped_version(client, name)
+        if now is not None and now.tags.get("sha256") == sha256:
+            return f"{Path(model_file).name} is {name} version {now.version} in MLflow already (alias {SHIPPED_ALIAS}), from run {now.run_id}"
         folder = f"shipped/{name}/{sha256[:12]}"
         call(client.log_artifact, target, str(model_file), folder)
         try:
@@ -256,6 +263,18 @@ def register_shipped(run_id: str | None, model_file: Path, tags: dict[str, str])
     except Exception as exc:  # noqa: BLE001 - a store that does not answer
         return f"not registered in MLflow (run {run_id}): {first_line(exc)}"
     return f"registered in MLflow as {name} version {version.version} (alias {SHIPPED_ALIAS}), from run {target}"
+
+
+def _shipped_version(client, name: str):
+    """The model version that the alias `shipped` of registered model `name` is on, or None."""
+    import mlflow
+
+    try:
+        return client.get_model_version_by_alias(name, SHIPPED_ALIAS)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def shipped_runs(client) -> dict[str, list[str]]:

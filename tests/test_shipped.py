@@ -258,3 +258,34 @@ def test_ship_makes_each_shipped_file_a_version_of_an_mlflow_registered_model(ph
     assert said[-1] == f"not registered in MLflow: run 829b448857454669bd7d40b27bdf8c50 is not in the store {uri} " \
                        "(a model trained against another store: point MLFLOW_TRACKING_URI at that one)", said
     assert (tmp_path / "elsewhere.pth").is_file() and [m.name for m in client.search_registered_models()] == ["image_compression_model"]
+
+
+def test_register_gives_a_fresh_store_the_shipped_files_and_a_run_from_each_ones_record(tmp_path, monkeypatch, capsys):
+    """A fresh clone's store holds neither shipped model nor its training run (which stayed in the
+    store it trained against): --register makes the run from the file's record, which the file's
+    run id then finds, and registers the file; a second --register adds nothing."""
+    import mlflow
+    from train_runs import private_store
+
+    from runtime.mlflow_store import log_to_run
+    from train.ship import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", private_store(tmp_path))
+    assert main(["--register"]) == 0
+    said = capsys.readouterr().out.strip().splitlines()
+    client = mlflow.MlflowClient()
+    for shipped in (SHIPPED_GRAY, SHIPPED_COLOR):
+        blob = torch.load(shipped, weights_only=True)
+        version = client.get_model_version_by_alias(shipped.stem, "shipped")
+        run = client.get_run(version.run_id)
+        assert f"{shipped.name}: its training run {blob['mlflow_run_id']} is not in the store: made run {run.info.run_id} " \
+               "from the file's record" in said, said
+        assert run.data.tags["offline_run_id"] == blob["mlflow_run_id"] and run.info.status == "FINISHED"
+        assert run.data.params["model.arch"] == blob["arch"] and run.data.params["data.mode"] == blob["mode"]
+        assert run.data.metrics["val_psnr"] == blob["metrics"]["val_psnr"]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_psnr")] == [blob["step"]]
+        assert log_to_run(blob["mlflow_run_id"], {"live1_psnr_q10": 1.0}) == f"logged 1 metrics to MLflow run {run.info.run_id}"
+    assert main(["--register", str(SHIPPED_GRAY)]) == 0
+    said = capsys.readouterr().out.strip().splitlines()
+    assert said[1].startswith("image_compression_model.pth is image_compression_model version 1 in MLflow already"), said
+    assert len(client.search_model_versions("name='image_compression_model'")) == 1 and len(mlflow.search_runs(search_all_experiments=True)) == 2

@@ -9,11 +9,21 @@ It replaces the shipped model only when the new one validated better on the same
 (same dataset, channel mode, qualities and split); --force ships it anyway. The shipped file then
 becomes a new version of the MLflow registered model of its name (alias `shipped`), logged to the
 checkpoint's training run, when that run is in the store.
+
+    python -m train.ship --register [image_compression_model.pth ...]
+
+registers shipped files without shipping (default: both) in this machine's store: one whose
+training run the store lacks (a fresh clone: a run's history stays in the store it trained against)
+gets a run made from the file's own record (its config as params, its validation metrics at its
+step), which its run id then finds (evaluate --log-mlflow, the latency table).
 """
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +35,10 @@ from data_pipeline.system import keep_freed_memory
 from runtime import checkpoint as ckpt
 from runtime.inference import SHIPPED_COLOR, SHIPPED_GRAY, Restorer
 from runtime.metrics.psnr import psnr
-from runtime.mlflow_store import register_shipped
+from runtime.mlflow_store import RECORD, register_shipped, run_for, unloggable
+
+from .import_run import import_run
+from .loop.tracking import flatten
 
 MAX_MB = 40.0
 WEIGHT_KEYS = ("format", "arch", "kwargs", "mode", "channels", "state_dict", "config", "metrics", "step", "mlflow_run_id",
@@ -108,17 +121,50 @@ def register(shipped: Path) -> str:
     return register_shipped(blob.get("mlflow_run_id"), shipped, tags)
 
 
+def record_run(shipped: Path) -> str:
+    """The shipped file's training run in this store: made from the file's own record when the store
+    lacks it (as an offline record is imported: tagged with the run id the file names)."""
+    blob = ckpt.load(shipped)
+    run_id = blob.get("mlflow_run_id")
+    if not run_id:
+        raise UserError(f"{shipped} names no training run: nothing to make a run for")
+    if unloggable(run_id) is None:
+        stand_in = run_for(run_id)
+        return f"{shipped.name}: " + (f"run {stand_in} stands for its training run {run_id}" if stand_in else
+                                      f"its training run {run_id} is in the store")
+    config, now = blob.get("config", {}), time.time()
+    events = [{"start": {"run_id": run_id, "run_name": f"{blob['arch']} {blob['mode']} (record of {shipped.name})",
+                         "experiment": config.get("tracking", {}).get("experiment", "")}},
+              {"params": flatten(config)},
+              {"tags": {"shipped_file": shipped.name, "record": "made from the shipped file by train.ship --register: its config, "
+                        "validation metrics and step; the training history is in the store the model trained against"}},
+              {"metrics": blob.get("metrics", {}), "step": blob.get("step", 0)},
+              {"status": "FINISHED"}]
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / RECORD).write_text("".join(json.dumps({**e, "time": now}) + "\n" for e in events))
+        made = import_run(Path(folder))
+    return f"{shipped.name}: its training run {run_id} is not in the store: made run {made} from the file's record"
+
+
 @command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", type=Path, help="a run's image_compression_model.pth")
+    ap.add_argument("checkpoint", type=Path, nargs="*", help="a run's image_compression_model.pth (--register: shipped files)")
+    ap.add_argument("--register", action="store_true", help="register shipped files in this store without shipping")
     ap.add_argument("--out", type=output_file, help="default: the shipped gray or color model of the repository")
     ap.add_argument("--max-mb", type=float, default=MAX_MB, help="size cap of the shipped file (MB)")
     ap.add_argument("--force", action="store_true", help="replace the shipped model even when not better on validation")
     args = ap.parse_args(argv)
+    if args.register:
+        for shipped in args.checkpoint or [f for f in (SHIPPED_GRAY, SHIPPED_COLOR) if f.exists()]:
+            print(record_run(shipped))
+            print(register(shipped))
+        return 0
+    if len(args.checkpoint) != 1:
+        ap.error("give one checkpoint to ship")
     keep_freed_memory()
-    print(ship(args.checkpoint, args.out, args.max_mb, args.force))
-    out = args.out or shipped_file(ckpt.load(args.checkpoint)["mode"])
+    print(ship(args.checkpoint[0], args.out, args.max_mb, args.force))
+    out = args.out or shipped_file(ckpt.load(args.checkpoint[0])["mode"])
     print(register(out))
     return 0
 
