@@ -748,6 +748,47 @@ def test_profiled_steps_leave_a_trace_and_a_table_in_the_run(tmp_path, tiles_pre
     assert [a.path for a in artifacts] == ["profile/rank0_steps_3-4.txt"]
 
 
+def test_a_run_without_gains_stops_early_as_a_finished_run_and_a_resume_keeps_to_it(tmp_path, tiles_prepared, caplog):
+    """At a learning rate that changes nothing, no validation beats the first by 0.5 dB: patience 2
+    ends the run after the third of ten validations, finished, with its best model; a resume with the
+    same patience ends at once, one with patience 4 goes on to the fifth."""
+    import logging
+
+    import mlflow
+
+    from train.loop.distributed import DistInfo
+    from train.loop.trainer import Trainer
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def fit(patience: int, resume: bool) -> Trainer:
+        cfg = load_config(None, ["model.arch=unet", "model.kwargs={width = 4, levels = 1}", f"data.prepared_dir={tiles_prepared}",
+                                 "data.backend=resident", "data.qualities=[10, 40]", "data.patch_size=32", "data.batch_size=4",
+                                 "optim.lr=1e-9", "train.max_steps=10", "train.val_every=1", "train.ckpt_every=100",
+                                 f"train.early_stop_patience={patience}", "train.early_stop_min_db=0.5", f"tracking.tracking_uri={store}"])
+        trainer = Trainer(cfg, tmp_path / "out", DistInfo(0, 0, 1, torch.device("cpu")), resume=resume)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+        return trainer
+
+    with caplog.at_level(logging.INFO, logger="train.loop.trainer"):
+        first = fit(2, False)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("early stop")]
+    assert first.finished and first.step == 3 and len(first.history["val_psnr"]) == 3, said
+    assert said == [f"early stop at step 3: 2 validations without a validation PSNR above {first.history['val_psnr'][0]:.3f} dB "
+                    "by more than 0.5 dB (train.early_stop_patience)"]
+    run = mlflow.MlflowClient(store).get_run(first.tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["early_stopped_at_step"] == "3"
+    assert (tmp_path / "out" / "image_compression_model.pth").is_file() and torch.load(
+        latest_state(tmp_path / "out" / "checkpoints"), weights_only=True)["step"] == 3
+    again = fit(2, True)
+    assert again.finished and again.step == 3 and len(again.history["val_psnr"]) == 3
+    longer = fit(4, True)
+    assert longer.finished and longer.step == 5 and len(longer.history["val_psnr"]) == 5
+
+
 def test_a_trace_of_steps_profiled_before_is_kept(tmp_path):
     """A run resumed from an earlier state steps through the same steps again: a second trace."""
     from train.loop.profiling import StepProfiler

@@ -139,6 +139,11 @@ class TrainConfig:
     """Trace this many training steps of each session with torch.profiler, from its third step on:
     <out>/profile/rank<R>_steps_<A>-<B>.json for ui.perfetto.dev and a table of the costliest ops
     beside it (train/loop/profiling.py). 0: off."""
+    early_stop_patience: int = 0
+    """End the run (finished, its best model kept) after this many validations in a row without a
+    validation PSNR above the best before them by more than early_stop_min_db. 0: off."""
+    early_stop_min_db: float = 0.0
+    """The gain in validation PSNR (dB) that counts as better for early_stop_patience."""
     ema_decay: float = 0.0
     """Keep an exponential moving average of the weights (e.g. 0.999: about the last 1000 steps,
     fewer early in the run) and validate, save and ship it instead of the raw weights
@@ -148,8 +153,8 @@ class TrainConfig:
         _choice("train.loss", self.loss, tuple(LOSSES))
         _choice("train.precision", self.precision, PRECISIONS)
         _positive("train", self, ("max_steps", "time_budget_s", "val_every", "ckpt_every", "log_every", "ddp_timeout_s", "seed",
-                                  "blocking_weight", "grad_accum_steps", "profile_steps"),
-                  ("seed", "time_budget_s", "blocking_weight", "profile_steps"))
+                                  "blocking_weight", "grad_accum_steps", "profile_steps", "early_stop_patience", "early_stop_min_db"),
+                  ("seed", "time_budget_s", "blocking_weight", "profile_steps", "early_stop_patience", "early_stop_min_db"))
         if self.seed > SEED_MAX:
             raise ValueError(f"train.seed must be in 0..{SEED_MAX}, got {self.seed}")
         if self.ddp_timeout_s > threading.TIMEOUT_MAX:

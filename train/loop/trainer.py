@@ -400,8 +400,8 @@ class Trainer:
         self.session_start = time.perf_counter()
         self.next_stop_check, self.last_stop_check = self.step + 1, (self.step, self.elapsed_steps())
         window = {"loss": torch.zeros((), device=self.device), "n": 0, "data": 0.0, "start": time.perf_counter()}
-        stopped = False
-        while self.step < t.max_steps and not stopped:
+        stopped, plateaued = False, self._plateaued()  # a resumed run that had plateaued ends at once
+        while self.step < t.max_steps and not stopped and not plateaued:
             self.loader.set_epoch(self.epoch, self.batch_in_epoch)
             epoch_start = time.perf_counter()
             for batches in _in_groups(_timed(self.loader, window), t.grad_accum_steps):
@@ -416,6 +416,7 @@ class Trainer:
                 pause = time.perf_counter()
                 if self.step % t.val_every == 0 or self.step == t.max_steps:
                     self._validate_and_track(progress)
+                    plateaued = self._plateaued()
                 if self.step % t.ckpt_every == 0:
                     self.save_state()
                 self.profiler.step()  # writes the trace after its last step
@@ -423,7 +424,7 @@ class Trainer:
                 window["start"] += paused  # throughput and the time budget count training steps only
                 self.paused += paused
                 stopped = self._should_stop()
-                if stopped or self.step >= t.max_steps:
+                if stopped or plateaued or self.step >= t.max_steps:
                     break
             else:  # the epoch ran to its end
                 self.tracker.log_metrics({"epoch_time_s": time.perf_counter() - epoch_start, "epoch": self.epoch}, self.step)
@@ -438,7 +439,23 @@ class Trainer:
             log.warning("stopped by %s at step %d; resume with --resume", self.stop_signal, self.step)
             on_main_rank(self._record_stop, self.info)
             return
+        if plateaued and self.step < t.max_steps:
+            log.info("early stop at step %d: %d validations without a validation PSNR above %.3f dB by more than %g dB "
+                     "(train.early_stop_patience)", self.step, t.early_stop_patience, self._validations_since_gain()[0], t.early_stop_min_db)
+            on_main_rank(lambda: self.tracker.set_tags({"early_stopped_at_step": self.step}), self.info)
         self._finish()
+
+    def _validations_since_gain(self) -> tuple[float, int]:
+        """(the best validation PSNR by early_stop_min_db's rule, the validations since it), from the
+        history: a resumed run counts its earlier sessions' validations too."""
+        best, since = -math.inf, 0
+        for psnr in self.history["val_psnr"]:
+            best, since = (psnr, 0) if psnr > best + self.cfg.train.early_stop_min_db else (best, since + 1)
+        return best, since
+
+    def _plateaued(self) -> bool:
+        patience = self.cfg.train.early_stop_patience
+        return bool(patience) and self._validations_since_gain()[1] >= patience
 
     def _record_stop(self) -> None:
         """A time-boxed chunk (GPU calls) keeps its best model and curves in the run, which ends KILLED
