@@ -289,3 +289,6 @@ def test_register_gives_a_fresh_store_the_shipped_files_and_a_run_from_each_ones
     said = capsys.readouterr().out.strip().splitlines()
     assert said[1].startswith("image_compression_model.pth is image_compression_model version 1 in MLflow already"), said
     assert len(client.search_model_versions("name='image_compression_model'")) == 1 and len(mlflow.search_runs(search_all_experiments=True)) == 2
+    with pytest.raises(SystemExit):
+        main(["--register", "--force"])
+    assert "--register ships nothing: it takes no --out, --force or --max-mb" in capsys.readouterr().err

@@ -156,6 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="replace the shipped model even when not better on validation")
     args = ap.parse_args(argv)
     if args.register:
+        if args.out or args.force or args.max_mb != MAX_MB:
+            ap.error("--register ships nothing: it takes no --out, --force or --max-mb")
         for shipped in args.checkpoint or [f for f in (SHIPPED_GRAY, SHIPPED_COLOR) if f.exists()]:
             print(record_run(shipped))
             print(register(shipped))
