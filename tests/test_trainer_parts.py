@@ -781,8 +781,8 @@ def test_a_run_without_gains_stops_early_as_a_finished_run_and_a_resume_keeps_to
                     "by more than 0.5 dB (train.early_stop_patience)"]
     run = mlflow.MlflowClient(store).get_run(first.tracker.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["early_stopped_at_step"] == "3"
-    assert (tmp_path / "out" / "image_compression_model.pth").is_file() and torch.load(
-        latest_state(tmp_path / "out" / "checkpoints"), weights_only=True)["step"] == 3
+    saved = torch.load(latest_state(tmp_path / "out" / "checkpoints"), weights_only=True)
+    assert (tmp_path / "out" / "image_compression_model.pth").is_file() and saved["step"] == 3
     again = fit(2, True)
     assert again.finished and again.step == 3 and len(again.history["val_psnr"]) == 3
     longer = fit(4, True)
