@@ -672,12 +672,13 @@ def test_a_run_imports_dali_only_where_its_loader_is_dali():
     assert proc.stdout == f"torch False False\ndali {dali_available()} {dali_available()}\n", proc.stderr[-2000:]
 
 
-def _trained_weights(out: Path, prepared: Path, batch: int, accum: int, steps: int = 3, resume: bool = False) -> dict:
+def _trained_weights(out: Path, prepared: Path, batch: int, accum: int, steps: int = 3, resume: bool = False,
+                     backend: str = "resident") -> dict:
     from train.loop.distributed import DistInfo
     from train.loop.trainer import Trainer
 
     cfg = load_config(None, ["model.arch=unet", "model.kwargs={width = 4, levels = 1}", f"data.prepared_dir={prepared}",
-                             "data.backend=resident", "data.qualities=[10, 40]", "data.patch_size=32", f"data.batch_size={batch}",
+                             f"data.backend={backend}", "data.qualities=[10, 40]", "data.patch_size=32", f"data.batch_size={batch}",
                              f"train.grad_accum_steps={accum}", f"train.max_steps={steps}", "train.val_every=100", "train.precision=fp32",
                              "optim.name=sgd", "optim.lr=0.5", "schedule.name=constant", "tracking.enabled=false"])
     trainer = Trainer(cfg, out, DistInfo(0, 0, 1, torch.device("cpu")), resume=resume)
@@ -696,12 +697,13 @@ def test_a_step_of_accumulated_micro_batches_is_a_step_of_them_all_at_once(tmp_p
     assert not all(torch.allclose(v, half[k], atol=1e-3) for k, v in whole.items())
 
 
-def test_a_run_resumed_with_smaller_batches_continues_the_epoch_where_it_stood(tmp_path, tiles_prepared):
+@pytest.mark.parametrize("backend", ["resident", "torch"])
+def test_a_run_resumed_with_smaller_batches_continues_the_epoch_where_it_stood(tmp_path, tiles_prepared, backend):
     """A step of batch 8 resumed as batch 4 x 2 micro-batches: the loader goes on at the 9th patch of
     the epoch (its third batch of 4), so the run ends with the weights of 3 steps of batch 8."""
-    whole = _trained_weights(tmp_path / "whole", tiles_prepared, 8, 1)
-    _trained_weights(tmp_path / "split", tiles_prepared, 8, 1, steps=1)
-    resumed = _trained_weights(tmp_path / "split", tiles_prepared, 4, 2, resume=True)
+    whole = _trained_weights(tmp_path / "whole", tiles_prepared, 8, 1, backend=backend)
+    _trained_weights(tmp_path / "split", tiles_prepared, 8, 1, steps=1, backend=backend)
+    resumed = _trained_weights(tmp_path / "split", tiles_prepared, 4, 2, resume=True, backend=backend)
     assert all(torch.allclose(v, resumed[k], atol=1e-6) for k, v in whole.items())
 
 
