@@ -786,6 +786,32 @@ def test_compare_shows_an_infinite_metric_as_inf(tmp_path, monkeypatch, capsys):
     assert row.endswith("| inf / - / - |"), row
 
 
+def test_compare_gives_each_runs_steps_and_flop_rate_and_its_mfu_given_the_peak(tmp_path, monkeypatch, capsys):
+    """The equal-time tables' steps, TFLOP/s and MFU columns were copied into the README by hand."""
+    from train.compare import main
+
+    client, experiment = _store_with_experiment(tmp_path, monkeypatch, "gpu-minutes")
+    for name, last in (("done", 33), ("running", None)):
+        run_id = client.create_run(experiment, run_name=name).info.run_id
+        for step, tflops in ((10, 50.0), (20, 240.0), (30, 250.0)):  # the first window includes the start-up
+            client.log_metric(run_id, "train_tflops", tflops, step=step)
+            client.log_metric(run_id, "images_per_s", tflops * 10, step=step)
+        if last:
+            client.log_metric(run_id, "total_wall_time_s", 45.0, step=last)
+            client.set_terminated(run_id)
+    assert main(["--experiment", "gpu-minutes", "--out", str(tmp_path / "cmp"), "--peak-tflops", "800"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "| steps | img/s | TFLOP/s | MFU (800 TFLOP/s) |" in lines[0], lines[0]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[6:10] for line in lines[2:4]}
+    assert rows == {"done": ["33", "2450.0", "245.000", "30.6%"], "running": ["30", "2450.0", "245.000", "30.6%"]}, rows
+    assert main(["--experiment", "gpu-minutes", "--out", str(tmp_path / "cmp")]) == 0
+    assert "MFU" not in capsys.readouterr().out
+    assert "steps,images_per_s,train_tflops" in (tmp_path / "cmp" / "compare.csv").read_text().splitlines()[0]
+    with pytest.raises(SystemExit) as exc:
+        main(["--experiment", "gpu-minutes", "--peak-tflops", "0"])
+    assert exc.value.code == 2 and "--peak-tflops must be a positive number, got 0" in capsys.readouterr().err
+
+
 def test_a_new_run_never_writes_over_an_earlier_run(tiles_dir, tmp_path, capsys):
     from train.main import main
 

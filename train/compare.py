@@ -1,16 +1,18 @@
 """Compare the runs of an MLflow experiment (e.g. a sweep): one row per run with arch, params,
-MACs per pixel, training time, images/s, best validation PSNR/SSIM and LIVE1 PSNR/SSIM/PSNR-B
-per quality (logged by `train.evaluate --log-mlflow`), as markdown and CSV, plus plots of PSNR
-against training time and against parameters. The run of a shipped model (`train.ship`, the MLflow
-registry's alias `shipped`) says so.
+MACs per pixel, training time, steps, images/s, training TFLOP/s (and MFU, given the peak it is a
+fraction of), best validation PSNR/SSIM and LIVE1 PSNR/SSIM/PSNR-B per quality (logged by
+`train.evaluate --log-mlflow`), as markdown and CSV, plus plots of PSNR against training time and
+against parameters. The run of a shipped model (`train.ship`, the MLflow registry's alias
+`shipped`) says so.
 
-    python -m train.compare --experiment jpeg-sweep [--out outputs/compare] [--dataset live1_gray]
+    python -m train.compare --experiment jpeg-sweep [--out outputs/compare] [--dataset live1_gray] [--peak-tflops 790]
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import io
+import math
 import re
 import sys
 import time
@@ -34,6 +36,15 @@ def _best_val(client, run_id: str) -> tuple[float | None, float | None]:
     best = max(psnr, key=lambda m: m.value)
     ssim = {m.step: m.value for m in client.get_metric_history(run_id, "val_ssim")}
     return best.value, ssim.get(best.step)
+
+
+def _after_start(history: list) -> list:
+    """A metric's log windows without the first, which includes the start-up (all of it if one)."""
+    return sorted(history, key=lambda h: h.step)[1:] or history
+
+
+def _mean(history: list) -> float | None:
+    return sum(h.value for h in history) / len(history) if history else None
 
 
 def _status(run, history) -> str:
@@ -62,7 +73,7 @@ def collect(experiment: str, dataset: str = "live1_gray") -> tuple[list[dict], d
     for run in mlflow.search_runs(experiment_names=[experiment], output_format="list"):
         p, m, t = run.data.params, run.data.metrics, run.data.tags
         history = client.get_metric_history(run.info.run_id, "images_per_s")
-        rate = sorted(history, key=lambda h: h.step)[1:] or history  # the first window includes start-up
+        finish = client.get_metric_history(run.info.run_id, "total_wall_time_s")  # logged at the last step
         best_psnr, best_ssim = _best_val(client, run.info.run_id)
         curve = val_curve(client, run.info.run_id)
         row = {"run": run.info.run_name, "run_id": run.info.run_id, "shipped_as": " ".join(shipped.get(run.info.run_id, [])),
@@ -70,7 +81,9 @@ def collect(experiment: str, dataset: str = "live1_gray") -> tuple[list[dict], d
                "grid_point": t.get("grid_point", ""), "params_m": float(p["params"]) / 1e6 if "params" in p else None,
                "macs_per_pixel_k": float(p["macs_per_pixel"]) / 1e3 if "macs_per_pixel" in p else None,
                "train_time_min": m["total_wall_time_s"] / 60 if "total_wall_time_s" in m else None,
-               "images_per_s": sum(h.value for h in rate) / len(rate) if rate else None,
+               "steps": max(h.step for h in finish or history) if finish or history else None,
+               "images_per_s": _mean(_after_start(history)),
+               "train_tflops": _mean(_after_start(client.get_metric_history(run.info.run_id, "train_tflops"))),
                "world_size": t.get("world_size"), "best_val_psnr": best_psnr, "best_val_ssim": best_ssim, "curve": curve,
                # serve_bench / to_trt logged on the checkpoint: torch eager fp32, one 512x512 image
                "cpu_ms_512": m.get(latency_metric("torch fp32", "cpu", 1, 512, 512)),
@@ -96,9 +109,13 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(rows: list[dict], jpeg: dict, dataset: str) -> str:
+def markdown(rows: list[dict], jpeg: dict, dataset: str, peak_tflops: float | None = None) -> str:
+    """The table; with the training device's measured peak (`train.benchmark` prints it), each run's
+    training TFLOP/s as a fraction of it: MFU."""
     qs = [q for q in QUALITIES if any(r[f"psnr_q{q}"] is not None for r in rows) or f"psnr_q{q}" in jpeg]
-    head = ["run", "arch", "status", "params (M)", "MACs/px (k)", "train min", "img/s", "val PSNR", "val SSIM"]
+    head = ["run", "arch", "status", "params (M)", "MACs/px (k)", "train min", "steps", "img/s", "TFLOP/s"]
+    head += [f"MFU ({peak_tflops:g} TFLOP/s)"] if peak_tflops else []
+    head += ["val PSNR", "val SSIM"]
     latency = [(k, label) for k, label in (("cpu_ms_512", "CPU ms 512²"), ("gpu_ms_512", "GPU ms 512²"))
                if any(r[k] is not None for r in rows)]
     head += [label for _, label in latency]
@@ -110,11 +127,14 @@ def markdown(rows: list[dict], jpeg: dict, dataset: str) -> str:
         return " / ".join(_fmt(values.get(f"{m.name}_q{q}"), m.digits) for m in ms)
 
     if jpeg:
-        lines.append("| JPEG |" + " - |" * (8 + len(latency)) + " " + " | ".join(cell(jpeg, q) for q in qs) + " |")
+        lines.append("| JPEG |" + " - |" * (len(head) - 1 - len(qs)) + " " + " | ".join(cell(jpeg, q) for q in qs) + " |")
     for r in rows:
         name = r["run"] + (f" (shipped as {r['shipped_as']})" if r.get("shipped_as") else "")
+        tflops = r.get("train_tflops")
         cells = [name, _fmt(r["arch"]), r["status"], _fmt(r["params_m"], 3), _fmt(r["macs_per_pixel_k"], 1), _fmt(r["train_time_min"], 1),
-                 _fmt(r["images_per_s"], 1), _fmt(r["best_val_psnr"]), _fmt(r["best_val_ssim"], 4)]
+                 _fmt(r.get("steps")), _fmt(r["images_per_s"], 1), _fmt(tflops, 3)]
+        cells += [f"{tflops / peak_tflops:.1%}" if tflops is not None else "-"] if peak_tflops else []
+        cells += [_fmt(r["best_val_psnr"]), _fmt(r["best_val_ssim"], 4)]
         cells += [_fmt(r[k], 1) for k, _ in latency]
         cells += [cell(r, q) for q in qs]
         lines.append("| " + " | ".join(_escape(str(c)) for c in cells) + " |")
@@ -189,7 +209,11 @@ def main(argv=None) -> int:
     ap.add_argument("--experiment", default="jpeg-sweep")
     ap.add_argument("--dataset", default="live1_gray", help="evaluation dataset whose logged metrics to show")
     ap.add_argument("--out", type=Path, default=Path("outputs/compare"))
+    ap.add_argument("--peak-tflops", type=float, help="the training device's measured peak TFLOP/s in the runs' precision "
+                    "(train.benchmark prints it): adds each run's MFU")
     args = ap.parse_args(argv)
+    if args.peak_tflops is not None and not 0 < args.peak_tflops < math.inf:
+        ap.error(f"--peak-tflops must be a positive number, got {args.peak_tflops:g}")
     check_output_folder(args.out)
     rows, jpeg = collect(args.experiment, args.dataset)
     if not rows:
@@ -198,7 +222,7 @@ def main(argv=None) -> int:
     if evaluated and args.dataset not in evaluated:  # a typo would show a table without its test columns
         print(f"note: no run of {args.experiment!r} was evaluated on {args.dataset}; they were on "
               f"{', '.join(sorted(evaluated))} (--dataset NAME)", file=sys.stderr)
-    table = markdown(rows, jpeg, args.dataset)
+    table = markdown(rows, jpeg, args.dataset, args.peak_tflops)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[k for k in rows[0] if k not in ("curve", "evaluated_on")], extrasaction="ignore")
     writer.writeheader()
