@@ -518,6 +518,8 @@ def test_restore_reports_its_own_peak_memory_not_its_parents(tmp_path, photo_pai
     ("train.benchmark", ["--kwargs", "{width = 8}"], "error: --kwargs does nothing in the default benchmark"),
     ("train.benchmark", ["--loaders", "--batch", "8", "--compile"], "error: --compile and --batch do nothing in --loaders"),
     ("train.benchmark", ["--loaders", "--end-to-end"], "error: --loaders and --end-to-end are two benchmarks"),
+    ("train.benchmark", ["--peak", "--end-to-end"], "error: --end-to-end and --peak are two benchmarks"),
+    ("train.benchmark", ["--peak"], "error: --json does nothing in --peak"),  # the test's --json: --peak writes none
     ("train.benchmark", ["--end-to-end", "--tile", "32"], "error: --tile must be 0 (whole images) or at least --patch 64 (and 16), got 32"),
     ("train.benchmark", ["--loaders", "--tile", "480"], "error: --tile does nothing in --loaders"),
     ("data_pipeline.benchmark", ["--workers", "0"], "error: --workers and --batches must be at least 1, got 0 and 40"),

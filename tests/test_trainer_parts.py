@@ -236,6 +236,18 @@ def test_macs_per_pixel_of_dncnn():
     assert math.isfinite(macs_per_pixel(build_model("autoencoder", channels=1), 1))
 
 
+def test_the_benchmark_gives_the_peak_that_mfu_is_a_fraction_of_alone(tmp_path, monkeypatch, capsys):
+    """train.compare --peak-tflops wants the training device's measured peak; the benchmark printed it
+    only after timing every architecture."""
+    from train.benchmark import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--peak"]) == 0
+    line = capsys.readouterr().out.strip()
+    fp32, bf16 = map(float, re.fullmatch(r".+: measured peak (\S+) TFLOP/s fp32, (\S+) TFLOP/s bf16 \(.+\)", line).groups())
+    assert fp32 > 0.01 and bf16 > 0.001 and not list(tmp_path.iterdir())  # a timed matmul; no JSON left behind
+
+
 def test_end_to_end_benchmark_compares_the_trainer_on_real_data_with_the_bare_loop(tiles_dir, tmp_path):
     import json
 

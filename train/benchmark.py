@@ -6,6 +6,7 @@ and 1 against 2 processes (torchrun, gloo on CPU).
     python -m train.benchmark --end-to-end --arch unet --kwargs "{width = 64, levels = 3}" --batch 64 --patch 128 \\
         --dataset train_color --backends resident,torch --data-root ../shared/data   # Trainer + real data vs bare loop
     python -m train.benchmark --end-to-end ... --dataset DIV2K_train_HR --tile 480 --backends torch   # large photos
+    python -m train.benchmark --peak   # the device's measured GEMM peak, MFU's yardstick (train.compare --peak-tflops)
 
 All on synthetic batches (batch 32, 64x64 unless --batch / --patch, channels_last, AdamW, L1; --precision auto is bf16
 autocast where the device has native bf16, fp32 on other CPUs), so the figures measure the
@@ -189,7 +190,8 @@ def end_to_end(args, device: torch.device, precision: str) -> int:
 ONLY_WITH = {"kwargs": ("--loaders", "--end-to-end"), "data_root": ("--loaders", "--end-to-end"),
              "workers": ("--loaders", "--end-to-end"), "dataset": ("--end-to-end",), "backends": ("--end-to-end",),
              "compile": ("--end-to-end",), "tile": ("--end-to-end",), "modes": ("--loaders",), "batch": ("the default benchmark", "--end-to-end"),
-             "patch": ("the default benchmark", "--end-to-end"), "steps": ("the default benchmark", "--end-to-end")}
+             "patch": ("the default benchmark", "--end-to-end"), "steps": ("the default benchmark", "--end-to-end"),
+             "json": ("the default benchmark", "--loaders", "--end-to-end")}
 
 
 @command
@@ -212,16 +214,20 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="gray", help="with --loaders: gray (Train400) and/or rgb (train_color)")
     ap.add_argument("--compile", action="store_true", help="with --end-to-end: torch.compile the bare loop and the Trainer")
     ap.add_argument("--workers", type=int, default=max(1, usable_cpus() - 2), help="torch workers / DALI threads")
+    ap.add_argument("--peak", action="store_true", help="only the device's measured GEMM peak in fp32 and bf16, MFU's yardstick "
+                    "(train.compare --peak-tflops)")
     args = ap.parse_args(argv)
-    check_output_file(args.json, "--json", json_only=True)
-    keep_freed_memory()  # as train/main.py runs
-    if args.loaders and args.end_to_end:
-        raise UserError("--loaders and --end-to-end are two benchmarks: run one at a time")
-    mode = "--loaders" if args.loaders else "--end-to-end" if args.end_to_end else "the default benchmark"
+    chosen = [flag for flag, on in (("--loaders", args.loaders), ("--end-to-end", args.end_to_end), ("--peak", args.peak)) if on]
+    if len(chosen) > 1:
+        raise UserError(f"{' and '.join(chosen)} are {('two', 'three')[len(chosen) - 2]} benchmarks: run one at a time")
+    mode = chosen[0] if chosen else "the default benchmark"
     ignored = [f"--{name.replace('_', '-')}" for name, modes in ONLY_WITH.items()
                if getattr(args, name) != ap.get_default(name) and mode not in modes]
     if ignored:
         raise UserError(f"{' and '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} nothing in {mode}; --help says where each applies")
+    if not args.peak:
+        check_output_file(args.json, "--json", json_only=True)
+    keep_freed_memory()  # as train/main.py runs
     if args.arch not in architectures():
         raise UserError(f"unknown architecture {args.arch!r}; known: {', '.join(architectures())}")
     if min(args.steps, args.batch, args.patch, args.workers) < 1:
@@ -235,6 +241,11 @@ def main(argv=None) -> int:
     if unknown:
         raise UserError(f"unknown loader backend(s) {', '.join(sorted(unknown))}: choose from {', '.join(backends())}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.peak:
+        peak = matmul_peak(str(device))
+        print(f"{device_name(device)}: measured peak {peak['fp32'] / 1e3:.3g} TFLOP/s fp32, {peak['bf16'] / 1e3:.3g} TFLOP/s bf16 "
+              "(train.compare --peak-tflops takes the runs' precision's)")
+        return 0
     precision = resolve_precision(args.precision, device)
     if slow := emulated_precision_warning(precision, device):
         print(f"warning: {slow}", file=sys.stderr)
