@@ -39,6 +39,7 @@ log() { echo "== $(date +%T) $*"; }
 step_env() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
     $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+    $PY -m train.benchmark --peak  # MFU's yardstick on this GPU (train.compare --peak-tflops), before anything trains
     du -sh "$DATA"/* .gpu/parts 2>/dev/null
     git rev-parse HEAD 2>/dev/null || true
 }
