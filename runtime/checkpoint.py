@@ -141,10 +141,12 @@ def fold_rgb_to_gray(state_dict: dict, model: nn.Module, path) -> dict:
         target = want.get(key)
         if target is None or target.shape == value.shape:
             folded[key] = value
-        elif value.dim() >= 2 and value.shape[1] == 3 and target.shape == (value.shape[0], 1, *value.shape[2:]):
-            folded[key] = value.sum(1, keepdim=True)
-        elif value.shape[0] == 3 and target.shape == (1, *value.shape[1:]):
-            folded[key] = torch.tensordot(luma.to(value), value, dims=1)[None]
+        # channel-major: a pixel-unshuffle stem's 3 x r² input (and head's output) channels are R's r², G's, B's
+        elif value.dim() >= 2 and value.shape[1] == 3 * target.shape[1] and target.shape[0] == value.shape[0] \
+                and target.shape[2:] == value.shape[2:]:
+            folded[key] = value.unflatten(1, (3, -1)).sum(1)
+        elif value.shape[0] == 3 * target.shape[0] and target.shape[1:] == value.shape[1:]:
+            folded[key] = torch.tensordot(luma.to(value), value.unflatten(0, (3, -1)), dims=1)
         else:
             raise CheckpointError(f"{path}: cannot fold the RGB weights into gray: {key} is {tuple(value.shape)}, "
                                   f"the gray model wants {tuple(target.shape)}")

@@ -59,12 +59,13 @@ def trained(tiles_dir, tmp_path_factory):
     return tmp / "out" / "image_compression_model.pth", env
 
 
-def tiny_checkpoint(arch: str, path: Path, channels: int = 1) -> Path:
+def tiny_checkpoint(arch: str, path: Path, channels: int = 1, kwargs: dict | None = None) -> Path:
     torch.manual_seed(0)
-    model = build_model(arch, channels=channels, **tiny_kwargs(arch))
+    kwargs = tiny_kwargs(arch) if kwargs is None else kwargs
+    model = build_model(arch, channels=channels, **kwargs)
     for p in model.parameters():  # zero-initialised last layers would make every model the identity
         torch.nn.init.normal_(p, std=0.1) if p.dim() > 1 and not p.abs().sum() else None
-    ckpt.save(ckpt.model_checkpoint(model, arch, tiny_kwargs(arch), "gray" if channels == 1 else "rgb", {}, {}, 0), path)
+    ckpt.save(ckpt.model_checkpoint(model, arch, kwargs, "gray" if channels == 1 else "rgb", {}, {}, 0), path)
     return path
 
 
@@ -90,6 +91,16 @@ def test_onnx_round_trip_parity_for_every_architecture(arch, tiny_export, photo_
     torch_out = make_runner("torch", path).restore(x)
     ort_out = make_runner("onnxruntime", info["path"]).restore(x)  # tile size from the sidecar
     assert ort_out.shape == x.shape
+    assert float((torch_out - ort_out).abs().max()) <= 1e-4
+
+
+def test_a_unet_with_a_pixel_unshuffle_stem_exports_with_the_same_pixels(tmp_path, photo_pair):
+    """The stem's pixel unshuffle and the head's shuffle in ONNX, on an odd-sized crop (padded to 16)."""
+    path = tiny_checkpoint("unet", tmp_path / "stem.pth", kwargs={**tiny_kwargs("unet"), "unshuffle": 2})
+    info = export_onnx(path, tmp_path / "stem.onnx")
+    x = image_to_tensor(jpeg_roundtrip(photo_pair[0][:75, :101], 10), "cpu")
+    torch_out, ort_out = make_runner("torch", path).restore(x), make_runner("onnxruntime", info["path"]).restore(x)
+    assert ort_out.shape == x.shape and float((torch_out - x).abs().max()) > 1e-2  # not the identity's check
     assert float((torch_out - ort_out).abs().max()) <= 1e-4
 
 

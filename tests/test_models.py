@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from runtime.models import TINY, architectures, build_model, build_problem, check_kwargs, tiny_kwargs
+from runtime.models import TINY, architectures, build_model, build_problem, check_kwargs, macs_per_pixel, tiny_kwargs
 
 
 def test_registry_lists_and_rejects():
@@ -64,6 +64,28 @@ def test_unet_ablation_switches_change_the_graph():
         assert no_skips.eval()(x).shape == x.shape
 
 
+def test_a_pixel_unshuffle_stem_runs_the_unet_on_sub_images_for_the_macs_of_half_the_width():
+    """unshuffle = 2: the body reads the 4 sub-images of each plane at half the resolution, so twice
+    the width costs what the plain U-Net does per pixel; sizes pad to the stem times the levels."""
+    plain, stem = build_model("unet", width=8, levels=2), build_model("unet", width=16, levels=2, unshuffle=2).eval()
+    assert stem.size_multiple == 8 and stem.down[0][0].in_channels == 4 and stem.head.out_channels == 4
+    assert macs_per_pixel(stem, 1) == pytest.approx(macs_per_pixel(plain, 1), rel=0.02)
+    x = torch.rand(2, 1, 19, 29)
+    with torch.no_grad():
+        assert torch.equal(stem(x), x)  # zero-initialised head: the identity at the start
+        nn.init.normal_(stem.head.weight, std=0.1)
+        y = stem(x)
+        assert y.shape == x.shape and not torch.allclose(y, x, atol=1e-3)
+    film = build_model("unet", channels=3, width=16, levels=2, unshuffle=2, cond_channels=1, film=True).eval()
+    x = torch.rand(2, 4, 19, 29)  # FiLM reads the quality plane before the stem: only the image is unshuffled
+    with torch.no_grad():
+        assert film.down[0][0].in_channels == 12 and torch.equal(film(x), x[:, :3])
+        for p in film.parameters():
+            nn.init.normal_(p, std=0.1)
+        assert not torch.allclose(film(x), film(torch.cat([x[:, :3], torch.zeros_like(x[:, 3:])], 1)))
+    assert build_problem("unet", {"unshuffle": 0}) == "unet(unshuffle=0) cannot be built: unet: unshuffle must be at least 1, got 0"
+
+
 def test_unet_dropout_acts_in_training_only_and_keeps_the_weights():
     torch.manual_seed(0)
     net = build_model("unet", width=8, levels=2, dropout=0.5)
@@ -112,9 +134,13 @@ def test_every_architecture_learns_and_keeps_odd_sizes(arch):
         assert net.eval()(torch.rand(1, 1, 19, 29)).shape == (1, 1, 19, 29)
 
 
-@pytest.mark.parametrize("arch", ["unet", "drunet", "nafnet", "dncnn"])
-def test_a_quality_plane_is_an_extra_input_and_the_output_keeps_the_image_channels(arch):
-    net = build_model(arch, channels=3, cond_channels=1, **tiny_kwargs(arch)).eval()
+# the architectures with a quality plane, as the tests build them (the U-Net with a pixel-unshuffle stem too)
+CONDITIONED = [(arch, tiny_kwargs(arch)) for arch in ("unet", "drunet", "nafnet", "dncnn")] + [("unet", {**TINY["unet"], "unshuffle": 2})]
+
+
+@pytest.mark.parametrize("arch, kwargs", CONDITIONED)
+def test_a_quality_plane_is_an_extra_input_and_the_output_keeps_the_image_channels(arch, kwargs):
+    net = build_model(arch, channels=3, cond_channels=1, **kwargs).eval()
     x = torch.rand(2, 4, 24, 40)
     with torch.no_grad():
         assert torch.equal(net(x), x[:, :3])  # zero-initialised head: the identity on the image
@@ -125,15 +151,15 @@ def test_a_quality_plane_is_an_extra_input_and_the_output_keeps_the_image_channe
     assert a.shape == (2, 3, 24, 40) and not torch.allclose(a, b)  # the plane reaches the output
 
 
-@pytest.mark.parametrize("arch", ["unet", "drunet", "nafnet", "dncnn"])
-def test_a_blind_model_widened_for_the_quality_plane_starts_as_the_blind_model(arch):
+@pytest.mark.parametrize("arch, kwargs", CONDITIONED)
+def test_a_blind_model_widened_for_the_quality_plane_starts_as_the_blind_model(arch, kwargs):
     """train.init_from of a blind model in a run told the quality: whatever the plane says, the
     widened network computes what the blind one did, until training gives the plane weight."""
     from runtime.checkpoint import CheckpointError, add_quality_planes
 
     torch.manual_seed(0)
-    blind = build_model(arch, channels=3, **tiny_kwargs(arch)).eval()
-    told = build_model(arch, channels=3, cond_channels=1, **tiny_kwargs(arch)).eval()
+    blind = build_model(arch, channels=3, **kwargs).eval()
+    told = build_model(arch, channels=3, cond_channels=1, **kwargs).eval()
     with torch.no_grad():
         for p in blind.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -144,7 +170,7 @@ def test_a_blind_model_widened_for_the_quality_plane_starts_as_the_blind_model(a
         for q in (0.0, 0.04, 0.16):
             assert torch.allclose(told(torch.cat([x, torch.full_like(x[:, :1], q)], 1)), blind(x), atol=1e-6)
     with pytest.raises(CheckpointError, match="cannot add quality planes"):
-        add_quality_planes(blind.state_dict(), build_model(arch, channels=1, cond_channels=1, **tiny_kwargs(arch)), "blind.pth")
+        add_quality_planes(blind.state_dict(), build_model(arch, channels=1, cond_channels=1, **kwargs), "blind.pth")
 
 
 @pytest.mark.parametrize("arch,kwargs", [("unet", {"width": 8, "levels": 2, "batch_norm": True}),
@@ -184,14 +210,14 @@ def test_a_film_model_reads_the_quality_from_the_plane_and_starts_as_its_blind_t
     assert np.abs(session.run(None, {"input": told[0.16].numpy()})[0] - want).max() < 1e-4
 
 
-@pytest.mark.parametrize("arch", architectures())
-def test_an_rgb_model_folds_into_the_gray_model_that_restores_its_luma(arch):
+@pytest.mark.parametrize("arch, kwargs", [(arch, TINY[arch]) for arch in architectures()] + [("unet", {**TINY["unet"], "unshuffle": 2})])
+def test_an_rgb_model_folds_into_the_gray_model_that_restores_its_luma(arch, kwargs):
     """train.init_from of an RGB model in a gray run: the gray network computes, for a gray image,
     the BT.601 luma of what the RGB network makes of that image (R = G = B)."""
     from runtime.checkpoint import CheckpointError, fold_rgb_to_gray
 
     torch.manual_seed(0)
-    rgb, gray = (build_model(arch, channels=c, **TINY[arch]).eval() for c in (3, 1))
+    rgb, gray = (build_model(arch, channels=c, **kwargs).eval() for c in (3, 1))
     with torch.no_grad():
         for p in rgb.parameters():  # leave the zero-initialised last layers' identity start
             p.add_(0.05 * torch.randn_like(p))

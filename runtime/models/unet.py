@@ -1,10 +1,14 @@
 """U-Net: encoder-decoder with skip connections (concatenation) and a global residual
-(`skips=False`, `residual=False` and `dropout` exist for ablations). Told the quality
+(`skips=False`, `residual=False` and `dropout` exist for ablations). `unshuffle=r` puts a
+pixel-unshuffle stem in front (FFDNet's): the network runs on r x r sub-images, r² times the
+channels at 1/r the resolution (fewer, wider convolutions: the same MACs at twice the width and
+r = 2, twice the receptive field), and a pixel shuffle puts its output back. Told the quality
 (`cond_channels`), it reads the quality planes as extra input channels, or with `film=True` as a
 FiLM modulation of every block's output (the planes are constant: their mean is the quality)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import register
@@ -23,13 +27,15 @@ def _block(c_in: int, c_out: int, act: str, batch_norm: bool) -> nn.Sequential:
 @register("unet", tiny={"width": 8, "levels": 2})
 class UNet(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, levels: int = 3, batch_norm: bool = False, act: str = "relu",
-                 skips: bool = True, residual: bool = True, dropout: float = 0.0, cond_channels: int = 0, film: bool = False):
+                 skips: bool = True, residual: bool = True, dropout: float = 0.0, cond_channels: int = 0, film: bool = False, unshuffle: int = 1):
         super().__init__()
         if levels < 1:
             raise ValueError(f"unet: levels must be at least 1, got {levels}")
-        self.levels, self.skips, self.residual, self.channels = levels, skips, residual, channels
+        if unshuffle < 1:
+            raise ValueError(f"unet: unshuffle must be at least 1, got {unshuffle}")
+        self.levels, self.skips, self.residual, self.channels, self.unshuffle = levels, skips, residual, channels, unshuffle
         widths = [width * 2**i for i in range(levels + 1)]
-        c_in = channels + (0 if film else cond_channels)
+        c_in = (channels + (0 if film else cond_channels)) * unshuffle**2
         self.down = nn.ModuleList([_block(c_in if i == 0 else widths[i - 1], widths[i], act, batch_norm)
                                    for i in range(levels)])
         self.pool = nn.MaxPool2d(2)
@@ -38,7 +44,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(levels))])
         self.merge = nn.ModuleList([_block((2 if skips else 1) * widths[i], widths[i], act, batch_norm)
                                     for i in reversed(range(levels))])
-        self.head = nn.Conv2d(width, channels, 1)
+        self.head = nn.Conv2d(width, channels * unshuffle**2, 1)
         # one FiLM per block, in the order forward runs them: down blocks, bottom, merges
         self.film = FiLMStack(cond_channels, widths + widths[levels - 1::-1]) if film else None
         if residual:
@@ -47,11 +53,12 @@ class UNet(nn.Module):
     @property
     def size_multiple(self) -> int:
         """Height and width are padded to a multiple of this inside forward (compiled exports take it as given)."""
-        return 2**self.levels
+        return self.unshuffle * 2**self.levels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xp, (h, w) = pad_to_multiple(x, 2**self.levels)
+        xp, (h, w) = pad_to_multiple(x, self.size_multiple)
         y, quality = FiLMStack.split(xp, self.channels) if self.film is not None else (xp, None)
+        y = F.pixel_unshuffle(y, self.unshuffle) if self.unshuffle > 1 else y
         skips = []
         for i, block in enumerate(self.down):
             y = modulate(self.film, i, block(y), quality)
@@ -60,4 +67,5 @@ class UNet(nn.Module):
         y = self.dropout(modulate(self.film, self.levels, self.bottom(y), quality))
         for i, (up, merge, skip) in enumerate(zip(self.up, self.merge, reversed(skips))):
             y = modulate(self.film, self.levels + 1 + i, merge(torch.cat([up(y), skip], dim=1) if self.skips else up(y)), quality)
-        return ((xp[:, :self.channels] if self.residual else 0) + self.head(y))[..., :h, :w]
+        y = F.pixel_shuffle(self.head(y), self.unshuffle) if self.unshuffle > 1 else self.head(y)
+        return ((xp[:, :self.channels] if self.residual else 0) + y)[..., :h, :w]
