@@ -1,10 +1,11 @@
 """U-Net: encoder-decoder with skip connections (concatenation) and a global residual
 (`skips=False`, `residual=False` and `dropout` exist for ablations). `unshuffle=r` puts a
-pixel-unshuffle stem in front (FFDNet's): the network runs on r x r sub-images, r² times the
-channels at 1/r the resolution (fewer, wider convolutions: the same MACs at twice the width and
-r = 2, twice the receptive field), and a pixel shuffle puts its output back. Told the quality
-(`cond_channels`), it reads the quality planes as extra input channels, or with `film=True` as a
-FiLM modulation of every block's output (the planes are constant: their mean is the quality)."""
+pixel-unshuffle stem in front (FFDNet's): the network runs on the r x r sub-images, r² channels a
+plane at 1/r the resolution, and a pixel shuffle puts its output back (at r = 2 twice the width
+costs the plain U-Net's MACs, with twice its receptive field; it lost to it: docs/experiments.md).
+Told the quality (`cond_channels`), it reads the quality planes as extra input channels, or with
+`film=True` as a FiLM modulation of every block's output (the planes are constant: their mean is
+the quality)."""
 from __future__ import annotations
 
 import torch
