@@ -4,6 +4,8 @@ from torch import nn
 
 from runtime.models import TINY, architectures, build_model, build_problem, check_kwargs, macs_per_pixel, tiny_kwargs
 
+STEM = ("unet", {**tiny_kwargs("unet"), "unshuffle": 2})  # the tiny U-Net behind a pixel-unshuffle stem
+
 
 def test_registry_lists_and_rejects():
     assert architectures() == sorted(TINY) and {"autoencoder", "arcnn", "dncnn", "unet", "attention"} <= set(TINY)
@@ -135,7 +137,7 @@ def test_every_architecture_learns_and_keeps_odd_sizes(arch):
 
 
 # the architectures with a quality plane, as the tests build them (the U-Net with a pixel-unshuffle stem too)
-CONDITIONED = [(arch, tiny_kwargs(arch)) for arch in ("unet", "drunet", "nafnet", "dncnn")] + [("unet", {**TINY["unet"], "unshuffle": 2})]
+CONDITIONED = [(arch, tiny_kwargs(arch)) for arch in ("unet", "drunet", "nafnet", "dncnn")] + [STEM]
 
 
 @pytest.mark.parametrize("arch, kwargs", CONDITIONED)
@@ -210,7 +212,7 @@ def test_a_film_model_reads_the_quality_from_the_plane_and_starts_as_its_blind_t
     assert np.abs(session.run(None, {"input": told[0.16].numpy()})[0] - want).max() < 1e-4
 
 
-@pytest.mark.parametrize("arch, kwargs", [(arch, TINY[arch]) for arch in architectures()] + [("unet", {**TINY["unet"], "unshuffle": 2})])
+@pytest.mark.parametrize("arch, kwargs", [(arch, TINY[arch]) for arch in architectures()] + [STEM])
 def test_an_rgb_model_folds_into_the_gray_model_that_restores_its_luma(arch, kwargs):
     """train.init_from of an RGB model in a gray run: the gray network computes, for a gray image,
     the BT.601 luma of what the RGB network makes of that image (R = G = B)."""
