@@ -19,6 +19,7 @@ from train_runs import MAIN, REPO, SMOKE, env_for, final_weights, limited_memory
 
 from runtime.checkpoint import load_model
 from runtime.device import resolve_precision
+from runtime.models import tiny_kwargs
 from train.loop.state import latest_state, state_path
 
 
@@ -35,7 +36,7 @@ def smoke_run(tiles_dir, tmp_path_factory):
 def test_smoke_run_writes_a_self_describing_best_checkpoint(smoke_run):
     out, _, _ = smoke_run
     blob = torch.load(out / "image_compression_model.pth", weights_only=True)
-    assert blob["arch"] == "dncnn" and blob["kwargs"] == {"depth": 17, "width": 64, "batch_norm": True}
+    assert blob["arch"] == "dncnn" and blob["kwargs"] == {**tiny_kwargs("dncnn"), "batch_norm": True}  # the smoke size, the config's batch_norm
     assert blob["mode"] == "gray" and blob["config"]["model"]["arch"] == "dncnn"
     assert {"val_psnr", "val_ssim", "val_psnrb", "val_psnr_q10"} <= set(blob["metrics"])
     model, meta = load_model(out / "image_compression_model.pth")
@@ -314,7 +315,7 @@ def test_a_model_larger_than_the_free_memory_is_one_line(tiles_dir, tmp_path):
     proc = run([sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "model.kwargs.width=20000", "--out", str(tmp_path / "out")],
                env_for(tmp_path))
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
-    assert proc.stderr.startswith("error: dncnn(depth=17, width=20000, batch_norm=True) has 54,001 M parameters: their "
+    assert proc.stderr.startswith("error: dncnn(depth=5, width=20000, batch_norm=True) has 10,801 M parameters: their "
                                   "weights, gradients and adamw state take ") and "make the model smaller" in proc.stderr
 
 
@@ -323,15 +324,16 @@ def test_a_batch_larger_than_the_memory_is_one_line(tiles_dir, tmp_path):
     """A batch whose activations the device cannot hold: torch's traceback from deep in backward()
     (on a GPU torch.OutOfMemoryError, on a host ENOMEM). Here the host refuses past a 4 GB
     address-space limit (RLIMIT_AS, as `ulimit -v` sets) and a batch of 16 160x160 patches through
-    1024 channels needs more; the OOM killer, which ends a process without an error, is not this."""
-    args = [sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "model.kwargs.depth=3", "--set", "model.kwargs.width=1024",
+    4096 channels needs more; the OOM killer, which ends a process without an error, is not this.
+    One layer of them, not a 1024 x 1024 convolution: the same error in 10 s of compute, not 35."""
+    args = [sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "model.kwargs.depth=2", "--set", "model.kwargs.width=4096",
             "--set", "data.batch_size=16", "--set", "data.patch_size=160", "--out", str(tmp_path / "out")]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO, **limited_memory(4, env_for(tmp_path)))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert re.fullmatch(
         r"error: out of memory on cpu in training step 1 \((the host refused [\d,]+ MiB more|oneDNN could not create a primitive, "
         r"[\d.]+ of the process's [\d.]+ GiB address-space limit in use)\): a batch of 16 160x160 "
-        rf"patches through dncnn \(9.46 M parameters, {resolve_precision('auto', torch.device('cpu'))}\) needs more than "
+        rf"patches through dncnn \(0.0778 M parameters, {resolve_precision('auto', torch.device('cpu'))}\) needs more than "
         r"the device has: lower data.batch_size \(train.grad_accum_steps keeps the patches a step\) or data.patch_size; "
         r"nothing kept from before",
         proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
