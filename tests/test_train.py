@@ -312,10 +312,10 @@ def test_a_store_that_cannot_be_used_is_said_in_seconds(tiles_dir, tmp_path, mon
 def test_a_model_larger_than_the_free_memory_is_one_line(tiles_dir, tmp_path):
     """A typo in a width or a level count: the OOM killer ended the run without a word (a U-Net of
     9 levels, 8 G parameters, on this 24 GB machine), or the allocation failed in a traceback."""
-    proc = run([sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "model.kwargs.width=20000", "--out", str(tmp_path / "out")],
-               env_for(tmp_path))
+    proc = run([sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "model.kwargs.depth=17", "--set", "model.kwargs.width=20000",
+                "--out", str(tmp_path / "out")], env_for(tmp_path))
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
-    assert proc.stderr.startswith("error: dncnn(depth=5, width=20000, batch_norm=True) has 10,801 M parameters: their "
+    assert proc.stderr.startswith("error: dncnn(depth=17, width=20000, batch_norm=True) has 54,001 M parameters: their "
                                   "weights, gradients and adamw state take ") and "make the model smaller" in proc.stderr
 
 
