@@ -325,7 +325,7 @@ def test_a_batch_larger_than_the_memory_is_one_line(tiles_dir, tmp_path):
     (on a GPU torch.OutOfMemoryError, on a host ENOMEM). Here the host refuses past a 4 GB
     address-space limit (RLIMIT_AS, as `ulimit -v` sets) and a batch of 16 160x160 patches through
     4096 channels needs more; the OOM killer, which ends a process without an error, is not this.
-    One layer of them, not a 1024 x 1024 convolution: the same error in 10 s of compute, not 35."""
+    One layer of them, not a 1024 x 1024 convolution first: the same error in 10 s on 2 cores, not 35."""
     args = [sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "model.kwargs.depth=2", "--set", "model.kwargs.width=4096",
             "--set", "data.batch_size=16", "--set", "data.patch_size=160", "--out", str(tmp_path / "out")]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO, **limited_memory(4, env_for(tmp_path)))
