@@ -325,9 +325,10 @@ def test_restore_command_beats_jpeg_on_held_out_gray_and_color(trained, tmp_path
                                            ([".", "-o", "."], "is one of the input folders: the next run would restore"),
                                            ([".", "-o", "out", "--backend", "onnxruntime", "--precision", "bf16"],
                                             "--precision is for the torch backends; onnxruntime runs its exported file's")])
-def test_restore_command_errors_are_one_line(tmp_path, args, message):
-    proc = subprocess.run([sys.executable, "-m", "serve_bench.restore", *args], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
+def test_restore_command_errors_are_one_line(tmp_path, args, message, in_process):
+    from serve_bench.restore import main
+
+    proc = in_process(main, *args, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and message in proc.stderr
 
 

@@ -43,9 +43,18 @@ def tiny_unet(path: Path, config: dict | None = None) -> Path:
     return path
 
 
-def restore(*args, cwd=REPO) -> subprocess.CompletedProcess:
+def restore_process(*args) -> subprocess.CompletedProcess:
+    """restore in a process of its own: for what it measures of itself (memory), shows a pipe or filters as it is imported."""
     return subprocess.run([sys.executable, "-m", "serve_bench.restore", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+                          timeout=300, cwd=REPO)
+
+
+@pytest.fixture
+def restore(in_process):
+    """restore(*args): the restore command in this process (conftest's in_process)."""
+    from serve_bench.restore import main
+
+    return lambda *args: in_process(main, *args)
 
 
 @pytest.fixture
@@ -58,7 +67,7 @@ def jpegs(tmp_path, photo_pair) -> Path:
     return tmp_path
 
 
-def test_restore_never_overwrites_a_file_it_did_not_make(jpegs, tmp_path):
+def test_restore_never_overwrites_a_file_it_did_not_make(jpegs, tmp_path, restore):
     model = tiny_unet(tmp_path / "m.pth")
     unrelated = jpegs / "a" / "cat.png"
     unrelated.write_bytes(b"someone's picture")
@@ -70,7 +79,7 @@ def test_restore_never_overwrites_a_file_it_did_not_make(jpegs, tmp_path):
     assert proc.returncode == 0 and Image.open(unrelated).size == (128, 96)
 
 
-def test_restore_gives_same_stem_inputs_distinct_outputs(jpegs, tmp_path):
+def test_restore_gives_same_stem_inputs_distinct_outputs(jpegs, tmp_path, restore):
     model = tiny_unet(tmp_path / "m.pth")
     out = tmp_path / "out"
     proc = restore(jpegs / "a" / "photo.jpg", jpegs / "b" / "photo.jpg", jpegs / "a" / "photo.png", "-o", out,
@@ -89,7 +98,7 @@ def test_restore_gives_same_stem_inputs_distinct_outputs(jpegs, tmp_path):
     assert proc.returncode == 1 and "restored 0 of 1 images (nothing written);" in proc.stdout and not (tmp_path / "none").exists()
 
 
-def test_restore_of_a_folder_takes_what_pillow_opens_and_names_the_rest(jpegs, tmp_path, photo_pair):
+def test_restore_of_a_folder_takes_what_pillow_opens_and_names_the_rest(jpegs, tmp_path, photo_pair, restore):
     model = tiny_unet(tmp_path / "m.pth")
     folder = jpegs / "a"
     Image.fromarray(photo_pair[0][:64, :64]).save(folder / "web.webp")
@@ -142,10 +151,11 @@ def test_restore_keeps_a_camera_jpegs_orientation_profile_and_exif(tmp_path, pho
 
 def test_restore_names_a_damaged_exif_on_its_files_line(tmp_path, photo_pair):
     """Pillow warned "Corrupt EXIF data" on stderr, naming no file and once a process: now the
-    file's line says its EXIF could not all be read and that it was not turned."""
+    file's line says its EXIF could not all be read and that it was not turned. In a process of its
+    own: the filter that data_pipeline.images sets as it is imported is gone in pytest's."""
     exif = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03\xff\xff\xff\xff"  # 5 entries, 1 there, cut
     Image.fromarray(photo_pair[0][:96, :128]).save(tmp_path / "cut_exif.jpg", quality=20, exif=exif)
-    proc = restore(tmp_path / "cut_exif.jpg", "-o", tmp_path / "out", "--checkpoint", tiny_unet(tmp_path / "m.pth"))
+    proc = restore_process(tmp_path / "cut_exif.jpg", "-o", tmp_path / "out", "--checkpoint", tiny_unet(tmp_path / "m.pth"))
     assert proc.returncode == 0 and "Warning" not in proc.stderr, proc.stderr[-2000:]
     assert "cut_exif.png (128x96, JPEG q20, unet gray, torch " in proc.stdout
     assert "EXIF not all readable (Corrupt EXIF data. Expecting to read 12 bytes but only got 8): not turned)" in proc.stdout, proc.stdout
@@ -193,7 +203,7 @@ def test_restore_tells_a_conditioned_model_the_quality_given(tmp_path, photo_pai
     assert f"{blind} is blind" in capsys.readouterr().err and not (tmp_path / "x" / "decoded.png").exists()
 
 
-def test_restore_leaves_jpegs_above_the_models_training_qualities(tmp_path, photo_pair):
+def test_restore_leaves_jpegs_above_the_models_training_qualities(tmp_path, photo_pair, restore):
     """The shipped model (q10-40) makes a q90 photo worse: such a file is reported and left alone."""
     model = tiny_unet(tmp_path / "m.pth", {"data": {"qualities": [10, 20, 30, 40], "online": False}})
     inp = tmp_path / "in"
@@ -216,7 +226,7 @@ def test_restore_leaves_jpegs_above_the_models_training_qualities(tmp_path, phot
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --tiles-per-call must be positive, got 0"
 
 
-def test_restore_checks_its_output_folder_before_running_the_model(jpegs, tmp_path):
+def test_restore_checks_its_output_folder_before_running_the_model(jpegs, tmp_path, restore):
     a_file = tmp_path / "not_a_folder"
     a_file.write_text("x")
     proc = restore(jpegs / "a" / "photo.jpg", "-o", a_file, "--checkpoint", tmp_path / "missing.pth")
@@ -406,7 +416,7 @@ def test_restore_takes_a_12_megapixel_photo_in_batched_tiles_with_progress(tmp_p
     rss = int(stdout.split("peak memory ")[1].split(" MiB host")[0])
     assert rss < 2048  # bounded: tiles, not the whole 12-megapixel image through the model at once
     # into a log (a pipe, a file) no bar: its redraws would run together there
-    proc = restore(tmp_path / "big.jpg", "-o", tmp_path / "again", "--checkpoint", model, "--tiles-per-call", "3")
+    proc = restore_process(tmp_path / "big.jpg", "-o", tmp_path / "again", "--checkpoint", model, "--tiles-per-call", "3")
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-1000:]
 
 
@@ -488,7 +498,7 @@ def test_restore_of_a_large_color_photo_holds_few_copies_of_it(tmp_path):
     peaks = {}
     for name, img in (("small", photo[:256, :256]), ("large", photo)):
         Image.fromarray(img).save(tmp_path / f"{name}.jpg", quality=30)
-        proc = restore(tmp_path / f"{name}.jpg", "-o", tmp_path / name, "--checkpoint", tmp_path / "rgb.pth", "--device", "cpu")
+        proc = restore_process(tmp_path / f"{name}.jpg", "-o", tmp_path / name, "--checkpoint", tmp_path / "rgb.pth", "--device", "cpu")
         assert proc.returncode == 0, proc.stderr[-2000:]
         peaks[name] = int(proc.stdout.split("peak memory ")[1].split(" MiB host")[0]) * 2**20
     per_pixel = (peaks["large"] - peaks["small"]) / (h * w)
@@ -500,7 +510,7 @@ def test_restore_reports_its_own_peak_memory_not_its_parents(tmp_path, photo_pai
     a 2 GB process (pytest) reported 2 GB for a 96x128 JPEG."""
     (tmp_path / "small.jpg").write_bytes(jpeg_bytes(photo_pair[0][:96, :128], 20))
     ballast = np.ones(1536 * 2**20, dtype=np.uint8)  # 1.5 GB resident in this process
-    proc = restore(tmp_path / "small.jpg", "-o", tmp_path / "out", "--checkpoint", tiny_unet(tmp_path / "m.pth"), "--device", "cpu")
+    proc = restore_process(tmp_path / "small.jpg", "-o", tmp_path / "out", "--checkpoint", tiny_unet(tmp_path / "m.pth"), "--device", "cpu")
     assert proc.returncode == 0 and ballast.all(), proc.stderr[-2000:]
     assert int(proc.stdout.split("peak memory ")[1].split(" MiB host")[0]) < 1024, proc.stdout
 

@@ -54,15 +54,17 @@ def test_cli_measures_on_the_validation_split_and_records_the_bound(tiles_dir, t
     assert ckpt.load_model(model)[1]["restore_max_quality"] == 95  # the weights still load
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, in_process):
+    from train.quality_bound import main
+
     unknown = tiny_gray_unet(tmp_path / "n.pth", {})
-    proc = run("train.quality_bound", unknown)
+    proc = in_process(main, unknown)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {unknown} does not say which qualities it was trained on"
     high = tiny_gray_unet(tmp_path / "h.pth", {"dataset": "x", "qualities": [95, 99], "online": False})
-    proc = run("train.quality_bound", high)
+    proc = in_process(main, high)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {high} was trained up to q99: there is nothing above it to measure"
     for option in (["--max-losing", "2"], ["--max-losing", "-0.5"], ["--min-gain", "nan"]):  # were measured and --write-able
-        proc = run("train.quality_bound", high, *option)
+        proc = in_process(main, high, *option)
         assert proc.returncode == 2 and proc.stderr.startswith("error: --min-gain must be a number of dB and --max-losing"), proc.stderr
 
 
