@@ -11,7 +11,7 @@ from PIL import Image
 
 from data_pipeline.images import jpeg_roundtrip
 from runtime.metrics.psnr import psnr
-from train.evaluate import evaluate, load_test_images
+from train.evaluate import evaluate, load_test_images, main
 
 # ../shared/data/README.md, q = 10 / 20 / 30 / 40
 PUBLISHED_GRAY = {
@@ -72,9 +72,8 @@ def test_a_side_by_side_of_a_huge_image_shows_its_centre_on_the_block_grid(photo
     assert whole.size == (3 * 512, 512 + label_height(512))
 
 
-def test_cli_missing_data_root_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "train.evaluate", "--data-root", str(tmp_path / "nope")],
-                       capture_output=True, text=True)
+def test_cli_missing_data_root_is_one_line(tmp_path, in_process):
+    r = in_process(main, "--data-root", tmp_path / "nope")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: data root {tmp_path / 'nope'} does not exist or is not a directory"]
 
@@ -90,7 +89,6 @@ def test_flat_and_tiny_test_images_are_skipped_and_the_means_stay_finite(tiles_d
     """A black frame in a test set: its JPEG is exact, so its PSNR (and the set's mean) was infinite
     and the gain over JPEG -inf. An image under 11 px a side stopped the run with SSIM's traceback;
     under 16, PSNR-B miscounted its block boundaries (-inf or nan where it counted none)."""
-    from train.evaluate import main
     (tmp_path / "a.png").write_bytes(next(tiles_dir.glob("*.png")).read_bytes())
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "black.png")
     Image.fromarray(np.full((64, 64, 3), (128, 0, 255), np.uint8)).save(tmp_path / "violet.png")
@@ -124,7 +122,6 @@ def test_a_test_set_in_other_formats_is_read_and_other_files_are_named(photo_pai
 
 
 def test_a_dataset_path_that_is_no_folder_is_one_line(tmp_path, capsys):
-    from train.evaluate import main
     (tmp_path / "a.png").write_bytes(b"x")
     assert main(["--dataset", str(tmp_path / "gone"), "--jpeg-only"]) == 2
     assert capsys.readouterr().err.strip() == f"error: dataset folder {tmp_path / 'gone'} does not exist"
@@ -134,7 +131,6 @@ def test_a_dataset_path_that_is_no_folder_is_one_line(tmp_path, capsys):
 
 def test_json_results_replace_earlier_results_but_never_a_file_that_is_not_json(photo_pair, tmp_path, capsys):
     """`--json notes.md` wrote the results over the notes."""
-    from train.evaluate import main
     (tmp_path / "set").mkdir()
     Image.fromarray(photo_pair[0][:64, :64]).save(tmp_path / "set" / "a.png")
     notes = tmp_path / "notes.md"
@@ -152,7 +148,6 @@ def test_json_results_replace_earlier_results_but_never_a_file_that_is_not_json(
 def test_originals_that_are_low_quality_jpegs_are_named(photo_pair, tmp_path, capfd):
     """A q20 JPEG as the original: at q20 and above its 'JPEG input' nearly repeats it (PSNR inf at
     its own quality), so the figures are flagged; a PNG and a q95 JPEG (as the BSDS originals) are not."""
-    from train.evaluate import main
     gray, _ = photo_pair
     Image.fromarray(gray).save(tmp_path / "a.png")
     Image.fromarray(gray).save(tmp_path / "b.jpg", quality=20)

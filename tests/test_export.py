@@ -28,6 +28,7 @@ from runtime.inference import Restorer, image_to_tensor
 from runtime.metrics.psnr import psnr
 from runtime.models import architectures, build_model, tiny_kwargs
 from runtime.runners import make_runner, runners
+from serve_bench.restore import main as restore_main
 
 REPO = Path(__file__).resolve().parents[1]
 HELD_OUT = ("camera", "coffee")
@@ -179,7 +180,7 @@ def test_exports_of_checkpoints_with_one_name_keep_each_other(tmp_path):
     assert latency_dir(first) != latency_dir(second)
 
 
-def test_restore_exports_only_the_models_its_images_need(tmp_path, photos):
+def test_restore_exports_only_the_models_its_images_need(tmp_path, photos, in_process):
     """Gray photos through --backend onnxruntime exported the color model too (aoti: 31 s of compiling
     of NAFNet for nothing on a 2-core CPU)."""
     gray, color = tiny_checkpoint("unet", tmp_path / "gray.pth"), tiny_checkpoint("unet", tmp_path / "color.pth", channels=3)
@@ -187,9 +188,8 @@ def test_restore_exports_only_the_models_its_images_need(tmp_path, photos):
     (tmp_path / "coffee.jpg").write_bytes(jpeg_bytes(photos["coffee"][:64, :64], 10))
     deploy = tmp_path / "deploy"
     for image, exported in (("camera.jpg", {gray}), ("coffee.jpg", {gray, color})):
-        proc = subprocess.run([sys.executable, "-m", "serve_bench.restore", str(tmp_path / image), "-o", str(tmp_path / "out"),
-                               "--checkpoint", str(gray), "--color-checkpoint", str(color), "--backend", "onnxruntime",
-                               "--deploy-dir", str(deploy)], capture_output=True, text=True, timeout=300, cwd=REPO)
+        proc = in_process(restore_main, tmp_path / image, "-o", tmp_path / "out", "--checkpoint", gray, "--color-checkpoint", color,
+                          "--backend", "onnxruntime", "--deploy-dir", deploy)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert {c for c in (gray, color) if onnx_path(c, deploy).is_file()} == exported, image
 
@@ -230,16 +230,14 @@ def test_inference_on_cpu_runs_channels_last_with_the_same_output(trained):
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
 
 
-def test_restore_runs_bf16_where_the_cpu_computes_it_natively(trained, tmp_path, photos):
+def test_restore_runs_bf16_where_the_cpu_computes_it_natively(trained, tmp_path, photos, in_process):
     """--precision auto (the default): bf16 autocast where it is native (1.8x faster for the shipped
     gray model on an AVX-512 BF16 CPU), fp32 elsewhere; fp32 gives the Restorer's own output."""
-    path, env = trained
+    path, _ = trained
     (tmp_path / "camera.jpg").write_bytes(jpeg_bytes(photos["camera"], 10))
     out = {}
     for precision in ("auto", "fp32", "bf16"):
-        proc = subprocess.run([sys.executable, "-m", "serve_bench.restore", str(tmp_path / "camera.jpg"), "-o",
-                               str(tmp_path / precision), "--checkpoint", str(path), "--precision", precision],
-                              env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+        proc = in_process(restore_main, tmp_path / "camera.jpg", "-o", tmp_path / precision, "--checkpoint", path, "--precision", precision)
         assert proc.returncode == 0, proc.stderr[-2000:]
         ran = {"auto": "bf16" if native_bf16(torch.device("cpu")) else "fp32"}.get(precision, precision)
         assert f"dncnn gray, torch {ran})" in proc.stdout, proc.stdout
@@ -326,9 +324,7 @@ def test_restore_command_beats_jpeg_on_held_out_gray_and_color(trained, tmp_path
                                            ([".", "-o", "out", "--backend", "onnxruntime", "--precision", "bf16"],
                                             "--precision is for the torch backends; onnxruntime runs its exported file's")])
 def test_restore_command_errors_are_one_line(tmp_path, args, message, in_process):
-    from serve_bench.restore import main
-
-    proc = in_process(main, *args, cwd=tmp_path)
+    proc = in_process(restore_main, *args, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and message in proc.stderr
 
 

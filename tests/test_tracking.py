@@ -44,7 +44,7 @@ def test_concurrent_writers_lose_nothing(tmp_path):
         assert [m.step for m in sorted(client.get_metric_history(r.info.run_id, "loss"), key=lambda m: m.step)] == list(range(60))
 
 
-def test_logging_to_a_run_of_another_store_says_so_and_creates_no_store(tmp_path, tiles_dir, monkeypatch):
+def test_logging_to_a_run_of_another_store_says_so_and_creates_no_store(tmp_path, tiles_dir, monkeypatch, in_process):
     from runtime.mlflow_store import log_to_run
 
     db = tmp_path / "store" / "mlflow.db"
@@ -59,9 +59,9 @@ def test_logging_to_a_run_of_another_store_says_so_and_creates_no_store(tmp_path
     assert log_to_run("0" * 32, {"latency_ms": 1.0}) == (f"not logged to MLflow: run {'0' * 32} is not in the store "
                                                          f"sqlite:///{db} (a model trained against another store: point MLFLOW_TRACKING_URI at that one)")
     # evaluate --log-mlflow says so before evaluating (the shipped model's run is in no test store)
-    proc = subprocess.run([sys.executable, "-m", "train.evaluate", "--dataset", str(tiles_dir), "--checkpoint",
-                           str(REPO / "image_compression_model.pth"), "--log-mlflow"], capture_output=True, text=True,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}, timeout=300, cwd=tmp_path)
+    from train.evaluate import main as evaluate_main
+
+    proc = in_process(evaluate_main, "--dataset", tiles_dir, "--checkpoint", REPO / "image_compression_model.pth", "--log-mlflow", cwd=tmp_path)
     assert proc.returncode == 2 and not proc.stdout and proc.stderr.startswith("error: --log-mlflow: run "), proc.stderr[-2000:]
     assert "is not in the store" in proc.stderr
 

@@ -20,6 +20,7 @@ from train_runs import MAIN, REPO, SMOKE, env_for, final_weights, limited_memory
 from runtime.checkpoint import load_model
 from runtime.device import resolve_precision
 from runtime.models import tiny_kwargs
+from train.evaluate import main as evaluate_main
 from train.loop.state import latest_state, state_path
 
 
@@ -275,7 +276,7 @@ def test_bad_inputs_fail_with_one_line(tiles_dir, tmp_path, extra, message):
 
 
 
-def test_a_store_that_cannot_be_used_is_said_in_seconds(tiles_dir, tmp_path, monkeypatch):
+def test_a_store_that_cannot_be_used_is_said_in_seconds(tiles_dir, tmp_path, monkeypatch, in_process):
     """A tracking server that does not answer took MLflow's retries, 4 minutes, to fail; a SQLite
     store under a file gave a FileExistsError traceback. Both are one line before the first step,
     and a command that logs to a run after its work (evaluate, the latency benchmarks) says it, as it says
@@ -296,10 +297,9 @@ def test_a_store_that_cannot_be_used_is_said_in_seconds(tiles_dir, tmp_path, mon
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and last.startswith(f"error: MLflow store {uri} cannot be used: {said}"), proc.stderr[-2000:]
         assert "step 1/" not in proc.stderr
-    env = {**env_for(tmp_path), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
-    proc = run([sys.executable, "-m", "train.evaluate", "--dataset", str(tiles_dir), "--log-mlflow"], env, timeout=60)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: MLflow store http") and not proc.stdout, proc.stderr  # before evaluating
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    proc = in_process(evaluate_main, "--dataset", tiles_dir, "--log-mlflow")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: MLflow store http") and not proc.stdout, proc.stderr  # before evaluating
     assert log_to_run("some-run", {"psnr": 30.0}).startswith(f"not logged to MLflow: MLflow store http://127.0.0.1:{port} "
                                                               "cannot be used: no server answers")
     with socket.socket() as hung:  # takes connections (the kernel's backlog) and never answers: MLflow waited 20 minutes
