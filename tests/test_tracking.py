@@ -76,6 +76,13 @@ def test_the_disabled_tracker_of_the_other_ranks_never_imports_mlflow(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
+def test_import_run_starts_without_torch():
+    """train.import_run reads a record into MLflow: it imported torch (1.2 s) through the tracker's module."""
+    code = "import sys, train.import_run; print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 def test_compare_of_an_experiment_not_in_the_store_names_those_that_are(tmp_path, monkeypatch):
     """After the quickstart (experiment jpeg-restore) `train.compare` asks for the sweep's jpeg-sweep."""
     from train.compare import collect

@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 
 from data_pipeline.errors import UserError, first_line
-from runtime.device import device_name
 from runtime.mlflow_store import CALL_TIMEOUT_S, RECORD, artifact_location, resolve_tracking_uri, retry, store_lock, within
 
 log = logging.getLogger(__name__)
@@ -30,7 +29,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 
 def system_tags(device, world_size: int, precision: str, loader: str) -> dict[str, str]:
-    import torch
+    import torch  # here, not above: train.import_run and the record need no torch (1.2 s)
+
+    from runtime.device import device_name
 
     tags = {"device": str(device), "device_name": device_name(device),
             "world_size": str(world_size), "precision": precision, "loader": loader, "torch": torch.__version__,
