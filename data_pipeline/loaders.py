@@ -112,6 +112,9 @@ class PairLoader:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
+    def close(self) -> None:
+        self.source.close()
+
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         t = t.to(self.device, non_blocking=True)
         return t if t.is_floating_point() else t.float().div_(255)

@@ -42,3 +42,6 @@ class Backend:
     def unfit(cls, pairs, cfg) -> str | None:
         """Why `auto` should not pick this backend for these pairs (None: it may)."""
         return None
+
+    def close(self) -> None:
+        """Ends what the backend runs beside its caller (worker processes) now, not when it is collected."""

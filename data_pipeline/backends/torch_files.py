@@ -103,3 +103,10 @@ class TorchSource(Backend):
         self.sampler.set_epoch(epoch)
         self.sampler.start = start * self.loader.batch_size
         yield from self.loader
+
+    def close(self) -> None:
+        # the persistent workers end now, as PyTorch Lightning ends them, not when the garbage collector
+        # finds the loader: a collection inside another thread's import waited 5 s for each (30 s in a test)
+        iterator, self.loader._iterator = getattr(self.loader, "_iterator", None), None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()

@@ -606,12 +606,15 @@ class Trainer:
                 self.tracker.log_artifact(p, folder)
 
     def close(self) -> None:
-        """Ends the MLflow run: FINISHED after a complete run, KILLED when stopped, FAILED on error."""
+        """Ends the MLflow run (FINISHED after a complete run, KILLED when stopped, FAILED on error) and
+        the validation's and the loader's worker processes."""
         if hasattr(self, "tracker"):
             failed = sys.exc_info()[0] is not None
             self.tracker.close("FINISHED" if self.finished else ("KILLED" if self.stop_signal and not failed else "FAILED"))
         if getattr(self, "validator", None) is not None:
             self.validator.close()
+        if getattr(self, "loader", None) is not None:
+            self.loader.close()
         if self.lock is not None:
             self.lock.release()
 
