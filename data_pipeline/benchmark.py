@@ -31,13 +31,16 @@ from .sources import dataset_dir
 def loader_rate(cfg: DataConfig, batches: int, device: torch.device = torch.device("cpu")) -> tuple[float, int]:
     """Patches/s over `batches` after a warm-up, and the loader's steps an epoch."""
     loader = build_loader(cfg, device=device)
-    stream = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())  # across epochs
-    for _ in range(2):
-        next(stream)  # warm-up: workers / pipeline start
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(stream)
-    return batches * cfg.batch_size / (time.perf_counter() - start), len(loader)
+    try:
+        stream = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())  # across epochs
+        for _ in range(2):
+            next(stream)  # warm-up: workers / pipeline start
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(stream)
+        return batches * cfg.batch_size / (time.perf_counter() - start), len(loader)
+    finally:
+        loader.close()
 
 
 SHAPES = ((32, 64), (64, 128))  # (batch, patch)

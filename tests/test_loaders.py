@@ -358,6 +358,7 @@ def test_a_file_damaged_during_training_is_named(real_images, tmp_path, backend,
     assert str(exc.value).startswith(f"{prepared}: 6 prepared file(s) missing or changed since preparation "
                                      f"({first} has {size // 3} bytes, not {size}, ...): prepare it again"), exc.value
     assert str(exc.value).endswith("; then --resume continues the run")
+    loader.close()  # the torch workers: left to the garbage collector, they took 10 s to end
     del loader, exc  # DALI's pipeline shut down here: its threads' "[jpeg_parser] Invalid marker" lines stay in this test
     gc.collect()
 

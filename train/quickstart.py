@@ -48,6 +48,7 @@ def check_loaders(prepared: Path) -> None:
         start, n = time.perf_counter(), 0
         for x, _ in itertools.islice(loader, 10):
             n += x.shape[0]
+        loader.close()
         print(f"loader {backend:>9}: batches {tuple(x.shape)} in [{x.min():.2f}, {x.max():.2f}], "
               f"{n / (time.perf_counter() - start):.0f} patches/s")
 
