@@ -66,7 +66,7 @@ def test_logging_to_a_run_of_another_store_says_so_and_creates_no_store(tmp_path
     assert "is not in the store" in proc.stderr
 
 
-def test_the_disabled_tracker_of_the_other_ranks_never_imports_mlflow(tmp_path):
+def test_the_disabled_tracker_of_the_other_ranks_never_imports_mlflow():
     """Ranks other than 0 hold a disabled Tracker and log through it like rank 0: MLflow's import
     (1.2 s of CPU and 120 MB a rank, after torch) is rank 0's alone."""
     code = ("import sys; from train.loop.tracking import Tracker; t = Tracker(False); t.log_params({'a': 1}); "
