@@ -36,7 +36,18 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline.errors import UserError, command, out_of_memory, some
-from data_pipeline.images import BadImage, atomic_write_bytes, check_output_folder, image_files, is_gray, png_bytes, read_image, rgb_to_luma, upright
+from data_pipeline.images import (
+    IMAGE_SUFFIXES,
+    BadImage,
+    atomic_write_bytes,
+    check_output_folder,
+    image_files,
+    is_gray,
+    png_bytes,
+    read_image,
+    rgb_to_luma,
+    upright,
+)
 from data_pipeline.jpeg_tables import grid_blockiness, jpeg_quality
 from data_pipeline.sources import dangling
 from data_pipeline.system import keep_freed_memory
@@ -219,6 +230,9 @@ def main(argv=None) -> int:
     if any(p.is_dir() and p.resolve() == args.out.resolve() for p in args.inputs):
         raise UserError(f"-o {args.out} is one of the input folders: the next run would restore its restored PNGs "
                         "again; write them to another folder")
+    if args.out.suffix.lower() in IMAGE_SUFFIXES and not args.out.is_dir():
+        raise UserError(f"-o {args.out} names an image, and -o takes a folder: each input is written into it as "
+                        f"<name>.png (-o {args.out.parent / args.out.stem})")
     files, others = inputs_of(args.inputs)
     folders = [f"{p.name}/" for p in others if p.is_dir()]
     links = [p.name for p in others if dangling(p)]

@@ -321,11 +321,13 @@ def test_restore_command_beats_jpeg_on_held_out_gray_and_color(trained, tmp_path
 @pytest.mark.parametrize("args, message", [(["missing.jpg", "-o", "out"], "does not exist"),
                                            (["--checkpoint", "nope.pth", ".", "-o", "out"], "not found"),
                                            ([".", "-o", "."], "is one of the input folders: the next run would restore"),
+                                           (["photo.jpg", "-o", "restored.png"], "-o restored.png names an image, and -o takes a folder"),
                                            ([".", "-o", "out", "--backend", "onnxruntime", "--precision", "bf16"],
                                             "--precision is for the torch backends; onnxruntime runs its exported file's")])
 def test_restore_command_errors_are_one_line(tmp_path, args, message, in_process):
     proc = in_process(restore_main, *args, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and message in proc.stderr
+    assert not list(tmp_path.iterdir())  # no output folder left behind
 
 
 @pytest.mark.slow
