@@ -128,13 +128,6 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
                              capture_output=True, text=True).stdout
         return dict(line.split() for line in out.splitlines() if line.strip())
 
-    def job_state(self, job_id: str) -> str:
-        out = subprocess.run(["scontrol", "show", "job", job_id], env=self.env, capture_output=True, text=True).stdout
-        for token in out.split():
-            if token.startswith("JobState="):
-                return token.split("=", 1)[1]
-        return "UNKNOWN"
-
     def wait_done(self, job_id: str, timeout: float) -> dict[str, str]:
         """Poll until no task of the job is pending or running; returns {task: final state}."""
         end, states = time.time() + timeout, {}
