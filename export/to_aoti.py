@@ -23,6 +23,7 @@ from export.aoti_export import export_aoti  # noqa: E402
 from export.artifacts import pt2_path  # noqa: E402
 from export.parity import parity, parity_report  # noqa: E402
 from runtime.device import add_device_option, check_device  # noqa: E402
+from runtime.inference import SHIPPED_GRAY, SHIPPED_HELP  # noqa: E402
 from runtime.mlflow_store import checkpoint_path  # noqa: E402
 from runtime.runners import make_runner  # noqa: E402
 
@@ -30,7 +31,7 @@ from runtime.runners import make_runner  # noqa: E402
 @command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=checkpoint_path, default=Path("image_compression_model.pth"))
+    ap.add_argument("--checkpoint", type=checkpoint_path, default=SHIPPED_GRAY, help=SHIPPED_HELP)
     add_device_option(ap)
     ap.add_argument("--out", type=output_file, help="package (default: outputs/deploy/<checkpoint stem>-<SHA-256 prefix>.<device>.pt2)")
     ap.add_argument("--data-root", help="for the parity check on LIVE1 (default: $JPEG_RESTORE_DATA_ROOT)")

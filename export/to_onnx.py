@@ -22,13 +22,14 @@ from data_pipeline.system import keep_freed_memory  # noqa: E402
 from export.artifacts import onnx_path  # noqa: E402
 from export.onnx_export import check_parity, export_onnx  # noqa: E402
 from export.parity import parity_report  # noqa: E402
+from runtime.inference import SHIPPED_GRAY, SHIPPED_HELP  # noqa: E402
 from runtime.mlflow_store import checkpoint_path  # noqa: E402
 
 
 @command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=checkpoint_path, default=Path("image_compression_model.pth"))
+    ap.add_argument("--checkpoint", type=checkpoint_path, default=SHIPPED_GRAY, help=SHIPPED_HELP)
     ap.add_argument("--out", type=output_file, help="ONNX file (default: outputs/deploy/<checkpoint stem>-<SHA-256 prefix>[.fp16].onnx)")
     ap.add_argument("--fp16", action="store_true", help="export in fp16 (for GPU runtimes; no CPU parity check)")
     ap.add_argument("--data-root", help="for the parity check on LIVE1 (default: $JPEG_RESTORE_DATA_ROOT)")

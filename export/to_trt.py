@@ -35,7 +35,7 @@ from export.onnx_export import check_parity  # noqa: E402
 from export.parity import parity, parity_report  # noqa: E402
 from runtime.artifacts import check_replaceable, file_sha256, write_meta  # noqa: E402
 from runtime.checkpoint import load_model  # noqa: E402
-from runtime.inference import input_channels  # noqa: E402
+from runtime.inference import SHIPPED_GRAY, SHIPPED_HELP, input_channels  # noqa: E402
 from runtime.mlflow_store import checkpoint_path  # noqa: E402
 from runtime.runners import make_runner, runners  # noqa: E402
 
@@ -91,8 +91,7 @@ def ort_cuda_parity(checkpoint: Path, deploy_dir: Path, data_root: str | None) -
 @command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=checkpoint_path, default=Path("image_compression_model.pth"),
-                    help="a file, or a registered version: models:/NAME@ALIAS, models:/NAME/VERSION")
+    ap.add_argument("--checkpoint", type=checkpoint_path, default=SHIPPED_GRAY, help=SHIPPED_HELP)
     ap.add_argument("--out", type=Path, help="one folder for the ONNX file, engines, timing cache and latency table "
                     "(default: outputs/deploy, the table in outputs/latency/<checkpoint stem>-<SHA-256 prefix>)")
     ap.add_argument("--data-root", help="for parity on LIVE1 (default: $JPEG_RESTORE_DATA_ROOT)")

@@ -19,6 +19,8 @@ from .tiling import restore_tensor
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_GRAY = REPO / "image_compression_model.pth"
 SHIPPED_COLOR = REPO / "image_compression_model_color.pth"  # present only when an RGB model beats gray-on-luma
+SHIPPED_HELP = ("a file, or a registered version: models:/NAME@ALIAS, models:/NAME/VERSION (default: the shipped gray model, "
+                "image_compression_model.pth in the repository, wherever the command runs)")
 
 
 def shipped_model(color: bool) -> Path:

@@ -19,13 +19,14 @@ from export.artifacts import DEPLOY_DIR, latency_dir
 from export.latency import add_benchmark_args, benchmark_choices, report, run_benchmark
 from runtime.checkpoint import load_model
 from runtime.device import add_device_option, check_device
+from runtime.inference import SHIPPED_GRAY, SHIPPED_HELP
 from runtime.mlflow_store import checkpoint_path
 
 
 @command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=checkpoint_path, default=Path("image_compression_model.pth"))
+    ap.add_argument("--checkpoint", type=checkpoint_path, default=SHIPPED_GRAY, help=SHIPPED_HELP)
     ap.add_argument("--deploy-dir", type=Path, default=DEPLOY_DIR, help="exported ONNX files and TensorRT engines")
     add_device_option(ap)
     ap.add_argument("--out", type=Path, help="folder for latency.json and latency.md (default: outputs/latency/<checkpoint "

@@ -380,6 +380,20 @@ def test_the_latency_benchmark_keeps_each_checkpoints_table(tmp_path, monkeypatc
     assert all(t.parent.name.startswith("image_compression_model-") and (t.parent / "latency.md").is_file() for t in tables)
 
 
+def test_export_and_latency_commands_default_to_the_shipped_model_from_any_folder(tmp_path, in_process):
+    """Their default was image_compression_model.pth in the current folder: outside the repository
+    they stopped with 'not found', where restore and evaluate take the shipped model."""
+    from export.to_onnx import main as to_onnx_main
+    from serve_bench.benchmark import main as benchmark_main
+
+    proc = in_process(to_onnx_main, "--fp16", "--out", "shipped.onnx", cwd=tmp_path)
+    assert proc.returncode == 0 and "exported unet (gray)" in proc.stdout, proc.stderr
+    proc = in_process(benchmark_main, "--device", "cpu", "--backends", "torch", "--shapes", "64x64x1", "--iters", "1",
+                      "--no-mlflow", "--out", "latency", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "latency" / "latency.json").read_text())["checkpoint"] == str(REPO / "image_compression_model.pth")
+
+
 @pytest.mark.parametrize("module", ["serve_bench.benchmark", "export.to_trt"])
 @pytest.mark.parametrize("args, message", [(["--backends", "torch,tensorrtt"], "error: unknown backend 'tensorrtt'; known: "),
                                            (["--shapes", "512x512"], "error: --shapes takes HxWxB items"),
