@@ -56,7 +56,7 @@ from runtime.checkpoint import load_model
 from runtime.device import PRECISIONS, add_device_option, check_device, emulated_precision_warning, native_bf16
 from runtime.inference import SHIPPED_GRAY, image_to_tensor, in_model_mode, is_conditioned, shipped_model, to_uint8, trained_qualities, with_quality
 from runtime.mlflow_store import checkpoint_path
-from runtime.runners import make_runner, runners
+from runtime.runners import available_runner, make_runner, runners
 from runtime.tiling import tile_count
 
 
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     keep_freed_memory()
     args.device = check_device(args.device)
-    torch_backend = runners()[args.backend].artifact == "checkpoint"  # the others run their exported file's precision
+    torch_backend = available_runner(args.backend, args.device).artifact == "checkpoint"  # before any work  # the others run their exported file's precision
     if not torch_backend and args.precision != "auto":
         raise UserError(f"--precision is for the torch backends; {args.backend} runs its exported file's precision")
     precision = args.precision if args.precision != "auto" else "bf16" if native_bf16(torch.device(args.device)) else "fp32"

@@ -380,6 +380,16 @@ def test_the_latency_benchmark_keeps_each_checkpoints_table(tmp_path, monkeypatc
     assert all(t.parent.name.startswith("image_compression_model-") and (t.parent / "latency.md").is_file() for t in tables)
 
 
+def test_restore_says_tensorrt_cannot_run_here_before_any_work(tmp_path, in_process):
+    """It said that no engine was built and to build one with to_trt.py, which cannot build one here either."""
+    why = runners()["tensorrt"].unavailable("cpu")
+    if why is None:
+        pytest.skip("TensorRT runs here")
+    proc = in_process(restore_main, "missing.jpg", "-o", "out", "--device", "cpu", "--backend", "tensorrt", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: tensorrt: {why}"
+    assert not list(tmp_path.iterdir())
+
+
 def test_export_and_latency_commands_default_to_the_shipped_model_from_any_folder(tmp_path, in_process):
     """Their default was image_compression_model.pth in the current folder: outside the repository
     they stopped with 'not found', where restore and evaluate take the shipped model."""

@@ -74,12 +74,17 @@ class Runner:
         return {"runner": self.name, "device": str(self.device), "device_name": device_name(self.device)}
 
 
-def make_runner(name: str, path: Path | str, device: str = "cpu", **options) -> Runner:
-    """The one factory: a runner of backend `name` over its file (a checkpoint or an exported file)."""
+def available_runner(name: str, device: str = "cpu") -> type[Runner]:
+    """The runner class of backend `name`, or RunnerUnavailable saying why it cannot run on `device` here."""
     found = runners()
     if name not in found:
         raise RunnerUnavailable(f"unknown backend {name!r}; known: {', '.join(found)}")
     why = found[name].unavailable(device)
     if why:
         raise RunnerUnavailable(f"{name}: {why}")
-    return found[name].open(path, device=device, **options)
+    return found[name]
+
+
+def make_runner(name: str, path: Path | str, device: str = "cpu", **options) -> Runner:
+    """The one factory: a runner of backend `name` over its file (a checkpoint or an exported file)."""
+    return available_runner(name, device).open(path, device=device, **options)
