@@ -127,6 +127,16 @@ def test_sweep_file_lists_every_architecture_config_and_expands_the_grid(tmp_pat
         task_args(load_sweep(grid), 8, "42")
 
 
+def test_a_sweep_file_given_as_a_config_and_a_config_given_as_a_sweep_file_say_which_command_runs_them():
+    from train.sweep import load_sweep
+
+    sweep, config = REPO / "configs" / "sweep.toml", REPO / "configs" / "unet.toml"
+    with pytest.raises(ConfigError, match=re.escape(f"{sweep} is a sweep file, not a training config: its tasks run with SWEEP_FILE={sweep}")):
+        load_config(sweep)
+    with pytest.raises(ConfigError, match=re.escape(f"{config} is a training config, not a sweep file: python train/main.py --config {config}")):
+        load_sweep(config)
+
+
 def test_sweep_variants_change_one_setting_of_the_base_each(tmp_path):
     from train.sweep import load_sweep, task_args, tasks
 

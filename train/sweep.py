@@ -26,6 +26,8 @@ DEFAULT_SWEEP = REPO / "configs" / "sweep.toml"
 def load_sweep(path: Path | str = DEFAULT_SWEEP) -> dict:
     sweep = read_toml(path, "sweep file")
     unknown = set(sweep) - {"experiment", "configs", "base", "overrides", "variants", "grid"}
+    if unknown and "configs" not in sweep and "model" in sweep:
+        raise ConfigError(f"{path} is a training config, not a sweep file: python train/main.py --config {path}")
     if unknown:
         raise ConfigError(f"unknown key {sorted(unknown)[0]} in sweep file {path} "
                           "(known: experiment, configs, base, overrides, variants, grid)")

@@ -269,6 +269,9 @@ def read_toml(path: str | Path, what: str = "config file") -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Config from a TOML file (or defaults) with dotted overrides applied on top."""
     data: dict = read_toml(path) if path else {}
+    if "configs" in data:  # the key every sweep file has
+        raise ConfigError(f"{path} is a sweep file, not a training config: its tasks run with SWEEP_FILE={path} sbatch "
+                          f"slurm/sweep.sh (python -m train.sweep --sweep {path} list names them)")
     for item in overrides:
         keys, value = _parse_override(item)
         node = data
