@@ -47,3 +47,26 @@ def test_fits_says_whether_a_call_carrying_paths_stays_within_64_mib(tmp_path):
     assert fits.returncode == 0 and fits.stdout.startswith("fits: checkout ") and "of 64 MiB" in fits.stdout, fits.stderr
     over = subprocess.run(["bash", "scripts/gpu/fits.sh", str(small), str(large)], cwd=ROOT, capture_output=True, text=True)
     assert over.returncode == 1 and over.stderr.startswith("too large: checkout ") and "carried 64.0 MiB" in over.stderr, over.stderr
+    missing = subprocess.run(["bash", "scripts/gpu/fits.sh", str(small), str(tmp_path / "unstaged")], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode == 1 and missing.stderr.startswith(f"missing {tmp_path / 'unstaged'}: bash scripts/gpu/stage.sh"), missing.stderr
+
+
+def test_stage_with_data_only_copies_the_data_and_its_halves_without_the_wheels(tmp_path):
+    """Plan D carries data only: staging it takes seconds, where the DALI parts take minutes and the network."""
+    checkout, data = tmp_path / "checkout", tmp_path / "data"
+    (checkout / "scripts/gpu").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts/gpu/stage.sh", checkout / "scripts/gpu/stage.sh")
+    subprocess.run(["git", "init", "-q", str(checkout)], check=True)
+    for folder in ("train400", "live1_gray", "train_color", "live1_color"):
+        (data / folder).mkdir(parents=True)
+        for i in range(3):
+            (data / folder / f"{i}.png").write_bytes(folder.encode())
+    proc = subprocess.run(["bash", "scripts/gpu/stage.sh", str(data)], cwd=checkout, env=dict(os.environ, DATA_ONLY="1"),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "staged the data" in proc.stdout, proc.stderr
+    staged = checkout / ".gpu"
+    assert all(len(list((staged / "data" / f).iterdir())) == 3 for f in ("train400", "live1_gray", "train_color", "live1_color"))
+    halves = [sorted(p.name for p in (staged / h / "train_color").iterdir()) for h in ("data_a", "data_b")]
+    assert halves == [["0.png", "2.png"], ["1.png"]]
+    assert not (staged / "wheels").exists() or not any((staged / "wheels").iterdir())
+    assert not any((staged / "parts").iterdir())

@@ -7,6 +7,9 @@ cd "$(git rev-parse --show-toplevel)"
 LIMIT=$((64 * 1024 * 1024))
 tree=$({ git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 -r stat -c %s -- 2>/dev/null |
        awk '{s += $1} END {print s + 0}')  # a tracked file deleted here has no size: it does not travel
+for path in "$@"; do
+    [ -e "$path" ] || { echo "missing $path: bash scripts/gpu/stage.sh ../shared/data stages it (DATA_ONLY=1: the data alone, in seconds)" >&2; exit 1; }
+done
 carry=0
 [ $# -gt 0 ] && carry=$(du -sb -- "$@" | awk '{s += $1} END {print s + 0}')
 mib() { awk -v b="$1" 'BEGIN {printf "%.1f", b / 1048576}'; }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage what a GPU-machine session carries, into .gpu/ (git-ignored). Run here,
-# once per checkout: bash scripts/gpu/stage.sh [DATA_ROOT] (ORT_GPU=1 also stages onnxruntime-gpu). What each call carries: scripts/gpu/README.md.
+# once per checkout: bash scripts/gpu/stage.sh [DATA_ROOT] (ORT_GPU=1 also stages onnxruntime-gpu; DATA_ONLY=1 the data alone). What each call carries: scripts/gpu/README.md.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 DATA=${1:-../shared/data}
@@ -17,6 +17,11 @@ if [ ! -d .gpu/data_b/train_color ]; then
         ln -f "$f" ".gpu/data_$half/train_color/"
         [ $half = a ] && half=b || half=a
     done
+fi
+if [ "${DATA_ONLY:-0}" = 1 ]; then  # enough for the plans that train and evaluate without DALI (plan D)
+    du -sh .gpu/data/* .gpu/data_?/* | sed 's/^/  /'
+    echo "staged the data (DATA_ONLY=1: no DALI parts)"
+    exit 0
 fi
 # DALI for Python 3.12 and what the GPU machine's image lacks (its pip list: scripts/gpu/README.md)
 WHEELS="nvidia-dali-cuda130==2.4.0 nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-libnvcomp-cu13==5.3.0.16 nvidia-nvjpeg==13.3.2.43
