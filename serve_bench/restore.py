@@ -214,7 +214,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     keep_freed_memory()
     args.device = check_device(args.device)
-    torch_backend = available_runner(args.backend, args.device).artifact == "checkpoint"  # before any work  # the others run their exported file's precision
+    # a backend that cannot run here is said now; the non-torch ones run their exported file's precision
+    torch_backend = available_runner(args.backend, args.device).artifact == "checkpoint"
     if not torch_backend and args.precision != "auto":
         raise UserError(f"--precision is for the torch backends; {args.backend} runs its exported file's precision")
     precision = args.precision if args.precision != "auto" else "bf16" if native_bf16(torch.device(args.device)) else "fp32"
