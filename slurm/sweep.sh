@@ -22,6 +22,7 @@
 #SBATCH --output=slurm-%x-%A_%a.out
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
+[ -f train/main.py ] || { echo "error: submit from the repository root (sbatch slurm/sweep.sh): $PWD has no train/main.py" >&2; exit 1; }
 
 SWEEP_FILE=${SWEEP_FILE:-configs/sweep.toml}
 SWEEP_ID=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-local}}

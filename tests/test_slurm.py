@@ -57,6 +57,15 @@ def _runs(env: dict, experiment: str = "jpeg-sweep"):
     return mlflow.search_runs(experiment_names=[experiment], output_format="list")
 
 
+@pytest.mark.parametrize("script", ["sweep.sh", "train.sbatch"])
+def test_a_job_submitted_outside_the_repository_says_so_in_one_line(tmp_path, script):
+    """The scripts run train/main.py from the folder sbatch was called in (Slurm runs a copy of the script)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(REPO / "slurm" / script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr == f"error: submit from the repository root (sbatch slurm/{script}): {tmp_path} has no train/main.py\n"
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_sweep_trains_its_tasks_and_compare_tabulates_them(cluster, sweep_env, tmp_path):
     names = [t["name"] for t in tasks(load_sweep())]
