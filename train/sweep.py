@@ -10,6 +10,7 @@ slurm/sweep.sh asks for one task's training arguments by array index.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from data_pipeline.errors import command
 
-from .loop.config import ConfigError, load_config, read_toml, toml_value
+from .loop.config import Config, ConfigError, load_config, read_toml, toml_value
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SWEEP = REPO / "configs" / "sweep.toml"
@@ -26,7 +27,7 @@ DEFAULT_SWEEP = REPO / "configs" / "sweep.toml"
 def load_sweep(path: Path | str = DEFAULT_SWEEP) -> dict:
     sweep = read_toml(path, "sweep file")
     unknown = set(sweep) - {"experiment", "configs", "base", "overrides", "variants", "grid"}
-    if unknown and "configs" not in sweep and "model" in sweep:
+    if unknown and "configs" not in sweep and unknown <= {f.name for f in dataclasses.fields(Config)}:  # [data], [model], ...
         raise ConfigError(f"{path} is a training config, not a sweep file: python train/main.py --config {path}")
     if unknown:
         raise ConfigError(f"unknown key {sorted(unknown)[0]} in sweep file {path} "
