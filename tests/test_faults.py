@@ -677,7 +677,7 @@ def test_training_refuses_the_test_set(data_root, tiles_dir, tmp_path, capsys):
                 training_pairs(cfg)
 
 
-@pytest.mark.parametrize("module", ["serve_bench.restore", "serve_bench.benchmark", "export.to_aoti", "train.evaluate"])
+@pytest.mark.parametrize("module", ["serve_bench.restore", "serve_bench.benchmark", "export.to_aoti", "train.evaluate", "train.quality_bound"])
 @pytest.mark.parametrize("device, message", [
     ("gpu", "error: --device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     ("cuda:99", "error: --device cuda:99: this machine has "),  # no GPU, or fewer than 100
@@ -685,7 +685,8 @@ def test_training_refuses_the_test_set(data_root, tiles_dir, tmp_path, capsys):
 def test_a_device_this_machine_lacks_is_one_line_before_any_work(tmp_path, capsys, module, device, message):
     import importlib
 
-    inputs = [str(REPO / "docs" / "side_by_side_shipped_gray_q10.png"), "-o", str(tmp_path / "out")] if module.endswith("restore") else []
+    inputs = {"serve_bench.restore": [str(REPO / "docs" / "side_by_side_shipped_gray_q10.png"), "-o", str(tmp_path / "out")],
+              "train.quality_bound": [str(REPO / "image_compression_model.pth")]}.get(module, [])
     assert importlib.import_module(module).main([*inputs, "--device", device]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and len(err.splitlines()) == 1, err

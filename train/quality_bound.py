@@ -78,6 +78,7 @@ def proposed_bound(gains: dict[int, tuple[float, float]], trained_max: int, min_
 @command
 def main(argv=None) -> int:
     from runtime import checkpoint as ckpt
+    from runtime.device import add_device_option, check_device
     from runtime.inference import Restorer, trained_qualities
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,12 +87,14 @@ def main(argv=None) -> int:
     ap.add_argument("--min-gain", type=float, default=0.2, help="mean PSNR gain (dB) a quality needs (default 0.2)")
     ap.add_argument("--max-losing", type=float, default=0.1, help="share of images that may lose PSNR (default 0.1)")
     ap.add_argument("--write", action="store_true", help="record the bound and the gains in the checkpoint")
+    add_device_option(ap, default="cpu")
     args = ap.parse_args(argv)
+    args.device = check_device(args.device)
     if not (math.isfinite(args.min_gain) and 0 <= args.max_losing <= 1):  # --write would record what they give
         raise UserError(f"--min-gain must be a number of dB and --max-losing a share in 0..1, got {args.min_gain} "
                         f"and {args.max_losing}")
     keep_freed_memory()
-    restorer = Restorer(args.checkpoint)
+    restorer = Restorer(args.checkpoint, args.device)
     trained = trained_qualities(restorer.meta)
     if trained is None:
         raise UserError(f"{args.checkpoint} does not say which qualities it was trained on")

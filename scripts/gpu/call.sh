@@ -2,7 +2,7 @@
 # One call of the lent GPU machine: bash scripts/gpu/call.sh "STEP ARGS" ["STEP ARGS" ...]
 # Steps (scripts/gpu/README.md has the call sequence): env, loaders, e2e [compile], archs,
 # install-dali, install-ort, dali, dali-loaders, train NAME MINUTES CONFIG [--set k=v ...],
-# bgtrain NAME SECONDS CONFIG [--set k=v ...], bgsweep SWEEP_FILE, progress, waittrain, eval NAME,
+# bgtrain NAME SECONDS CONFIG [--set k=v ...], bgsweep SWEEP_FILE, progress, waittrain, eval NAME, bound NAME,
 # latency [NAME] [SHAPES], restore12mp, pack NAME [nomodel].
 # Runs, results, installed wheels, and the data and wheel parts carried in .gpu/ (gone there at the
 # next call: copied to $WORK first) live under $WORK (/tmp/jr), which stays while the machine is
@@ -122,6 +122,11 @@ step_eval() {  # LIVE1 (the test set) of a run's best checkpoint, gray or color 
     $PY -c "import torch,sys; sys.exit(torch.load('$ckpt', weights_only=True)['mode'] != 'rgb')" && set=live1_color
     $PY -m train.evaluate --checkpoint "$ckpt" --data-root "$DATA" --dataset $set --device $DEVICE --precision auto \
         --json "$WORK/results/eval_$1_$set.json"
+}
+step_bound() {  # NAME: restore's quality bound, measured on the run's own held-out images on the GPU (seconds,
+               # where the CPU here takes minutes) and recorded in its checkpoint; bounded, so the `pack` after it runs
+    timeout -k 5 "${BOUND_LIMIT:-60}" $PY -m train.quality_bound "$WORK/runs/$1/image_compression_model.pth" --data-root "$DATA" \
+        --device $DEVICE --write | tee "$WORK/results/bound_$1.txt"
 }
 step_latency() {  # [NAME|shipped] [SHAPES]: every runner (exports kept in deploy/ for the next latency step);
                  # torch.compile compiles per shape; results/latency_NAME_SHAPES.{json,md}
