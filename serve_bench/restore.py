@@ -24,6 +24,7 @@ orientation is restored as stored (on its 8x8 block grid), then turned.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import resource
 import sys
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
     names = list(runners())
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", type=Path, help="JPEG images or folders of images")
-    ap.add_argument("-o", "--out", type=Path, required=True, help="output folder for the restored PNGs")
+    ap.add_argument("-o", "--out", required=True, help="output folder for the restored PNGs")
     ap.add_argument("--backend", default="torch", choices=names)
     ap.add_argument("--checkpoint", type=checkpoint_path, help="model for gray images (and color, unless --color-checkpoint); "
                     "a file, or a registered version: models:/NAME@ALIAS, models:/NAME/VERSION")
@@ -228,12 +229,13 @@ def main(argv=None) -> int:
     for name, value in (("--max-quality", args.max_quality), ("--quality", args.quality)):
         if value is not None and not 1 <= value <= 100:
             raise UserError(f"{name} must be a JPEG quality in 1..100, got {value}")
+    named_folder, args.out = args.out.endswith(("/", os.sep)), Path(args.out)  # restored.png/ is a folder
+    if args.out.suffix.lower() in IMAGE_SUFFIXES and not (named_folder or args.out.is_dir()):
+        raise UserError(f"-o {args.out} names an image, and -o takes a folder: each input is written into it as "
+                        f"<name>.png (-o {args.out.parent / args.out.stem})")
     if any(p.is_dir() and p.resolve() == args.out.resolve() for p in args.inputs):
         raise UserError(f"-o {args.out} is one of the input folders: the next run would restore its restored PNGs "
                         "again; write them to another folder")
-    if args.out.suffix.lower() in IMAGE_SUFFIXES and not args.out.is_dir():
-        raise UserError(f"-o {args.out} names an image, and -o takes a folder: each input is written into it as "
-                        f"<name>.png (-o {args.out.parent / args.out.stem})")
     files, others = inputs_of(args.inputs)
     folders = [f"{p.name}/" for p in others if p.is_dir()]
     links = [p.name for p in others if dangling(p)]

@@ -180,6 +180,13 @@ def test_exports_of_checkpoints_with_one_name_keep_each_other(tmp_path):
     assert latency_dir(first) != latency_dir(second)
 
 
+def test_restore_takes_a_folder_named_like_an_image_when_the_name_ends_with_a_slash(tmp_path, photos, in_process):
+    (tmp_path / "camera.jpg").write_bytes(jpeg_bytes(photos["camera"][:64, :64], 10))
+    proc = in_process(restore_main, tmp_path / "camera.jpg", "-o", f"{tmp_path / 'restored.png'}/",
+                      "--checkpoint", tiny_checkpoint("unet", tmp_path / "gray.pth"))
+    assert proc.returncode == 0 and (tmp_path / "restored.png" / "camera.png").is_file(), proc.stderr
+
+
 def test_restore_exports_only_the_models_its_images_need(tmp_path, photos, in_process):
     """Gray photos through --backend onnxruntime exported the color model too (aoti: 31 s of compiling
     of NAFNet for nothing on a 2-core CPU)."""
