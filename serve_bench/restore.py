@@ -1,9 +1,10 @@
 """Restore JPEG images with a trained model.
 
-    python -m serve_bench.restore photo.jpg scans/ -o restored/ [--backend torch|onnxruntime|tensorrt] [--overwrite]
+    python -m serve_bench.restore photo.jpg scans/ -o restored/ [--recursive] [--backend torch|onnxruntime|tensorrt] [--overwrite]
 
 A folder gives its image files and anything else Pillow opens (WebP, GIF); other files are named
-once and passed over. Any size up to 179 MP (tiled above 512 px with overlap, so the model's
+once and passed over, and so are its subfolders unless --recursive, which restores theirs into the
+same subfolders of the output folder. Any size up to 179 MP (tiled above 512 px with overlap, so the model's
 memory stays bounded; the image's own grows with it: a 169 MP gray JPEG took 2.0 GB, a 176 MP
 color one 6.0 GB; one that does not fit is skipped and reported), gray or color. A gray model on a
 color image restores the luma (Y of JPEG's own YCbCr) and keeps the chroma; an RGB model restores
@@ -153,36 +154,48 @@ def peak_memory(device: str) -> str:
     return text
 
 
-def inputs_of(paths: list[Path]) -> tuple[list[Path], list[Path]]:
-    """(the files to restore, the other entries of named folders: files that are not images at all
-    and subfolders). A folder gives its visible image files (a broken one is reported) and any other
-    file Pillow opens (WebP, GIF); a file named is always tried, once however often it is given."""
+def inputs_of(paths: list[Path], recursive: bool = False, out: Path | None = None) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """(the files to restore, each with the subfolder of the output it goes to, and the other entries of
+    named folders: files that are not images at all and subfolders not searched). A folder gives its
+    visible image files (a broken one is reported) and any other file Pillow opens (WebP, GIF); with
+    `recursive` its visible subfolders' too, into the same subfolders of the output (never the output
+    folder itself, nor a linked folder). A file named is always tried, once however often it is given."""
     files, others = [], []
+    skip = out.resolve() if out else None
+
+    def walk(folder: Path, where: Path) -> None:
+        images, rest = image_files(folder)
+        files.extend((f, where) for f in images)
+        for entry in rest:
+            if recursive and entry.is_dir() and not entry.is_symlink() and entry.resolve() != skip:
+                walk(entry, where / entry.name)
+            else:
+                others.append(entry)
+
     for p in paths:
         if p.is_dir():
-            images, rest = image_files(p)
-            files += images
-            others += rest
+            walk(p, Path())
         elif p.exists():
-            files.append(p)
+            files.append((p, Path()))
         else:
             raise UserError(f"{p} does not exist")
     once = {}
-    for f in files:
-        once.setdefault(f.resolve(), f)
+    for f, where in files:
+        once.setdefault(f.resolve(), (f, where))
     return list(once.values()), others
 
 
-def plan_outputs(files: list[Path], out: Path) -> list[Path]:
-    """One output per input: <stem>.png, then <stem>-2.png, ... where earlier inputs took the name."""
+def plan_outputs(files: list[tuple[Path, Path]], out: Path) -> list[Path]:
+    """One output per input, in its subfolder of `out`: <stem>.png, then <stem>-2.png, ... where
+    earlier inputs took the name."""
     taken, targets = set(), []
-    for f in files:
+    for f, where in files:
         name, n = f"{f.stem}.png", 1
-        while name in taken:
+        while (where, name) in taken:
             n += 1
             name = f"{f.stem}-{n}.png"
-        taken.add(name)
-        targets.append(out / name)
+        taken.add((where, name))
+        targets.append(out / where / name)
     return targets
 
 
@@ -202,6 +215,8 @@ def main(argv=None) -> int:
                     help="torch backends: auto is bf16 where the device computes it natively (the shipped models' LIVE1 "
                     "PSNR the same to 0.01 dB as in fp32; the gray model 1.8x faster on an AVX-512 BF16 CPU), else fp32; "
                     "the other backends run their exported file's precision")
+    ap.add_argument("-r", "--recursive", action="store_true", help="restore the images of the input folders' subfolders too, "
+                    "into the same subfolders of the output folder")
     ap.add_argument("--overwrite", action="store_true", help="replace existing files in the output folder (never an input)")
     ap.add_argument("--tiles-per-call", type=int, help="512-px tiles of a large image per model call (default: 4 on GPU, 1 on CPU)")
     ap.add_argument("--self-ensemble", action="store_true",
@@ -236,7 +251,7 @@ def main(argv=None) -> int:
     if any(p.is_dir() and p.resolve() == args.out.resolve() for p in args.inputs):
         raise UserError(f"-o {args.out} is one of the input folders: the next run would restore its restored PNGs "
                         "again; write them to another folder")
-    files, others = inputs_of(args.inputs)
+    files, others = inputs_of(args.inputs, args.recursive, args.out)
     folders = [f"{p.name}/" for p in others if p.is_dir()]
     links = [p.name for p in others if dangling(p)]
     others = [p.name for p in others if not p.is_dir() and not dangling(p)]
@@ -255,9 +270,9 @@ def main(argv=None) -> int:
                         "(trained without data.quality_plane): it reads no quality")
     if not files:
         raise UserError(f"no images to restore in {', '.join(map(str, args.inputs))}")
-    resolved_inputs = {f.resolve() for f in files}
+    resolved_inputs = {f.resolve() for f, _ in files}
     failed = kept = 0
-    for f, target in zip(files, plan_outputs(files, args.out)):
+    for (f, _), target in zip(files, plan_outputs(files, args.out)):
         if target.resolve() in resolved_inputs:
             print(f"skipped {f}: the output {target} would overwrite an input", file=sys.stderr)
             failed += 1
@@ -304,6 +319,7 @@ def main(argv=None) -> int:
             continue
         # restored as stored (the 8x8 grid the JPEG's blocks sit on), then turned as viewers show the input
         restored, exif, exif_problem = upright(restored, header.exif)
+        target.parent.mkdir(parents=True, exist_ok=True)  # a subfolder, with --recursive
         atomic_write_bytes(target, png_bytes(restored, header.icc_profile, exif))
         how = ("gray stored as RGB" if gray else "luma only") if img.ndim == 3 and meta["mode"] == "gray" else meta["mode"]
         saved = "no JPEG tables" if quality is None else f"JPEG q{quality[0]}" + ("" if quality[1] else " (nearest IJG table)")

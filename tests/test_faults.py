@@ -126,6 +126,25 @@ def test_restore_of_a_folder_takes_what_pillow_opens_and_names_the_rest(jpegs, t
         f"error: no images to restore in {tmp_path / 'nested'}"]
 
 
+def test_restore_recursive_mirrors_the_subfolders_and_leaves_its_own_output_out(jpegs, tmp_path, restore):
+    model = tiny_unet(tmp_path / "m.pth")
+    folder = jpegs / "a"
+    (folder / "2024" / "june").mkdir(parents=True)
+    shutil.copy(folder / "photo.jpg", folder / "2024" / "photo.jpg")  # the stem of a/photo.jpg, in another folder
+    shutil.copy(folder / "photo.jpg", folder / "2024" / "june" / "beach.jpg")
+    (folder / ".thumbnails").mkdir()
+    shutil.copy(folder / "photo.jpg", folder / ".thumbnails" / "small.jpg")
+    (folder / "linked").symlink_to(jpegs / "b")
+    out = folder / "restored"  # inside the folder it restores
+    proc = restore(folder, "-o", out, "--recursive", "--checkpoint", model)
+    assert proc.returncode == 0, proc.stderr
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == ["2024/june/beach.png", "2024/photo.png", "photo-2.png", "photo.png"], written
+    assert "passed over 1 subfolder(s) of the input folders, which are not searched (linked/)" in proc.stderr
+    proc = restore(folder, "-o", out, "--recursive", "--checkpoint", model)  # its own PNGs are not inputs the next time
+    assert proc.returncode == 1 and "restored 0 of 4 images (nothing written)" in proc.stdout, proc.stdout
+
+
 def test_restore_keeps_a_camera_jpegs_orientation_profile_and_exif(tmp_path, photo_pair, capsys):
     """A phone stores its JPEG sideways with an EXIF orientation tag and a color profile: the PNG
     stands as viewers showed the input (restored on the stored block grid, then turned) and keeps both."""
