@@ -154,17 +154,24 @@ def peak_memory(device: str) -> str:
     return text
 
 
-def inputs_of(paths: list[Path], recursive: bool = False, out: Path | None = None) -> tuple[list[tuple[Path, Path]], list[Path]]:
-    """(the files to restore, each with the subfolder of the output it goes to, and the other entries of
-    named folders: files that are not images at all and subfolders not searched). A folder gives its
-    visible image files (a broken one is reported) and any other file Pillow opens (WebP, GIF); with
-    `recursive` its visible subfolders' too, into the same subfolders of the output (never the output
-    folder itself, nor a linked folder). A file named is always tried, once however often it is given."""
-    files, others = [], []
+def inputs_of(paths: list[Path], recursive: bool = False, out: Path | None = None) -> tuple[list[tuple[Path, Path]], list[Path], list[str]]:
+    """(the files to restore, each with the subfolder of the output it goes to; the other entries of
+    named folders: files that are not images at all and subfolders not searched; the subfolders that
+    could not be read, with why). A folder gives its visible image files (a broken one is reported)
+    and any other file Pillow opens (WebP, GIF); with `recursive` its visible subfolders' too, into the
+    same subfolders of the output (never the output folder itself, nor a linked folder). A file named
+    is always tried, once however often it is given; a folder named that cannot be read is an error."""
+    files, others, unreadable = [], [], []
     skip = out.resolve() if out else None
 
     def walk(folder: Path, where: Path) -> None:
-        images, rest = image_files(folder)
+        try:
+            images, rest = image_files(folder)
+        except OSError as exc:
+            if where == Path():
+                raise UserError(f"cannot read folder {folder}: {exc.strerror or exc}") from None
+            unreadable.append(f"{where}/: {exc.strerror or exc}")
+            return
         files.extend((f, where) for f in images)
         for entry in rest:
             if recursive and entry.is_dir() and not entry.is_symlink() and entry.resolve() != skip:
@@ -182,7 +189,7 @@ def inputs_of(paths: list[Path], recursive: bool = False, out: Path | None = Non
     once = {}
     for f, where in files:
         once.setdefault(f.resolve(), (f, where))
-    return list(once.values()), others
+    return list(once.values()), others, unreadable
 
 
 def plan_outputs(files: list[tuple[Path, Path]], out: Path) -> list[Path]:
@@ -251,13 +258,14 @@ def main(argv=None) -> int:
     if any(p.is_dir() and p.resolve() == args.out.resolve() for p in args.inputs):
         raise UserError(f"-o {args.out} is one of the input folders: the next run would restore its restored PNGs "
                         "again; write them to another folder")
-    files, others = inputs_of(args.inputs, args.recursive, args.out)
+    files, others, unreadable = inputs_of(args.inputs, args.recursive, args.out)
     folders = [f"{p.name}/" for p in others if p.is_dir()]
     links = [p.name for p in others if dangling(p)]
     others = [p.name for p in others if not p.is_dir() and not dangling(p)]
     for what, names in (("file(s) of the input folders that are not images", others),
                         ("link(s) of the input folders to files that do not exist", links),
-                        ("subfolder(s) of the input folders, which are not searched", folders)):
+                        ("subfolder(s) of the input folders, which are not searched", folders),
+                        ("subfolder(s) that cannot be read", unreadable)):
         if names:
             print(f"passed over {len(names)} {what} ({some(names)})", file=sys.stderr)
     check_output_folder(args.out)

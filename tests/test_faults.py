@@ -145,6 +145,32 @@ def test_restore_recursive_mirrors_the_subfolders_and_leaves_its_own_output_out(
     assert proc.returncode == 1 and "restored 0 of 4 images (nothing written)" in proc.stdout, proc.stdout
 
 
+def test_restore_says_which_folder_it_cannot_read(jpegs, tmp_path):
+    """A subfolder that cannot be listed is a reported skip under --recursive, a named folder one error line
+    (both were tracebacks). Root reads every folder: the command runs without the capabilities that let it."""
+    drop = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root reads every folder, and setpriv (util-linux), which would take that away, is missing")
+        drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    model = tiny_unet(tmp_path / "m.pth")
+    locked = jpegs / "a" / "locked"
+    locked.mkdir()
+    locked.chmod(0)
+    try:
+        def restore(*args):
+            return subprocess.run([*drop, sys.executable, "-m", "serve_bench.restore", *map(str, args), "--checkpoint", str(model)],
+                                  capture_output=True, text=True, cwd=REPO, timeout=300)
+        proc = restore(jpegs / "a", "--recursive", "-o", tmp_path / "out")
+        assert proc.returncode == 0 and "passed over 1 subfolder(s) that cannot be read (locked/: Permission denied)" in proc.stderr, proc.stderr
+        assert "restored 2 of 2 images" in proc.stdout
+        proc = restore(locked, "-o", tmp_path / "out2")
+        assert proc.returncode == 2 and proc.stderr.strip() == f"error: cannot read folder {locked}: Permission denied", proc.stderr
+        assert not (tmp_path / "out2").exists()
+    finally:
+        locked.chmod(0o755)
+
+
 def test_restore_keeps_a_camera_jpegs_orientation_profile_and_exif(tmp_path, photo_pair, capsys):
     """A phone stores its JPEG sideways with an EXIF orientation tag and a color profile: the PNG
     stands as viewers showed the input (restored on the stored block grid, then turned) and keeps both."""
