@@ -35,12 +35,28 @@ class BadImage(UserError, ValueError):
     """An input file that cannot be used; the message is the reason."""
 
 
+class UnreadableFolder(UserError):
+    """A folder that cannot be listed; `reason` says why (permissions, I/O)."""
+
+    def __init__(self, folder: Path, exc: OSError):
+        self.reason = exc.strerror or str(exc)
+        super().__init__(f"cannot read folder {folder}: {self.reason}")
+
+
+def folder_entries(folder: Path) -> list[Path]:
+    """A folder's entries, sorted, hidden ones left out; UnreadableFolder when it cannot be listed."""
+    try:
+        return sorted(p for p in Path(folder).iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise UnreadableFolder(folder, exc) from None
+
+
 def image_files(folder: Path) -> tuple[list[Path], list[Path]]:
     """(the images of a folder, its other entries: files that are not images and subfolders, which
     are not searched), both sorted, hidden ones left out: an image has a known suffix or is any other
     file Pillow opens (PPM/PGM, WebP, GIF)."""
     images, others = [], []
-    for f in sorted(p for p in Path(folder).iterdir() if not p.name.startswith(".")):
+    for f in folder_entries(folder):
         is_image = f.is_file() and (f.suffix.lower() in IMAGE_SUFFIXES or _opens_as_image(f))
         (images if is_image else others).append(f)
     return images, others

@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import UserError, some
-from .images import atomic_write_bytes
+from .images import atomic_write_bytes, folder_entries
 
 DATA_ROOT_ENV = "JPEG_RESTORE_DATA_ROOT"
 
@@ -127,7 +127,7 @@ def source_images(source: Path, scratch: Path) -> list[Path]:
         files = extract_archive(source, scratch)
     elif source.is_dir():
         # files that are not images, links to nothing and pipes stay in the list: prepare reports them as skipped
-        files = [p for p in sorted(source.iterdir()) if not p.is_dir() and not p.name.startswith(".")]
+        files = [p for p in folder_entries(source) if not p.is_dir()]
         if source.resolve() == skimage_dir().resolve():
             files = [p for p in files if p.name in SKIMAGE_NATURAL]
     else:
@@ -160,7 +160,7 @@ def subfolders(folder: Path) -> list[Path]:
     (scikit-image's data folder holds package files besides the photographs)."""
     if folder.resolve() == skimage_dir().resolve():
         return []
-    return [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    return [p for p in folder_entries(folder) if p.is_dir()]
 
 
 def refuse_test_set(files: list[Path], source: Path) -> None:

@@ -41,6 +41,7 @@ from data_pipeline.errors import UserError, command, out_of_memory, some
 from data_pipeline.images import (
     IMAGE_SUFFIXES,
     BadImage,
+    UnreadableFolder,
     atomic_write_bytes,
     check_output_folder,
     image_files,
@@ -167,10 +168,10 @@ def inputs_of(paths: list[Path], recursive: bool = False, out: Path | None = Non
     def walk(folder: Path, where: Path) -> None:
         try:
             images, rest = image_files(folder)
-        except OSError as exc:
-            if where == Path():
-                raise UserError(f"cannot read folder {folder}: {exc.strerror or exc}") from None
-            unreadable.append(f"{where}/: {exc.strerror or exc}")
+        except UnreadableFolder as exc:
+            if where == Path():  # a folder named
+                raise
+            unreadable.append(f"{where}/: {exc.reason}")
             return
         files.extend((f, where) for f in images)
         for entry in rest:

@@ -145,9 +145,10 @@ def test_restore_recursive_mirrors_the_subfolders_and_leaves_its_own_output_out(
     assert proc.returncode == 1 and "restored 0 of 4 images (nothing written)" in proc.stdout, proc.stdout
 
 
-def test_restore_says_which_folder_it_cannot_read(jpegs, tmp_path):
-    """A subfolder that cannot be listed is a reported skip under --recursive, a named folder one error line
-    (both were tracebacks). Root reads every folder: the command runs without the capabilities that let it."""
+def test_a_folder_that_cannot_be_read_is_a_skip_or_one_line(jpegs, tmp_path):
+    """A subfolder restore cannot list is a reported skip under --recursive; a folder named to restore,
+    evaluate or prepare is one error line (all were tracebacks). Root reads every folder: the commands
+    run without the capabilities that let it."""
     drop = []
     if os.geteuid() == 0:
         if not shutil.which("setpriv"):
@@ -157,16 +158,19 @@ def test_restore_says_which_folder_it_cannot_read(jpegs, tmp_path):
     locked = jpegs / "a" / "locked"
     locked.mkdir()
     locked.chmod(0)
+
+    def run(module, *args):
+        return subprocess.run([*drop, sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300)
     try:
-        def restore(*args):
-            return subprocess.run([*drop, sys.executable, "-m", "serve_bench.restore", *map(str, args), "--checkpoint", str(model)],
-                                  capture_output=True, text=True, cwd=REPO, timeout=300)
-        proc = restore(jpegs / "a", "--recursive", "-o", tmp_path / "out")
+        proc = run("serve_bench.restore", jpegs / "a", "--recursive", "-o", tmp_path / "out", "--checkpoint", model)
         assert proc.returncode == 0 and "passed over 1 subfolder(s) that cannot be read (locked/: Permission denied)" in proc.stderr, proc.stderr
         assert "restored 2 of 2 images" in proc.stdout
-        proc = restore(locked, "-o", tmp_path / "out2")
-        assert proc.returncode == 2 and proc.stderr.strip() == f"error: cannot read folder {locked}: Permission denied", proc.stderr
-        assert not (tmp_path / "out2").exists()
+        for module, args in (("serve_bench.restore", [locked, "-o", tmp_path / "out2", "--checkpoint", model]),
+                             ("train.evaluate", ["--dataset", locked, "--jpeg-only"]),
+                             ("data_pipeline.prepare", [locked, "--out", tmp_path / "out2"])):
+            proc = run(module, *args)
+            assert proc.returncode == 2 and proc.stderr.strip() == f"error: cannot read folder {locked}: Permission denied", (module, proc.stderr)
+            assert not (tmp_path / "out2").exists()
     finally:
         locked.chmod(0o755)
 
