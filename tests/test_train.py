@@ -124,7 +124,7 @@ def test_two_ranks_accumulating_micro_batches_step_as_one_process_taking_them_at
     env = env_for(tmp_path)
     args = [*smoke_args(tiles_dir), "--set", "model.kwargs={depth = 3, width = 8, batch_norm = false}", "--set", "data.backend=resident",
             "--set", "train.precision=fp32", "--set", "optim.name=sgd", "--set", "optim.lr=0.5", "--set", "schedule.name=constant",
-            "--set", "schedule.warmup_steps=0", "--set", "train.max_steps=3"]
+            "--set", "schedule.warmup_steps=0", "--set", "train.max_steps=3", "--set", "tracking.enabled=false"]
     ddp = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", MAIN, *args,
                "--set", "data.batch_size=2", "--set", "train.grad_accum_steps=2", "--out", str(tmp_path / "ddp")], env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
