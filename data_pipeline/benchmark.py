@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,17 +29,21 @@ from .prepare import prepare, prepared_name
 from .sources import dataset_dir
 
 
-def loader_rate(cfg: DataConfig, batches: int, device: torch.device = torch.device("cpu")) -> tuple[float, int]:
-    """Patches/s over `batches` after a warm-up, and the loader's steps an epoch."""
+def loader_rates(cfg: DataConfig, batches: int, device: torch.device = torch.device("cpu"), repeats: int = 1) -> tuple[list[float], int]:
+    """Patches/s of each of `repeats` consecutive windows of `batches` after a warm-up, and the
+    loader's steps an epoch."""
     loader = build_loader(cfg, device=device)
     try:
         stream = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())  # across epochs
         for _ in range(2):
             next(stream)  # warm-up: workers / pipeline start
-        start = time.perf_counter()
-        for _ in range(batches):
-            next(stream)
-        return batches * cfg.batch_size / (time.perf_counter() - start), len(loader)
+        rates = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(batches):
+                next(stream)
+            rates.append(batches * cfg.batch_size / (time.perf_counter() - start))
+        return rates, len(loader)
     finally:
         loader.close()
 
@@ -62,15 +67,19 @@ def variants(workers: int = 2, only: list[str] | None = None) -> list[tuple[str,
 
 
 def measure(prepared: Path, batches: int, device: torch.device, shapes=SHAPES, workers: int = 2, mode: str = "gray",
-            qualities=(10, 20, 30, 40), only: list[str] | None = None, cache_mb: int = DataConfig.cache_mb) -> list[dict]:
+            qualities=(10, 20, 30, 40), only: list[str] | None = None, cache_mb: int = DataConfig.cache_mb,
+            repeats: int = 1) -> list[dict]:
+    """A row per shape and variant: the median patches/s of `repeats` windows of `batches`, and
+    their lowest and highest (a shared machine's neighbours move single figures by 2x)."""
     rows = []
     for batch, patch in shapes:
         for backend, w in variants(workers, only):
             cfg = DataConfig(backend=backend, prepared_dir=str(prepared), mode=mode, patch_size=patch, batch_size=batch,
                              workers=w, qualities=list(qualities), cache_mb=cache_mb)
-            rate, steps = loader_rate(cfg, batches, device)
+            rates, steps = loader_rates(cfg, batches, device, repeats)
             rows.append({"backend": backend, "workers": w, "mode": mode, "batch": batch, "patch": patch,
-                         "patches_per_s": rate, "steps_per_epoch": steps})
+                         "patches_per_s": statistics.median(rates), "patches_per_s_range": [min(rates), max(rates)],
+                         "steps_per_epoch": steps})
     return rows
 
 
@@ -96,7 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root")
     ap.add_argument("--modes", default="gray", help="gray (Train400) and/or rgb (train_color), comma-separated")
     ap.add_argument("--workers", type=int, default=2, help="torch workers / DALI threads (the torch backend also runs with 1)")
-    ap.add_argument("--batches", type=int, default=40)
+    ap.add_argument("--batches", type=int, default=40, help="batches a measurement")
+    ap.add_argument("--repeats", type=int, default=3, help="measurements of each loader, one after another: the median and the range are shown")
     ap.add_argument("--backends", help="comma-separated backends to measure (default: every available one)")
     ap.add_argument("--dataset", help="a dataset of yours (a folder name in the data root, or a path) instead of "
                                       "Train400 / the BSDS color set; one mode")
@@ -109,8 +119,8 @@ def main(argv=None) -> int:
     modes = args.modes.split(",")
     if not set(modes) <= set(DATASETS):
         raise UserError(f"--modes takes {', '.join(DATASETS)}, got {args.modes!r}")
-    if args.workers < 1 or args.batches < 1:
-        raise UserError(f"--workers and --batches must be at least 1, got {args.workers} and {args.batches}")
+    if min(args.workers, args.batches, args.repeats) < 1:
+        raise UserError(f"--workers, --batches and --repeats must be at least 1, got {args.workers}, {args.batches} and {args.repeats}")
     if args.dataset and len(modes) > 1:
         raise UserError(f"--dataset is prepared in one mode: give --modes gray or --modes rgb, got {args.modes!r}")
     if args.cache_mb < 0 or args.tile < 0 or 0 < args.tile < max(patch for _, patch in SHAPES):
@@ -126,19 +136,21 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     prepared = {mode: prepare_dataset(args.data_root, mode, dataset=args.dataset, tile=args.tile) for mode in modes}
     rows = [r for mode in modes for r in measure(prepared[mode], args.batches, device, workers=args.workers, mode=mode,
-                                                 only=only, cache_mb=args.cache_mb)]
+                                                 only=only, cache_mb=args.cache_mb, repeats=args.repeats)]
     print(f"{name} ({device}), {os.cpu_count()} cores, torch {torch.__version__}, q10-40, "
           + ", ".join(p.name for p in prepared.values()) + f", torch workers' cache {args.cache_mb} MiB")
-    print(f"{'backend':<12} {'workers':>7} {'mode':>5} {'batch':>5} {'patch':>5} {'patches/s':>10}")
+    print(f"{'backend':<12} {'workers':>7} {'mode':>5} {'batch':>5} {'patch':>5} {'patches/s':>10} {f'range of {args.repeats}':>19}")
     short = [r["backend"] == "torch" and r["steps_per_epoch"] < r["workers"] for r in rows]
     for r, idle in zip(rows, short):
+        low, high = r["patches_per_s_range"]
         print(f"{r['backend']:<12} {r['workers']:>7} {r['mode']:>5} {r['batch']:>5} {r['patch']:>5} {r['patches_per_s']:10.0f}"
-              f"{' *' if idle else ''}")
+              f" {f'{low:.0f}-{high:.0f}':>19}{' *' if idle else ''}")
     if any(short):
         print("* an epoch has fewer batches than workers: the torch loader keeps only that many busy")
     atomic_write_json(args.json, {"device": str(device), "device_name": name, "cpu_count": os.cpu_count(),
                                   "torch": torch.__version__, "prepared": {m: str(p) for m, p in prepared.items()},
-                                  "tile": args.tile, "cache_mb": args.cache_mb, "rows": rows})
+                                  "tile": args.tile, "cache_mb": args.cache_mb, "batches": args.batches, "repeats": args.repeats,
+                                  "rows": rows})
     print(f"wrote {args.json}")
     return 0
 

@@ -581,7 +581,8 @@ def test_restore_reports_its_own_peak_memory_not_its_parents(tmp_path, photo_pai
     ("train.benchmark", ["--peak"], "error: --json does nothing in --peak"),  # the test's --json: --peak writes none
     ("train.benchmark", ["--end-to-end", "--tile", "32"], "error: --tile must be 0 (whole images) or at least --patch 64 (and 16), got 32"),
     ("train.benchmark", ["--loaders", "--tile", "480"], "error: --tile does nothing in --loaders"),
-    ("data_pipeline.benchmark", ["--workers", "0"], "error: --workers and --batches must be at least 1, got 0 and 40"),
+    ("data_pipeline.benchmark", ["--workers", "0"], "error: --workers, --batches and --repeats must be at least 1, got 0, 40 and 3"),
+    ("data_pipeline.benchmark", ["--repeats", "0"], "error: --workers, --batches and --repeats must be at least 1, got 2, 40 and 0"),
     ("data_pipeline.benchmark", ["--modes", "grey"], "error: --modes takes gray, rgb, got 'grey'"),
     ("data_pipeline.benchmark", ["--backends", "nope"], "error: unknown loader backend(s) nope: choose from"),
     ("data_pipeline.skimage_testset", ["/proc/jpeg-restore-testset"], "error: cannot write the test set into /proc/"),
