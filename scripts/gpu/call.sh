@@ -172,6 +172,7 @@ for step in "$@"; do
         log "unknown step ${words[0]}"; status=2
     fi
 done
-tar czf "$OUT/results.tgz" -C "$WORK" results
+# a background training writes its log meanwhile: what was read so far comes back (tar would warn)
+tar czf "$OUT/results.tgz" --warning=no-file-changed -C "$WORK" results
 log "done (status $status)"
 exit $status
