@@ -3,13 +3,17 @@ gloo, fp16 with GradScaler, time budgets, quality conditioning and the one-line 
 inputs (stopping and continuing: test_resume.py)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import mlflow
@@ -139,6 +143,34 @@ def test_two_ranks_accumulating_micro_batches_step_as_one_process_taking_them_at
         assert more.returncode == 0 and "at step 3 (epoch 1, batch 1)" in more.stderr, more.stderr[-3000:]
     ddp_w, one_w = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "one")
     assert all(torch.allclose(v, ddp_w[k], atol=1e-4) for k, v in one_w.items())  # the last step's rounding, amplified
+
+
+def test_on_a_terminal_the_log_lines_stand_above_the_progress_bar(tiles_dir, tmp_path):
+    """Rank 0 on a terminal draws a tqdm bar: the lines of its checkpoints went onto the bar's own line,
+    and its validations came without their time and rank."""
+    terminal, child_end = pty.openpty()
+    fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # rows, columns
+    proc = subprocess.Popen([sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "tracking.enabled=false", "--set", "train.max_steps=12",
+                             "--set", "train.val_every=6", "--set", "train.ckpt_every=4", "--out", str(tmp_path / "out")],
+                            env=env_for(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=child_end)
+    os.close(child_end)
+    shown = bytearray()
+    while True:
+        try:
+            chunk = os.read(terminal, 1 << 16)
+        except OSError:  # the training ended: no process holds the terminal any more
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(terminal)
+    assert proc.wait(timeout=60) == 0, shown.decode(errors="replace")[-3000:]
+    pieces = re.split(r"[\r\n]+", shown.decode(errors="replace"))
+    bars = [p for p in pieces if "/12 [" in p]
+    lines = [p for p in pieces if "[rank 0]" in p]
+    assert bars and not [p for p in bars if "[rank 0]" in p], [p for p in bars if "[rank 0]" in p]
+    assert all(re.match(r"\d\d:\d\d:\d\d \[rank 0\] ", p) for p in lines), lines
+    assert sum("validation at step" in p for p in lines) == 2 and sum("saved training state" in p for p in lines) == 3, lines
 
 
 def _rank_pid(out: Path, rank: int) -> int:

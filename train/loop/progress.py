@@ -1,6 +1,7 @@
 """Progress of a training: a tqdm bar on a terminal (rank 0), plain log lines otherwise (Slurm logs)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -16,12 +17,14 @@ class Progress:
         """total: None while unknown (a time budget before its first fit); last_psnr: the validation
         PSNR a resumed run ended on (None: not validated yet)."""
         self.enabled, self.total, self.start_step, self.start = enabled, total, initial, time.perf_counter()
-        self.bar = None
+        self.bar, self.redirect = None, contextlib.ExitStack()
         self.last_psnr = last_psnr
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            self.redirect.enter_context(logging_redirect_tqdm())  # log lines above the bar, not onto its line
 
     def update(self, step: int, m: dict) -> None:
         if not self.enabled:
@@ -52,8 +55,10 @@ class Progress:
             msg = f"validation at step {step}: " + " ".join(
                 f"{x.label} {m['val_' + x.name]:.{x.digits + 2}f}" for x in metrics()) + \
                 f" loss {m['val_loss']:.5f} ({m['val_psnr_gain']:+.3f} dB over the JPEG inputs, {m['val_time_s']:.1f} s)"
-            (self.bar.write(msg) if self.bar is not None else log.info(msg))
+            log.info(msg)
 
     def close(self) -> None:
+        self.redirect.close()
         if self.bar is not None:
             self.bar.close()
+            self.bar = None

@@ -400,7 +400,28 @@ class Trainer:
         self.session_start = time.perf_counter()
         self.next_stop_check, self.last_stop_check = self.step + 1, (self.step, self.elapsed_steps())
         window = {"loss": torch.zeros((), device=self.device), "n": 0, "data": 0.0, "start": time.perf_counter()}
-        stopped, plateaued = False, self._plateaued()  # a resumed run that had plateaued ends at once
+        try:  # the bar closed on an error too: the error's lines below it
+            stopped, plateaued = self._steps(progress, window, plateaued=self._plateaued())  # a plateaued resumed run ends at once
+        finally:
+            progress.close()
+        self.profiler.close()  # a window the session ended in: the steps recorded
+        self.wall_time, self.step_time = self.elapsed(), self.elapsed_steps()
+        self.session_start, self.paused = None, 0.0
+        if self.step % t.ckpt_every:  # else the loop has just saved this step
+            self.save_state()
+        if stopped and self.step < t.max_steps:  # a stop on the last step is a finished run
+            log.warning("stopped by %s at step %d; resume with --resume", self.stop_signal, self.step)
+            on_main_rank(self._record_stop, self.info)
+            return
+        if plateaued and self.step < t.max_steps:
+            log.info("early stop at step %d: %d validations without a validation PSNR above %.3f dB by more than %g dB "
+                     "(train.early_stop_patience)", self.step, t.early_stop_patience, self._validations_since_gain()[0], t.early_stop_min_db)
+            on_main_rank(lambda: self.tracker.set_tags({"early_stopped_at_step": self.step}), self.info)
+        self._finish()
+
+    def _steps(self, progress: "Progress", window: dict, plateaued: bool) -> tuple[bool, bool]:
+        """Steps until train.max_steps, a stop signal or a plateau: (stopped, plateaued)."""
+        t, stopped = self.cfg.train, False
         while self.step < t.max_steps and not stopped and not plateaued:
             self.loader.set_epoch(self.epoch, self.batch_in_epoch)
             epoch_start = time.perf_counter()
@@ -429,21 +450,7 @@ class Trainer:
             else:  # the epoch ran to its end
                 self.tracker.log_metrics({"epoch_time_s": time.perf_counter() - epoch_start, "epoch": self.epoch}, self.step)
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        self.profiler.close()  # a window the session ended in: the steps recorded
-        self.wall_time, self.step_time = self.elapsed(), self.elapsed_steps()
-        self.session_start, self.paused = None, 0.0
-        progress.close()
-        if self.step % t.ckpt_every:  # else the loop has just saved this step
-            self.save_state()
-        if stopped and self.step < t.max_steps:  # a stop on the last step is a finished run
-            log.warning("stopped by %s at step %d; resume with --resume", self.stop_signal, self.step)
-            on_main_rank(self._record_stop, self.info)
-            return
-        if plateaued and self.step < t.max_steps:
-            log.info("early stop at step %d: %d validations without a validation PSNR above %.3f dB by more than %g dB "
-                     "(train.early_stop_patience)", self.step, t.early_stop_patience, self._validations_since_gain()[0], t.early_stop_min_db)
-            on_main_rank(lambda: self.tracker.set_tags({"early_stopped_at_step": self.step}), self.info)
-        self._finish()
+        return stopped, plateaued
 
     def _validations_since_gain(self) -> tuple[float, int]:
         """(the best validation PSNR by early_stop_min_db's rule, the validations since it), from the
