@@ -3,23 +3,19 @@ gloo, fp16 with GradScaler, time budgets, quality conditioning and the one-line 
 inputs (stopping and continuing: test_resume.py)."""
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import pty
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
-import termios
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
-from train_runs import MAIN, REPO, SMOKE, env_for, final_weights, limited_memory, mlflow_run, run, smoke_args
+from train_runs import MAIN, REPO, SMOKE, env_for, final_weights, limited_memory, mlflow_run, run, run_on_terminal, smoke_args
 
 from runtime.checkpoint import load_model
 from runtime.device import resolve_precision
@@ -97,6 +93,11 @@ def test_evaluate_cli_runs_a_checkpoint_on_test_images(smoke_run, tmp_path, tile
     assert 20 < jpeg["psnr"] < 40 and 15 < model["psnr"] < 45  # 6 smoke steps: about the JPEG itself
     run_id = torch.load(out / "image_compression_model.pth", weights_only=True)["mlflow_run_id"]
     assert "test_subset_model_psnr_q10" in mlflow_run(env, run_id).data.metrics
+    assert "img/s" not in proc.stderr  # no progress bar in a log
+
+    # on a terminal, a bar over the images of each quality while the evaluation runs
+    code, shown = run_on_terminal([sys.executable, "-m", "train.evaluate", "--jpeg-only", "--dataset", str(subset), "--qualities", "10,20"], env)
+    assert code == 0 and re.search(r"q10: +0%\|.*\| 0/6 \[", shown), shown[-2000:]  # the 3 images at 2 qualities
 
 
 @pytest.mark.slow
@@ -148,24 +149,10 @@ def test_two_ranks_accumulating_micro_batches_step_as_one_process_taking_them_at
 def test_on_a_terminal_the_log_lines_stand_above_the_progress_bar(tiles_dir, tmp_path):
     """Rank 0 on a terminal draws a tqdm bar: the lines of its checkpoints went onto the bar's own line,
     and its validations came without their time and rank."""
-    terminal, child_end = pty.openpty()
-    fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # rows, columns
-    proc = subprocess.Popen([sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "tracking.enabled=false", "--set", "train.max_steps=12",
-                             "--set", "train.val_every=6", "--set", "train.ckpt_every=4", "--out", str(tmp_path / "out")],
-                            env=env_for(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=child_end)
-    os.close(child_end)
-    shown = bytearray()
-    while True:
-        try:
-            chunk = os.read(terminal, 1 << 16)
-        except OSError:  # the training ended: no process holds the terminal any more
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(terminal)
-    assert proc.wait(timeout=60) == 0, shown.decode(errors="replace")[-3000:]
-    pieces = re.split(r"[\r\n]+", shown.decode(errors="replace"))
+    code, shown = run_on_terminal([sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "tracking.enabled=false", "--set", "train.max_steps=12",
+                                   "--set", "train.val_every=6", "--set", "train.ckpt_every=4", "--out", str(tmp_path / "out")], env_for(tmp_path))
+    assert code == 0, shown[-3000:]
+    pieces = re.split(r"[\r\n]+", shown)
     bars = [p for p in pieces if "/12 [" in p]
     lines = [p for p in pieces if "[rank 0]" in p]
     assert bars and not [p for p in bars if "[rank 0]" in p], [p for p in bars if "[rank 0]" in p]

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import atexit
+import fcntl
 import functools
 import os
+import pty
 import resource
 import shutil
+import struct
 import subprocess
 import tempfile
+import termios
 from pathlib import Path
 
 import mlflow
@@ -57,6 +61,25 @@ def env_for(tmp: Path) -> dict:
 
 def run(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def run_on_terminal(args: list[str], env: dict, timeout: int = 120) -> tuple[int, str]:
+    """The command's exit code and what its stderr showed on a terminal of 160 columns (stdout: nowhere)."""
+    terminal, child_end = pty.openpty()
+    fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # rows, columns
+    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=child_end)
+    os.close(child_end)
+    shown = bytearray()
+    while True:
+        try:
+            chunk = os.read(terminal, 1 << 16)
+        except OSError:  # the command ended: no process holds the terminal any more
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(terminal)
+    return proc.wait(timeout=timeout), shown.decode(errors="replace")
 
 
 def mlflow_run(env: dict, run_id: str):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+from tqdm import tqdm
 
 from data_pipeline.errors import UserError, command
 from data_pipeline.images import (
@@ -169,8 +170,10 @@ def evaluate(images: dict[str, np.ndarray | ImageFile], qualities: list[int], re
     workers = workers or usable_cpus()
     ahead = 2 * workers  # images in flight
     results, per_image, kept = {}, {}, {}
-    with spawned_pool(workers, start_worker, (os.getpid(),)) as pool:
+    with spawned_pool(workers, start_worker, (os.getpid(),)) as pool, \
+            tqdm(total=len(qualities) * len(names), unit="img", leave=False, disable=not sys.stderr.isatty()) as bar:  # none in a log
         for q in qualities:
+            bar.set_description(f"q{q}")
             jpegs = deque(pool.submit(_jpeg_metrics, (images[n], q)) for n in names[:ahead])
             rows, kept[q], scoring, unscored = {}, [], {}, deque()
             for i, n in enumerate(names):
@@ -186,6 +189,7 @@ def evaluate(images: dict[str, np.ndarray | ImageFile], qualities: list[int], re
                         unscored.popleft().result()
                 if len(kept[q]) < keep:
                     kept[q].append((n, pixels(images[n]), jpeg, restored))
+                bar.update()
             for n, future in scoring.items():
                 rows[n]["model"] = future.result()
             kinds = ["jpeg"] + (["model"] if restore is not None else [])
