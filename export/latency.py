@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data_pipeline.errors import UserError
 from data_pipeline.images import atomic_write_bytes, atomic_write_json
@@ -125,22 +127,27 @@ def run_benchmark(checkpoint: Path, device: str = "cpu", shapes=SHAPES, warmup: 
     model, meta = load_model(checkpoint)
     rows, unavailable = [], {}
     built = build_runners(checkpoint, device, deploy_dir, backends)
-    for h, w, n in shapes:
-        x = torch.rand(n, input_channels(meta), h, w)
-        for label, runner in built:
-            if isinstance(runner, str):
-                unavailable[label] = runner
-                continue
-            try:
-                first, times = time_runner(runner, x, warmup, iters)
-            except RunnerUnavailable as exc:
-                unavailable[label] = str(exc)
-                continue
-            ms = np.array(times) * 1000
-            median = float(np.median(times))
-            rows.append({**runner.describe(), "backend": label, "height": h, "width": w, "batch": n, "first_call_s": first,
-                         "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-                         "p99_ms": float(np.percentile(ms, 99)), "images_per_s": n / median, "mpixels_per_s": n * h * w / median / 1e6})
+    timed = sum(not isinstance(runner, str) for _, runner in built)
+    with tqdm(total=len(shapes) * timed, unit="variant", leave=False, disable=not sys.stderr.isatty()) as bar:  # none in a log
+        for h, w, n in shapes:
+            x = torch.rand(n, input_channels(meta), h, w)
+            for label, runner in built:
+                if isinstance(runner, str):
+                    unavailable[label] = runner
+                    continue
+                bar.set_description(f"{label} {n}x{h}x{w}")
+                try:
+                    first, times = time_runner(runner, x, warmup, iters)
+                except RunnerUnavailable as exc:
+                    unavailable[label] = str(exc)
+                    continue
+                finally:
+                    bar.update()
+                ms = np.array(times) * 1000
+                median = float(np.median(times))
+                rows.append({**runner.describe(), "backend": label, "height": h, "width": w, "batch": n, "first_call_s": first,
+                             "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+                             "p99_ms": float(np.percentile(ms, 99)), "images_per_s": n / median, "mpixels_per_s": n * h * w / median / 1e6})
     for r in rows:
         ref = next((b for b in rows if b["backend"] == "torch fp32" and (b["height"], b["width"], b["batch"]) == (r["height"], r["width"], r["batch"])), None)
         r["speedup_vs_torch"] = ref["p50_ms"] / r["p50_ms"] if ref else None
