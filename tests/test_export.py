@@ -230,8 +230,8 @@ def test_benchmark_measures_torch_and_onnxruntime_and_says_why_not_tensorrt(trai
 def test_the_latency_command_shows_its_progress_on_a_terminal(trained, tmp_path):
     """Minutes of timing (to_trt's: 5 on 2 cores) came without a line until the table."""
     path, _ = trained
-    code, shown = run_on_terminal([sys.executable, "-m", "serve_bench.benchmark", "--checkpoint", str(path), "--backends", "torch",
-                                   "--shapes", "32x32x1,32x48x2", "--iters", "1", "--no-mlflow", "--out", str(tmp_path / "lat")], dict(os.environ))
+    code, shown, _ = run_on_terminal([sys.executable, "-m", "serve_bench.benchmark", "--checkpoint", str(path), "--backends", "torch",
+                                      "--shapes", "32x32x1,32x48x2", "--iters", "1", "--no-mlflow", "--out", str(tmp_path / "lat")])
     timed = sum(isinstance(options, dict) for _, options in runners()["torch"].variants("cpu"))  # not those it says why not
     assert code == 0 and re.search(rf"torch fp32 1x32x32: +0%\|.*\| 0/{2 * timed} \[", shown), shown[-2000:]
     assert re.search(rf"torch fp32 2x32x48: +\d+%\|.*\| {timed}/{2 * timed} \[", shown), shown[-2000:]  # the second shape

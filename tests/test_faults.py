@@ -2,18 +2,13 @@
 overwritten, one-line errors (the defects of the fault battery, each with its test)."""
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import pickle
-import pty
 import re
 import shlex
 import shutil
-import struct
 import subprocess
 import sys
-import termios
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -22,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_runs import limited_memory
+from train_runs import limited_memory, run_on_terminal
 
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import out_of_memory
@@ -447,17 +442,8 @@ def test_restore_takes_a_12_megapixel_photo_in_batched_tiles_with_progress(tmp_p
     model = tiny_unet(tmp_path / "m.pth")
     args = [sys.executable, "-m", "serve_bench.restore", str(tmp_path / "big.jpg"), "-o", str(tmp_path / "out"),
             "--checkpoint", str(model), "--tiles-per-call", "3"]
-    leader, terminal = pty.openpty()  # stderr on a terminal, as when a user runs it (120 columns: tqdm draws
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # nothing 0 wide)
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=terminal, text=True, cwd=REPO)
-    os.close(terminal)
-    shown = b""
-    with contextlib.suppress(OSError):  # EIO once the process has closed the terminal
-        while chunk := os.read(leader, 4096):
-            shown += chunk
-    os.close(leader)
-    stdout, shown = proc.communicate(timeout=300)[0], shown.decode(errors="replace")
-    assert proc.returncode == 0, shown[-2000:]
+    code, shown, stdout = run_on_terminal(args)  # stderr on a terminal, as when a user runs it
+    assert code == 0, shown[-2000:]
     assert Image.open(tmp_path / "out" / "big.png").size == (4000, 3000)
     n = tile_count(3000, 4000)
     # the progress bar over 9 x 7 tiles (its last refresh may be skipped under load: leave=False clears it)

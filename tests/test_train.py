@@ -96,7 +96,7 @@ def test_evaluate_cli_runs_a_checkpoint_on_test_images(smoke_run, tmp_path, tile
     assert "img/s" not in proc.stderr  # no progress bar in a log
 
     # on a terminal, a bar over the images of each quality while the evaluation runs
-    code, shown = run_on_terminal([sys.executable, "-m", "train.evaluate", "--jpeg-only", "--dataset", str(subset), "--qualities", "10,20"], env)
+    code, shown, _ = run_on_terminal([sys.executable, "-m", "train.evaluate", "--jpeg-only", "--dataset", str(subset), "--qualities", "10,20"], env)
     assert code == 0 and re.search(r"q10: +0%\|.*\| 0/6 \[", shown), shown[-2000:]  # the 3 images at 2 qualities
 
 
@@ -149,8 +149,8 @@ def test_two_ranks_accumulating_micro_batches_step_as_one_process_taking_them_at
 def test_on_a_terminal_the_log_lines_stand_above_the_progress_bar(tiles_dir, tmp_path):
     """Rank 0 on a terminal draws a tqdm bar: the lines of its checkpoints went onto the bar's own line,
     and its validations came without their time and rank."""
-    code, shown = run_on_terminal([sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "tracking.enabled=false", "--set", "train.max_steps=12",
-                                   "--set", "train.val_every=6", "--set", "train.ckpt_every=4", "--out", str(tmp_path / "out")], env_for(tmp_path))
+    code, shown, _ = run_on_terminal([sys.executable, MAIN, *smoke_args(tiles_dir), "--set", "tracking.enabled=false", "--set", "train.max_steps=12",
+                                      "--set", "train.val_every=6", "--set", "train.ckpt_every=4", "--out", str(tmp_path / "out")], env_for(tmp_path))
     assert code == 0, shown[-3000:]
     pieces = re.split(r"[\r\n]+", shown)
     bars = [p for p in pieces if "/12 [" in p]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import functools
 import os
@@ -63,23 +64,20 @@ def run(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedP
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-def run_on_terminal(args: list[str], env: dict, timeout: int = 120) -> tuple[int, str]:
-    """The command's exit code and what its stderr showed on a terminal of 160 columns (stdout: nowhere)."""
+def run_on_terminal(args: list[str], env: dict | None = None, timeout: int = 300) -> tuple[int, str, str]:
+    """(exit code, what stderr showed on a terminal, stdout) of a command run as a user runs it, its
+    stderr on a terminal of 160 columns (in one 0 columns wide, as a bare pty is, tqdm draws nothing)."""
     terminal, child_end = pty.openpty()
     fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # rows, columns
-    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=child_end)
+    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=child_end, text=True)
     os.close(child_end)
     shown = bytearray()
-    while True:
-        try:
-            chunk = os.read(terminal, 1 << 16)
-        except OSError:  # the command ended: no process holds the terminal any more
-            break
-        if not chunk:
-            break
-        shown += chunk
+    with contextlib.suppress(OSError):  # EIO once the command has closed the terminal
+        while chunk := os.read(terminal, 1 << 16):
+            shown += chunk
     os.close(terminal)
-    return proc.wait(timeout=timeout), shown.decode(errors="replace")
+    stdout = proc.communicate(timeout=timeout)[0]
+    return proc.returncode, shown.decode(errors="replace"), stdout
 
 
 def mlflow_run(env: dict, run_id: str):
