@@ -552,7 +552,9 @@ def test_restore_reports_its_own_peak_memory_not_its_parents(tmp_path, photo_pai
 
 @pytest.mark.parametrize("module, args, message", [
     ("train.benchmark", ["--arch", "nope"], "error: unknown architecture 'nope'; known: arcnn,"),
-    ("train.benchmark", ["--steps", "0"], "error: --steps, --batch, --patch and --workers must be at least 1"),
+    ("train.benchmark", ["--steps", "0"], "error: --steps, --batch, --patch, --workers and --repeats must be at least 1"),
+    ("train.benchmark", ["--loaders", "--repeats", "0"], "error: --steps, --batch, --patch, --workers and --repeats must be at least 1, got 12, 32, 64,"),
+    ("train.benchmark", ["--end-to-end", "--repeats", "2"], "error: --repeats does nothing in --end-to-end"),
     ("train.benchmark", ["--loaders", "--modes", "grey"], "error: --modes takes gray, rgb, got 'grey'"),
     ("train.benchmark", ["--end-to-end", "--backends", "resident,nope"], "error: unknown loader backend(s) nope: choose from"),
     ("train.benchmark", ["--end-to-end", "--kwargs", "{width=}"], "error: --kwargs must be a TOML inline table"),

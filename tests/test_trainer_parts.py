@@ -269,6 +269,29 @@ def test_end_to_end_benchmark_compares_the_trainer_on_real_data_with_the_bare_lo
         assert f"Trainer + {r['backend']}" in proc.stdout
 
 
+def test_loaders_benchmark_gives_each_loader_the_median_of_its_windows_beside_the_training_step(tiles_dir, tmp_path, monkeypatch, capsys):
+    """`train.benchmark --loaders` timed one window of 40 batches per loader: the torch loader's was
+    mostly its workers' cold caches (a third of its warm rate on 2 cores)."""
+    import json
+
+    from train.benchmark import main
+
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "train400").symlink_to(tiles_dir)
+    monkeypatch.chdir(tmp_path)  # the prepared dataset lands in outputs/ here
+    assert main(["--loaders", "--arch", "unet", "--kwargs", "{width = 8, levels = 2}", "--precision", "fp32", "--workers", "1",
+                 "--repeats", "2", "--data-root", str(tmp_path / "root"), "--json", "l.json"]) == 0
+    result = json.loads((tmp_path / "l.json").read_text())
+    assert result["repeats"] == 2 and {r["backend"] for r in result["loaders"]} >= {"resident", "torch"}
+    steps = {(s["batch"], s["patch"]): s["train_step_patches_per_s"] for s in result["train_steps"]}
+    table = capsys.readouterr().out
+    assert "range of 2" in table.splitlines()[1]
+    for r in result["loaders"]:
+        low, high = r["patches_per_s_range"]
+        assert 0 < low <= r["patches_per_s"] <= high and r["x_training"] == pytest.approx(r["patches_per_s"] / steps[r["batch"], r["patch"]])
+        assert f" {low:.0f}-{high:.0f}" in table
+
+
 def test_tiles_and_self_ensemble_take_a_quality_plane_in_and_give_the_image_out():
     """Input planes (image + quality) may outnumber output planes (image): tiled and ensembled alike."""
     net = build_model("unet", channels=1, cond_channels=1, width=8, levels=2).eval()

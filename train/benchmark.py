@@ -140,11 +140,13 @@ def loaders_against_training(args, device: torch.device, precision: str) -> int:
     kwargs = model_kwargs(args.kwargs, args.arch)
     loader_bench.check_datasets(args.data_root, args.modes.split(","))  # a missing one said before minutes of measuring
     print(f"{device_name(device)}, {os.cpu_count()} cores, q10-40, {args.arch} {kwargs} step in {precision}")
-    print(f"{'backend':<28} {'workers':>7} {'mode':>5} {'batch':>5} {'patch':>5} {'patches/s':>10} {'x training':>10}")
+    print(f"{'backend':<28} {'workers':>7} {'mode':>5} {'batch':>5} {'patch':>5} {'patches/s':>10} {'x training':>10} "
+          f"{f'range of {args.repeats}':>19}")
     rows, steps = [], []
     for mode in args.modes.split(","):
         prepared = loader_bench.prepare_dataset(args.data_root, mode)
-        measured = loader_bench.measure(prepared, 40, device, workers=args.workers, mode=mode)
+        # the median of --repeats windows: a single one of the torch loader is mostly its workers' cold caches
+        measured = loader_bench.measure(prepared, 40, device, workers=args.workers, mode=mode, repeats=args.repeats)
         for batch, patch in loader_bench.SHAPES:
             consumed = bare_loop_rate(args.arch, 3, device, batch=batch, patch=patch, kwargs=kwargs, precision=precision,
                                       channels=1 if mode == "gray" else 3)
@@ -152,10 +154,12 @@ def loaders_against_training(args, device: torch.device, precision: str) -> int:
             print(f"{args.arch + ' train step':<28} {'':>7} {mode:>5} {batch:>5} {patch:>5} {consumed:10.0f}")
             for r in (r for r in measured if (r["batch"], r["patch"]) == (batch, patch)):
                 r["x_training"] = r["patches_per_s"] / consumed
-                print(f"{r['backend']:<28} {r['workers']:>7} {mode:>5} {batch:>5} {patch:>5} {r['patches_per_s']:10.0f} {r['x_training']:10.1f}")
+                low, high = r["patches_per_s_range"]
+                print(f"{r['backend']:<28} {r['workers']:>7} {mode:>5} {batch:>5} {patch:>5} {r['patches_per_s']:10.0f} {r['x_training']:10.1f} "
+                      f"{f'{low:.0f}-{high:.0f}':>19}")
         rows += measured
     atomic_write_json(args.json, {"device": str(device), "device_name": device_name(device), "arch": args.arch, "kwargs": kwargs,
-                                  "precision": precision, "train_steps": steps, "loaders": rows})
+                                  "precision": precision, "repeats": args.repeats, "train_steps": steps, "loaders": rows})
     print(f"wrote {args.json}")
     return 0
 
@@ -189,7 +193,8 @@ def end_to_end(args, device: torch.device, precision: str) -> int:
 # options that only some benchmarks read; given elsewhere they would be silently ignored
 ONLY_WITH = {"kwargs": ("--loaders", "--end-to-end"), "data_root": ("--loaders", "--end-to-end"),
              "workers": ("--loaders", "--end-to-end"), "dataset": ("--end-to-end",), "backends": ("--end-to-end",),
-             "compile": ("--end-to-end",), "tile": ("--end-to-end",), "modes": ("--loaders",), "batch": ("the default benchmark", "--end-to-end"),
+             "compile": ("--end-to-end",), "tile": ("--end-to-end",), "modes": ("--loaders",), "repeats": ("--loaders",),
+             "batch": ("the default benchmark", "--end-to-end"),
              "patch": ("the default benchmark", "--end-to-end"), "steps": ("the default benchmark", "--end-to-end"),
              "json": ("the default benchmark", "--loaders", "--end-to-end")}
 
@@ -212,6 +217,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tile", type=int, default=0,
                     help="with --end-to-end: prepare the dataset's training images in tiles of this side (data.tile_size)")
     ap.add_argument("--modes", default="gray", help="with --loaders: gray (Train400) and/or rgb (train_color)")
+    ap.add_argument("--repeats", type=int, default=3, help="with --loaders: windows of 40 batches per loader, one after another: "
+                    "the median and the range are shown")
     ap.add_argument("--compile", action="store_true", help="with --end-to-end: torch.compile the bare loop and the Trainer")
     ap.add_argument("--workers", type=int, default=max(1, usable_cpus() - 2), help="torch workers / DALI threads")
     ap.add_argument("--peak", action="store_true", help="only the device's measured GEMM peak in fp32 and bf16, MFU's yardstick "
@@ -230,9 +237,9 @@ def main(argv=None) -> int:
     keep_freed_memory()  # as train/main.py runs
     if args.arch not in architectures():
         raise UserError(f"unknown architecture {args.arch!r}; known: {', '.join(architectures())}")
-    if min(args.steps, args.batch, args.patch, args.workers) < 1:
-        raise UserError(f"--steps, --batch, --patch and --workers must be at least 1, got "
-                        f"{args.steps}, {args.batch}, {args.patch} and {args.workers}")
+    if min(args.steps, args.batch, args.patch, args.workers, args.repeats) < 1:
+        raise UserError(f"--steps, --batch, --patch, --workers and --repeats must be at least 1, got "
+                        f"{args.steps}, {args.batch}, {args.patch}, {args.workers} and {args.repeats}")
     if args.tile and args.tile < max(args.patch, MIN_TILE) or args.tile < 0:
         raise UserError(f"--tile must be 0 (whole images) or at least --patch {args.patch} (and {MIN_TILE}), got {args.tile}")
     if not set(args.modes.split(",")) <= set(loader_bench.DATASETS):
