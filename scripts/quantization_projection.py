@@ -27,6 +27,7 @@ from data_pipeline.images import decode_jpeg, jpeg_bytes, read_image
 from data_pipeline.prepare import parse_qualities, split_of
 from data_pipeline.sources import dataset_dir
 from runtime.inference import SHIPPED_COLOR, SHIPPED_GRAY, Restorer
+from runtime.metrics.psnr import psnr
 
 JFIF_LUMA = np.array([0.299, 0.587, 0.114])  # JPEG's own Y of R, G, B (full range)
 
@@ -66,10 +67,6 @@ def projected(restored: np.ndarray, jpeg: bytes) -> np.ndarray:
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def psnr(image: np.ndarray, original: np.ndarray) -> float:
-    return float(10 * np.log10(255**2 / np.mean((image.astype(np.float64) - original) ** 2)))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", help="default: $JPEG_RESTORE_DATA_ROOT")
@@ -87,8 +84,9 @@ def main(argv=None) -> int:
             rows = []
             for original in originals:
                 jpeg = jpeg_bytes(original, q)
-                restored = model(decode_jpeg(jpeg), q)
-                rows.append([psnr(decode_jpeg(jpeg), original), psnr(restored, original), psnr(projected(restored, jpeg), original)])
+                decoded = decode_jpeg(jpeg)
+                restored = model(decoded, q)
+                rows.append([psnr(original, decoded), psnr(original, restored), psnr(original, projected(restored, jpeg))])
             rows = np.array(rows)
             jpeg_psnr, model_psnr, projected_psnr = rows.mean(0)
             print(f"{mode:>4} q{q}: {jpeg_psnr:.4f} {model_psnr:.4f} {projected_psnr:.4f} ({projected_psnr - model_psnr:+.4f}; "
