@@ -158,6 +158,9 @@ def test_on_a_terminal_the_log_lines_stand_above_the_progress_bar(tiles_dir, tmp
     assert bars and not [p for p in bars if "[rank 0]" in p], [p for p in bars if "[rank 0]" in p]
     assert all(re.match(r"\d\d:\d\d:\d\d \[rank 0\] ", p) for p in lines), lines
     assert sum("validation at step" in p for p in lines) == 2 and sum("saved training state" in p for p in lines) == 3, lines
+    # the bar's last frame shows the last validation (it showed the one before, until a next window that never came)
+    last = float(re.search(r"validation at step 12: PSNR (\S+)", shown).group(1))
+    assert re.search(rf"12/12 \[.*loss=\S+, psnr={last:.2f}, img_s=\d+\]", bars[-1]), bars[-1]
 
 
 def _rank_pid(out: Path, rank: int) -> int:

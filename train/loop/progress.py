@@ -17,7 +17,7 @@ class Progress:
         """total: None while unknown (a time budget before its first fit); last_psnr: the validation
         PSNR a resumed run ended on (None: not validated yet)."""
         self.enabled, self.total, self.start_step, self.start = enabled, total, initial, time.perf_counter()
-        self.bar, self.redirect = None, contextlib.ExitStack()
+        self.bar, self.redirect, self.postfix = None, contextlib.ExitStack(), {}
         self.last_psnr = last_psnr
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
@@ -31,7 +31,8 @@ class Progress:
             return
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{m['train_loss']:.4g}", psnr=self._psnr(), img_s=f"{m['images_per_s']:.0f}")
+            self.postfix = {"loss": f"{m['train_loss']:.4g}", "psnr": self._psnr(), "img_s": f"{m['images_per_s']:.0f}"}
+            self.bar.set_postfix(self.postfix)  # in this order (keywords, tqdm sorts)
             return
         rate = (step - self.start_step) / max(time.perf_counter() - self.start, 1e-9)
         eta = (self.total - step) / rate if rate > 0 and self.total is not None else float("nan")
@@ -51,6 +52,8 @@ class Progress:
 
     def validated(self, step: int, m: dict) -> None:
         self.last_psnr = m["val_psnr"]
+        if self.bar is not None and self.postfix:  # now, not at the next window: the last one's bar showed the one before
+            self.bar.set_postfix({**self.postfix, "psnr": self._psnr()})
         if self.enabled:
             msg = f"validation at step {step}: " + " ".join(
                 f"{x.label} {m['val_' + x.name]:.{x.digits + 2}f}" for x in metrics()) + \
