@@ -98,6 +98,8 @@ def test_evaluate_cli_runs_a_checkpoint_on_test_images(smoke_run, tmp_path, tile
     # on a terminal, a bar over the images of each quality while the evaluation runs
     code, shown, _ = run_on_terminal([sys.executable, "-m", "train.evaluate", "--jpeg-only", "--dataset", str(subset), "--qualities", "10,20"], env)
     assert code == 0 and re.search(r"q10: +0%\|.*\| 0/6 \[", shown), shown[-2000:]  # the 3 images at 2 qualities
+    frames = [f for f in re.split(r"[\r\n]+", shown) if "/6 [" in f]
+    assert frames and all(re.match(r"(\x1b\[[0-9;]*[A-Za-z])*q(10|20): ", f) for f in frames), frames  # its first one had no label
 
 
 @pytest.mark.slow

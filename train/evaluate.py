@@ -171,7 +171,8 @@ def evaluate(images: dict[str, np.ndarray | ImageFile], qualities: list[int], re
     ahead = 2 * workers  # images in flight
     results, per_image, kept = {}, {}, {}
     with spawned_pool(workers, start_worker, (os.getpid(),)) as pool, \
-            tqdm(total=len(qualities) * len(names), unit="img", leave=False, disable=not sys.stderr.isatty()) as bar:  # none in a log
+            tqdm(total=len(qualities) * len(names), unit="img", leave=False, disable=not sys.stderr.isatty(),  # none in a log
+                 desc=f"q{qualities[0]}") as bar:  # labelled from its first frame
         for q in qualities:
             bar.set_description(f"q{q}")
             jpegs = deque(pool.submit(_jpeg_metrics, (images[n], q)) for n in names[:ahead])
