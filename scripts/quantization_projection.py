@@ -26,10 +26,11 @@ from data_pipeline.config import DataConfig
 from data_pipeline.images import decode_jpeg, jpeg_bytes, read_image
 from data_pipeline.prepare import parse_qualities, split_of
 from data_pipeline.sources import dataset_dir
+from runtime.checkpoint import LUMA_WEIGHTS
 from runtime.inference import SHIPPED_COLOR, SHIPPED_GRAY, Restorer
 from runtime.metrics.psnr import psnr
 
-JFIF_LUMA = np.array([0.299, 0.587, 0.114])  # JPEG's own Y of R, G, B (full range)
+JFIF_LUMA = np.array(LUMA_WEIGHTS)  # JPEG's own Y of R, G, B (full range)
 
 
 def block_dct(plane: np.ndarray) -> np.ndarray:
